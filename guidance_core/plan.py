@@ -1,0 +1,252 @@
+"""The composition of guidance terms: which branches a step needs, and how their predictions combine.
+
+Every method in this pack is a sum of terms over a few model evaluations ("branches") of one step:
+
+    guided = cond + Σ_k  ( rule_k(pred[positive_k], pred[negative_k], scale_k(step)) − pred[positive_k] )
+
+then the post transforms in order. CFG is the term (cond, uncond) whose rule is ``u + w(c − u)``, so its
+contribution is ``(w − 1)(c − u)``; PAG, SEG, SLG add ``s(c − perturbed)``; APG, CFG-Zero* and T-Norm replace
+the CFG term's rule. A term whose scale is at its neutral value, or whose window excludes the step, needs no
+branch; a branch no term needs is not evaluated.
+
+Predictions are denoised x0 (what ComfyUI hands its hooks). A term or transform that works on noise
+predictions declares ``space="noise"`` and sees ``x − x0`` (σ·ε for EPS models, σ·v for flow models).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .rules import cfg
+
+COND = "cond"
+UNCOND = "uncond"
+CFG_TERM = "cfg"
+SPACES = ("x0", "noise")
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where sampling is: the step index in the run's schedule, the run's number of steps, the current σ,
+    and the sampler's own cfg scale (used by the CFG term unless a schedule drives it)."""
+
+    step: int
+    num_steps: int
+    sigma: float
+    cond_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One model evaluation a term can ask for: the conditioning it runs on (``source``), an optional
+    perturbation of the model (opaque to the core: the host adapter knows how to apply it), and which
+    model evaluates it (``"main"`` or the key of another model, e.g. autoguidance's weak model)."""
+
+    name: str
+    source: str = COND
+    perturbation: Any = None
+    model: str = "main"
+
+
+@dataclass(frozen=True)
+class Term:
+    """One guidance term.
+
+    ``rule(positive, negative, scale, state)`` returns the rule's guided prediction; the term contributes
+    that minus ``positive``. ``schedule(step, num_steps)`` gives the scale; ``None`` means the sampler's
+    cfg. ``neutral_scale`` is a scale at which the term changes nothing (so its branches are not needed);
+    ``None`` if there is none. ``make_state`` builds the rule's per-run state (APG's momentum).
+    ``zero_init_steps``: the first k steps return zero noise without any forward (CFG-Zero*).
+    """
+
+    name: str
+    positive: str
+    negative: str
+    rule: Callable[..., torch.Tensor]
+    schedule: Callable[[int, int], float] | None = None
+    window: Any = None
+    space: str = "x0"
+    neutral_scale: float | None = 0.0
+    make_state: Callable[[], Any] | None = None
+    zero_init_steps: int = 0
+
+    def __post_init__(self):
+        if self.space not in SPACES:
+            raise ValueError(f"Term {self.name!r}: space {self.space!r} is not one of {SPACES}")
+
+    def scale_at(self, ctx: StepContext) -> float:
+        if self.schedule is None:
+            return float(ctx.cond_scale)
+        return float(self.schedule(ctx.step, ctx.num_steps))
+
+    def is_active(self, ctx: StepContext) -> bool:
+        if self.window is not None and not self.window.contains(ctx.sigma):
+            return False
+        scale = self.scale_at(ctx)
+        return self.neutral_scale is None or not math.isclose(scale, self.neutral_scale, abs_tol=1e-9)
+
+
+@dataclass(frozen=True)
+class PostTransform:
+    """A transform of the whole guided prediction, ``fn(guided, preds) -> guided`` in ``space``; applied
+    only when every branch it ``requires`` was evaluated this step."""
+
+    name: str
+    fn: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+    space: str = "noise"
+    requires: tuple[str, ...] = (COND,)
+    while_term_active: str | None = None  # apply only on steps where this term is active (SLG's rescale)
+
+
+def stateless_rule(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Adapts ``fn(positive, negative, scale)`` to the rule signature, which also passes the run state."""
+
+    def rule(positive, negative, scale, state=None):
+        return fn(positive, negative, scale)
+
+    rule.__name__ = getattr(fn, "__name__", "rule")
+    return rule
+
+
+def default_cfg_term() -> Term:
+    """Plain CFG at the sampler's scale: ``u + w(c − u)``; w = 1 needs no uncond branch."""
+    return Term(CFG_TERM, COND, UNCOND, stateless_rule(cfg), neutral_scale=1.0)
+
+
+def perturbation_term(name: str, branch: str, schedule, window=None) -> Term:
+    """``s·(cond − perturbed)``, the term of PAG, SEG, SLG/STG and autoguidance (Ahn et al. 2024, Eq. 9)."""
+    return Term(name, COND, branch, stateless_rule(_perturbation_guidance), schedule=schedule, window=window)
+
+
+def _perturbation_guidance(cond, perturbed, scale):
+    return cond + scale * (cond - perturbed)
+
+
+@dataclass(frozen=True)
+class GuidanceStack:
+    """An immutable stack of terms, their branches and the post transforms. Nodes build a new stack from
+    the one on their input model; nothing in it changes during sampling."""
+
+    terms: tuple[Term, ...] = ()
+    branches: tuple[Branch, ...] = ()
+    post: tuple[PostTransform, ...] = ()
+    sequential: bool = False
+
+    # -- building -----------------------------------------------------------------------------------
+    @property
+    def cfg_term(self) -> Term:
+        for term in self.terms:
+            if term.name == CFG_TERM:
+                return term
+        return default_cfg_term()
+
+    def with_cfg(self, **changes) -> GuidanceStack:
+        """The stack with its CFG term changed (rule, schedule, space, ...); the other terms stay."""
+        new_cfg = replace(self.cfg_term, **changes)
+        others = tuple(t for t in self.terms if t.name != CFG_TERM)
+        return replace(self, terms=(new_cfg,) + others)
+
+    def with_term(self, term: Term, *branches: Branch) -> GuidanceStack:
+        """The stack with ``term`` appended and its new branches added (name them with ``unique_name``)."""
+        if any(t.name == term.name for t in self.terms):
+            raise ValueError(f"a term named {term.name!r} is already in the stack")
+        known = {b.name for b in self.branches}
+        new_branches = tuple(b for b in branches if b.name not in known)
+        return replace(self, terms=self.terms + (term,), branches=self.branches + new_branches)
+
+    def with_post(self, transform: PostTransform) -> GuidanceStack:
+        return replace(self, post=self.post + (transform,))
+
+    def unique_name(self, prefix: str) -> str:
+        """A name for a new term and its branch (``pag``, ``pag#2``, ...) not yet used in this stack."""
+        taken = {t.name for t in self.terms} | {b.name for b in self.branches} | {COND, UNCOND, CFG_TERM}
+        name, n = prefix, 2
+        while name in taken:
+            name, n = f"{prefix}#{n}", n + 1
+        return name
+
+    def branch(self, name: str) -> Branch:
+        if name in (COND, UNCOND):
+            return Branch(name, source=name)
+        for b in self.branches:
+            if b.name == name:
+                return b
+        raise KeyError(f"unknown branch {name!r}; this stack has {[COND, UNCOND] + [b.name for b in self.branches]}")
+
+    # -- per step -----------------------------------------------------------------------------------
+    def all_terms(self) -> tuple[Term, ...]:
+        return self.terms if any(t.name == CFG_TERM for t in self.terms) else (default_cfg_term(),) + self.terms
+
+    def active_terms(self, ctx: StepContext) -> list[Term]:
+        return [t for t in self.all_terms() if t.is_active(ctx)]
+
+    def zero_init(self, ctx: StepContext) -> bool:
+        """True on a step where a term asks for zero noise (CFG-Zero*'s first steps): no forward at all."""
+        return any(ctx.step < t.zero_init_steps for t in self.all_terms())
+
+    def needed_branches(self, ctx: StepContext) -> list[str]:
+        """The branches this step evaluates, in a stable order: cond, uncond, then the stack's branches.
+        Empty on a zero-init step."""
+        if self.zero_init(ctx):
+            return []
+        needed = {COND}
+        for term in self.active_terms(ctx):
+            needed.update((term.positive, term.negative))
+        order = [COND, UNCOND] + [b.name for b in self.branches]
+        return [name for name in order if name in needed]
+
+    def new_run_state(self) -> dict[str, Any]:
+        """Fresh per-run state for every stateful term (nothing is kept between runs)."""
+        return {t.name: t.make_state() for t in self.all_terms() if t.make_state is not None}
+
+    def combine(
+        self,
+        preds: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        ctx: StepContext,
+        run_state: Mapping | None = None,
+        cfg_result: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The guided x0 from the branches' x0 predictions (``preds`` holds at least what
+        ``needed_branches`` asked for). ``x`` is the noisy input, used to move to noise space.
+        ``cfg_result``, when given, is another formula's CFG result (x0) standing in for the CFG term."""
+        if self.zero_init(ctx):
+            return x.clone()
+        run_state = run_state or {}
+        noise_preds: dict[str, torch.Tensor] = {}
+
+        def in_space(name: str, space: str) -> torch.Tensor:
+            if space == "x0":
+                return preds[name]
+            if name not in noise_preds:
+                noise_preds[name] = x - preds[name]
+            return noise_preds[name]
+
+        guided = preds[COND]
+        for term in self.active_terms(ctx):
+            if cfg_result is not None and term.name == CFG_TERM:
+                guided = guided + (cfg_result - preds[COND])
+                continue
+            positive = in_space(term.positive, term.space)
+            negative = in_space(term.negative, term.space)
+            out = term.rule(positive, negative, term.scale_at(ctx), run_state.get(term.name))
+            contribution = out - positive
+            guided = guided + (contribution if term.space == "x0" else -contribution)
+
+        active_names = {t.name for t in self.active_terms(ctx)}
+        for transform in self.post:
+            if not all(name in preds for name in transform.requires):
+                continue
+            if transform.while_term_active is not None and transform.while_term_active not in active_names:
+                continue
+            if transform.space == "x0":
+                guided = transform.fn(guided, {k: preds[k] for k in preds})
+            else:
+                noise = transform.fn(x - guided, {k: in_space(k, "noise") for k in preds})
+                guided = x - noise
+        return guided
