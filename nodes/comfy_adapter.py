@@ -1,0 +1,759 @@
+"""The ComfyUI plumbing: the only module that knows model_options, calc_cond_batch, attention and block
+patches, cond_or_uncond and sample_sigmas.
+
+A node calls ``add_guidance(model, update)``: the model is cloned, ``update`` turns the clone's
+``GuidanceStack`` into a new one, and the hooks below are installed once per clone. At sampling time:
+
+1. ``OUTER_SAMPLE`` wrapper: fresh per-run state (APG's momentum, ...); nothing survives the run.
+2. ``PREDICT_NOISE`` wrapper: the step (index of σ in ``sample_sigmas``) and the sampler's cfg; on a
+   CFG-Zero* zero-init step it returns x (zero noise) without any forward.
+3. ``sampler_calc_cond_batch_function``: the branches the step needs go into ONE ``calc_cond_batch``
+   call (cond, uncond and one chunk per perturbed branch, each chunk tagged by its index in
+   ``cond_or_uncond``); a branch no active term needs is passed as ``None``. Branches of another model
+   (autoguidance) run as their own call.
+4. ``sampler_cfg_function``: the stack combines the predictions; built-in pre/post-CFG hooks still run.
+
+Perturbations act on their own batch chunk only: UNet self-attention through ``attn1`` replace patches,
+DiT blocks through ``dit`` block replace patches (which also mark the block for the attention override,
+so joint attention can be perturbed on the image tokens only). A slot another node already filled is
+wrapped, never dropped; a slot a later node overwrote is reported by name at the first step.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+
+from ..guidance_core.plan import COND, UNCOND, GuidanceStack, StepContext
+from ..guidance_core.schedules import SigmaWindow, step_of_sigma
+
+SETUP_KEY = "comfyui_guiders"  # model_options["transformer_options"][SETUP_KEY] -> GuidanceSetup
+STEP_KEY = "comfyui_guiders_step"  # per forward: StepBranches
+ACTIVE_LAYER_KEY = "comfyui_guiders_layer"  # set inside a patched DiT block for the attention override
+TEXT_TOKENS_KEY = "comfyui_guiders_text_tokens"  # per forward, for DiTs whose blocks don't carry the text
+WRAPPER_KEY = "comfyui_guiders"
+
+_current_runs: contextvars.ContextVar[dict | None] = contextvars.ContextVar("comfyui_guiders_runs", default=None)
+
+
+class GuidanceError(ValueError):
+    """A user-facing error: names the input, what was wrong and the valid choices."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model families and layers
+# ---------------------------------------------------------------------------------------------------------
+
+FAMILY_BY_CLASS = {
+    "UNetModel": "unet",
+    "OpenAISignatureMMDITWrapper": "sd3",
+    "MMDiT": "sd3",
+    "Flux": "flux",
+    "WanModel": "wan",
+}
+FAMILY_NAMES = {"unet": "UNet (SD1.5, SD2, SDXL)", "sd3": "SD3/SD3.5 (MMDiT)", "flux": "Flux", "wan": "Wan"}
+DIT_FAMILIES = ("sd3", "flux", "wan")
+
+
+def model_family(model) -> str:
+    diffusion_model = model.get_model_object("diffusion_model")
+    for cls in type(diffusion_model).__mro__:
+        if cls.__name__ in FAMILY_BY_CLASS:
+            return FAMILY_BY_CLASS[cls.__name__]
+    return type(diffusion_model).__name__
+
+
+def require_family(model, node: str, supported: tuple[str, ...]) -> str:
+    family = model_family(model)
+    if family not in supported:
+        names = ", ".join(FAMILY_NAMES.get(f, f) for f in supported)
+        raise GuidanceError(f"{node}: this model's architecture ({FAMILY_NAMES.get(family, family)}) is not supported; "
+                            f"{node} supports {names}.")
+    return family
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A place a perturbation acts: a UNet transformer block (``input``/``middle``/``output`` + index, with
+    an optional transformer index) or a DiT block (``double``/``single`` + index)."""
+
+    kind: str
+    index: int
+    sub: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.index}" + ("" if self.sub is None else f".{self.sub}")
+
+    @property
+    def is_dit(self) -> bool:
+        return self.kind in ("double", "single")
+
+
+def model_layers(model) -> list[Layer]:
+    """Every layer of this model a perturbation can name."""
+    family = model_family(model)
+    dm = model.get_model_object("diffusion_model")
+    if family == "unet":
+        layers = []
+        for kind, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
+            for index, block in enumerate(blocks):
+                if any(type(m).__name__ == "SpatialTransformer" for m in block.modules()):
+                    layers.append(Layer(kind, index))
+        return layers
+    if family == "sd3":
+        return [Layer("double", i) for i in range(len(dm.joint_blocks))]
+    if family == "flux":
+        return [Layer("double", i) for i in range(len(dm.double_blocks))] + [
+            Layer("single", i) for i in range(len(dm.single_blocks))
+        ]
+    if family == "wan":
+        return [Layer("double", i) for i in range(len(dm.blocks))]
+    return []
+
+
+def unet_transformer_count(model, layer: Layer) -> int:
+    dm = model.get_model_object("diffusion_model")
+    block = {"input": dm.input_blocks, "output": dm.output_blocks}.get(layer.kind, [dm.middle_block])[
+        0 if layer.kind == "middle" else layer.index
+    ]
+    return sum(len(m.transformer_blocks) for m in block.modules() if type(m).__name__ == "SpatialTransformer")
+
+
+def parse_layers(text: str, model, input_name: str, recommended: dict[str, list[str]]) -> tuple[Layer, ...]:
+    """Layers from a widget: ``auto`` (the family's recommended layers), or a comma list. UNet: ``middle``,
+    ``input.4``, ``output.1``, ``input.4.1`` (block, index, transformer). DiT: ``7, 8, 9`` (main / joint /
+    double blocks), ``double.1``, ``single.2``. Unknown or out-of-range layers list what this model has."""
+    family = model_family(model)
+    available = model_layers(model)
+    if not available:
+        raise GuidanceError(f"{input_name}: this model's architecture ({family}) has no layers this pack can patch.")
+    text = text.strip() or "auto"
+    if text.lower() == "auto":
+        chosen = [t for t in recommended.get(family, []) if _parse_one(t, family) in available]
+        if not chosen:  # a small or unusual model: use its middle layer, as the PAG and SEG papers do
+            chosen = [str(available[len(available) // 2])] if family != "unet" else ["middle"]
+        text = ", ".join(chosen)
+    layers = []
+    for token in [t for t in re.split(r"[,\s]+", text) if t]:
+        layer = _parse_one(token, family)
+        base = Layer(layer.kind, layer.index) if layer is not None else None
+        if base is None or base not in available:
+            listing = ", ".join(str(a) for a in available)
+            raise GuidanceError(f"{input_name}: unknown layer {token!r} for this {FAMILY_NAMES.get(family, family)} "
+                                f"model. Its layers are: {listing} (or 'auto').")
+        count = unet_transformer_count(model, base) if layer.sub is not None else 0
+        if layer.sub is not None and not 0 <= layer.sub < count:
+            raise GuidanceError(f"{input_name}: {token!r}: block {base} has {count} transformers (0..{count - 1}).")
+        layers.append(layer)
+    return tuple(dict.fromkeys(layers))
+
+
+def _parse_one(token: str, family: str) -> Layer | None:
+    token = token.strip().lower()
+    if family == "unet":
+        m = re.fullmatch(r"(input|middle|output)(?:\.(\d+))?(?:\.(\d+))?", token)
+        if not m:
+            return None
+        kind = m.group(1)
+        index = 0 if kind == "middle" else (int(m.group(2)) if m.group(2) else None)
+        if index is None:
+            return None
+        sub = m.group(3) if kind != "middle" else (m.group(3) or (m.group(2) if m.group(2) else None))
+        return Layer(kind, index, int(sub) if sub is not None else None)
+    m = re.fullmatch(r"(?:(double|single|joint|block)\.)?(\d+)", token)
+    if not m:
+        return None
+    kind = "single" if m.group(1) == "single" else "double"
+    return Layer(kind, int(m.group(2)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Perturbations: what a branch changes in the model, applied to its own batch chunk only
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Where the image tokens sit in an attention call's sequence: ``start`` .. ``start + h*w`` in
+    row-major order; tokens outside (text tokens of joint attention) are not image tokens."""
+
+    start: int
+    height: int
+    width: int
+
+    @property
+    def image_slice(self) -> slice:
+        return slice(self.start, self.start + self.height * self.width)
+
+
+@dataclass(frozen=True)
+class AttentionPerturbation:
+    """Changes the self-attention of the image tokens in ``layers``. ``perturb(q, k, v, grid, attend)``
+    gets q, k, v as (B, heads, L, D) and the normal attention ``attend(q, k, v)``, and returns the
+    attention output as (B, heads, L, D)."""
+
+    layers: tuple[Layer, ...]
+    perturb: Callable[..., torch.Tensor]
+    label: str = "attention"
+    records: bool = False  # an observer: perturb returns (output, record), kept in the step's scratch
+
+
+@dataclass(frozen=True)
+class BlockSkip:
+    """Skips whole DiT blocks: the block returns its inputs (SLG/STG ``block`` mode)."""
+
+    layers: tuple[Layer, ...]
+    label: str = "block skip"
+
+
+@dataclass(frozen=True)
+class LateBranch:
+    """A branch computed after the main forward from its results (SAG) or by another model
+    (autoguidance): ``evaluate(call)`` gets a ``LateCall`` and returns the branch's x0 prediction,
+    expressed relative to the step's input x."""
+
+    evaluate: Callable[[LateCall], torch.Tensor]
+    observe: AttentionPerturbation | None = None  # records during the main forward (SAG's attention map)
+    observe_branch: str = UNCOND
+    label: str = "late"
+
+
+@dataclass
+class LateCall:
+    """What a late branch can use: the step's predictions so far, its input, the conds, and a way to
+    run a model on other inputs."""
+
+    preds: dict[str, torch.Tensor]
+    x: torch.Tensor
+    sigma: torch.Tensor
+    conds: dict[str, Any]
+    model: Any
+    model_options: dict
+    scratch: dict
+    run_model: Callable[..., torch.Tensor]
+    extra_models: dict
+
+
+@dataclass(frozen=True)
+class GuidanceSetup:
+    """What a patched model carries: the stack, the other models its branches use, and the layers whose
+    patches this pack installed (checked at sampling time against what is still installed)."""
+
+    stack: GuidanceStack = field(default_factory=GuidanceStack)
+    extra_models: tuple[tuple[str, Any], ...] = ()
+    owner_nodes: tuple[str, ...] = ()
+
+
+def get_setup(model) -> GuidanceSetup:
+    return model.model_options.get("transformer_options", {}).get(SETUP_KEY) or GuidanceSetup()
+
+
+def percent_window(model, start_percent: float, end_percent: float, input_prefix: str = "") -> SigmaWindow | None:
+    """ComfyUI's percent window: active for sigma_end < σ ≤ sigma_start (``percent_to_sigma``)."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise GuidanceError(f"{input_prefix}start_percent ({start_percent}) and end_percent ({end_percent}) must "
+                            "satisfy 0 ≤ start_percent ≤ end_percent ≤ 1.")
+    if start_percent <= 0.0 and end_percent >= 1.0:
+        return None
+    sampling = model.get_model_object("model_sampling")
+    return SigmaWindow(float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Installing: one entry point for every node
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_guidance(model, node: str, update: Callable[[GuidanceStack], GuidanceStack], extra_models=()) -> Any:
+    """A patched clone of ``model`` whose guidance stack is ``update(stack)``; the input is untouched."""
+    patched = model.clone()
+    setup = get_setup(patched)
+    new_setup = replace(
+        setup,
+        stack=update(setup.stack),
+        extra_models=setup.extra_models + tuple(extra_models),
+        owner_nodes=setup.owner_nodes + (node,),
+    )
+    transformer_options = dict(patched.model_options.get("transformer_options", {}))
+    transformer_options[SETUP_KEY] = new_setup
+    patched.model_options["transformer_options"] = transformer_options
+    if new_setup.extra_models:
+        patched.set_additional_models(SETUP_KEY, [m for _key, m in new_setup.extra_models])
+    _install_hooks(patched, new_setup)
+    return patched
+
+
+def _install_hooks(patched, setup: GuidanceSetup) -> None:
+    options = patched.model_options
+    if not _is_ours(options.get("sampler_calc_cond_batch_function")):
+        previous = options.get("sampler_calc_cond_batch_function")
+        options["sampler_calc_cond_batch_function"] = _make_calc_cond_batch(previous)
+    if not _is_ours(options.get("sampler_cfg_function")):
+        options["sampler_cfg_function"] = _make_cfg_function(options.get("sampler_cfg_function"))
+    cfg = setup.stack.cfg_term
+    if cfg.schedule is not None or cfg.neutral_scale is None or _needs_uncond_at_cfg1(setup.stack):
+        # We decide ourselves when the uncond is needed (a scheduled cfg may leave 1 mid-run).
+        options["disable_cfg1_optimization"] = True
+    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+        wrappers = comfy.patcher_extension.WrappersMP
+        patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
+        patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)
+    for layer in _patched_layers(setup.stack):
+        _install_layer_patch(patched, layer)
+    if any(layer.is_dit for layer in _patched_layers(setup.stack)):
+        to = patched.model_options["transformer_options"]
+        previous = to.get("optimized_attention_override")
+        if not _is_ours(previous):
+            to["optimized_attention_override"] = _make_attention_override(previous)
+        if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                                         _text_tokens_wrapper)
+
+
+def _needs_uncond_at_cfg1(stack: GuidanceStack) -> bool:
+    return any(t.negative == UNCOND or t.positive == UNCOND for t in stack.terms if t.name != "cfg")
+
+
+def _perturbations(stack: GuidanceStack):
+    for branch in stack.branches:
+        p = branch.perturbation
+        if isinstance(p, LateBranch):
+            if p.observe is not None:
+                yield p.observe
+        elif p is not None:
+            yield p
+
+
+def _patched_layers(stack: GuidanceStack) -> list[Layer]:
+    layers = []
+    for p in _perturbations(stack):
+        layers.extend(p.layers)
+    return list(dict.fromkeys(layers))
+
+
+def _mark_ours(fn):
+    fn.__comfyui_guiders__ = True
+    return fn
+
+
+def _is_ours(fn) -> bool:
+    return getattr(fn, "__comfyui_guiders__", False)
+
+
+def _install_layer_patch(patched, layer: Layer) -> None:
+    replace_patches = patched.model_options["transformer_options"].get("patches_replace", {})
+    if layer.is_dit:
+        key = (f"{layer.kind}_block", layer.index)
+        previous = replace_patches.get("dit", {}).get(key)
+        if not _is_ours(previous):
+            patched.set_model_patch_replace(_make_dit_block_patch(layer, previous), "dit", key[0], key[1])
+    else:
+        key = (layer.kind, layer.index) if layer.sub is None else (layer.kind, layer.index, layer.sub)
+        previous = replace_patches.get("attn1", {}).get(key)
+        if not _is_ours(previous):
+            patched.set_model_attn1_replace(_make_unet_attn1_patch(previous), *key)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per run and per step
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """Everything a run may remember: the rules' state, the current step, and this step's predictions."""
+
+    rule_state: dict
+    ctx: StepContext | None = None
+    cond_scale: float | None = None  # the sampler's cfg, from the PREDICT_NOISE wrapper
+    last_sigma: float | None = None
+    preds: dict = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)
+
+
+def _run_for(setup: GuidanceSetup) -> RunState:
+    runs = _current_runs.get()
+    if runs is None:  # sampled without CFGGuider.sample (a custom sampler loop): one run per call chain
+        runs = {}
+        _current_runs.set(runs)
+    if id(setup) not in runs:
+        runs[id(setup)] = RunState(setup.stack.new_run_state())
+    return runs[id(setup)]
+
+
+def _setup_of(model_options) -> GuidanceSetup | None:
+    return model_options.get("transformer_options", {}).get(SETUP_KEY)
+
+
+def _outer_sample_wrapper(executor, *args, **kwargs):
+    setup = _setup_of(executor.class_obj.model_options)
+    extra_models = [m for _key, m in setup.extra_models] if setup is not None else []
+    token = _current_runs.set({})
+    try:
+        for extra in extra_models:  # loaded with the main model (set_additional_models); made current here
+            extra.pre_run()
+        return executor(*args, **kwargs)
+    finally:
+        for extra in extra_models:
+            extra.cleanup()
+        _current_runs.reset(token)
+
+
+def _step_context(model_options, sigma, cond_scale) -> StepContext:
+    sigma_value = float(sigma.flatten()[0])
+    sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+    if sample_sigmas is None or len(sample_sigmas) < 2:
+        return StepContext(0, 1, sigma_value, cond_scale)
+    sigmas = [float(s) for s in sample_sigmas]
+    return StepContext(step_of_sigma(sigma_value, sigmas), len(sigmas) - 1, sigma_value, cond_scale)
+
+
+def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):  # noqa: B006 (host signature)
+    setup = _setup_of(model_options)
+    if setup is None:
+        return executor(x, timestep, model_options, seed)
+    _check_slots(model_options, setup)
+    run = _run_for(setup)
+    run.cond_scale = float(getattr(executor.class_obj, "cfg", 1.0))
+    if setup.stack.zero_init(_step_context(model_options, timestep, run.cond_scale)):
+        return x.clone()  # CFG-Zero*'s zero init: zero noise, so x0 = x, and no forward at all
+    return executor(x, timestep, model_options, seed)
+
+
+def _check_slots(model_options, setup: GuidanceSetup) -> None:
+    """A later node that overwrote one of our single slots would silently drop guidance: say so."""
+    owners = " → ".join(dict.fromkeys(setup.owner_nodes))
+    for slot in ("sampler_calc_cond_batch_function", "sampler_cfg_function"):
+        fn = model_options.get(slot)
+        if not _is_ours(fn):
+            raise GuidanceError(
+                f"The model_options slot '{slot}' set by ComfyUI-Guiders ({owners}) was replaced by a node applied "
+                f"after it ({getattr(fn, '__qualname__', fn)!r}). Apply that node before the Guiders nodes so both "
+                "take effect.")
+    to = model_options.get("transformer_options", {})
+    for layer in _patched_layers(setup.stack):
+        if layer.is_dit:
+            fn = to.get("patches_replace", {}).get("dit", {}).get((f"{layer.kind}_block", layer.index))
+        else:
+            key = (layer.kind, layer.index) if layer.sub is None else (layer.kind, layer.index, layer.sub)
+            fn = to.get("patches_replace", {}).get("attn1", {}).get(key)
+        if not _is_ours(fn):
+            raise GuidanceError(f"The patch on layer {layer} set by ComfyUI-Guiders ({owners}) was replaced by a node "
+                                f"applied after it ({getattr(fn, '__qualname__', fn)!r}). Apply that node first.")
+
+
+def _uncond_required_by_others(model_options) -> bool:
+    """A post-CFG hook of another node (CFG++ samplers, for example) may read the uncond prediction:
+    then it is evaluated even where our terms do not need it."""
+    return any(not _is_ours(fn) for fn in model_options.get("sampler_post_cfg_function", []))
+
+
+def _make_calc_cond_batch(previous: Callable | None):
+    def calc_cond_batch(args):
+        model_options = args["model_options"]
+        setup = _setup_of(model_options)
+        conds = args["conds"]
+        if setup is None:
+            return _evaluate(previous, args["model"], conds, args["input"], args["sigma"], model_options)
+        run = _run_for(setup)
+        cond_scale = run.cond_scale if run.cond_scale is not None else (1.0 if conds[1] is None else math.inf)
+        ctx = _step_context(model_options, args["sigma"], cond_scale)
+        if conds[1] is None:  # ComfyUI's cfg = 1 shortcut: no uncond conditioning was passed
+            ctx = replace(ctx, cond_scale=1.0)
+        if run.last_sigma is not None and ctx.sigma > run.last_sigma * (1 + 1e-6):
+            run.rule_state = setup.stack.new_run_state()  # σ went up: a new sampling pass, so fresh state
+        run.ctx, run.last_sigma = ctx, ctx.sigma
+        stack = setup.stack
+        needed = stack.needed_branches(ctx)
+        if conds[1] is not None and UNCOND not in needed and _uncond_required_by_others(model_options):
+            needed = needed + [UNCOND]
+        sources = {COND: conds[0], UNCOND: conds[1]}
+        x, sigma, model = args["input"], args["sigma"], args["model"]
+
+        main_names, late_names, step_map = [], [], {}
+        batch_conds = [conds[0], conds[1] if UNCOND in needed else None]
+        for index, branch in enumerate(stack.branches, start=2):
+            wanted = branch.name in needed and sources.get(branch.source) is not None
+            if wanted and isinstance(branch.perturbation, LateBranch):
+                late_names.append(branch.name)
+                observe = branch.perturbation.observe
+                if observe is not None:
+                    observed_index = 0 if branch.perturbation.observe_branch == COND else 1
+                    step_map.setdefault(observed_index, []).append(observe)
+                wanted = False
+            batch_conds.append(sources[branch.source] if wanted else None)
+            if wanted:
+                main_names.append((index, branch.name))
+                step_map.setdefault(index, []).append(branch.perturbation)
+
+        run.scratch = {}
+        call_options = _with_step_info(model_options, StepBranches(step_map, tuple(x.shape), run.scratch))
+        if stack.sequential:
+            outputs = [torch.zeros_like(x) for _ in batch_conds]
+            for i, c in enumerate(batch_conds):
+                if c is not None:
+                    single = [None] * len(batch_conds)
+                    single[i] = c
+                    outputs[i] = _evaluate(previous, model, single, x, sigma, call_options)[i]
+        else:
+            outputs = _evaluate(previous, model, batch_conds, x, sigma, call_options)
+
+        preds = {COND: outputs[0]}
+        if batch_conds[1] is not None:
+            preds[UNCOND] = outputs[1]
+        for index, name in main_names:
+            preds[name] = outputs[index]
+        for name in late_names:
+            branch = stack.branch(name)
+            call = LateCall(preds, x, sigma, sources, model, model_options, run.scratch,
+                            lambda m, c, xi, opts=model_options: _evaluate(None, m, c, xi, sigma, opts),
+                            dict(setup.extra_models))
+            preds[name] = branch.perturbation.evaluate(call)
+        run.preds = preds
+        return [outputs[0], outputs[1] if batch_conds[1] is not None else torch.zeros_like(x)]
+
+    return _mark_ours(calc_cond_batch)
+
+
+def _evaluate(previous, model, conds, x, sigma, model_options):
+    if previous is not None:
+        return previous({"conds": conds, "input": x, "sigma": sigma, "model": model, "model_options": model_options})
+    return comfy.samplers.calc_cond_batch(model, conds, x, sigma, model_options)
+
+
+@dataclass(frozen=True)
+class StepBranches:
+    """Per forward: which perturbations apply to which ``cond_or_uncond`` index, the latent shape (to find
+    the token grid), and a scratch dict for observers (SAG's attention map)."""
+
+    by_index: dict
+    latent_shape: tuple
+    scratch: dict
+
+
+def _with_step_info(model_options, info: StepBranches) -> dict:
+    options = dict(model_options)
+    to = dict(options.get("transformer_options", {}))
+    to[STEP_KEY] = info
+    options["transformer_options"] = to
+    return options
+
+
+def _make_cfg_function(previous: Callable | None):
+    def cfg_function(args):
+        x = args["input"]
+        setup = _setup_of(args["model_options"])
+        run = _run_for(setup) if setup is not None else None
+        if run is None or run.ctx is None:  # not sampled through our calc_cond_batch: plain CFG
+            if previous is not None:
+                return previous(args)
+            return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+        ctx = replace(run.ctx, cond_scale=float(args["cond_scale"]))
+        preds = dict(run.preds)
+        preds[COND] = args["cond_denoised"]
+        if UNCOND in preds:
+            preds[UNCOND] = args["uncond_denoised"]
+        cfg_result = None
+        if previous is not None and UNCOND in preds:
+            cfg_result = x - previous(args)  # another node's CFG formula stands in for our CFG term
+        guided = setup.stack.combine(preds, x, ctx, run.rule_state, cfg_result=cfg_result)
+        return x - guided
+
+    return _mark_ours(cfg_function)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Patches inside the forward
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _chunk_perturbations(transformer_options, layer: Layer) -> list[list]:
+    """For each batch chunk of this forward, the perturbations that act on ``layer`` (empty: untouched)."""
+    info: StepBranches | None = transformer_options.get(STEP_KEY)
+    cond_or_uncond = transformer_options.get("cond_or_uncond") or []
+    if info is None:
+        return [[] for _ in cond_or_uncond]
+    return [[p for p in info.by_index.get(i, []) if _acts_on(p, layer)] for i in cond_or_uncond]
+
+
+def _acts_on(perturbation, layer: Layer) -> bool:
+    for target in perturbation.layers:
+        same_block = target.kind == layer.kind and target.index == layer.index
+        if same_block and (target.sub is None or target.sub == layer.sub):
+            return True
+    return False
+
+
+def _grid_for(tokens: int, latent_shape: tuple, text_tokens: int = 0) -> TokenGrid | None:
+    """The image token grid of an attention call with ``tokens`` tokens on a latent of ``latent_shape``:
+    the smallest downsampling factor f (a power of two: UNet levels, DiT patch size) whose grid
+    ceil(H/f)·ceil(W/f) fits after the text tokens of joint attention. An exact fit is preferred; a grid
+    followed by more tokens (Flux Kontext's reference images) is accepted after the text tokens."""
+    if len(latent_shape) < 4:
+        return None
+    height, width = latent_shape[-2], latent_shape[-1]
+    factors = (1, 2, 4, 8, 16, 32, 64)
+    starts = (text_tokens, 0) if text_tokens else (0,)
+    for start in starts:
+        for f in factors:
+            h, w = math.ceil(height / f), math.ceil(width / f)
+            if start + h * w == tokens:
+                return TokenGrid(start, h, w)
+    for f in factors:
+        h, w = math.ceil(height / f), math.ceil(width / f)
+        if text_tokens + h * w <= tokens:
+            return TokenGrid(text_tokens, h, w)
+    return None
+
+
+def _apply_chunked(q, k, v, chunks: list[list], attend, grid: TokenGrid | None, scratch: dict):
+    """Runs ``attend`` on untouched chunks together and each perturbed chunk through its perturbations.
+    q, k, v are (B·chunks, heads, L, D)."""
+    n = len(chunks)
+    if not any(chunks):
+        return attend(q, k, v)
+    qs, ks, vs = q.chunk(n), k.chunk(n), v.chunk(n)
+    outputs = []
+    for j in range(n):
+        if not chunks[j]:
+            outputs.append(attend(qs[j], ks[j], vs[j]))
+            continue
+        if len(chunks[j]) > 1:
+            raise GuidanceError("Two attention perturbations on the same layer of one branch: "
+                                f"{[p.label for p in chunks[j]]}. Give each its own branch.")
+        if grid is None:
+            raise GuidanceError(f"{chunks[j][0].label}: could not find the image tokens ({q.shape[2]} tokens) "
+                                "of this attention call; this layer cannot be perturbed.")
+        perturbation = chunks[j][0]
+        out = perturbation.perturb(qs[j], ks[j], vs[j], grid, attend)
+        if perturbation.records:
+            out, scratch[perturbation] = out
+        outputs.append(out)
+    return torch.cat(outputs)
+
+
+def _make_unet_attn1_patch(previous: Callable | None):
+    def attn1_replace(q, k, v, extra_options):
+        block = extra_options.get("block")
+        layer = Layer(block[0], block[1], extra_options.get("block_index", 0))
+        chunks = _chunk_perturbations(extra_options, layer)
+        heads = extra_options["n_heads"]
+
+        def attend_flat(q_, k_, v_):
+            if previous is not None:
+                return previous(q_, k_, v_, extra_options)
+            precision = extra_options.get("attn_precision")
+            return comfy_attention.optimized_attention(
+                q_, k_, v_, heads, attn_precision=precision, transformer_options=extra_options)
+
+        if not any(chunks):
+            return attend_flat(q, k, v)
+
+        def attend(q_, k_, v_):  # (B, heads, L, D) in and out
+            return _to_heads(attend_flat(_from_heads(q_), _from_heads(k_), _from_heads(v_)), heads)
+
+        info = extra_options.get(STEP_KEY)
+        grid = _grid_for(q.shape[1], info.latent_shape)
+        out = _apply_chunked(_to_heads(q, heads), _to_heads(k, heads), _to_heads(v, heads), chunks, attend, grid,
+                             info.scratch)
+        return _from_heads(out)
+
+    return _mark_ours(attn1_replace)
+
+
+def _to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, heads·D), or (B, L, heads, D) as MMDiT passes its values, to (B, heads, L, D)."""
+    b, length = t.shape[:2]
+    return t.reshape(b, length, heads, -1).transpose(1, 2)
+
+
+def _from_heads(t: torch.Tensor) -> torch.Tensor:
+    b, heads, length, dim = t.shape
+    return t.transpose(1, 2).reshape(b, length, heads * dim)
+
+
+def _make_dit_block_patch(layer: Layer, previous: Callable | None):
+    def block_replace(args, extra):
+        original = extra["original_block"]
+        if previous is not None:
+            inner = original
+
+            def original(block_args):  # noqa: F811 (compose with the patch that was here before)
+                return previous(block_args, {"original_block": inner})
+
+        to = args.get("transformer_options") or {}
+        chunks = _chunk_perturbations(to, layer)
+        if not any(chunks):
+            return original(args)
+        attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
+        call_args = args
+        if any(attention_chunks):
+            text_tokens = args["txt"].shape[1] if args.get("txt") is not None else to.get(TEXT_TOKENS_KEY, 0)
+            marked = dict(to)
+            marked[ACTIVE_LAYER_KEY] = (layer, attention_chunks, text_tokens)
+            call_args = dict(args)
+            call_args["transformer_options"] = marked
+        n = len(chunks)
+        skipped = [j for j, c in enumerate(chunks) if any(isinstance(p, BlockSkip) for p in c)]
+        # Copies, taken before the call: some blocks (Flux) update their inputs in place.
+        kept_inputs = {key: {j: args[key].chunk(n)[j].clone() for j in skipped}
+                       for key in ("img", "txt") if args.get(key) is not None}
+        out = original(call_args)
+        if skipped:
+            out = dict(out)
+            for key, inputs in kept_inputs.items():
+                if out.get(key) is not None:
+                    parts = list(out[key].chunk(n))
+                    for j, kept in inputs.items():
+                        parts[j] = kept
+                    out[key] = torch.cat(parts)
+        return out
+
+    return _mark_ours(block_replace)
+
+
+def _text_tokens_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: records the text token count, which Flux's single blocks (text and image
+    tokens in one stream) do not carry, so their image tokens can be found."""
+    context = args[2] if len(args) > 2 else kwargs.get("context")
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, dict) and "cond_or_uncond" in value and context is not None:
+            value[TEXT_TOKENS_KEY] = context.shape[1]
+    return executor(*args, **kwargs)
+
+
+def _make_attention_override(previous: Callable | None):
+    def attention_override(func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        active = to.get(ACTIVE_LAYER_KEY)
+        call = (lambda *a, **kw: previous(func, *a, **kw)) if previous is not None else func
+        if active is None:
+            return call(*args, **kwargs)
+        layer, chunks, text_tokens = active
+        q, k, v, heads = args[0], args[1], args[2], args[3] if len(args) > 3 else kwargs["heads"]
+        rest = {key: val for key, val in kwargs.items() if key not in ("skip_reshape", "skip_output_reshape", "heads")}
+        skip_reshape = kwargs.get("skip_reshape", False)
+        skip_output_reshape = kwargs.get("skip_output_reshape", False)
+        q4, k4, v4 = (t if skip_reshape else _to_heads(t, heads) for t in (q, k, v))
+        if q4.shape[2] != k4.shape[2]:  # cross-attention: not the image tokens' self-attention
+            return call(*args, **kwargs)
+
+        def attend(q_, k_, v_):
+            return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True, **rest)
+
+        info = to.get(STEP_KEY)
+        grid = _grid_for(q4.shape[2], info.latent_shape, text_tokens)
+        out = _apply_chunked(q4, k4, v4, chunks, attend, grid, info.scratch)
+        return out if skip_output_reshape else _from_heads(out)
+
+    return _mark_ours(attention_override)
+
