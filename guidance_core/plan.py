@@ -43,14 +43,17 @@ class StepContext:
 
 @dataclass(frozen=True)
 class Branch:
-    """One model evaluation a term can ask for: the conditioning it runs on (``source``), an optional
-    perturbation of the model (opaque to the core: the host adapter knows how to apply it), and which
-    model evaluates it (``"main"`` or the key of another model, e.g. autoguidance's weak model)."""
+    """One model evaluation a term can ask for: the conditioning it runs on (``source``) and an optional
+    perturbation of the model (opaque to the core: the host adapter knows how to apply it). Outside its
+    ``window`` (a σ window, or None for always) the perturbation is off and the branch equals its source."""
 
     name: str
     source: str = COND
     perturbation: Any = None
-    model: str = "main"
+    window: Any = None
+
+    def perturbed_at(self, sigma: float) -> bool:
+        return self.perturbation is not None and (self.window is None or self.window.contains(sigma))
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,12 @@ class GuidanceStack:
         known = {b.name for b in self.branches}
         new_branches = tuple(b for b in branches if b.name not in known)
         return replace(self, terms=self.terms + (term,), branches=self.branches + new_branches)
+
+    def with_branch(self, branch: Branch) -> GuidanceStack:
+        """The stack with one more branch (for a term changed with ``with_cfg(negative=...)``)."""
+        if any(b.name == branch.name for b in self.branches) or branch.name in (COND, UNCOND):
+            raise ValueError(f"a branch named {branch.name!r} is already in the stack")
+        return replace(self, branches=self.branches + (branch,))
 
     def with_post(self, transform: PostTransform) -> GuidanceStack:
         return replace(self, post=self.post + (transform,))

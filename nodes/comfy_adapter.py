@@ -493,7 +493,8 @@ def _make_calc_cond_batch(previous: Callable | None):
             batch_conds.append(sources[branch.source] if wanted else None)
             if wanted:
                 main_names.append((index, branch.name))
-                step_map.setdefault(index, []).append(branch.perturbation)
+                if branch.perturbed_at(ctx.sigma):
+                    step_map.setdefault(index, []).append(branch.perturbation)
 
         run.scratch = {}
         call_options = _with_step_info(model_options, StepBranches(step_map, tuple(x.shape), run.scratch))
@@ -519,9 +520,20 @@ def _make_calc_cond_batch(previous: Callable | None):
                             dict(setup.extra_models))
             preds[name] = branch.perturbation.evaluate(call)
         run.preds = preds
-        return [outputs[0], outputs[1] if batch_conds[1] is not None else torch.zeros_like(x)]
+        # What the rest of ComfyUI sees as the uncond: the CFG term's negative (the plain uncond, or the
+        # perturbed uncond when a node perturbs the negative branch instead of adding one), else zeros as
+        # ComfyUI's own cfg = 1 shortcut gives.
+        negative = _negative_name(stack, preds)
+        return [outputs[0], preds[negative] if negative else torch.zeros_like(x)]
 
     return _mark_ours(calc_cond_batch)
+
+
+def _negative_name(stack: GuidanceStack, preds) -> str | None:
+    for name in (stack.cfg_term.negative, UNCOND):
+        if name in preds:
+            return name
+    return None
 
 
 def _evaluate(previous, model, conds, x, sigma, model_options):
@@ -560,10 +572,11 @@ def _make_cfg_function(previous: Callable | None):
         ctx = replace(run.ctx, cond_scale=float(args["cond_scale"]))
         preds = dict(run.preds)
         preds[COND] = args["cond_denoised"]
-        if UNCOND in preds:
-            preds[UNCOND] = args["uncond_denoised"]
+        negative = _negative_name(setup.stack, preds)
+        if negative:  # pre-CFG hooks of other nodes may have changed what they were handed
+            preds[negative] = args["uncond_denoised"]
         cfg_result = None
-        if previous is not None and UNCOND in preds:
+        if previous is not None and negative:
             cfg_result = x - previous(args)  # another node's CFG formula stands in for our CFG term
         guided = setup.stack.combine(preds, x, ctx, run.rule_state, cfg_result=cfg_result)
         return x - guided
@@ -616,16 +629,21 @@ def _grid_for(tokens: int, latent_shape: tuple, text_tokens: int = 0) -> TokenGr
 
 
 def _apply_chunked(q, k, v, chunks: list[list], attend, grid: TokenGrid | None, scratch: dict):
-    """Runs ``attend`` on untouched chunks together and each perturbed chunk through its perturbations.
-    q, k, v are (B·chunks, heads, L, D)."""
+    """Runs ``attend`` once on each run of adjacent untouched chunks and each perturbed chunk through its
+    perturbation. q, k, v are (B·chunks, heads, L, D)."""
     n = len(chunks)
     if not any(chunks):
         return attend(q, k, v)
-    qs, ks, vs = q.chunk(n), k.chunk(n), v.chunk(n)
-    outputs = []
-    for j in range(n):
+    size = q.shape[0] // n
+    outputs, j = [], 0
+    while j < n:
         if not chunks[j]:
-            outputs.append(attend(qs[j], ks[j], vs[j]))
+            end = j
+            while end < n and not chunks[end]:
+                end += 1
+            rows = slice(j * size, end * size)
+            outputs.append(attend(q[rows], k[rows], v[rows]))
+            j = end
             continue
         if len(chunks[j]) > 1:
             raise GuidanceError("Two attention perturbations on the same layer of one branch: "
@@ -633,11 +651,13 @@ def _apply_chunked(q, k, v, chunks: list[list], attend, grid: TokenGrid | None, 
         if grid is None:
             raise GuidanceError(f"{chunks[j][0].label}: could not find the image tokens ({q.shape[2]} tokens) "
                                 "of this attention call; this layer cannot be perturbed.")
+        rows = slice(j * size, (j + 1) * size)
         perturbation = chunks[j][0]
-        out = perturbation.perturb(qs[j], ks[j], vs[j], grid, attend)
+        out = perturbation.perturb(q[rows], k[rows], v[rows], grid, attend)
         if perturbation.records:
             out, scratch[perturbation] = out
         outputs.append(out)
+        j += 1
     return torch.cat(outputs)
 
 

@@ -70,16 +70,33 @@ def _with_branch_mode(stack, branch_mode):
     return replace(stack, sequential=True) if branch_mode == "sequential" else stack
 
 
+def _target_input() -> io.Input:
+    return io.Combo.Input("target", options=["new branch", "negative branch"], default="new branch", optional=True,
+                          tooltip="new branch: adds s·(cond − perturbed) with an extra branch in the batch. "
+                                  "negative branch: no extra branch; the CFG's negative prediction is computed "
+                                  "with the perturbation instead (scale unused; needs cfg > 1), as ComfyUI's "
+                                  "SkipLayerGuidanceDiTSimple.")
+
+
 def _perturbation_node(model, node, prefix, perturbation, scale, schedule, start_percent, end_percent, branch_mode,
-                       source=COND, positive=COND):
+                       source=COND, positive=COND, target="new branch"):
     window = adapter.percent_window(model, start_percent, end_percent)
 
     def update(stack):
         name = stack.unique_name(prefix)
-        term = perturbation_term(name, name, _scale_schedule(scale, schedule), window)
-        if positive != COND:
-            term = replace(term, positive=positive)
-        stack = stack.with_term(term, Branch(name, source=source, perturbation=perturbation(name)))
+        if target == "negative branch":
+            if stack.cfg_term.negative != UNCOND:
+                raise adapter.GuidanceError(f"{node}: the negative branch is already perturbed by "
+                                            f"'{stack.cfg_term.negative}'; use target 'new branch' here.")
+            stack = stack.with_branch(Branch(name, source=UNCOND, perturbation=perturbation(name), window=window))
+            stack = stack.with_cfg(negative=name)
+        elif target == "new branch":
+            term = perturbation_term(name, name, _scale_schedule(scale, schedule), window)
+            if positive != COND:
+                term = replace(term, positive=positive)
+            stack = stack.with_term(term, Branch(name, source=source, perturbation=perturbation(name)))
+        else:
+            raise adapter.GuidanceError(f"{node}: target {target!r} is not one of 'new branch', 'negative branch'.")
         return _with_branch_mode(stack, branch_mode)
 
     return adapter.add_guidance(model, node, update)
@@ -282,19 +299,21 @@ class GuidersPAG(io.ComfyNode):
                 *_window_inputs(),
                 _schedule_input("PAG scale"),
                 _branch_mode_input(),
+                _target_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, scale, layers, start_percent, end_percent, schedule=None, branch_mode="batched"):
+    def execute(cls, model, scale, layers, start_percent, end_percent, schedule=None, branch_mode="batched",
+                target="new branch"):
         adapter.require_family(model, cls.__name__, ATTENTION_FAMILIES)
         chosen = adapter.parse_layers(layers, model, "layers", ATTENTION_LAYERS)
         def perturbation(name):
             return adapter.AttentionPerturbation(chosen, identity_image_attention, "PAG")
 
         return io.NodeOutput(_perturbation_node(model, cls.__name__, "pag", perturbation, scale, schedule,
-                                                start_percent, end_percent, branch_mode))
+                                                start_percent, end_percent, branch_mode, target=target))
 
 
 class GuidersSEG(io.ComfyNode):
@@ -318,13 +337,14 @@ class GuidersSEG(io.ComfyNode):
                 *_window_inputs(),
                 _schedule_input("SEG scale"),
                 _branch_mode_input(),
+                _target_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, scale, blur_sigma, layers, start_percent, end_percent, schedule=None,
-                branch_mode="batched"):
+                branch_mode="batched", target="new branch"):
         adapter.require_family(model, cls.__name__, ATTENTION_FAMILIES)
         if blur_sigma <= 0:
             raise adapter.GuidanceError(f"{cls.__name__}: blur_sigma must be > 0 (got {blur_sigma}); "
@@ -333,7 +353,7 @@ class GuidersSEG(io.ComfyNode):
         seg = partial(smoothed_energy_attention, blur_sigma=blur_sigma)
         return io.NodeOutput(_perturbation_node(
             model, cls.__name__, "seg", lambda name: adapter.AttentionPerturbation(chosen, seg, "SEG"),
-            scale, schedule, start_percent, end_percent, branch_mode))
+            scale, schedule, start_percent, end_percent, branch_mode, target=target))
 
 
 class GuidersSLG(io.ComfyNode):
@@ -363,14 +383,15 @@ class GuidersSLG(io.ComfyNode):
                                        "while SLG is active. 0 = off; STG uses 0.7."),
                 _schedule_input("SLG scale"),
                 _branch_mode_input(),
+                _target_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, scale, layers, mode, start_percent, end_percent, rescale, schedule=None,
-                branch_mode="batched"):
-        family = adapter.require_family(model, cls.__name__, BLOCK_FAMILIES)
+                branch_mode="batched", target="new branch"):
+        adapter.require_family(model, cls.__name__, BLOCK_FAMILIES)
         chosen = adapter.parse_layers(layers, model, "layers", SKIP_LAYERS)
         if mode == "block":
             def make(name):
@@ -381,8 +402,8 @@ class GuidersSLG(io.ComfyNode):
         else:
             raise adapter.GuidanceError(f"{cls.__name__}: mode {mode!r} is not one of block, attention_scores.")
         patched = _perturbation_node(model, cls.__name__, "slg", make, scale, schedule, start_percent, end_percent,
-                                     branch_mode)
-        if rescale > 0:
+                                     branch_mode, target=target)
+        if rescale > 0 and target == "new branch":
             slg_name = adapter.get_setup(patched).stack.terms[-1].name
 
             def update(stack):
@@ -391,7 +412,6 @@ class GuidersSLG(io.ComfyNode):
                     space="x0", while_term_active=slg_name))
 
             patched = adapter.add_guidance(patched, cls.__name__, update)
-        del family
         return io.NodeOutput(patched)
 
 
