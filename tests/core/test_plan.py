@@ -191,3 +191,16 @@ def test_term_neutral_scale_none_is_always_active():
     stack = GuidanceStack().with_cfg(rule=stateless_rule(rules.t_norm), space="noise", neutral_scale=None)
     assert stack.needed_branches(ctx(cond_scale=1.0)) == [COND, UNCOND]
     assert math.isclose(stack.cfg_term.scale_at(ctx(cond_scale=0.25)), 0.25)
+
+
+def test_perturbing_the_negative_branch_replaces_the_uncond_and_needs_no_extra_branch():
+    branch = Branch("slg", source=UNCOND, perturbation="skip", window=SigmaWindow(4.0, 1.0))
+    stack = GuidanceStack().with_branch(branch).with_cfg(negative="slg")
+    assert stack.needed_branches(ctx(cond_scale=5.0)) == [COND, "slg"]
+    assert branch.perturbed_at(3.0) and not branch.perturbed_at(5.0)
+    preds = preds_for(COND, "slg")
+    x = torch.randn_like(preds[COND])
+    guided = stack.combine(preds, x, ctx(cond_scale=5.0))
+    torch.testing.assert_close(guided, preds["slg"] + 5.0 * (preds[COND] - preds["slg"]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already"):
+        stack.with_branch(branch)
