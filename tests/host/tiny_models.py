@@ -1,0 +1,212 @@
+"""Tiny random-weight SD1.5, SD3 and Flux models built in code with ComfyUI's own classes (no downloads).
+
+Each model is the real architecture (comfy.supported_models config -> BaseModel -> ModelPatcher), only
+narrow and shallow, so a 4-step run on an 8x8 latent takes a fraction of a second on the CPU. Weights are
+drawn from a seeded generator: the same seed gives the same model, and outputs are finite and depend on
+the conditioning, so guidance changes results measurably.
+
+The builders import comfy themselves after harness.prepare_host_imports(), so they work outside pytest
+too (benchmarks): the CPU is forced before comfy.model_management is first imported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from harness import prepare_host_imports
+
+FAMILIES = ("sd15", "sd3", "flux")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a family's conditioning and latent look like (the shapes its text encoders and VAE would give)."""
+
+    latent_channels: int
+    context_dim: int
+    context_tokens: int
+    pooled_dim: int | None  # pooled text embedding fed to the model as ``y`` (SD3, Flux)
+    flux_guidance: float | None  # Flux's distilled-guidance input, set by FluxGuidance in real workflows
+
+
+SPECS = {
+    "sd15": FamilySpec(latent_channels=4, context_dim=64, context_tokens=77, pooled_dim=None, flux_guidance=None),
+    "sd15_medium": FamilySpec(
+        latent_channels=4, context_dim=768, context_tokens=77, pooled_dim=None, flux_guidance=None
+    ),
+    "sd3": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=None),
+    "flux": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=3.5),
+}
+
+# Latent side (in latent pixels) for quick tests and for the medium benchmark model.
+TINY_LATENT_SIZE = 8
+MEDIUM_LATENT_SIZE = 32
+
+
+def fill_deterministic(module: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter and floating buffer of ``module`` with seeded normal values.
+
+    comfy.ops layers skip weight init, and MMDiT's ``pos_embed`` buffer is allocated with torch.empty, so
+    without this the model computes with whatever memory held (NaNs at random). Matrices and kernels get
+    std 1/sqrt(fan_in) so activations keep unit scale through the layers; biases get std 0.02; vectors
+    that are not biases (norm scales) get 1 + N(0, 0.1) so norms neither vanish nor flip sign.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tensors = dict(module.named_parameters())
+    tensors.update((name, buf) for name, buf in module.named_buffers() if buf.is_floating_point())
+    with torch.no_grad():
+        for name in sorted(tensors):  # sorted: the draw order must not depend on module construction order
+            tensor = tensors[name]
+            values = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+            if tensor.ndim >= 2:
+                values = values / math.sqrt(tensor[0].numel())
+            elif name.endswith("bias"):
+                values = values * 0.02
+            else:
+                values = 1.0 + values * 0.1
+            tensor.copy_(values.to(tensor.dtype))
+
+
+def _supported_models():
+    prepare_host_imports()
+    import comfy.supported_models
+
+    return comfy.supported_models
+
+
+def _to_patcher(model_config, seed: int):
+    import comfy.model_management
+    import comfy.model_patcher
+
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    # Only the network: model.model_sampling's buffers are the noise schedule, computed from the config.
+    fill_deterministic(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(
+        model,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def make_sd15(medium: bool = False, seed: int = 0):
+    """An SD1.5 UNet (EPS, 2 levels, spatial transformers at every level and in the middle block).
+
+    Tiny: model_channels 32, context_dim 64 (~1 M parameters). ``medium=True``: model_channels 128,
+    context_dim 768 as real SD1.5 (~17 M parameters), for benchmarks on a 32x32 latent.
+    """
+    unet_config = {
+        "model_channels": 128 if medium else 32,
+        "context_dim": SPECS["sd15_medium" if medium else "sd15"].context_dim,
+        "num_res_blocks": [1, 1],
+        "channel_mult": [1, 2],
+        "transformer_depth": [1, 1],
+        "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1, 1, 1],
+        "in_channels": 4,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "use_linear_in_transformer": False,
+        "adm_in_channels": None,
+        "image_size": 32,
+        "use_checkpoint": False,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    }
+    return _to_patcher(_supported_models().SD15(unet_config), seed)
+
+
+def make_sd3(seed: int = 0):
+    """An SD3 MMDiT (flow, shift 3): depth 2 (hidden 128, 2 heads), patch 2, a Linear context embedder."""
+    spec = SPECS["sd3"]
+    depth = 2
+    pos_embed_max_size = 32  # latent sides up to 64 fit the position table
+    unet_config = {
+        "in_channels": spec.latent_channels,
+        "out_channels": spec.latent_channels,
+        "patch_size": 2,
+        "depth": depth,
+        "input_size": None,
+        "adm_in_channels": spec.pooled_dim,
+        "context_embedder_config": {
+            "target": "torch.nn.Linear",
+            "params": {"in_features": spec.context_dim, "out_features": 64 * depth},  # MMDiT hidden = 64 * depth
+        },
+        "num_patches": pos_embed_max_size * pos_embed_max_size,
+        "pos_embed_max_size": pos_embed_max_size,
+        "pos_embed_scaling_factor": None,
+        "x_block_self_attn_layers": [],
+    }
+    return _to_patcher(_supported_models().SD3(unet_config), seed)
+
+
+def make_flux(seed: int = 0):
+    """A Flux-dev DiT (flow, guidance-distilled input): 2 double + 2 single blocks, hidden 64, 4 heads."""
+    spec = SPECS["flux"]
+    unet_config = {
+        "image_model": "flux",
+        "in_channels": spec.latent_channels,
+        "out_channels": spec.latent_channels,
+        "vec_in_dim": spec.pooled_dim,
+        "context_in_dim": spec.context_dim,
+        "hidden_size": 64,
+        "mlp_ratio": 4.0,
+        "num_heads": 4,
+        "depth": 2,
+        "depth_single_blocks": 2,
+        "axes_dim": [4, 6, 6],  # sums to the head dim 64 / 4
+        "theta": 10000,
+        "patch_size": 2,
+        "qkv_bias": True,
+        "guidance_embed": True,
+        "txt_ids_dims": [],
+        "yak_mlp": False,
+        "txt_norm": False,
+    }
+    return _to_patcher(_supported_models().Flux(unet_config), seed)
+
+
+def make_model(family: str, seed: int = 0):
+    """``make_sd15``/``make_sd3``/``make_flux`` by family name ("sd15", "sd15_medium", "sd3", "flux")."""
+    builders = {
+        "sd15": lambda: make_sd15(seed=seed),
+        "sd15_medium": lambda: make_sd15(medium=True, seed=seed),
+        "sd3": lambda: make_sd3(seed=seed),
+        "flux": lambda: make_flux(seed=seed),
+    }
+    return builders[family]()
+
+
+def _one_conditioning(spec: FamilySpec, batch: int, generator: torch.Generator) -> list:
+    context = torch.randn(batch, spec.context_tokens, spec.context_dim, generator=generator)
+    extras: dict = {}
+    if spec.pooled_dim is not None:
+        extras["pooled_output"] = torch.randn(batch, spec.pooled_dim, generator=generator)
+    if spec.flux_guidance is not None:
+        extras["guidance"] = spec.flux_guidance
+    return [[context, extras]]
+
+
+def make_conditioning(family: str, batch: int = 1, seed: int = 0) -> tuple[list, list]:
+    """(positive, negative) in ComfyUI's CONDITIONING format for ``family``: ``[[context, extras]]``.
+
+    SD1.5: context (B, 77, context_dim) and no extras. SD3: context (B, 16, 32) and ``pooled_output``
+    (B, 16). Flux: the same plus ``guidance`` 3.5 on both, so cfg > 1 also runs. The two differ (own draws).
+    """
+    spec = SPECS[family]
+    generator = torch.Generator().manual_seed(seed)
+    positive = _one_conditioning(spec, batch, generator)
+    negative = _one_conditioning(spec, batch, generator)
+    return positive, negative
+
+
+def make_latent(
+    family: str, batch: int = 1, h: int = TINY_LATENT_SIZE, w: int = TINY_LATENT_SIZE, seed: int = 0
+) -> torch.Tensor:
+    """A seeded (B, C, h, w) latent with the family's channel count (SD1.5 4; SD3 and Flux 16)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, SPECS[family].latent_channels, h, w, generator=generator)
