@@ -183,16 +183,18 @@ def _parse_one(token: str, family: str) -> Layer | None:
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """Where the image tokens sit in an attention call's sequence: ``start`` .. ``start + h*w`` in
-    row-major order; tokens outside (text tokens of joint attention) are not image tokens."""
+    """Where the image tokens sit in an attention call's sequence: ``start`` .. ``start + frames·h·w``,
+    frame by frame in row-major order; tokens outside (text tokens of joint attention) are not image
+    tokens. ``frames`` is 1 for images."""
 
     start: int
     height: int
     width: int
+    frames: int = 1
 
     @property
     def image_slice(self) -> slice:
-        return slice(self.start, self.start + self.height * self.width)
+        return slice(self.start, self.start + self.frames * self.height * self.width)
 
 
 @dataclass(frozen=True)
@@ -607,24 +609,26 @@ def _acts_on(perturbation, layer: Layer) -> bool:
 
 
 def _grid_for(tokens: int, latent_shape: tuple, text_tokens: int = 0) -> TokenGrid | None:
-    """The image token grid of an attention call with ``tokens`` tokens on a latent of ``latent_shape``:
-    the smallest downsampling factor f (a power of two: UNet levels, DiT patch size) whose grid
-    ceil(H/f)·ceil(W/f) fits after the text tokens of joint attention. An exact fit is preferred; a grid
-    followed by more tokens (Flux Kontext's reference images) is accepted after the text tokens."""
+    """The image token grid of an attention call with ``tokens`` tokens on a latent of ``latent_shape``
+    ((B, C, H, W) or video (B, C, T, H, W)): the smallest downsampling factor f (a power of two: UNet
+    levels, DiT patch size) whose grid frames·ceil(H/f)·ceil(W/f) fits after the text tokens of joint
+    attention. An exact fit is preferred; a grid followed by more tokens (Flux Kontext's reference
+    images) is accepted after the text tokens."""
     if len(latent_shape) < 4:
         return None
     height, width = latent_shape[-2], latent_shape[-1]
+    frames = latent_shape[-3] if len(latent_shape) >= 5 else 1
     factors = (1, 2, 4, 8, 16, 32, 64)
     starts = (text_tokens, 0) if text_tokens else (0,)
     for start in starts:
         for f in factors:
             h, w = math.ceil(height / f), math.ceil(width / f)
-            if start + h * w == tokens:
-                return TokenGrid(start, h, w)
+            if start + frames * h * w == tokens:
+                return TokenGrid(start, h, w, frames)
     for f in factors:
         h, w = math.ceil(height / f), math.ceil(width / f)
-        if text_tokens + h * w <= tokens:
-            return TokenGrid(text_tokens, h, w)
+        if text_tokens + frames * h * w <= tokens:
+            return TokenGrid(text_tokens, h, w, frames)
     return None
 
 
@@ -648,9 +652,6 @@ def _apply_chunked(q, k, v, chunks: list[list], attend, grid: TokenGrid | None, 
         if len(chunks[j]) > 1:
             raise GuidanceError("Two attention perturbations on the same layer of one branch: "
                                 f"{[p.label for p in chunks[j]]}. Give each its own branch.")
-        if grid is None:
-            raise GuidanceError(f"{chunks[j][0].label}: could not find the image tokens ({q.shape[2]} tokens) "
-                                "of this attention call; this layer cannot be perturbed.")
         rows = slice(j * size, (j + 1) * size)
         perturbation = chunks[j][0]
         out = perturbation.perturb(q[rows], k[rows], v[rows], grid, attend)

@@ -1,10 +1,12 @@
-"""The node list ComfyUI registers (see the package's ``comfy_entrypoint``)."""
+"""The node list ComfyUI registers (see the package's ``comfy_entrypoint``), and the pack's web route."""
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import guidance_nodes, schedule_nodes
+from . import guidance_nodes, schedule_nodes, web_routes
 
 
 class GuidersExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # Here rather than in on_load: ComfyUI 0.8.0's loader calls only get_node_list (once per load).
+        web_routes.register()
         return [*schedule_nodes.NODES, *guidance_nodes.NODES]

@@ -19,7 +19,8 @@ from .schedule_nodes import Schedule
 CATEGORY = "sampling/guiders"
 
 ALL_FAMILIES = ("unet", "sd3", "flux", "wan")
-ATTENTION_FAMILIES = ("unet", "sd3", "flux")
+ATTENTION_FAMILIES = ("unet", "sd3", "flux")  # SEG: a 2-D token grid
+PAG_FAMILIES = ("unet", "sd3", "flux", "wan")
 BLOCK_FAMILIES = ("sd3", "flux", "wan")
 
 # Recommended layers per family ("auto"): the middle block for UNets, as the PAG and SEG papers do; the
@@ -259,10 +260,17 @@ class GuidersAPG(io.ComfyNode):
 # ------------------------------------------------------------------------------------------------------
 
 
+def _require_grid(grid, method: str, tokens: int):
+    if grid is None:
+        raise adapter.GuidanceError(f"{method}: could not find the image tokens among the {tokens} tokens of this "
+                                    "attention call; choose another layer.")
+
+
 def identity_image_attention(q, k, v, grid, attend):
     """PAG's perturbation on the image tokens: their self-attention map becomes the identity (output = V);
     text tokens of joint attention keep their normal attention."""
-    if grid.start == 0 and grid.height * grid.width == q.shape[-2]:
+    _require_grid(grid, "PAG", q.shape[-2])
+    if grid.start == 0 and grid.image_slice.stop == q.shape[-2]:
         return perturb.identity_attention(q, k, v)
     out = attend(q, k, v).clone()
     out[..., grid.image_slice, :] = v[..., grid.image_slice, :]
@@ -271,6 +279,9 @@ def identity_image_attention(q, k, v, grid, attend):
 
 def smoothed_energy_attention(q, k, v, grid, attend, blur_sigma: float):
     """SEG's perturbation: the image tokens' queries are blurred over the 2-D token grid."""
+    _require_grid(grid, "SEG", q.shape[-2])
+    if grid.frames != 1:
+        raise adapter.GuidanceError("SEG blurs a 2-D token grid; video latents (several frames) are not supported.")
     smoothed = perturb.smooth_queries(q, (grid.height, grid.width), blur_sigma, image_token_start=grid.start)
     return attend(smoothed, k, v)
 
@@ -307,7 +318,7 @@ class GuidersPAG(io.ComfyNode):
     @classmethod
     def execute(cls, model, scale, layers, start_percent, end_percent, schedule=None, branch_mode="batched",
                 target="new branch"):
-        adapter.require_family(model, cls.__name__, ATTENTION_FAMILIES)
+        adapter.require_family(model, cls.__name__, PAG_FAMILIES)
         chosen = adapter.parse_layers(layers, model, "layers", ATTENTION_LAYERS)
         def perturbation(name):
             return adapter.AttentionPerturbation(chosen, identity_image_attention, "PAG")
