@@ -720,7 +720,8 @@ def _make_dit_block_patch(layer: Layer, previous: Callable | None):
         if any(attention_chunks):
             text_tokens = args["txt"].shape[1] if args.get("txt") is not None else to.get(TEXT_TOKENS_KEY, 0)
             marked = dict(to)
-            marked[ACTIVE_LAYER_KEY] = (layer, attention_chunks, text_tokens)
+            # A fresh call counter per block call: only the block's first attention call is perturbed.
+            marked[ACTIVE_LAYER_KEY] = (layer, attention_chunks, text_tokens, {"calls": 0})
             call_args = dict(args)
             call_args["transformer_options"] = marked
         n = len(chunks)
@@ -759,7 +760,12 @@ def _make_attention_override(previous: Callable | None):
         call = (lambda *a, **kw: previous(func, *a, **kw)) if previous is not None else func
         if active is None:
             return call(*args, **kwargs)
-        layer, chunks, text_tokens = active
+        layer, chunks, text_tokens, counter = active
+        counter["calls"] += 1
+        if counter["calls"] > 1:
+            # Every DiT block runs its self (or joint) attention first; later calls are cross-attention
+            # (Wan) or extra attentions, which token counts alone cannot tell apart when they coincide.
+            return call(*args, **kwargs)
         q, k, v, heads = args[0], args[1], args[2], args[3] if len(args) > 3 else kwargs["heads"]
         rest = {key: val for key, val in kwargs.items() if key not in ("skip_reshape", "skip_output_reshape", "heads")}
         skip_reshape = kwargs.get("skip_reshape", False)

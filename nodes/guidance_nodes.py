@@ -37,6 +37,11 @@ LAYERS_TOOLTIP = ("Where to perturb. 'auto' = recommended for the model: UNet (S
                   "'single.2' (Flux). An unknown layer lists the layers the model has.")
 
 
+def _node_id(cls) -> str:
+    """The node's public id, for messages (the V3 executor runs a clone of the class named ``<id>Clone``)."""
+    return cls.__name__.removesuffix("Clone")
+
+
 def _model_input() -> io.Model.Input:
     return io.Model.Input("model", tooltip="The model to guide; a patched copy is returned, the input is unchanged.")
 
@@ -124,7 +129,7 @@ class GuidersScheduledCFG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, schedule) -> io.NodeOutput:
-        return io.NodeOutput(adapter.add_guidance(model, cls.__name__, lambda s: s.with_cfg(schedule=schedule)))
+        return io.NodeOutput(adapter.add_guidance(model, _node_id(cls), lambda s: s.with_cfg(schedule=schedule)))
 
 
 class GuidersCFGNormalize(io.ComfyNode):
@@ -161,7 +166,7 @@ class GuidersCFGNormalize(io.ComfyNode):
                     space="noise", requires=(UNCOND,)))
             return stack
 
-        return io.NodeOutput(adapter.add_guidance(model, cls.__name__, update))
+        return io.NodeOutput(adapter.add_guidance(model, _node_id(cls), update))
 
 
 class GuidersRescaleCFG(io.ComfyNode):
@@ -188,7 +193,7 @@ class GuidersRescaleCFG(io.ComfyNode):
             return stack.with_post(PostTransform(
                 "rescale", lambda guided, preds: rules.rescale(guided, preds[COND], multiplier), space="noise"))
 
-        return io.NodeOutput(adapter.add_guidance(model, cls.__name__, update))
+        return io.NodeOutput(adapter.add_guidance(model, _node_id(cls), update))
 
 
 class GuidersCFGZeroStar(io.ComfyNode):
@@ -217,7 +222,7 @@ class GuidersCFGZeroStar(io.ComfyNode):
     def execute(cls, model, zero_init_steps, optimize="uncond") -> io.NodeOutput:
         rule = stateless_rule(partial(rules.cfg_zero_star, optimize=optimize))
         return io.NodeOutput(adapter.add_guidance(
-            model, cls.__name__, lambda s: s.with_cfg(rule=rule, space="noise", zero_init_steps=zero_init_steps)))
+            model, _node_id(cls), lambda s: s.with_cfg(rule=rule, space="noise", zero_init_steps=zero_init_steps)))
 
 
 class GuidersAPG(io.ComfyNode):
@@ -252,7 +257,7 @@ class GuidersAPG(io.ComfyNode):
 
         make_state = (lambda: rules.MomentumBuffer(momentum)) if momentum != 0 else None
         return io.NodeOutput(adapter.add_guidance(
-            model, cls.__name__, lambda s: s.with_cfg(rule=apg_rule, space="x0", make_state=make_state)))
+            model, _node_id(cls), lambda s: s.with_cfg(rule=apg_rule, space="x0", make_state=make_state)))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -318,12 +323,12 @@ class GuidersPAG(io.ComfyNode):
     @classmethod
     def execute(cls, model, scale, layers, start_percent, end_percent, schedule=None, branch_mode="batched",
                 target="new branch"):
-        adapter.require_family(model, cls.__name__, PAG_FAMILIES)
+        adapter.require_family(model, _node_id(cls), PAG_FAMILIES)
         chosen = adapter.parse_layers(layers, model, "layers", ATTENTION_LAYERS)
         def perturbation(name):
             return adapter.AttentionPerturbation(chosen, identity_image_attention, "PAG")
 
-        return io.NodeOutput(_perturbation_node(model, cls.__name__, "pag", perturbation, scale, schedule,
+        return io.NodeOutput(_perturbation_node(model, _node_id(cls), "pag", perturbation, scale, schedule,
                                                 start_percent, end_percent, branch_mode, target=target))
 
 
@@ -356,14 +361,14 @@ class GuidersSEG(io.ComfyNode):
     @classmethod
     def execute(cls, model, scale, blur_sigma, layers, start_percent, end_percent, schedule=None,
                 branch_mode="batched", target="new branch"):
-        adapter.require_family(model, cls.__name__, ATTENTION_FAMILIES)
+        adapter.require_family(model, _node_id(cls), ATTENTION_FAMILIES)
         if blur_sigma <= 0:
-            raise adapter.GuidanceError(f"{cls.__name__}: blur_sigma must be > 0 (got {blur_sigma}); "
+            raise adapter.GuidanceError(f"{_node_id(cls)}: blur_sigma must be > 0 (got {blur_sigma}); "
                                         "use ≥ 9999 for the infinite blur.")
         chosen = adapter.parse_layers(layers, model, "layers", ATTENTION_LAYERS)
         seg = partial(smoothed_energy_attention, blur_sigma=blur_sigma)
         return io.NodeOutput(_perturbation_node(
-            model, cls.__name__, "seg", lambda name: adapter.AttentionPerturbation(chosen, seg, "SEG"),
+            model, _node_id(cls), "seg", lambda name: adapter.AttentionPerturbation(chosen, seg, "SEG"),
             scale, schedule, start_percent, end_percent, branch_mode, target=target))
 
 
@@ -402,7 +407,7 @@ class GuidersSLG(io.ComfyNode):
     @classmethod
     def execute(cls, model, scale, layers, mode, start_percent, end_percent, rescale, schedule=None,
                 branch_mode="batched", target="new branch"):
-        adapter.require_family(model, cls.__name__, BLOCK_FAMILIES)
+        adapter.require_family(model, _node_id(cls), BLOCK_FAMILIES)
         chosen = adapter.parse_layers(layers, model, "layers", SKIP_LAYERS)
         if mode == "block":
             def make(name):
@@ -411,8 +416,8 @@ class GuidersSLG(io.ComfyNode):
             def make(name):
                 return adapter.AttentionPerturbation(chosen, identity_all_attention, "SLG attention_scores")
         else:
-            raise adapter.GuidanceError(f"{cls.__name__}: mode {mode!r} is not one of block, attention_scores.")
-        patched = _perturbation_node(model, cls.__name__, "slg", make, scale, schedule, start_percent, end_percent,
+            raise adapter.GuidanceError(f"{_node_id(cls)}: mode {mode!r} is not one of block, attention_scores.")
+        patched = _perturbation_node(model, _node_id(cls), "slg", make, scale, schedule, start_percent, end_percent,
                                      branch_mode, target=target)
         if rescale > 0 and target == "new branch":
             slg_name = adapter.get_setup(patched).stack.terms[-1].name
@@ -422,7 +427,7 @@ class GuidersSLG(io.ComfyNode):
                     "slg_rescale", lambda guided, preds: rules.whole_tensor_rescale(guided, preds[COND], rescale),
                     space="x0", while_term_active=slg_name))
 
-            patched = adapter.add_guidance(patched, cls.__name__, update)
+            patched = adapter.add_guidance(patched, _node_id(cls), update)
         return io.NodeOutput(patched)
 
 
@@ -476,11 +481,11 @@ class GuidersSAG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, scale, blur_sigma, start_percent, end_percent, schedule=None) -> io.NodeOutput:
-        adapter.require_family(model, cls.__name__, ("unet",))
+        adapter.require_family(model, _node_id(cls), ("unet",))
         observer = adapter.AttentionPerturbation((adapter.Layer("middle", 0, 0),), record_attention, "SAG",
                                                  records=True)
         return io.NodeOutput(_perturbation_node(
-            model, cls.__name__, "sag", lambda name: sag_branch(observer, blur_sigma), scale, schedule,
+            model, _node_id(cls), "sag", lambda name: sag_branch(observer, blur_sigma), scale, schedule,
             start_percent, end_percent, "batched", source=UNCOND, positive=UNCOND))
 
 
@@ -521,7 +526,7 @@ class GuidersAutoguidance(io.ComfyNode):
     def execute(cls, model, weak_model, scale, start_percent, end_percent, schedule=None) -> io.NodeOutput:
         family, weak_family = adapter.model_family(model), adapter.model_family(weak_model)
         if family != weak_family:
-            raise adapter.GuidanceError(f"{cls.__name__}: weak_model is a {weak_family} model but model is "
+            raise adapter.GuidanceError(f"{_node_id(cls)}: weak_model is a {weak_family} model but model is "
                                         f"{family}; both must be the same family.")
         window = adapter.percent_window(model, start_percent, end_percent)
         key = f"weak{id(weak_model)}"
@@ -531,7 +536,7 @@ class GuidersAutoguidance(io.ComfyNode):
             term = perturbation_term(name, name, _scale_schedule(scale, schedule), window)
             return stack.with_term(term, Branch(name, source=COND, perturbation=weak_model_branch(key)))
 
-        return io.NodeOutput(adapter.add_guidance(model, cls.__name__, update, extra_models=[(key, weak_model)]))
+        return io.NodeOutput(adapter.add_guidance(model, _node_id(cls), update, extra_models=[(key, weak_model)]))
 
 
 class GuidersGuider(io.ComfyNode):
@@ -558,7 +563,7 @@ class GuidersGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, cfg, schedule=None) -> io.NodeOutput:
         if schedule is not None:
-            model = adapter.add_guidance(model, cls.__name__, lambda s: s.with_cfg(schedule=schedule))
+            model = adapter.add_guidance(model, _node_id(cls), lambda s: s.with_cfg(schedule=schedule))
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

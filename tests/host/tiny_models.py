@@ -1,9 +1,10 @@
-"""Tiny random-weight SD1.5, SD3 and Flux models built in code with ComfyUI's own classes (no downloads).
+"""Tiny random-weight SD1.5, SD3, Flux and Wan 2.1 models built in code with ComfyUI's own classes (no
+downloads).
 
 Each model is the real architecture (comfy.supported_models config -> BaseModel -> ModelPatcher), only
-narrow and shallow, so a 4-step run on an 8x8 latent takes a fraction of a second on the CPU. Weights are
-drawn from a seeded generator: the same seed gives the same model, and outputs are finite and depend on
-the conditioning, so guidance changes results measurably.
+narrow and shallow, so a 4-step run on an 8x8 latent (Wan: 3 frames of 8x8) takes a fraction of a second
+on the CPU. Weights are drawn from a seeded generator: the same seed gives the same model, and outputs are
+finite and depend on the conditioning, so guidance changes results measurably.
 
 The builders import comfy themselves after harness.prepare_host_imports(), so they work outside pytest
 too (benchmarks): the CPU is forced before comfy.model_management is first imported.
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from harness import prepare_host_imports
 
+# Image families: tests parametrized over FAMILIES expect (B, C, H, W) latents and image noise schedules.
 FAMILIES = ("sd15", "sd3", "flux")
+VIDEO_FAMILIES = ("wan",)  # (B, C, T, H, W) latents
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class FamilySpec:
     context_tokens: int
     pooled_dim: int | None  # pooled text embedding fed to the model as ``y`` (SD3, Flux)
     flux_guidance: float | None  # Flux's distilled-guidance input, set by FluxGuidance in real workflows
+    latent_frames: int | None = None  # video families: T of the (B, C, T, H, W) latent
 
 
 SPECS = {
@@ -38,6 +42,13 @@ SPECS = {
     ),
     "sd3": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=None),
     "flux": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=3.5),
+}
+
+# Wan 2.1's VAE gives (length - 1) // 4 + 1 latent frames: 3 is a 9-frame video. Not in SPECS: tests that
+# build their own Wan check ``family in SPECS`` to pick 4-D image latents.
+VIDEO_SPECS = {
+    "wan": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
+                      flux_guidance=None, latent_frames=3),
 }
 
 # Latent side (in latent pixels) for quick tests and for the medium benchmark model.
@@ -170,15 +181,51 @@ def make_flux(seed: int = 0):
     return _to_patcher(_supported_models().Flux(unet_config), seed)
 
 
+def make_wan(seed: int = 0):
+    """A Wan 2.1 text-to-video DiT (flow, shift 8): 3 blocks, hidden 64, 2 heads, 3-D patches (1, 2, 2).
+
+    The head dim 32 splits into rope axes of 12 (frames), 10 and 10 (height, width), all even as the rope
+    needs (WanModel: d - 4·(d // 6), 2·(d // 6), 2·(d // 6)). Conditioning is the text embedding alone
+    (WAN21.extra_conds: ``c_crossattn``); ``text_len`` is not used by the forward.
+    """
+    spec = VIDEO_SPECS["wan"]
+    unet_config = {
+        "image_model": "wan2.1",
+        "model_type": "t2v",
+        "patch_size": (1, 2, 2),
+        "text_len": spec.context_tokens,
+        "in_dim": spec.latent_channels,
+        "out_dim": spec.latent_channels,
+        "dim": 64,
+        "ffn_dim": 128,
+        "freq_dim": 256,
+        "text_dim": spec.context_dim,
+        "num_heads": 2,
+        "num_layers": 3,
+        "window_size": (-1, -1),
+        "qk_norm": True,
+        "cross_attn_norm": True,  # as model_detection sets it for every Wan 2.1 checkpoint
+        "eps": 1e-6,
+    }
+    return _to_patcher(_supported_models().WAN21_T2V(unet_config), seed)
+
+
 def make_model(family: str, seed: int = 0):
-    """``make_sd15``/``make_sd3``/``make_flux`` by family name ("sd15", "sd15_medium", "sd3", "flux")."""
+    """``make_sd15``/``make_sd3``/``make_flux``/``make_wan`` by family name ("sd15", "sd15_medium", "sd3",
+    "flux", "wan")."""
     builders = {
         "sd15": lambda: make_sd15(seed=seed),
         "sd15_medium": lambda: make_sd15(medium=True, seed=seed),
         "sd3": lambda: make_sd3(seed=seed),
         "flux": lambda: make_flux(seed=seed),
+        "wan": lambda: make_wan(seed=seed),
     }
     return builders[family]()
+
+
+def family_spec(family: str) -> FamilySpec:
+    """The spec of an image (SPECS) or video (VIDEO_SPECS) family."""
+    return SPECS[family] if family in SPECS else VIDEO_SPECS[family]
 
 
 def _one_conditioning(spec: FamilySpec, batch: int, generator: torch.Generator) -> list:
@@ -195,9 +242,10 @@ def make_conditioning(family: str, batch: int = 1, seed: int = 0) -> tuple[list,
     """(positive, negative) in ComfyUI's CONDITIONING format for ``family``: ``[[context, extras]]``.
 
     SD1.5: context (B, 77, context_dim) and no extras. SD3: context (B, 16, 32) and ``pooled_output``
-    (B, 16). Flux: the same plus ``guidance`` 3.5 on both, so cfg > 1 also runs. The two differ (own draws).
+    (B, 16). Flux: the same plus ``guidance`` 3.5 on both, so cfg > 1 also runs. Wan: context (B, 16, 32)
+    only (its umT5 embedding). The two differ (own draws).
     """
-    spec = SPECS[family]
+    spec = family_spec(family)
     generator = torch.Generator().manual_seed(seed)
     positive = _one_conditioning(spec, batch, generator)
     negative = _one_conditioning(spec, batch, generator)
@@ -207,6 +255,9 @@ def make_conditioning(family: str, batch: int = 1, seed: int = 0) -> tuple[list,
 def make_latent(
     family: str, batch: int = 1, h: int = TINY_LATENT_SIZE, w: int = TINY_LATENT_SIZE, seed: int = 0
 ) -> torch.Tensor:
-    """A seeded (B, C, h, w) latent with the family's channel count (SD1.5 4; SD3 and Flux 16)."""
+    """A seeded (B, C, h, w) latent with the family's channel count (SD1.5 4; SD3 and Flux 16); for a video
+    family (Wan: 16 channels) a (B, C, T, h, w) latent with its ``latent_frames``."""
+    spec = family_spec(family)
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, SPECS[family].latent_channels, h, w, generator=generator)
+    frames = () if spec.latent_frames is None else (spec.latent_frames,)
+    return torch.randn(batch, spec.latent_channels, *frames, h, w, generator=generator)
