@@ -5,9 +5,11 @@ A node calls ``add_guidance(model, update)``: the model is cloned, ``update`` tu
 ``GuidanceStack`` into a new one, and the hooks below are installed once per clone. At sampling time:
 
 1. ``OUTER_SAMPLE`` wrapper: fresh per-run state (APG's momentum, ...); nothing survives the run.
-2. ``PREDICT_NOISE`` wrapper: the step (index of σ in ``sample_sigmas``) and the sampler's cfg; on a
-   CFG-Zero* zero-init step it returns x (zero noise) without any forward.
-3. ``sampler_calc_cond_batch_function``: the branches the step needs go into ONE ``calc_cond_batch``
+2. ``PREDICT_NOISE`` wrapper: the sampler's cfg for this step (``sampler_calc_cond_batch_function`` does
+   not receive it).
+3. ``sampler_calc_cond_batch_function``: the step (index of σ in ``sample_sigmas``); on a CFG-Zero*
+   zero-init step every prediction is x (zero noise) with no forward at all. Otherwise the branches the
+   step needs go into ONE ``calc_cond_batch``
    call (cond, uncond and one chunk per perturbed branch, each chunk tagged by its index in
    ``cond_or_uncond``); a branch no active term needs is passed as ``None``. Branches of another model
    (autoguidance) run as their own call.
@@ -16,7 +18,7 @@ A node calls ``add_guidance(model, update)``: the model is cloned, ``update`` tu
 Perturbations act on their own batch chunk only: UNet self-attention through ``attn1`` replace patches,
 DiT blocks through ``dit`` block replace patches (which also mark the block for the attention override,
 so joint attention can be perturbed on the image tokens only). A slot another node already filled is
-wrapped, never dropped; a slot a later node overwrote is reported by name at the first step.
+wrapped, never dropped; a slot a later node overwrote is taken back for the run and wraps theirs.
 """
 
 from __future__ import annotations
@@ -254,13 +256,22 @@ class GuidanceSetup:
     extra_models: tuple[tuple[str, Any], ...] = ()
     owner_nodes: tuple[str, ...] = ()
 
+    # ModelPatcher.clone() deep-copies model_options. The setup is immutable, and a model it holds
+    # (autoguidance's weak model) cannot be deep-copied, so every copy is the setup itself.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
 
 def get_setup(model) -> GuidanceSetup:
     return model.model_options.get("transformer_options", {}).get(SETUP_KEY) or GuidanceSetup()
 
 
 def percent_window(model, start_percent: float, end_percent: float, input_prefix: str = "") -> SigmaWindow | None:
-    """ComfyUI's percent window: active for sigma_end < σ ≤ sigma_start (``percent_to_sigma``)."""
+    """ComfyUI's percent window: active for sigma_end ≤ σ ≤ sigma_start (``percent_to_sigma``), both ends
+    included as in SkipLayerGuidanceDiT."""
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise GuidanceError(f"{input_prefix}start_percent ({start_percent}) and end_percent ({end_percent}) must "
                             "satisfy 0 ≤ start_percent ≤ end_percent ≤ 1.")
@@ -423,26 +434,28 @@ def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None): 
     setup = _setup_of(model_options)
     if setup is None:
         return executor(x, timestep, model_options, seed)
-    _check_slots(model_options, setup)
+    _reclaim_slots(model_options, setup)
     run = _run_for(setup)
     run.cond_scale = float(getattr(executor.class_obj, "cfg", 1.0))
-    if setup.stack.zero_init(_step_context(model_options, timestep, run.cond_scale)):
-        return x.clone()  # CFG-Zero*'s zero init: zero noise, so x0 = x, and no forward at all
     return executor(x, timestep, model_options, seed)
 
 
-def _check_slots(model_options, setup: GuidanceSetup) -> None:
-    """A later node that overwrote one of our single slots would silently drop guidance: say so."""
+def _reclaim_slots(model_options, setup: GuidanceSetup) -> None:
+    """A node applied after ours may have overwritten one of our single slots, which would silently drop
+    our guidance. For this run (``model_options`` is the run's own copy) ours goes back in and wraps
+    theirs, exactly as when their node comes first: their CFG formula stands in for our CFG term, their
+    batch function and attention override run under ours. A replaced layer patch cannot be composed that
+    way: that is an error naming both."""
+    makers = {"sampler_calc_cond_batch_function": _make_calc_cond_batch, "sampler_cfg_function": _make_cfg_function}
+    for slot, make in makers.items():
+        if not _is_ours(model_options.get(slot)):
+            model_options[slot] = make(model_options.get(slot))
     owners = " → ".join(dict.fromkeys(setup.owner_nodes))
-    for slot in ("sampler_calc_cond_batch_function", "sampler_cfg_function"):
-        fn = model_options.get(slot)
-        if not _is_ours(fn):
-            raise GuidanceError(
-                f"The model_options slot '{slot}' set by ComfyUI-Guiders ({owners}) was replaced by a node applied "
-                f"after it ({getattr(fn, '__qualname__', fn)!r}). Apply that node before the Guiders nodes so both "
-                "take effect.")
+    layers = _patched_layers(setup.stack)
     to = model_options.get("transformer_options", {})
-    for layer in _patched_layers(setup.stack):
+    if any(layer.is_dit for layer in layers) and not _is_ours(to.get("optimized_attention_override")):
+        to["optimized_attention_override"] = _make_attention_override(to.get("optimized_attention_override"))
+    for layer in layers:
         if layer.is_dit:
             fn = to.get("patches_replace", {}).get("dit", {}).get((f"{layer.kind}_block", layer.index))
         else:
@@ -475,11 +488,17 @@ def _make_calc_cond_batch(previous: Callable | None):
             run.rule_state = setup.stack.new_run_state()  # σ went up: a new sampling pass, so fresh state
         run.ctx, run.last_sigma = ctx, ctx.sigma
         stack = setup.stack
+        x = args["input"]
+        if stack.zero_init(ctx):
+            # CFG-Zero*'s zero init: zero noise, so every prediction is x0 = x, and no forward at all. The
+            # rest of sampling_function still runs, so post-CFG hooks (CFG++ samplers) see that too.
+            run.preds = {COND: x, UNCOND: x}
+            return [x, x]
         needed = stack.needed_branches(ctx)
         if conds[1] is not None and UNCOND not in needed and _uncond_required_by_others(model_options):
             needed = needed + [UNCOND]
         sources = {COND: conds[0], UNCOND: conds[1]}
-        x, sigma, model = args["input"], args["sigma"], args["model"]
+        sigma, model = args["sigma"], args["model"]
 
         main_names, late_names, step_map = [], [], {}
         batch_conds = [conds[0], conds[1] if UNCOND in needed else None]

@@ -494,7 +494,12 @@ def weak_model_branch(key: str):
 
     def evaluate(call: adapter.LateCall):
         weak = call.extra_models[key]
-        (weak_x0,) = call.run_model(weak.model, [call.conds[COND]], call.x, weak.model_options)
+        # The weak model's own options, with the run's sigmas so its step-dependent patches see the run.
+        options = dict(weak.model_options)
+        transformer_options = dict(options.get("transformer_options", {}))
+        transformer_options["sample_sigmas"] = call.model_options.get("transformer_options", {}).get("sample_sigmas")
+        options["transformer_options"] = transformer_options
+        (weak_x0,) = call.run_model(weak.model, [call.conds[COND]], call.x, options)
         return weak_x0
 
     return adapter.LateBranch(evaluate, label="autoguidance")
