@@ -50,8 +50,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             _skipped_host_paths.append(item.path)
 
 
+# A test module whose whole purpose needs a tool that may be missing (tests/host/test_browser.py: Playwright
+# and Chromium) skips itself with a reason starting with one of these; the run ends with that reason, loudly.
+LOUD_SKIP_PREFIXES = ("browser tests:",)
+
+
+def _loud_skip_reasons(terminalreporter) -> list[str]:
+    reasons = []
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if reason.startswith(LOUD_SKIP_PREFIXES) and reason not in reasons:
+            reasons.append(reason)
+    return reasons
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if _skipped_host_paths:
         terminalreporter.write_sep(
             "!", f"SKIPPED host tests: {HOST_MISSING_REASON} — nodes were NOT tested", yellow=True, bold=True
         )
+    for reason in _loud_skip_reasons(terminalreporter):
+        terminalreporter.write_sep("!", f"SKIPPED {reason}", yellow=True, bold=True)
