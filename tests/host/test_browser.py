@@ -1,0 +1,542 @@
+"""The schedule curve in a real browser: the real ComfyUI server and frontend with this pack, in Chromium.
+
+A ComfyUI server is started for this module only: ``main.py --cpu`` of the host on 127.0.0.1 and a free port,
+with a temporary ``--base-directory`` whose ``custom_nodes/ComfyUI-Guiders`` links to this repository (the
+host checkout is not touched: settings, database and outputs live in the temporary folder). It is stopped
+when the module ends, also when a test fails. Chromium (Debian's ``chromium`` package, or
+``$CHROMIUM_PATH``) is driven with Playwright; without either the module is skipped with one loud line at the
+end of the run.
+
+Every browser test runs twice: on the classic LiteGraph canvas and with "Nodes 2.0"
+(``Comfy.VueNodes.Enabled``), where the frontend renders nodes as Vue components and moves DOM widgets in.
+
+Host behaviour relied on (ComfyUI 0.8.0, comfyui-frontend-package 1.35.9): ``--base-directory`` moves
+custom_nodes/ and user/; a pack's WEB_DIRECTORY is served under /extensions/ and its modules are imported by
+the frontend; routes added to ``PromptServer.instance.routes`` while custom nodes load are served, also under
+/api; ``LiteGraph.createNode`` + ``app.graph.add`` is how the frontend adds a node; a number widget's
+``setValue`` (what the canvas calls on a click or drag) runs its callback; the multiline text widget runs its
+callback on every ``input`` event.
+
+The screenshot in docs/images/ is rewritten only when ``GUIDERS_UPDATE_SCREENSHOTS=1``; otherwise it is saved
+under pytest's temporary folder, so a test run leaves the repository unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOT = REPO_ROOT / "docs" / "images" / "schedule-node.png"
+SERVER_START_TIMEOUT_S = 240  # a cold start on 2 CPU cores (torch, every comfy_extras module) takes ~45 s
+SERVER_STOP_TIMEOUT_S = 20
+BROWSER_TIMEOUT_MS = 60_000
+CURVE_TIMEOUT_MS = 15_000
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCHEDULE_NODES = [
+    "GuidersScheduleConstant",
+    "GuidersScheduleLinear",
+    "GuidersScheduleCosine",
+    "GuidersScheduleCustom",
+]
+EXTENSION_NAME = "Guiders.SchedulePreview"
+PREVIEW_WIDGET = "schedule_preview"
+STEPS_WIDGET = "preview steps"
+DEFAULT_PREVIEW_STEPS = 20
+COSINE_DEFAULTS = {"max_value": 7.5, "min_value": 0.15, "num_cycles": 0.5, "warmup": 0.0, "warmup_init": 0.0,
+                   "k_decay": 1.0}
+
+
+def _chromium_path() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM_PATH"), "/usr/bin/chromium", shutil.which("chromium")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _browser_missing_reason() -> str | None:
+    if importlib.util.find_spec("playwright") is None:
+        return (f"the playwright package is not installed in {sys.executable} "
+                "(pip install -r requirements-dev.txt)")
+    if _chromium_path() is None:
+        return "no Chromium found at $CHROMIUM_PATH or /usr/bin/chromium (Debian: apt-get install chromium)"
+    return None
+
+
+_BROWSER_MISSING_REASON = _browser_missing_reason()
+if _BROWSER_MISSING_REASON:
+    # tests/conftest.py repeats skip reasons starting with "browser tests:" in one loud line at the end.
+    pytest.skip(f"browser tests: {_BROWSER_MISSING_REASON}", allow_module_level=True)
+
+from harness import host_path  # noqa: E402
+from playwright.sync_api import Page, sync_playwright  # noqa: E402
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError  # noqa: E402
+
+from guidance_core import schedules  # noqa: E402  (after the skip: the expected curves)
+
+# --------------------------------------------------------------------------------------------------------
+# The server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _http(url: str, body: object | None = None, timeout: float = 10) -> tuple[int, object]:
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def _log_tail(log_path: Path, lines: int = 40) -> str:
+    return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL to the server's own process group (it was started in a new session)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(SERVER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # anything the server started and left behind
+    except ProcessLookupError:
+        pass
+    process.wait(SERVER_STOP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    base = tmp_path_factory.mktemp("comfyui-base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-Guiders").symlink_to(REPO_ROOT, target_is_directory=True)
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    # A new user gets the template browser over the canvas; the minimap would cover part of the screenshot.
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                                    "Comfy.Workflow.ShowMissingModelsWarning": False}))
+    host = host_path()
+    port = _free_port()
+    command = [
+        sys.executable, str(host / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+        "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+        "--disable-api-nodes",  # no partner nodes: the frontend then makes no request to the internet
+    ]
+    # Bytecode of the host's modules goes to a cache of ours, never into the host checkout.
+    cache = os.environ.get("PYTHONPYCACHEPREFIX") or str(Path.home() / ".cache" / "comfyui-guiders-pycache")
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": cache}
+    log_path = base / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with code {process.returncode} while starting:\n"
+                            f"{_log_tail(log_path)}")
+            try:
+                if _http(f"{url}/system_stats", timeout=2)[0] == 200:
+                    break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI did not answer within {SERVER_START_TIMEOUT_S} s:\n"
+                            f"{_log_tail(log_path)}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop(process)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The browser
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[object]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium_path(), args=CHROMIUM_ARGS,
+                                             headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module", params=["canvas", "vue-nodes"])
+def page(request: pytest.FixtureRequest, server: str, chromium) -> Iterator[Page]:
+    """The ComfyUI app, loaded and empty; ``page.mode`` says how nodes are rendered."""
+    assert _http(f"{server}/api/settings/Comfy.VueNodes.Enabled", request.param == "vue-nodes")[0] == 200
+    page = chromium.new_page(viewport={"width": 1280, "height": 800})
+    page.set_default_timeout(BROWSER_TIMEOUT_MS)
+    page.mode = request.param
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.schedule_requests = []
+    page.on("request", lambda r: r.url.endswith("/guiders/schedule")
+            and page.schedule_requests.append(r.post_data))
+    page.goto(server)
+    page.wait_for_function("() => window.app?.graph && app.extensions?.length > 0"
+                           " && window.LiteGraph?.registered_node_types?.GuidersScheduleCosine")
+    yield page
+    page.close()
+
+
+def _fresh_node(page: Page, node_type: str, pos: tuple[int, int] = (320, 120)) -> int:
+    """An empty graph at 100 % zoom with one new node of ``node_type``; returns its id."""
+    return page.evaluate(
+        """async ([type, pos]) => {
+            app.graph.clear();
+            // Let the frontend render the empty graph first: with "Nodes 2.0", a node added in the same
+            // tick as a removed one of the same id and type reuses the old Vue component and never mounts
+            // the new node's DOM widgets (frontend 1.35.9; app.loadGraphData is not affected).
+            await new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 50)));
+            app.canvas.ds.offset = [0, 0];
+            app.canvas.ds.scale = 1;
+            const node = LiteGraph.createNode(type);
+            node.pos = pos;
+            app.graph.add(node);
+            app.canvas.setDirty(true, true);
+            return node.id;
+        }""",
+        [node_type, list(pos)],
+    )
+
+
+def _preview(page: Page, node_id: int) -> dict:
+    """What the node's curve widget shows: state, values drawn, error, and where it is on the screen."""
+    return page.evaluate(
+        """(id) => {
+            const node = app.graph.getNodeById(id);
+            const element = node.widgets.find((w) => w.name === "schedule_preview").element;
+            const curve = element.querySelector(".guiders-curve");
+            const box = (el) => {
+                const r = el.getBoundingClientRect();
+                return [r.left, r.top, r.right, r.bottom];
+            };
+            let nodeBox;
+            const vueNode = document.querySelector(`[data-node-id="${id}"]`);
+            if (vueNode) nodeBox = box(vueNode);
+            else {
+                const canvas = app.canvas.canvas.getBoundingClientRect();
+                const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1]]);
+                const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0],
+                                                                      node.pos[1] + node.size[1]]);
+                nodeBox = [canvas.left + x0, canvas.top + y0, canvas.left + x1, canvas.top + y1];
+            }
+            const rootStyle = getComputedStyle(document.documentElement);
+            return {
+                state: element.dataset.state,
+                values: element.dataset.values ? JSON.parse(element.dataset.values) : null,
+                error: element.dataset.error ?? null,
+                errorText: element.querySelector(".guiders-error").innerText,
+                errorVisible: element.querySelector(".guiders-error").checkVisibility(),
+                plotVisible: element.querySelector(".guiders-plot").checkVisibility(),
+                points: curve
+                    ? curve.getAttribute("points").trim().split(/\\s+/).map((p) => p.split(",").map(Number))
+                    : [],
+                curveStroke: curve ? getComputedStyle(curve).stroke : null,
+                themeForeground: rootStyle.getPropertyValue("--fg-color").trim(),
+                elementBox: box(element),
+                curveBox: curve ? box(curve) : null,
+                nodeBox,
+            };
+        }""",
+        node_id,
+    )
+
+
+def _wait_for_curve(page: Page, node_id: int) -> dict:
+    """Wait until the node shows a curve, any curve."""
+    page.wait_for_function(
+        """(id) => {
+            const node = app.graph.getNodeById(id);
+            const element = node?.widgets?.find((w) => w.name === "schedule_preview")?.element;
+            return element?.dataset.state === "curve" && element.querySelector(".guiders-curve") !== null;
+        }""",
+        arg=node_id,
+        timeout=CURVE_TIMEOUT_MS,
+    )
+    return _preview(page, node_id)
+
+
+def _wait_for_values(page: Page, node_id: int, expected: list[float]) -> dict:
+    """Wait until the node draws ``expected`` (to 1e-12); fail with what it shows instead."""
+    try:
+        page.wait_for_function(
+            """([id, expected]) => {
+                const element = app.graph.getNodeById(id)?.widgets?.find((w) => w.name === "schedule_preview")
+                    ?.element;
+                if (element?.dataset.state !== "curve" || !element.querySelector(".guiders-curve")) {
+                    return false;
+                }
+                const values = JSON.parse(element.dataset.values);
+                const close = (value, want) => Math.abs(value - want) <= 1e-12 * Math.max(1, Math.abs(want));
+                return values.length === expected.length
+                    && values.every((value, step) => close(value, expected[step]));
+            }""",
+            arg=[node_id, expected],
+            timeout=CURVE_TIMEOUT_MS,
+        )
+    except PlaywrightTimeoutError:
+        shown = _preview(page, node_id)
+        pytest.fail(f"the node did not draw {expected}; it shows state={shown['state']!r} "
+                    f"values={shown['values']} error={shown['error']!r}")
+    return _preview(page, node_id)
+
+
+def _wait_for_error(page: Page, node_id: int, part: str) -> dict:
+    """Wait until the node shows an error message containing ``part``."""
+    page.wait_for_function(
+        """([id, part]) => {
+            const element = app.graph.getNodeById(id).widgets.find((w) => w.name === "schedule_preview").element;
+            return element.dataset.state === "error" && element.dataset.error.includes(part);
+        }""",
+        arg=[node_id, part],
+        timeout=CURVE_TIMEOUT_MS,
+    )
+    return _preview(page, node_id)
+
+
+def _set_widget(page: Page, node_id: int, name: str, value: float) -> None:
+    """Set a number widget as the canvas does when it is clicked or dragged (its callback runs)."""
+    page.evaluate(
+        """([id, name, value]) => {
+            const node = app.graph.getNodeById(id);
+            node.widgets.find((w) => w.name === name).setValue(value, { node, canvas: app.canvas });
+        }""",
+        [node_id, name, value],
+    )
+
+
+def _assert_inside(inner: list[float], outer: list[float], what: str) -> None:
+    left, top, right, bottom = inner
+    assert right - left > 50 and bottom - top > 30, f"{what} is too small to read: {inner}"
+    inside = outer[0] - 1 <= left and outer[1] - 1 <= top and right <= outer[2] + 1 and bottom <= outer[3] + 1
+    assert inside, f"{what} {inner} is not inside the node {outer}"
+
+
+def _approx(values: list[float]):
+    return pytest.approx(values, rel=1e-12, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Server side: no browser needed
+
+
+def test_the_server_registers_our_nodes(server: str) -> None:
+    status, object_info = _http(f"{server}/object_info")
+    assert status == 200
+    for node_id in SCHEDULE_NODES:
+        assert node_id in object_info, f"{node_id} is not in /object_info"
+        assert object_info[node_id]["category"] == "sampling/guiders/schedules"
+    # The preview-steps control is frontend-only: no node declares it.
+    for info in object_info.values():
+        if info["name"].startswith("GuidersSchedule"):
+            inputs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+            assert "preview_steps" not in inputs and STEPS_WIDGET not in inputs
+
+
+@pytest.mark.parametrize("prefix", ["", "/api"])
+def test_the_route_answers_on_the_real_server(server: str, prefix: str) -> None:
+    route = f"{server}{prefix}/guiders/schedule"
+    status, body = _http(route, {"kind": "linear", "start_value": 7.0, "end_value": 1.0, "steps": 4})
+    assert (status, body) == (200, {"values": [7.0, 5.0, 3.0, 1.0]})
+    status, body = _http(route, {**COSINE_DEFAULTS, "kind": "cosine", "steps": 9})
+    assert status == 200 and body["values"] == _approx(schedules.Cosine(**COSINE_DEFAULTS).values(9))
+    status, body = _http(route, {"kind": "custom", "values": "7, abc", "steps": 4})
+    assert status == 400 and "'abc'" in body["error"]
+    status, body = _http(route, b"{not json")
+    assert status == 400 and "not JSON" in body["error"]
+
+
+def test_the_extension_is_served(server: str) -> None:
+    status, extensions = _http(f"{server}/extensions")
+    assert status == 200
+    assert any(path.endswith("/schedule_preview.js") for path in extensions), extensions
+
+
+# --------------------------------------------------------------------------------------------------------
+# In the browser
+
+
+def test_the_extension_registers_once_without_errors(page: Page) -> None:
+    names = page.evaluate("() => app.extensions.map((extension) => extension.name)")
+    assert names.count(EXTENSION_NAME) == 1
+    assert [error for error in page.errors if "Guiders" in error or "schedule_preview" in error] == []
+
+
+@pytest.mark.parametrize("node_id", SCHEDULE_NODES)
+def test_every_schedule_node_draws_the_curve_of_its_schedule(page: Page, node_id: str) -> None:
+    node = _fresh_node(page, node_id)
+    defaults = {
+        "GuidersScheduleConstant": schedules.Constant(7.0),
+        "GuidersScheduleLinear": schedules.Linear(7.0, 1.0),
+        "GuidersScheduleCosine": schedules.Cosine(**COSINE_DEFAULTS),
+        "GuidersScheduleCustom": schedules.Custom(schedules.parse_values("7.5, 6, 4, 3")),
+    }
+    preview = _wait_for_values(page, node, defaults[node_id].values(DEFAULT_PREVIEW_STEPS))
+    assert len(preview["points"]) == DEFAULT_PREVIEW_STEPS
+    _assert_inside(preview["elementBox"], preview["nodeBox"], "the curve widget")
+    _assert_inside(preview["curveBox"] if node_id != "GuidersScheduleConstant" else preview["elementBox"],
+                   preview["elementBox"], "the curve")
+
+
+def test_the_curve_is_drawn_in_the_themes_colours(page: Page) -> None:
+    node = _fresh_node(page, "GuidersScheduleCosine")
+    preview = _wait_for_curve(page, node)
+    foreground = page.evaluate(
+        """(colour) => {
+            const probe = document.createElement("div");
+            probe.style.color = colour;
+            document.body.append(probe);
+            const rgb = getComputedStyle(probe).color;
+            probe.remove();
+            return rgb;
+        }""",
+        preview["themeForeground"],
+    )
+    assert preview["themeForeground"], "the frontend defines no --fg-color"
+    assert preview["curveStroke"] == foreground
+    # Screen y grows downwards: a decreasing cosine is drawn with increasing y, from left to right.
+    xs = [x for x, _ in preview["points"]]
+    ys = [y for _, y in preview["points"]]
+    assert xs == sorted(xs) and ys == sorted(ys) and ys[-1] - ys[0] > 40
+
+
+def test_the_curve_follows_widget_changes(page: Page) -> None:
+    node = _fresh_node(page, "GuidersScheduleCosine")
+    before = _wait_for_values(page, node, schedules.Cosine(**COSINE_DEFAULTS).values(DEFAULT_PREVIEW_STEPS))
+
+    lower_peak = schedules.Cosine(**{**COSINE_DEFAULTS, "max_value": 3.0})
+    _set_widget(page, node, "max_value", 3.0)
+    after = _wait_for_values(page, node, lower_peak.values(DEFAULT_PREVIEW_STEPS))
+    assert max(abs(a - b) for a, b in zip(after["values"], before["values"], strict=True)) > 1.0
+    assert after["points"] != before["points"]
+
+    _set_widget(page, node, STEPS_WIDGET, 8)
+    eight = _wait_for_values(page, node, lower_peak.values(8))
+    assert len(eight["points"]) == 8
+    # Frontend-only: kept in the node's properties (saved with the workflow), never sent to the Python node.
+    saved, prompt = page.evaluate(
+        """async (id) => [
+            app.graph.getNodeById(id).serialize(),
+            (await app.graphToPrompt()).output[String(id)],
+        ]""",
+        node,
+    )
+    assert saved["properties"]["guiders_preview_steps"] == 8
+    assert saved["widgets_values"] == [3.0, 0.15, 0.5, 0.0, 0.0, 1.0]
+    assert prompt["inputs"] == {**COSINE_DEFAULTS, "max_value": 3.0}
+
+
+def test_a_loaded_workflow_shows_its_own_values_and_preview_steps(page: Page) -> None:
+    node = _fresh_node(page, "GuidersScheduleLinear")
+    _wait_for_curve(page, node)
+    workflow = page.evaluate("() => app.graph.serialize()")
+    (saved_node,) = workflow["nodes"]
+    saved_node["widgets_values"] = [2.0, 6.0]
+    saved_node["properties"]["guiders_preview_steps"] = 5
+    page.evaluate("async (workflow) => { await app.loadGraphData(workflow); }", workflow)
+    _wait_for_values(page, saved_node["id"], [2.0, 3.0, 4.0, 5.0, 6.0])
+
+
+# Canvas only: the check runs in onDrawForeground, which the canvas does not call for nodes rendered by Vue.
+@pytest.mark.parametrize("page", ["canvas"], indirect=True)
+def test_values_set_by_code_are_picked_up_on_the_next_frame(page: Page) -> None:
+    node = _fresh_node(page, "GuidersScheduleConstant")
+    _wait_for_values(page, node, [7.0] * DEFAULT_PREVIEW_STEPS)
+    # No callback, as when another extension or a script writes the value: the next canvas frame notices.
+    page.evaluate(
+        "(id) => { app.graph.getNodeById(id).widgets[0].value = 2.5; app.canvas.setDirty(true, true); }", node
+    )
+    _wait_for_values(page, node, [2.5] * DEFAULT_PREVIEW_STEPS)
+
+
+def test_typing_invalid_values_shows_the_error_instead_of_a_curve(page: Page) -> None:
+    node = _fresh_node(page, "GuidersScheduleCustom")
+    _wait_for_curve(page, node)
+    textarea = (page.locator(f'[data-node-id="{node}"] textarea') if page.mode == "vue-nodes"
+                else page.locator("textarea.comfy-multiline-input"))
+    assert textarea.count() == 1
+
+    textarea.select_text()  # the first keystroke replaces the default text
+    page.schedule_requests.clear()
+    typed = "7.5, six, 4"
+    textarea.press_sequentially(typed, delay=20)  # one input event per character, well inside the debounce
+    failed = _wait_for_error(page, node, "'six'")
+    assert failed["errorVisible"] and "'six'" in failed["errorText"]
+    assert not failed["plotVisible"] and failed["points"] == []
+    # Debounced: far fewer requests than keystrokes, and the last one carries the whole text.
+    page.wait_for_timeout(500)
+    assert 1 <= len(page.schedule_requests) <= len(typed) // 3, page.schedule_requests
+    assert json.loads(page.schedule_requests[-1])["values"] == typed
+
+    textarea.fill("1 3")
+    fixed = _wait_for_values(page, node, schedules.Custom((1.0, 3.0)).values(DEFAULT_PREVIEW_STEPS))
+    assert fixed["values"][0] == 1.0 and fixed["values"][-1] == 3.0
+    assert fixed["plotVisible"] and not fixed["errorVisible"]
+
+
+def test_other_nodes_are_left_alone(page: Page) -> None:
+    node = _fresh_node(page, "KSampler")
+    touched = page.evaluate(
+        """(id) => { const node = app.graph.getNodeById(id);
+                     return [node.widgets.map((w) => w.name), node.guidersSchedulePreview ?? null,
+                             "guiders_preview_steps" in (node.properties ?? {})]; }""",
+        node,
+    )
+    widget_names, preview, has_property = touched
+    assert "schedule_preview" not in widget_names and STEPS_WIDGET not in widget_names
+    assert preview is None and not has_property
+
+
+@pytest.mark.parametrize("page", ["canvas"], indirect=True)  # the default rendering, as users first see it
+def test_screenshot_of_a_schedule_node(page: Page, tmp_path: Path) -> None:
+    node = _fresh_node(page, "GuidersScheduleCosine", pos=(340, 140))
+    _wait_for_curve(page, node)
+    shown = {"max_value": 7.0, "min_value": 1.0, "num_cycles": 0.5, "warmup": 0.2, "warmup_init": 1.0,
+             "k_decay": 1.0}
+    for name, value in shown.items():
+        _set_widget(page, node, name, value)
+    preview = _wait_for_values(page, node, schedules.Cosine(**shown).values(DEFAULT_PREVIEW_STEPS))
+    page.wait_for_timeout(300)  # let the canvas draw its next frame
+    left, top, right, bottom = preview["nodeBox"]
+    title_height = page.evaluate("() => LiteGraph.NODE_TITLE_HEIGHT")
+    # Margins take in the node's shadow and its source badge ("Guiders"), drawn above the title bar.
+    clip = {"x": left - 24, "y": top - title_height - 40, "width": right - left + 48,
+            "height": bottom - top + title_height + 64}
+    target = SCREENSHOT if os.environ.get("GUIDERS_UPDATE_SCREENSHOTS") == "1" else tmp_path / SCREENSHOT.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target), clip=clip)
+    assert target.stat().st_size > 5_000

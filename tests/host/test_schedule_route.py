@@ -1,0 +1,174 @@
+"""The route behind the schedule curve (nodes/web_routes.py), without a browser.
+
+- ``evaluate_schedule_request``: a node's widget values, sent as the frontend sends them (its input names
+  plus ``kind`` and ``steps``), give the values of the very schedule the node hands the sampler; invalid
+  values give 400 with guidance_core's message.
+- ``register`` adds the route to a PromptServer's route table once, and does nothing without a server.
+- the aiohttp handler answers over HTTP (an aiohttp test server; the real ComfyUI server: test_browser.py).
+
+Host behaviour relied on: main.py creates ``server.PromptServer.instance`` before loading custom nodes and
+adds ``PromptServer.instance.routes`` (an aiohttp RouteTableDef) to its app afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+from types import ModuleType, SimpleNamespace
+
+import pytest
+from harness import run_node
+
+SCHEDULE_NODES = [
+    "GuidersScheduleConstant",
+    "GuidersScheduleLinear",
+    "GuidersScheduleCosine",
+    "GuidersScheduleCustom",
+]
+
+
+@pytest.fixture(scope="module")
+def web_routes(guiders_pack: dict[str, type]) -> ModuleType:
+    # The pack is loaded as ComfyUI loads it (a package named after its folder), so reach its modules
+    # through that package rather than importing the repository's ``nodes`` (ComfyUI's nodes.py wins there).
+    package = guiders_pack["GuidersScheduleCosine"].__module__.rsplit(".nodes.", 1)[0]
+    return importlib.import_module(f"{package}.nodes.web_routes")
+
+
+def _widget_defaults(node_cls: type) -> dict:
+    declared = node_cls.INPUT_TYPES()
+    specs = {**declared.get("required", {}), **declared.get("optional", {})}
+    return {name: spec[1]["default"] for name, spec in specs.items()}
+
+
+def _kind(node_id: str) -> str:
+    return node_id.removeprefix("GuidersSchedule").lower()  # what js/schedule_preview.js sends
+
+
+@pytest.mark.parametrize("node_id", SCHEDULE_NODES)
+@pytest.mark.parametrize("steps", [1, 2, 7, 20])
+def test_a_nodes_widget_values_give_the_curve_of_the_schedule_it_outputs(
+    web_routes, guiders_pack, node_id: str, steps: int
+) -> None:
+    widgets = _widget_defaults(guiders_pack[node_id])
+    status, body = web_routes.evaluate_schedule_request({"kind": _kind(node_id), **widgets, "steps": steps})
+    assert status == 200, body
+    (schedule,) = run_node(node_id, **widgets)
+    assert body == {"values": [schedule(step, steps) for step in range(steps)]}
+    assert len(body["values"]) == steps
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        # Hand-derived from each definition, independently of the code.
+        ({"kind": "constant", "value": 4.5, "steps": 3}, [4.5, 4.5, 4.5]),
+        ({"kind": "linear", "start_value": 7, "end_value": 1, "steps": 4}, [7.0, 5.0, 3.0, 1.0]),
+        ({"kind": "custom", "values": "1, 3", "steps": 3}, [1.0, 2.0, 3.0]),
+        ({"kind": "custom", "values": [2, 4, 6], "steps": 5}, [2.0, 3.0, 4.0, 5.0, 6.0]),
+        # Half a cosine over 2 steps: step 1 sits at progress 1/2, where (1 + cos(pi/2))/2 = 1/2.
+        (
+            {"kind": "cosine", "max_value": 8, "min_value": 2, "num_cycles": 0.5, "warmup": 0,
+             "warmup_init": 0, "k_decay": 1, "steps": 2},
+            [8.0, 5.0],
+        ),
+    ],
+)
+def test_known_curves(web_routes, payload: dict, expected: list[float]) -> None:
+    status, body = web_routes.evaluate_schedule_request(payload)
+    assert status == 200, body
+    assert body["values"] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message_part"),
+    [
+        ({"kind": "custom", "values": "7, abc", "steps": 4}, "'abc'"),
+        ({"kind": "custom", "values": "  ", "steps": 4}, "empty"),
+        ({"kind": "custom", "values": 5, "steps": 4}, "int"),
+        ({"kind": "cosine", "max_value": 7.5, "min_value": 0.1, "num_cycles": 0.5, "warmup": 1.5,
+          "warmup_init": 0, "k_decay": 1, "steps": 4}, "warmup"),
+        ({"kind": "cosine", "k_decay": 0, "steps": 4}, "k_decay"),
+        ({"kind": "linear", "start_value": None, "end_value": 1, "steps": 4}, "start_value"),
+        ({"kind": "constant", "value": 1, "colour": "red", "steps": 4}, "colour"),
+        ({"kind": "spline", "steps": 4}, "kind"),
+        ({"value": 1, "steps": 4}, "kind"),
+        ({"kind": "constant", "value": 1}, "steps"),
+        ({"kind": "constant", "value": 1, "steps": 0}, "steps"),
+        ({"kind": "constant", "value": 1, "steps": 2.5}, "steps"),
+        ({"kind": "constant", "value": 1, "steps": True}, "steps"),
+        ({"kind": "constant", "value": 1, "steps": 10**9}, "steps"),
+        ({"kind": "cosine", "max_value": 1e308, "min_value": -1e308, "steps": 3}, "overflow"),
+        ([1, 2, 3], "JSON object"),
+    ],
+)
+def test_invalid_requests_answer_400_with_the_reason(web_routes, payload, message_part: str) -> None:
+    status, body = web_routes.evaluate_schedule_request(payload)
+    assert status == 400
+    assert set(body) == {"error"}
+    assert message_part in body["error"]
+
+
+def test_the_error_is_guidance_cores_message(web_routes, guiders_pack) -> None:
+    package = web_routes.__name__.rsplit(".nodes.", 1)[0]
+    schedules = importlib.import_module(f"{package}.guidance_core.schedules")
+    with pytest.raises(ValueError) as raised:
+        schedules.parse_values("7.5, six")
+    status, body = web_routes.evaluate_schedule_request({"kind": "custom", "values": "7.5, six", "steps": 3})
+    assert (status, body) == (400, {"error": str(raised.value)})
+
+
+def test_register_without_a_server_does_nothing(web_routes, monkeypatch) -> None:
+    monkeypatch.delitem(sys.modules, "server", raising=False)
+    assert web_routes.register() is False
+    # A server module whose PromptServer was never instantiated: still no server.
+    monkeypatch.setitem(sys.modules, "server", SimpleNamespace(PromptServer=type("PromptServer", (), {})))
+    assert web_routes.register() is False
+
+
+def _fake_prompt_server(monkeypatch):
+    from aiohttp import web
+
+    prompt_server = SimpleNamespace(routes=web.RouteTableDef())
+    server_module = SimpleNamespace(PromptServer=SimpleNamespace(instance=prompt_server))
+    monkeypatch.setitem(sys.modules, "server", server_module)
+    return prompt_server
+
+
+def test_register_adds_one_post_route_once(web_routes, monkeypatch) -> None:
+    prompt_server = _fake_prompt_server(monkeypatch)
+    assert web_routes.register() is True
+    assert web_routes.register() is True
+    assert [(route.method, route.path) for route in prompt_server.routes] == [("POST", "/guiders/schedule")]
+
+
+def test_the_handler_answers_over_http(web_routes, monkeypatch) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    prompt_server = _fake_prompt_server(monkeypatch)
+    web_routes.register()
+
+    async def exchange() -> list[tuple[int, dict]]:
+        app = web.Application()
+        app.add_routes(prompt_server.routes)
+        async with TestClient(TestServer(app)) as client:
+            answers = []
+            for body in (
+                '{"kind": "linear", "start_value": 3, "end_value": 1, "steps": 3}',
+                '{"kind": "custom", "values": "x", "steps": 3}',
+                "not json",
+                "",
+            ):
+                response = await client.post("/guiders/schedule", data=body)
+                answers.append((response.status, await response.json()))
+            return answers
+
+    (ok_status, ok_body), (bad_status, bad_body), (not_json_status, not_json_body), (empty_status, _) = (
+        asyncio.run(exchange())
+    )
+    assert (ok_status, ok_body) == (200, {"values": [3.0, 2.0, 1.0]})
+    assert bad_status == 400 and "'x'" in bad_body["error"]
+    assert not_json_status == 400 and "not JSON" in not_json_body["error"]
+    assert empty_status == 400
