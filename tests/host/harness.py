@@ -375,3 +375,15 @@ def _describe_call(x: torch.Tensor, transformer_options: dict) -> ForwardCall:
         step=step,
         cond_or_uncond=tuple(cond_or_uncond) if cond_or_uncond is not None else None,
     )
+
+
+def assert_window_is_partial(model, start: float, end: float, steps: int) -> None:
+    """A start/end window under test must hold some of the run's steps and not others, or it tests nothing.
+    ComfyUI's percent windows include both ends: sigma_end <= sigma <= sigma_start."""
+    if (start, end) == (0.0, 1.0):
+        return
+    sampling = model.get_model_object("model_sampling")
+    sigma_start, sigma_end = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
+    step_sigmas = scheduler_sigmas(model, steps=steps)[:-1].tolist()
+    inside = [sigma_end <= s <= sigma_start for s in step_sigmas]
+    assert any(inside) and not all(inside), f"window {start}..{end} vs sigmas {step_sigmas}: {inside}"

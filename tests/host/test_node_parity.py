@@ -24,7 +24,7 @@ from cf_guidance import schedules as cf_schedules
 from cf_guidance import transforms as cf_transforms
 from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeZeroStarGuidance
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer as DiffusersMomentumBuffer
-from harness import run_node, sample, sample_custom_advanced, scheduler_sigmas
+from harness import assert_window_is_partial, run_node, sample, sample_custom_advanced, scheduler_sigmas
 from tiny_models import make_conditioning, make_latent
 
 STEPS = 4
@@ -97,20 +97,9 @@ def test_sag_matches_builtin_self_attention_guidance(sd15_model) -> None:
 SLG_WINDOWS = [pytest.param(0.0, 1.0, id="always"), pytest.param(0.2, 0.6, id="window-0.2-0.6")]
 
 
-def _assert_window_is_partial(model, start: float, end: float) -> None:
-    """The window must switch SLG on for some steps and off for others, or it tests nothing."""
-    if (start, end) == (0.0, 1.0):
-        return
-    sampling = model.get_model_object("model_sampling")
-    sigma_start, sigma_end = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
-    step_sigmas = scheduler_sigmas(model, steps=STEPS)[:-1].tolist()
-    inside = [sigma_end <= s <= sigma_start for s in step_sigmas]
-    assert any(inside) and not all(inside), f"window {start}..{end} vs sigmas {step_sigmas}: {inside}"
-
-
 @pytest.mark.parametrize(("start", "end"), SLG_WINDOWS)
 def test_slg_block_matches_skip_layer_guidance_sd3(sd3_model, start: float, end: float) -> None:
-    _assert_window_is_partial(sd3_model, start, end)
+    assert_window_is_partial(sd3_model, start, end, STEPS)
     ours = node("GuidersSLG", model=sd3_model, scale=3.0, layers="1", mode="block", start_percent=start,
                 end_percent=end, rescale=0.0)
     builtin = node("SkipLayerGuidanceSD3", model=sd3_model, layers="1", scale=3.0, start_percent=start,
@@ -125,7 +114,7 @@ def test_slg_block_matches_skip_layer_guidance_sd3(sd3_model, start: float, end:
 def test_slg_block_matches_skip_layer_guidance_dit_on_flux(
     flux_model, ours_layers: str, double_layers: str, single_layers: str, start: float, end: float
 ) -> None:
-    _assert_window_is_partial(flux_model, start, end)
+    assert_window_is_partial(flux_model, start, end, STEPS)
     ours = node("GuidersSLG", model=flux_model, scale=3.0, layers=ours_layers, mode="block", start_percent=start,
                 end_percent=end, rescale=0.0)
     builtin = node("SkipLayerGuidanceDiT", model=flux_model, double_layers=double_layers,
@@ -141,7 +130,7 @@ def test_slg_rescale_matches_builtin_rescaling_scale(
     tiny_model, family: str, ours_layers: str, double_layers: str, start: float, end: float
 ) -> None:
     model = tiny_model(family)
-    _assert_window_is_partial(model, start, end)
+    assert_window_is_partial(model, start, end, STEPS)
     ours = node("GuidersSLG", model=model, scale=3.0, layers=ours_layers, mode="block", start_percent=start,
                 end_percent=end, rescale=0.7)
     builtin = node("SkipLayerGuidanceDiT", model=model, double_layers=double_layers, single_layers="", scale=3.0,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import comfy.samplers
 import pytest
 import torch
-from harness import ForwardCounter, run_node, sample, scheduler_sigmas
+from harness import ForwardCounter, assert_window_is_partial, run_node, sample, scheduler_sigmas
 from tiny_models import VIDEO_SPECS, make_conditioning, make_latent, make_model
 
 FAMILY = "wan"
@@ -210,20 +210,9 @@ def test_node_changes_the_result_on_wan_and_stays_finite(wan_model, weak_wan_mod
 SLG_WINDOWS = [pytest.param(0.0, 1.0, id="always"), pytest.param(0.2, 0.6, id="window-0.2-0.6")]
 
 
-def _assert_window_is_partial(model, start: float, end: float) -> None:
-    """The window must switch SLG on for some steps and off for others, or it tests nothing."""
-    if (start, end) == (0.0, 1.0):
-        return
-    sampling = model.get_model_object("model_sampling")
-    sigma_start, sigma_end = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
-    step_sigmas = scheduler_sigmas(model, steps=STEPS)[:-1].tolist()
-    inside = [sigma_end <= s <= sigma_start for s in step_sigmas]
-    assert any(inside) and not all(inside), f"window {start}..{end} vs sigmas {step_sigmas}: {inside}"
-
-
 @pytest.mark.parametrize(("start", "end"), SLG_WINDOWS)
 def test_slg_block_matches_skip_layer_guidance_dit_on_wan(wan_model, plain, start: float, end: float) -> None:
-    _assert_window_is_partial(wan_model, start, end)
+    assert_window_is_partial(wan_model, start, end, STEPS)
     ours = node("GuidersSLG", model=wan_model, scale=3.0, layers="1", mode="block", start_percent=start,
                 end_percent=end, rescale=0.0)
     builtin = node("SkipLayerGuidanceDiT", model=wan_model, double_layers="1", single_layers="", scale=3.0,
