@@ -555,8 +555,9 @@ class GuidersGuider(io.ComfyNode):
                         "prompts, and the cfg (or a cfg schedule).",
             inputs=[
                 io.Model.Input("model", tooltip="The model, usually after Guiders nodes (PAG, APG, ...)."),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("positive", tooltip="The prompt to guide toward (the cond branch)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (the uncond branch CFG guides away "
+                                                          "from)."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG scale. SD1.5 5-8, SDXL 4-7, SD3.5 3.5-5, Flux dev 1."),
                 Schedule.Input("schedule", optional=True,
