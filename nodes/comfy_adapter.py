@@ -220,6 +220,52 @@ class BlockSkip:
 
 
 @dataclass(frozen=True)
+class SublayerSkip:
+    """Skips one kind of sublayer inside DiT blocks: its residual contribution becomes zero, so the stream
+    passes it unchanged (``x + gate·f(x)`` → ``x``). ``sublayer`` is ``attention`` (self/joint attention,
+    not cross-attention) or ``feedforward``."""
+
+    layers: tuple[Layer, ...]
+    sublayer: str
+    label: str = "sublayer skip"
+
+
+# The modules whose outputs are a DiT block's sublayer contributions, by diffusion model class and block
+# kind. Flux's single blocks fuse attention and MLP in one projection, so they cannot skip just one.
+SUBLAYER_MODULES = {
+    ("Flux", "double"): {"attention": ("img_attn.proj", "txt_attn.proj"), "feedforward": ("img_mlp", "txt_mlp")},
+    ("OpenAISignatureMMDITWrapper", "double"): {
+        "attention": ("context_block.attn.proj", "x_block.attn.proj", "x_block.attn2.proj"),
+        "feedforward": ("context_block.mlp", "x_block.mlp"),
+    },
+    ("WanModel", "double"): {"attention": ("self_attn.o",), "feedforward": ("ffn",)},
+}
+BLOCK_LISTS = {"Flux": {"double": "double_blocks", "single": "single_blocks"},
+               "OpenAISignatureMMDITWrapper": {"double": "joint_blocks"}, "WanModel": {"double": "blocks"}}
+
+
+def sublayer_modules(diffusion_model, layer: Layer, sublayer: str) -> list[torch.nn.Module]:
+    """The modules of ``layer`` whose outputs are its ``sublayer`` contributions; an error if there are none."""
+    for cls in type(diffusion_model).__mro__:
+        names = SUBLAYER_MODULES.get((cls.__name__, layer.kind), {}).get(sublayer)
+        if names:
+            block = getattr(diffusion_model, BLOCK_LISTS[cls.__name__][layer.kind])[layer.index]
+            modules = [block.get_submodule(name) for name in names if _has_submodule(block, name)]
+            if modules:
+                return modules
+    raise GuidanceError(f"mode '{sublayer}' cannot skip part of block {layer} of this model "
+                        f"({type(diffusion_model).__name__}); use mode 'block' there.")
+
+
+def _has_submodule(module: torch.nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
 class LateBranch:
     """A branch computed after the main forward from its results (SAG) or by another model
     (autoguidance): ``evaluate(call)`` gets a ``LateCall`` and returns the branch's x0 prediction,
@@ -518,7 +564,8 @@ def _make_calc_cond_batch(previous: Callable | None):
                     step_map.setdefault(index, []).append(branch.perturbation)
 
         run.scratch = {}
-        call_options = _with_step_info(model_options, StepBranches(step_map, tuple(x.shape), run.scratch))
+        call_options = _with_step_info(model_options, StepBranches(step_map, tuple(x.shape), run.scratch,
+                                                                  getattr(model, "diffusion_model", None)))
         if stack.sequential:
             outputs = [torch.zeros_like(x) for _ in batch_conds]
             for i, c in enumerate(batch_conds):
@@ -571,6 +618,7 @@ class StepBranches:
     by_index: dict
     latent_shape: tuple
     scratch: dict
+    diffusion_model: Any = None
 
 
 def _with_step_info(model_options, info: StepBranches) -> dict:
@@ -748,7 +796,12 @@ def _make_dit_block_patch(layer: Layer, previous: Callable | None):
         # Copies, taken before the call: some blocks (Flux) update their inputs in place.
         kept_inputs = {key: {j: args[key].chunk(n)[j].clone() for j in skipped}
                        for key in ("img", "txt") if args.get(key) is not None}
-        out = original(call_args)
+        hooks = _sublayer_skip_hooks(to, layer, chunks)
+        try:
+            out = original(call_args)
+        finally:
+            for hook in hooks:
+                hook.remove()
         if skipped:
             out = dict(out)
             for key, inputs in kept_inputs.items():
@@ -760,6 +813,31 @@ def _make_dit_block_patch(layer: Layer, previous: Callable | None):
         return out
 
     return _mark_ours(block_replace)
+
+
+def _sublayer_skip_hooks(transformer_options, layer: Layer, chunks: list[list]) -> list:
+    """Forward hooks, alive for one block call, that zero the skipped chunks' rows of the sublayer outputs."""
+    by_sublayer: dict[str, list[int]] = {}
+    for j, chunk in enumerate(chunks):
+        for p in chunk:
+            if isinstance(p, SublayerSkip):
+                by_sublayer.setdefault(p.sublayer, []).append(j)
+    if not by_sublayer:
+        return []
+    diffusion_model = transformer_options[STEP_KEY].diffusion_model
+    n = len(chunks)
+    handles = []
+    for sublayer, skipped in by_sublayer.items():
+        def zero_skipped_rows(module, inputs, output, skipped=skipped):
+            size = output.shape[0] // n
+            output = output.clone()
+            for j in skipped:
+                output[j * size:(j + 1) * size] = 0
+            return output
+
+        for module in sublayer_modules(diffusion_model, layer, sublayer):
+            handles.append(module.register_forward_hook(zero_skipped_rows))
+    return handles
 
 
 def _text_tokens_wrapper(executor, *args, **kwargs):

@@ -28,6 +28,7 @@ BLOCK_FAMILIES = ("sd3", "flux", "wan")
 # ComfyUI's SkipLayerGuidanceDiT on Flux: double and single 7, 8, 9). A model too small for them uses
 # its middle block.
 ATTENTION_LAYERS = {"unet": ["middle"], "sd3": ["1"], "flux": ["double.9"]}
+SLG_MODES = ["block", "attention", "feedforward", "attention_scores"]
 SKIP_LAYERS = {"sd3": ["7", "8", "9"], "flux": ["double.7", "double.8", "double.9", "single.7", "single.8", "single.9"],
                "wan": ["9"]}
 
@@ -390,9 +391,12 @@ class GuidersSLG(io.ComfyNode):
                                 tooltip="Blocks to skip. 'auto': SD3.5 7, 8, 9 (the SD3.5 reference); Flux double and "
                                         "single 7, 8, 9 (ComfyUI's SkipLayerGuidanceDiT); Wan 9. Or '7, 8, 9', "
                                         "'double.1', 'single.2'."),
-                io.Combo.Input("mode", options=["block", "attention_scores"], default="block",
-                               tooltip="block: the block returns its inputs (SLG, STG-R). attention_scores: the "
-                                       "block's attention returns V (STG-A, PAG-like)."),
+                io.Combo.Input("mode", options=SLG_MODES, default="block",
+                               tooltip="block: the block returns its inputs (SLG, STG-R). attention: the block's "
+                                       "self/joint attention adds nothing (its residual passes through). "
+                                       "feedforward: the block's MLP adds nothing. attention_scores: the block's "
+                                       "attention returns V (STG-A, PAG-like). attention and feedforward are for "
+                                       "SD3 joint blocks, Flux double blocks and Wan blocks."),
                 *_window_inputs(0.01, 0.2),
                 io.Float.Input("rescale", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="STG's rescale: mixes in result·std(cond)/std(result) (whole tensor), only "
@@ -415,8 +419,15 @@ class GuidersSLG(io.ComfyNode):
         elif mode == "attention_scores":
             def make(name):
                 return adapter.AttentionPerturbation(chosen, identity_all_attention, "SLG attention_scores")
+        elif mode in ("attention", "feedforward"):
+            diffusion_model = model.get_model_object("diffusion_model")
+            for layer in chosen:  # fails now, naming the layer, rather than at the first step
+                adapter.sublayer_modules(diffusion_model, layer, mode)
+
+            def make(name):
+                return adapter.SublayerSkip(chosen, mode, f"SLG {mode}")
         else:
-            raise adapter.GuidanceError(f"{_node_id(cls)}: mode {mode!r} is not one of block, attention_scores.")
+            raise adapter.GuidanceError(f"{_node_id(cls)}: mode {mode!r} is not one of {', '.join(SLG_MODES)}.")
         patched = _perturbation_node(model, _node_id(cls), "slg", make, scale, schedule, start_percent, end_percent,
                                      branch_mode, target=target)
         if rescale > 0 and target == "new branch":

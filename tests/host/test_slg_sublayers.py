@@ -1,0 +1,74 @@
+"""GuidersSLG's ``attention`` and ``feedforward`` modes: inside the chosen DiT block, that sublayer adds
+nothing for the perturbed branch (its residual passes through), batched with cond and uncond.
+
+The reference is written from that definition: an extra cond pass, run alone, with forward hooks that
+zero the sublayer modules' outputs, added after CFG as s·(cond − perturbed)."""
+
+from __future__ import annotations
+
+import comfy.samplers
+import pytest
+import torch
+from harness import ForwardCounter, run_node, sample
+from tiny_models import make_conditioning, make_latent
+
+CFG, SCALE = 5.0, 3.0
+
+# family, layer widget, block list, block index, module names per mode (the tiny SD3's last joint block has
+# no context-stream projection, so block 0 is used there).
+CASES = [
+    ("sd3", "0", "joint_blocks", 0, {"attention": ["context_block.attn.proj", "x_block.attn.proj"],
+                                     "feedforward": ["context_block.mlp", "x_block.mlp"]}),
+    ("flux", "double.1", "double_blocks", 1, {"attention": ["img_attn.proj", "txt_attn.proj"],
+                                              "feedforward": ["img_mlp", "txt_mlp"]}),
+    ("wan", "1", "blocks", 1, {"attention": ["self_attn.o"], "feedforward": ["ffn"]}),
+]
+
+
+def sublayer_off_reference(model, block, module_names, scale):
+    def post_cfg(args):
+        def contributes_nothing(module, inputs, output):
+            return torch.zeros_like(output)
+
+        handles = [block.get_submodule(name).register_forward_hook(contributes_nothing) for name in module_names]
+        try:
+            (perturbed,) = comfy.samplers.calc_cond_batch(
+                args["model"], [args["cond"]], args["input"], args["sigma"], args["model_options"])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return args["denoised"] + scale * (args["cond_denoised"] - perturbed)
+
+    reference = model.clone()
+    reference.set_model_sampler_post_cfg_function(post_cfg)
+    return reference
+
+
+def run(model, family):
+    positive, negative = make_conditioning(family)
+    return sample(model, positive, negative, make_latent(family, seed=1), cfg=CFG)
+
+
+@pytest.mark.parametrize("mode", ["attention", "feedforward"])
+@pytest.mark.parametrize(("family", "layers", "block_list", "index", "modules"), CASES, ids=[c[0] for c in CASES])
+def test_sublayer_skip_matches_its_definition(guiders_pack, tiny_model, family, layers, block_list, index, modules,
+                                              mode) -> None:
+    model = tiny_model(family)
+    block = getattr(model.model.diffusion_model, block_list)[index]
+    (ours,) = run_node("GuidersSLG", model=model, scale=SCALE, layers=layers, mode=mode, start_percent=0.0,
+                       end_percent=1.0, rescale=0.0)
+    with ForwardCounter(model) as counter:
+        result = run(ours, family)
+    reference = run(sublayer_off_reference(model, block, modules[mode], SCALE), family)
+    plain = run(model, family)
+
+    assert all(step == [3] for step in counter.per_step()), counter.per_step()
+    assert (reference - plain).abs().max() / plain.abs().max() > 1e-2, "the reference must change the result"
+    assert (result - reference).abs().max() / reference.abs().max() < 1e-4
+    assert not block.get_submodule(modules[mode][0])._forward_hooks, "hooks must not outlive the call"
+
+
+def test_flux_single_blocks_cannot_skip_one_sublayer(guiders_pack, flux_model) -> None:
+    with pytest.raises(ValueError, match=r"single\.1.*use mode 'block'"):
+        run_node("GuidersSLG", model=flux_model, scale=SCALE, layers="single.1", mode="attention",
+                 start_percent=0.0, end_percent=1.0, rescale=0.0)
