@@ -35,7 +35,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import torch
 
-from ..guidance_core.plan import COND, UNCOND, GuidanceStack, StepContext
+from ..guidance_core.plan import CFG_TERM, COND, UNCOND, GuidanceStack, StepContext
 from ..guidance_core.schedules import SigmaWindow, step_of_sigma
 
 SETUP_KEY = "comfyui_guiders"  # model_options["transformer_options"][SETUP_KEY] -> GuidanceSetup
@@ -98,6 +98,13 @@ class Layer:
     @property
     def is_dit(self) -> bool:
         return self.kind in ("double", "single")
+
+    @property
+    def patch_key(self) -> tuple[str, tuple]:
+        """Where ComfyUI looks up a replace patch for this layer: ``patches_replace[name][key]``."""
+        if self.is_dit:
+            return "dit", (f"{self.kind}_block", self.index)
+        return "attn1", (self.kind, self.index) if self.sub is None else (self.kind, self.index, self.sub)
 
 
 def model_layers(model) -> list[Layer]:
@@ -353,33 +360,37 @@ def add_guidance(model, node: str, update: Callable[[GuidanceStack], GuidanceSta
 
 def _install_hooks(patched, setup: GuidanceSetup) -> None:
     options = patched.model_options
-    if not _is_ours(options.get("sampler_calc_cond_batch_function")):
-        previous = options.get("sampler_calc_cond_batch_function")
-        options["sampler_calc_cond_batch_function"] = _make_calc_cond_batch(previous)
-    if not _is_ours(options.get("sampler_cfg_function")):
-        options["sampler_cfg_function"] = _make_cfg_function(options.get("sampler_cfg_function"))
+    layers = _patched_layers(setup.stack)
+    _claim_single_slots(options, layers)
     cfg = setup.stack.cfg_term
     if cfg.schedule is not None or cfg.neutral_scale is None or _needs_uncond_at_cfg1(setup.stack):
         # We decide ourselves when the uncond is needed (a scheduled cfg may leave 1 mid-run).
         options["disable_cfg1_optimization"] = True
-    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
-        wrappers = comfy.patcher_extension.WrappersMP
+    wrappers = comfy.patcher_extension.WrappersMP
+    if not patched.get_wrappers(wrappers.OUTER_SAMPLE, WRAPPER_KEY):
         patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
         patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)
-    for layer in _patched_layers(setup.stack):
+    for layer in layers:
         _install_layer_patch(patched, layer)
-    if any(layer.is_dit for layer in _patched_layers(setup.stack)):
-        to = patched.model_options["transformer_options"]
-        previous = to.get("optimized_attention_override")
-        if not _is_ours(previous):
-            to["optimized_attention_override"] = _make_attention_override(previous)
-        if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
-            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                         _text_tokens_wrapper)
+    if any(layer.is_dit for layer in layers) and not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):
+        patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, _text_tokens_wrapper)
+
+
+def _claim_single_slots(model_options: dict, layers: list[Layer]) -> None:
+    """Puts our function in each single slot the stack needs, wrapping whatever another node put there:
+    their CFG formula stands in for our CFG term, their batch function and attention override run
+    under ours."""
+    makers = {"sampler_calc_cond_batch_function": _make_calc_cond_batch, "sampler_cfg_function": _make_cfg_function}
+    for slot, make in makers.items():
+        if not _is_ours(model_options.get(slot)):
+            model_options[slot] = make(model_options.get(slot))
+    to = model_options.setdefault("transformer_options", {})
+    if any(layer.is_dit for layer in layers) and not _is_ours(to.get("optimized_attention_override")):
+        to["optimized_attention_override"] = _make_attention_override(to.get("optimized_attention_override"))
 
 
 def _needs_uncond_at_cfg1(stack: GuidanceStack) -> bool:
-    return any(t.negative == UNCOND or t.positive == UNCOND for t in stack.terms if t.name != "cfg")
+    return any(t.negative == UNCOND or t.positive == UNCOND for t in stack.terms if t.name != CFG_TERM)
 
 
 def _perturbations(stack: GuidanceStack):
@@ -409,17 +420,11 @@ def _is_ours(fn) -> bool:
 
 
 def _install_layer_patch(patched, layer: Layer) -> None:
-    replace_patches = patched.model_options["transformer_options"].get("patches_replace", {})
-    if layer.is_dit:
-        key = (f"{layer.kind}_block", layer.index)
-        previous = replace_patches.get("dit", {}).get(key)
-        if not _is_ours(previous):
-            patched.set_model_patch_replace(_make_dit_block_patch(layer, previous), "dit", key[0], key[1])
-    else:
-        key = (layer.kind, layer.index) if layer.sub is None else (layer.kind, layer.index, layer.sub)
-        previous = replace_patches.get("attn1", {}).get(key)
-        if not _is_ours(previous):
-            patched.set_model_attn1_replace(_make_unet_attn1_patch(previous), *key)
+    name, key = layer.patch_key
+    previous = patched.model_options["transformer_options"].get("patches_replace", {}).get(name, {}).get(key)
+    if not _is_ours(previous):
+        patch = _make_dit_block_patch(layer, previous) if layer.is_dit else _make_unet_attn1_patch(previous)
+        patched.set_model_patch_replace(patch, name, *key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -489,24 +494,15 @@ def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None): 
 def _reclaim_slots(model_options, setup: GuidanceSetup) -> None:
     """A node applied after ours may have overwritten one of our single slots, which would silently drop
     our guidance. For this run (``model_options`` is the run's own copy) ours goes back in and wraps
-    theirs, exactly as when their node comes first: their CFG formula stands in for our CFG term, their
-    batch function and attention override run under ours. A replaced layer patch cannot be composed that
-    way: that is an error naming both."""
-    makers = {"sampler_calc_cond_batch_function": _make_calc_cond_batch, "sampler_cfg_function": _make_cfg_function}
-    for slot, make in makers.items():
-        if not _is_ours(model_options.get(slot)):
-            model_options[slot] = make(model_options.get(slot))
-    owners = " → ".join(dict.fromkeys(setup.owner_nodes))
+    theirs, exactly as when their node comes first. A replaced layer patch cannot be composed that way:
+    that is an error naming both."""
     layers = _patched_layers(setup.stack)
-    to = model_options.get("transformer_options", {})
-    if any(layer.is_dit for layer in layers) and not _is_ours(to.get("optimized_attention_override")):
-        to["optimized_attention_override"] = _make_attention_override(to.get("optimized_attention_override"))
+    _claim_single_slots(model_options, layers)
+    owners = " → ".join(dict.fromkeys(setup.owner_nodes))
+    replace_patches = model_options["transformer_options"].get("patches_replace", {})
     for layer in layers:
-        if layer.is_dit:
-            fn = to.get("patches_replace", {}).get("dit", {}).get((f"{layer.kind}_block", layer.index))
-        else:
-            key = (layer.kind, layer.index) if layer.sub is None else (layer.kind, layer.index, layer.sub)
-            fn = to.get("patches_replace", {}).get("attn1", {}).get(key)
+        name, key = layer.patch_key
+        fn = replace_patches.get(name, {}).get(key)
         if not _is_ours(fn):
             raise GuidanceError(f"The patch on layer {layer} set by ComfyUI-Guiders ({owners}) was replaced by a node "
                                 f"applied after it ({getattr(fn, '__qualname__', fn)!r}). Apply that node first.")
