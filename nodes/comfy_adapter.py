@@ -542,42 +542,18 @@ def _make_calc_cond_batch(previous: Callable | None):
         sources = {COND: conds[0], UNCOND: conds[1]}
         sigma, model = args["sigma"], args["model"]
 
-        main_names, late_names, step_map = [], [], {}
-        batch_conds = [conds[0], conds[1] if UNCOND in needed else None]
-        for index, branch in enumerate(stack.branches, start=2):
-            wanted = branch.name in needed and sources.get(branch.source) is not None
-            if wanted and isinstance(branch.perturbation, LateBranch):
-                late_names.append(branch.name)
-                observe = branch.perturbation.observe
-                if observe is not None:
-                    observed_index = 0 if branch.perturbation.observe_branch == COND else 1
-                    step_map.setdefault(observed_index, []).append(observe)
-                wanted = False
-            batch_conds.append(sources[branch.source] if wanted else None)
-            if wanted:
-                main_names.append((index, branch.name))
-                if branch.perturbed_at(ctx.sigma):
-                    step_map.setdefault(index, []).append(branch.perturbation)
-
+        layout = _batch_layout(stack, needed, sources, ctx.sigma)
         run.scratch = {}
-        call_options = _with_step_info(model_options, StepBranches(step_map, tuple(x.shape), run.scratch,
-                                                                  getattr(model, "diffusion_model", None)))
-        if stack.sequential:
-            outputs = [torch.zeros_like(x) for _ in batch_conds]
-            for i, c in enumerate(batch_conds):
-                if c is not None:
-                    single = [None] * len(batch_conds)
-                    single[i] = c
-                    outputs[i] = _evaluate(previous, model, single, x, sigma, call_options)[i]
-        else:
-            outputs = _evaluate(previous, model, batch_conds, x, sigma, call_options)
+        info = StepBranches(layout.perturbations, tuple(x.shape), run.scratch, getattr(model, "diffusion_model", None))
+        outputs = _evaluate_batch(previous, model, layout.conds, x, sigma, _with_step_info(model_options, info),
+                                  stack.sequential)
 
         preds = {COND: outputs[0]}
-        if batch_conds[1] is not None:
+        if layout.conds[1] is not None:
             preds[UNCOND] = outputs[1]
-        for index, name in main_names:
+        for index, name in layout.main_names:
             preds[name] = outputs[index]
-        for name in late_names:
+        for name in layout.late_names:
             branch = stack.branch(name)
             call = LateCall(preds, x, sigma, sources, model, model_options, run.scratch,
                             lambda m, c, xi, opts=model_options: _evaluate(None, m, c, xi, sigma, opts),
@@ -591,6 +567,51 @@ def _make_calc_cond_batch(previous: Callable | None):
         return [outputs[0], preds[negative] if negative else torch.zeros_like(x)]
 
     return _mark_ours(calc_cond_batch)
+
+
+@dataclass
+class BatchLayout:
+    """One step's ``calc_cond_batch`` call: the conds list (cond, uncond, then one entry per stack branch,
+    ``None`` where not needed), which of its indices are main-forward branches, which branches run after
+    it, and the perturbations per ``cond_or_uncond`` index."""
+
+    conds: list
+    main_names: list[tuple[int, str]]
+    late_names: list[str]
+    perturbations: dict[int, list]
+
+
+def _batch_layout(stack: GuidanceStack, needed: list[str], sources: dict, sigma: float) -> BatchLayout:
+    layout = BatchLayout([sources[COND], sources[UNCOND] if UNCOND in needed else None], [], [], {})
+    for index, branch in enumerate(stack.branches, start=2):
+        wanted = branch.name in needed and sources.get(branch.source) is not None
+        if wanted and isinstance(branch.perturbation, LateBranch):
+            layout.late_names.append(branch.name)
+            observe = branch.perturbation.observe
+            if observe is not None:  # it watches another branch's chunk of the main forward
+                observed_index = 0 if branch.perturbation.observe_branch == COND else 1
+                layout.perturbations.setdefault(observed_index, []).append(observe)
+            wanted = False
+        layout.conds.append(sources[branch.source] if wanted else None)
+        if wanted:
+            layout.main_names.append((index, branch.name))
+            if branch.perturbed_at(sigma):
+                layout.perturbations.setdefault(index, []).append(branch.perturbation)
+    return layout
+
+
+def _evaluate_batch(previous, model, conds, x, sigma, model_options, sequential: bool) -> list[torch.Tensor]:
+    """All entries of ``conds`` in one ``calc_cond_batch`` call, or (sequential) one call per entry with
+    the same indices, so every chunk keeps its ``cond_or_uncond`` tag and perturbation."""
+    if not sequential:
+        return _evaluate(previous, model, conds, x, sigma, model_options)
+    outputs = [torch.zeros_like(x) for _ in conds]
+    for i, cond in enumerate(conds):
+        if cond is not None:
+            single = [None] * len(conds)
+            single[i] = cond
+            outputs[i] = _evaluate(previous, model, single, x, sigma, model_options)[i]
+    return outputs
 
 
 def _negative_name(stack: GuidanceStack, preds) -> str | None:
