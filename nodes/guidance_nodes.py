@@ -51,7 +51,7 @@ def _window_inputs(start: float = 0.0, end: float = 1.0) -> list[io.Input]:
     return [
         io.Float.Input("start_percent", default=start, min=0.0, max=1.0, step=0.001,
                        tooltip="Sampling progress where the term turns on (0 = first step), as in ComfyUI's own "
-                               "nodes: active for sigma_end < σ ≤ sigma_start."),
+                               "nodes: active for sigma_end ≤ σ ≤ sigma_start."),
         io.Float.Input("end_percent", default=end, min=0.0, max=1.0, step=0.001,
                        tooltip="Sampling progress where the term turns off (1 = last step). Outside the window the "
                                "term's branch is not evaluated at all."),
@@ -95,13 +95,13 @@ def _perturbation_node(model, node, prefix, perturbation, scale, schedule, start
             if stack.cfg_term.negative != UNCOND:
                 raise adapter.GuidanceError(f"{node}: the negative branch is already perturbed by "
                                             f"'{stack.cfg_term.negative}'; use target 'new branch' here.")
-            stack = stack.with_branch(Branch(name, source=UNCOND, perturbation=perturbation(name), window=window))
+            stack = stack.with_branch(Branch(name, source=UNCOND, perturbation=perturbation, window=window))
             stack = stack.with_cfg(negative=name)
         elif target == "new branch":
             term = perturbation_term(name, name, _scale_schedule(scale, schedule), window)
             if positive != COND:
                 term = replace(term, positive=positive)
-            stack = stack.with_term(term, Branch(name, source=source, perturbation=perturbation(name)))
+            stack = stack.with_term(term, Branch(name, source=source, perturbation=perturbation))
         else:
             raise adapter.GuidanceError(f"{node}: target {target!r} is not one of 'new branch', 'negative branch'.")
         return _with_branch_mode(stack, branch_mode)
@@ -326,9 +326,7 @@ class GuidersPAG(io.ComfyNode):
                 target="new branch"):
         adapter.require_family(model, _node_id(cls), PAG_FAMILIES)
         chosen = adapter.parse_layers(layers, model, "layers", ATTENTION_LAYERS)
-        def perturbation(name):
-            return adapter.AttentionPerturbation(chosen, identity_image_attention, "PAG")
-
+        perturbation = adapter.AttentionPerturbation(chosen, identity_image_attention, "PAG")
         return io.NodeOutput(_perturbation_node(model, _node_id(cls), "pag", perturbation, scale, schedule,
                                                 start_percent, end_percent, branch_mode, target=target))
 
@@ -369,7 +367,7 @@ class GuidersSEG(io.ComfyNode):
         chosen = adapter.parse_layers(layers, model, "layers", ATTENTION_LAYERS)
         seg = partial(smoothed_energy_attention, blur_sigma=blur_sigma)
         return io.NodeOutput(_perturbation_node(
-            model, _node_id(cls), "seg", lambda name: adapter.AttentionPerturbation(chosen, seg, "SEG"),
+            model, _node_id(cls), "seg", adapter.AttentionPerturbation(chosen, seg, "SEG"),
             scale, schedule, start_percent, end_percent, branch_mode, target=target))
 
 
@@ -414,22 +412,18 @@ class GuidersSLG(io.ComfyNode):
         adapter.require_family(model, _node_id(cls), BLOCK_FAMILIES)
         chosen = adapter.parse_layers(layers, model, "layers", SKIP_LAYERS)
         if mode == "block":
-            def make(name):
-                return adapter.BlockSkip(chosen, "SLG")
+            perturbation = adapter.BlockSkip(chosen, "SLG")
         elif mode == "attention_scores":
-            def make(name):
-                return adapter.AttentionPerturbation(chosen, identity_all_attention, "SLG attention_scores")
+            perturbation = adapter.AttentionPerturbation(chosen, identity_all_attention, "SLG attention_scores")
         elif mode in ("attention", "feedforward"):
             diffusion_model = model.get_model_object("diffusion_model")
             for layer in chosen:  # fails now, naming the layer, rather than at the first step
                 adapter.sublayer_modules(diffusion_model, layer, mode)
-
-            def make(name):
-                return adapter.SublayerSkip(chosen, mode, f"SLG {mode}")
+            perturbation = adapter.SublayerSkip(chosen, mode, f"SLG {mode}")
         else:
             raise adapter.GuidanceError(f"{_node_id(cls)}: mode {mode!r} is not one of {', '.join(SLG_MODES)}.")
-        patched = _perturbation_node(model, _node_id(cls), "slg", make, scale, schedule, start_percent, end_percent,
-                                     branch_mode, target=target)
+        patched = _perturbation_node(model, _node_id(cls), "slg", perturbation, scale, schedule, start_percent,
+                                     end_percent, branch_mode, target=target)
         if rescale > 0 and target == "new branch":
             slg_name = adapter.get_setup(patched).stack.terms[-1].name
 
@@ -496,7 +490,7 @@ class GuidersSAG(io.ComfyNode):
         observer = adapter.AttentionPerturbation((adapter.Layer("middle", 0, 0),), record_attention, "SAG",
                                                  records=True)
         return io.NodeOutput(_perturbation_node(
-            model, _node_id(cls), "sag", lambda name: sag_branch(observer, blur_sigma), scale, schedule,
+            model, _node_id(cls), "sag", sag_branch(observer, blur_sigma), scale, schedule,
             start_percent, end_percent, "batched", source=UNCOND, positive=UNCOND))
 
 
