@@ -230,19 +230,9 @@ def test_slg_on_the_negative_branch_matches_skip_layer_guidance_dit_simple(wan_m
     assert_parity(run(ours), run(builtin), plain)
 
 
-def identity_self_attention_reference(model, block_index: int, scale: float):
-    """PAG (Ahn et al. 2024, arXiv:2403.17377, Eq. 9-10) on Wan, written from the definition: an extra cond
-    pass where the self-attention map of block ``block_index`` is the identity, so self-attention returns
-    V; added as ``denoised + s·(cond − perturbed)`` after CFG, as ComfyUI's PerturbedAttentionGuidance does
-    on UNets. Wan's self-attention is the call whose keys are the image tokens, not the TEXT_TOKENS text
-    tokens (the test latent has 3·4·4 = 48 image tokens)."""
-
-    def attention_override(func, q, k, v, *args, **kwargs):
-        options = kwargs.get("transformer_options") or {}
-        if options.get("block_index") == block_index and k.shape[1] != TEXT_TOKENS:
-            assert not kwargs.get("skip_reshape") and v.ndim == 3, "Wan passes (B, L, heads·D) q, k, v"
-            return v  # per head: identity attention map @ V_head = V_head
-        return func(q, k, v, *args, **kwargs)
+def perturbed_pass_reference(model, attention_override, scale: float):
+    """An extra cond pass run alone with ``attention_override``, added after CFG as
+    ``denoised + s·(cond − perturbed)`` (as ComfyUI's PerturbedAttentionGuidance does on UNets)."""
 
     def post_cfg(args):
         model_options = dict(args["model_options"])
@@ -256,6 +246,22 @@ def identity_self_attention_reference(model, block_index: int, scale: float):
     reference = model.clone()
     reference.set_model_sampler_post_cfg_function(post_cfg)
     return reference
+
+
+def identity_self_attention_reference(model, block_index: int, scale: float):
+    """PAG (Ahn et al. 2024, arXiv:2403.17377, Eq. 9-10) on Wan, written from the definition: the
+    self-attention map of block ``block_index`` is the identity, so self-attention returns V. Wan's
+    self-attention is the call whose keys are the image tokens, not the TEXT_TOKENS text tokens (the test
+    latent has 3·4·4 = 48 image tokens)."""
+
+    def attention_override(func, q, k, v, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        if options.get("block_index") == block_index and k.shape[1] != TEXT_TOKENS:
+            assert not kwargs.get("skip_reshape") and v.ndim == 3, "Wan passes (B, L, heads·D) q, k, v"
+            return v  # per head: identity attention map @ V_head = V_head
+        return func(q, k, v, *args, **kwargs)
+
+    return perturbed_pass_reference(model, attention_override, scale)
 
 
 @pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSLG-attention_scores"])
@@ -291,17 +297,7 @@ def test_pag_leaves_cross_attention_alone_when_text_and_image_token_counts_coinc
                 return v
         return func(q, k, v, *args, **kwargs)
 
-    def post_cfg(args):
-        model_options = dict(args["model_options"])
-        transformer_options = dict(model_options.get("transformer_options", {}))
-        transformer_options["optimized_attention_override"] = self_attention_only
-        model_options["transformer_options"] = transformer_options
-        (perturbed,) = comfy.samplers.calc_cond_batch(
-            args["model"], [args["cond"]], args["input"], args["sigma"], model_options)
-        return args["denoised"] + 3.0 * (args["cond_denoised"] - perturbed)
-
-    reference_model = wan_model.clone()
-    reference_model.set_model_sampler_post_cfg_function(post_cfg)
+    reference_model = perturbed_pass_reference(wan_model, self_attention_only, 3.0)
     ours = node("GuidersPAG", model=wan_model, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
     plain_result = sample(wan_model, positive, negative, latent, cfg=CFG, seed=3)
     reference = sample(reference_model, positive, negative, latent, cfg=CFG, seed=3)
