@@ -12,7 +12,14 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EXTENSION_NAME = "Guiders.SchedulePreview";
-const NODE_PREFIX = "GuidersSchedule";
+// Our schedule nodes and the kind guidance_core's schedule_from_dict reads for each. An explicit list:
+// a name prefix would also match GuidersScheduledCFG, which takes a schedule rather than being one.
+const SCHEDULE_KINDS = {
+  GuidersScheduleConstant: "constant",
+  GuidersScheduleLinear: "linear",
+  GuidersScheduleCosine: "cosine",
+  GuidersScheduleCustom: "custom",
+};
 const ROUTE = "/guiders/schedule";
 const STEPS_PROPERTY = "guiders_preview_steps";
 const DEFAULT_STEPS = 20;
@@ -289,9 +296,8 @@ function alreadyRegistered() {
 if (!alreadyRegistered()) app.registerExtension({
   name: EXTENSION_NAME,
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!nodeData.name?.startsWith(NODE_PREFIX)) return;
-    // GuidersScheduleCosine -> "cosine": the kind guidance_core's schedule_from_dict reads.
-    const kind = nodeData.name.slice(NODE_PREFIX.length).toLowerCase();
+    const kind = SCHEDULE_KINDS[nodeData.name];
+    if (!kind) return;
     const fieldNames = [
       ...Object.keys(nodeData.input?.required ?? {}),
       ...Object.keys(nodeData.input?.optional ?? {}),

@@ -15,10 +15,19 @@ custom_nodes/ and user/; a pack's WEB_DIRECTORY is served under /extensions/ and
 the frontend; routes added to ``PromptServer.instance.routes`` while custom nodes load are served, also under
 /api; ``LiteGraph.createNode`` + ``app.graph.add`` is how the frontend adds a node; a number widget's
 ``setValue`` (what the canvas calls on a click or drag) runs its callback; the multiline text widget runs its
-callback on every ``input`` event.
+callback on every ``input`` event; ``app.handleFile`` (the Open menu's file input, a file dropped on the
+canvas) awaits ``app.loadGraphData``, which validates the file (a notification for a schema or link
+problem), stands a bare ``LGraphNode`` with ``has_errors`` in for a type it does not know, and shows the
+missing-nodes dialog (its list is ``.comfy-missing-nodes``) before it returns; the "Comfy.Canvas.FitView"
+command animates the view to the graph's nodes.
 
-The screenshot in docs/images/ is rewritten only when ``GUIDERS_UPDATE_SCREENSHOTS=1``; otherwise it is saved
-under pytest's temporary folder, so a test run leaves the repository unchanged.
+Every file in workflows/ is opened the way a user opens it (a new file is a new case): no missing-nodes
+dialog, no validation notification, every node of a registered type, every Guiders node drawn with its
+widgets and values, and every schedule node drawing its curve.
+
+The screenshots in docs/images/ (one schedule node; the SDXL example workflow) are rewritten only when
+``GUIDERS_UPDATE_SCREENSHOTS=1``; otherwise they are saved under pytest's temporary folder, so a test run
+leaves the repository unchanged.
 """
 
 from __future__ import annotations
@@ -41,6 +50,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "schedule-node.png"
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+WORKFLOW_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))  # a new workflow is a new test case
+WORKFLOW_SCREENSHOT = REPO_ROOT / "docs" / "images" / "workflow-sdxl.png"
+SCREENSHOT_WORKFLOW = WORKFLOWS_DIR / "sdxl_pag_cosine_tnorm.json"  # its cosine schedule node draws a curve
+VIEWPORT = {"width": 1280, "height": 800}
+# Large enough that "fit view" shows the whole workflow above the zoom where LiteGraph stops drawing text.
+SCREENSHOT_VIEWPORT = {"width": 1920, "height": 1280}
 SERVER_START_TIMEOUT_S = 240  # a cold start on 2 CPU cores (torch, every comfy_extras module) takes ~45 s
 SERVER_STOP_TIMEOUT_S = 20
 BROWSER_TIMEOUT_MS = 60_000
@@ -63,6 +79,11 @@ EXTENSION_NAME = "Guiders.SchedulePreview"
 PREVIEW_WIDGET = "schedule_preview"
 STEPS_WIDGET = "preview steps"
 DEFAULT_PREVIEW_STEPS = 20
+SCHEDULE_KINDS = {"GuidersScheduleConstant": "constant", "GuidersScheduleLinear": "linear",
+                  "GuidersScheduleCosine": "cosine", "GuidersScheduleCustom": "custom"}
+SCHEDULE_CATEGORY = "sampling/guiders/schedules"
+GUIDERS_PREFIX = "Guiders"
+WIDGET_INPUT_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # an input of another type is a socket
 COSINE_DEFAULTS = {"max_value": 7.5, "min_value": 0.15, "num_cycles": 0.5, "warmup": 0.0, "warmup_init": 0.0,
                    "k_decay": 1.0}
 
@@ -178,6 +199,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _stop(process)
 
 
+@pytest.fixture(scope="module")
+def object_info(server: str) -> dict:
+    status, info = _http(f"{server}/object_info", timeout=60)
+    assert status == 200
+    return info
+
+
 # --------------------------------------------------------------------------------------------------------
 # The browser
 
@@ -197,7 +225,7 @@ def chromium() -> Iterator[object]:
 def page(request: pytest.FixtureRequest, server: str, chromium) -> Iterator[Page]:
     """The ComfyUI app, loaded and empty; ``page.mode`` says how nodes are rendered."""
     assert _http(f"{server}/api/settings/Comfy.VueNodes.Enabled", request.param == "vue-nodes")[0] == 200
-    page = chromium.new_page(viewport={"width": 1280, "height": 800})
+    page = chromium.new_page(viewport=VIEWPORT)
     page.set_default_timeout(BROWSER_TIMEOUT_MS)
     page.mode = request.param
     page.errors = []
@@ -348,6 +376,158 @@ def _assert_inside(inner: list[float], outer: list[float], what: str) -> None:
 
 def _approx(values: list[float]):
     return pytest.approx(values, rel=1e-12, abs=1e-12)
+
+
+def _is_widget_input(spec: list) -> bool:
+    """Whether an /object_info input spec is drawn as a widget (a combo's type is its list of choices)."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return (isinstance(spec[0], list) or spec[0] in WIDGET_INPUT_TYPES) and not options.get("forceInput")
+
+
+def _open_workflow(page: Page, workflow: dict, file_name: str) -> None:
+    """Open ``workflow`` as the user's file load does, and return once the frontend is done with it.
+
+    ``app.handleFile`` is what the Open menu's file input and a file dropped on the canvas call. It awaits
+    ``app.loadGraphData``, which has shown the missing-nodes dialog, if any, before it returns; two animation
+    frames let the canvas draw the graph and Vue render that dialog.
+    """
+    page.evaluate(
+        """async ([text, name]) => {
+            await app.handleFile(new File([text], name, { type: "application/json" }));
+            await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+        }""",
+        [json.dumps(workflow), file_name],
+    )
+
+
+def _fit_view(page: Page) -> None:
+    """The frontend's own "fit view" command (the button under the canvas); returns when its animation ends.
+
+    The view is still once scale and offset stay the same over a few frames; one more frame draws it.
+    """
+    page.evaluate(
+        """async () => {
+            const frame = () => new Promise((resolve) => requestAnimationFrame(resolve));
+            const view = () => JSON.stringify([app.canvas.ds.scale, ...app.canvas.ds.offset]);
+            await app.extensionManager.command.execute("Comfy.Canvas.FitView");
+            let last = view();
+            for (let still = 0, frames = 0; still < 5 && frames < 300; frames++) {
+                await frame();
+                const now = view();
+                still = now === last ? still + 1 : 0;
+                last = now;
+            }
+            app.canvas.setDirty(true, true);
+            await frame();
+            await frame();
+        }"""
+    )
+
+
+def _missing_nodes_listed(page: Page) -> list[str] | None:
+    """The node types the missing-nodes dialog lists; None when that dialog is not shown.
+
+    Frontend 1.35.9 shows it as a PrimeVue dialog ("This workflow has missing nodes") whose list of types is
+    ``.comfy-missing-nodes``, one row per type (MissingNodesContent.vue).
+    """
+    return page.evaluate(
+        """() => {
+            const list = document.querySelector(".p-dialog .comfy-missing-nodes");
+            return list ? [...list.children].map((row) => row.querySelector("span").innerText.trim()) : null;
+        }"""
+    )
+
+
+def _dismiss_dialogs(page: Page) -> None:
+    """Close every open dialog as a user does, with Escape (one dialog at a time, the topmost first)."""
+    for _ in range(5):
+        open_dialogs = page.locator(".p-dialog").count()
+        if open_dialogs == 0:
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_function("(count) => document.querySelectorAll('.p-dialog').length < count",
+                               arg=open_dialogs, timeout=5_000)
+    assert page.locator(".p-dialog").count() == 0, "a dialog stays open after Escape"
+
+
+def _clear_toasts(page: Page) -> None:
+    """Close every notification (toast), also those an earlier test left."""
+    page.evaluate("() => app.extensionManager.toast.removeAll()")
+    page.wait_for_function("() => document.querySelectorAll('.p-toast-message').length === 0", timeout=5_000)
+
+
+def _toasts(page: Page) -> list[str]:
+    """The notifications shown, e.g. the frontend's workflow validation ("Alert", "Workflow Links Fixed")."""
+    return page.evaluate("() => [...document.querySelectorAll('.p-toast-message')].map((t) => t.innerText)")
+
+
+def _graph_nodes(page: Page) -> dict[int, dict]:
+    """Every node of app.graph: what it is, whether it is a placeholder, and whether and how it is drawn."""
+    nodes = page.evaluate(
+        """() => app.graph.nodes.map((node) => {
+            const registered = LiteGraph.registered_node_types[node.type];
+            const element = document.querySelector(`[data-node-id="${node.id}"]`);  // "Nodes 2.0" only
+            const box = element?.getBoundingClientRect();
+            return {
+                id: node.id,
+                type: node.type,
+                title: node.title,
+                registered: registered !== undefined && node.constructor === registered,
+                // LGraph.configure stands an unknown type in with a bare LGraphNode that keeps the saved data.
+                placeholder: Boolean(node.has_errors || node.last_serialization),
+                size: [...node.size],
+                bounds: [...node.boundingRect],  // title bar included
+                properties: node.properties ?? {},
+                onCanvas: app.canvas.visible_nodes.includes(node),
+                widgets: (node.widgets ?? []).map((widget) => ({
+                    name: widget.name,
+                    label: widget.label || widget.name,
+                    value: widget.element ? null : widget.value,
+                    drawnAt: widget.last_y ?? null,  // set by the canvas when it draws the widget
+                    isDom: widget.element !== undefined,
+                    domShown: widget.element
+                        ? (element ? element.contains(widget.element) : widget.element.isConnected) : null,
+                })),
+                widgetsValues: node.serialize().widgets_values ?? [],
+                elementBox: box ? [box.left, box.top, box.right, box.bottom] : null,
+                elementText: element?.innerText ?? null,
+            };
+        })"""
+    )
+    return {node["id"]: node for node in nodes}
+
+
+def _overlap(a: list[float], b: list[float]) -> bool:
+    """Whether two [x, y, width, height] rectangles share more than an edge."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _assert_drawn(page: Page, node: dict) -> None:
+    """The node is on screen with every one of its widgets: on the canvas, or as a "Nodes 2.0" element."""
+    what = f"node {node['id']} ({node['type']})"
+    width, height = node["size"]
+    assert width >= 100 and height >= 20, f"{what} has no usable size: {node['size']}"
+    if page.mode == "vue-nodes":
+        assert node["elementBox"] is not None, f"{what} has no element on the page"
+        left, top, right, bottom = node["elementBox"]
+        assert right - left > 20 and bottom - top > 10, f"{what} is drawn empty: {node['elementBox']}"
+        assert left >= 0 and top >= 0 and right <= VIEWPORT["width"] and bottom <= VIEWPORT["height"], (
+            f"{what} is off screen after fitting the view: {node['elementBox']}")
+        assert node["title"] in node["elementText"], f"{what} does not show its title {node['title']!r}"
+        for widget in node["widgets"]:
+            if widget["isDom"]:
+                assert widget["domShown"], f"{what}: widget {widget['name']!r} is not inside the node"
+            else:
+                assert widget["label"] in node["elementText"], f"{what} does not show widget {widget['label']!r}"
+    else:
+        assert node["onCanvas"], f"{what} is not among the nodes the canvas draws"
+        for widget in node["widgets"]:
+            if widget["isDom"]:
+                assert widget["domShown"], f"{what}: widget {widget['name']!r} is not on the page"
+            else:
+                drawn_at = widget["drawnAt"]
+                assert drawn_at is not None and 0 <= drawn_at < height, (
+                    f"{what}: widget {widget['name']!r} was not drawn inside the node (y={drawn_at})")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -521,6 +701,78 @@ def test_other_nodes_are_left_alone(page: Page) -> None:
     assert preview is None and not has_property
 
 
+# --------------------------------------------------------------------------------------------------------
+# The shipped workflows, opened as a user opens a file
+
+
+@pytest.mark.parametrize("workflow_file", WORKFLOW_FILES, ids=[path.stem for path in WORKFLOW_FILES])
+def test_every_shipped_workflow_opens_without_missing_nodes_and_draws_our_nodes(
+    page: Page, object_info: dict, workflow_file: Path
+) -> None:
+    workflow = json.loads(workflow_file.read_text())
+    saved_guiders_nodes = [node for node in workflow["nodes"] if node["type"].startswith(GUIDERS_PREFIX)]
+    assert saved_guiders_nodes, f"{workflow_file.name} has no {GUIDERS_PREFIX} node"
+    errors_before = len(page.errors)
+    _clear_toasts(page)
+    # The checkpoints it names are not on the test server; the missing-models notice is off in its settings
+    # and would be fine: only missing nodes are a failure.
+    _open_workflow(page, workflow, workflow_file.name)
+    try:
+        _fit_view(page)
+        assert _missing_nodes_listed(page) is None, (
+            f"opening {workflow_file.name} shows the missing-nodes dialog for {_missing_nodes_listed(page)}")
+        nodes = _graph_nodes(page)
+        assert sorted(nodes) == sorted(node["id"] for node in workflow["nodes"])
+        not_loaded = [(node["id"], node["type"]) for node in nodes.values()
+                      if not node["registered"] or node["placeholder"]]
+        assert not_loaded == [], f"nodes without a registered type (placeholders): {not_loaded}"
+
+        for saved in saved_guiders_nodes:
+            node = nodes[saved["id"]]
+            assert node["type"] == saved["type"]
+            assert node["widgetsValues"] == saved["widgets_values"], f"node {saved['id']} lost its values"
+            _assert_drawn(page, node)
+            info = object_info[saved["type"]]
+            is_schedule = info["category"] == SCHEDULE_CATEGORY
+            declared = {name for section in ("required", "optional")
+                        for name, spec in info["input"].get(section, {}).items() if _is_widget_input(spec)}
+            # Only the schedule nodes get the curve and its "preview steps" control.
+            expected = declared | ({STEPS_WIDGET, PREVIEW_WIDGET} if is_schedule else set())
+            shown = [widget["name"] for widget in node["widgets"]]
+            assert sorted(shown) == sorted(expected), (
+                f"node {saved['id']} ({saved['type']}) shows the widgets {shown}; expected {sorted(expected)}")
+            if is_schedule:
+                fields = {widget["name"]: widget["value"] for widget in node["widgets"]
+                          if widget["name"] in declared}
+                steps = saved.get("properties", {}).get("guiders_preview_steps", DEFAULT_PREVIEW_STEPS)
+                schedule = schedules.schedule_from_dict({"kind": SCHEDULE_KINDS[saved["type"]], **fields})
+                drawn = _wait_for_values(page, saved["id"], schedule.values(steps))
+                assert len(drawn["points"]) == steps
+
+        # Checked again once the curves have come: a dialog shown late would show by now.
+        assert _missing_nodes_listed(page) is None
+        # The frontend validates the file on loading (schema, then links) and says so in a notification.
+        assert _toasts(page) == [], f"opening {workflow_file.name} shows notifications"
+        assert page.errors[errors_before:] == [], "the page threw while opening the workflow"
+    finally:
+        _dismiss_dialogs(page)
+
+
+def test_the_missing_nodes_check_sees_a_missing_node(page: Page) -> None:
+    """The same file load with one node type the server lacks shows the dialog the test above looks for."""
+    workflow = json.loads(SCREENSHOT_WORKFLOW.read_text())
+    unknown = next(node for node in workflow["nodes"] if node["type"] == "GuidersPAG")
+    unknown["type"] = "GuidersNoSuchNode"
+    _open_workflow(page, workflow, "unknown-node.json")
+    try:
+        assert _missing_nodes_listed(page) == ["GuidersNoSuchNode"]  # no waiting: as soon as the check above
+        node = _graph_nodes(page)[unknown["id"]]
+        assert node["placeholder"] and not node["registered"]
+    finally:
+        _dismiss_dialogs(page)
+    assert _missing_nodes_listed(page) is None
+
+
 @pytest.mark.parametrize("page", ["canvas"], indirect=True)  # the default rendering, as users first see it
 def test_screenshot_of_a_schedule_node(page: Page, tmp_path: Path) -> None:
     node = _fresh_node(page, "GuidersScheduleCosine", pos=(340, 140))
@@ -540,3 +792,57 @@ def test_screenshot_of_a_schedule_node(page: Page, tmp_path: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(target), clip=clip)
     assert target.stat().st_size > 5_000
+
+
+@pytest.mark.parametrize("page", ["canvas"], indirect=True)  # the default rendering, as users first see it
+def test_screenshot_of_a_workflow(page: Page, tmp_path: Path) -> None:
+    workflow = json.loads(SCREENSHOT_WORKFLOW.read_text())
+    page.set_viewport_size(SCREENSHOT_VIEWPORT)
+    try:
+        page.wait_for_function(
+            "([width, height]) => app.canvas.canvas.width === width * devicePixelRatio"
+            " && app.canvas.canvas.height === height * devicePixelRatio",
+            arg=[SCREENSHOT_VIEWPORT["width"], SCREENSHOT_VIEWPORT["height"]],
+        )
+        _open_workflow(page, workflow, SCREENSHOT_WORKFLOW.name)
+        _dismiss_dialogs(page)  # a missing-models notice, where the settings show one
+        _clear_toasts(page)
+        _fit_view(page)
+        for saved in workflow["nodes"]:
+            if saved["type"] in SCHEDULE_KINDS:
+                _wait_for_curve(page, saved["id"])
+        view = page.evaluate(
+            """() => {
+                const canvas = app.canvas.canvas.getBoundingClientRect();
+                const toScreen = ([x, y, width, height]) => {
+                    const [left, top] = app.canvas.ds.convertOffsetToCanvas([x, y]);
+                    const [right, bottom] = app.canvas.ds.convertOffsetToCanvas([x + width, y + height]);
+                    return [canvas.left + left, canvas.top + top, canvas.left + right, canvas.top + bottom];
+                };
+                return {
+                    scale: app.canvas.ds.scale,
+                    lowQuality: app.canvas.low_quality,
+                    boxes: [...app.graph.nodes, ...app.graph.groups].map((item) => toScreen(item.boundingRect)),
+                };
+            }"""
+        )
+        assert not view["lowQuality"], f"at zoom {view['scale']:.2f} the canvas draws nodes without text"
+        nodes = list(_graph_nodes(page).values())
+        overlapping = [(a["id"], b["id"]) for i, a in enumerate(nodes) for b in nodes[i + 1:]
+                       if _overlap(a["bounds"], b["bounds"])]
+        assert overlapping == [], f"nodes drawn over each other in {SCREENSHOT_WORKFLOW.name}: {overlapping}"
+        margin = 24
+        left = max(0, min(box[0] for box in view["boxes"]) - margin)
+        top = max(0, min(box[1] for box in view["boxes"]) - margin)
+        right = min(SCREENSHOT_VIEWPORT["width"], max(box[2] for box in view["boxes"]) + margin)
+        bottom = min(SCREENSHOT_VIEWPORT["height"], max(box[3] for box in view["boxes"]) + margin)
+        page.wait_for_timeout(300)  # let the canvas draw its next frame
+        update = os.environ.get("GUIDERS_UPDATE_SCREENSHOTS") == "1"
+        target = WORKFLOW_SCREENSHOT if update else tmp_path / WORKFLOW_SCREENSHOT.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(target), clip={"x": left, "y": top, "width": right - left,
+                                                "height": bottom - top})
+        assert target.stat().st_size > 50_000
+    finally:
+        _dismiss_dialogs(page)
+        page.set_viewport_size(VIEWPORT)
