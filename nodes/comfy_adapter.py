@@ -63,7 +63,6 @@ FAMILY_BY_CLASS = {
     "WanModel": "wan",
 }
 FAMILY_NAMES = {"unet": "UNet (SD1.5, SD2, SDXL)", "sd3": "SD3/SD3.5 (MMDiT)", "flux": "Flux", "wan": "Wan"}
-DIT_FAMILIES = ("sd3", "flux", "wan")
 
 
 def model_family(model) -> str:
