@@ -55,18 +55,43 @@ class GuidanceError(ValueError):
 # Model families and layers
 # ---------------------------------------------------------------------------------------------------------
 
+# The diffusion model classes this pack knows, by family. The first class in a model's MRO that is listed
+# decides, so LTX-2's LTXAVModel (a subclass of LTXVModel with audio blocks) is its own, unsupported family.
 FAMILY_BY_CLASS = {
     "UNetModel": "unet",
     "OpenAISignatureMMDITWrapper": "sd3",
     "MMDiT": "sd3",
     "Flux": "flux",
     "WanModel": "wan",
+    "LTXAVModel": "ltxav",
+    "LTXVModel": "ltxv",
+    "HunyuanVideo": "hunyuan_video",
 }
-FAMILY_NAMES = {"unet": "UNet (SD1.5, SD2, SDXL)", "sd3": "SD3/SD3.5 (MMDiT)", "flux": "Flux", "wan": "Wan"}
+FAMILY_NAMES = {"unet": "UNet (SD1.5, SD2, SDXL)", "sd3": "SD3/SD3.5 (MMDiT)", "flux": "Flux", "wan": "Wan",
+                "ltxv": "LTXV (LTX-Video)", "ltxav": "LTX-2 (audio-video)", "hunyuan_video": "HunyuanVideo"}
+
+# Each DiT family's block lists, by the kind a layer names (``double`` = main/joint/double-stream blocks).
+DIT_BLOCK_LISTS = {
+    "sd3": {"double": "joint_blocks"},
+    "flux": {"double": "double_blocks", "single": "single_blocks"},
+    "wan": {"double": "blocks"},
+    "ltxv": {"double": "transformer_blocks"},
+    "hunyuan_video": {"double": "double_blocks", "single": "single_blocks"},
+}
+
+# Where the text tokens sit in a DiT block's self-attention sequence: before the image tokens (SD3 and Flux
+# joint attention), after them (HunyuanVideo: ``flipped_img_txt``), or not in it at all (Wan, LTXV: the
+# text is only attended to by a separate cross-attention).
+TEXT_BEFORE_IMAGE, TEXT_AFTER_IMAGE, NO_TEXT = "before", "after", "none"
+JOINT_TEXT_POSITION = {"sd3": TEXT_BEFORE_IMAGE, "flux": TEXT_BEFORE_IMAGE, "hunyuan_video": TEXT_AFTER_IMAGE}
 
 
 def model_family(model) -> str:
-    diffusion_model = model.get_model_object("diffusion_model")
+    return family_of(model.get_model_object("diffusion_model"))
+
+
+def family_of(diffusion_model) -> str:
+    """The family of a diffusion model (a FAMILY_BY_CLASS value), or its class name when unknown."""
     for cls in type(diffusion_model).__mro__:
         if cls.__name__ in FAMILY_BY_CLASS:
             return FAMILY_BY_CLASS[cls.__name__]
@@ -117,15 +142,8 @@ def model_layers(model) -> list[Layer]:
                 if any(type(m).__name__ == "SpatialTransformer" for m in block.modules()):
                     layers.append(Layer(kind, index))
         return layers
-    if family == "sd3":
-        return [Layer("double", i) for i in range(len(dm.joint_blocks))]
-    if family == "flux":
-        return [Layer("double", i) for i in range(len(dm.double_blocks))] + [
-            Layer("single", i) for i in range(len(dm.single_blocks))
-        ]
-    if family == "wan":
-        return [Layer("double", i) for i in range(len(dm.blocks))]
-    return []
+    block_lists = DIT_BLOCK_LISTS.get(family, {})
+    return [Layer(kind, i) for kind, attribute in block_lists.items() for i in range(len(getattr(dm, attribute)))]
 
 
 def unet_transformer_count(model, layer: Layer) -> int:
@@ -236,29 +254,29 @@ class SublayerSkip:
     label: str = "sublayer skip"
 
 
-# The modules whose outputs are a DiT block's sublayer contributions, by diffusion model class and block
-# kind. Flux's single blocks fuse attention and MLP in one projection, so they cannot skip just one.
+# The modules whose outputs are a DiT block's sublayer contributions, by family and block kind. Flux's and
+# HunyuanVideo's single blocks fuse attention and MLP in one projection, so they cannot skip just one.
 SUBLAYER_MODULES = {
-    ("Flux", "double"): {"attention": ("img_attn.proj", "txt_attn.proj"), "feedforward": ("img_mlp", "txt_mlp")},
-    ("OpenAISignatureMMDITWrapper", "double"): {
+    ("flux", "double"): {"attention": ("img_attn.proj", "txt_attn.proj"), "feedforward": ("img_mlp", "txt_mlp")},
+    ("hunyuan_video", "double"): {"attention": ("img_attn.proj", "txt_attn.proj"),
+                                  "feedforward": ("img_mlp", "txt_mlp")},
+    ("sd3", "double"): {
         "attention": ("context_block.attn.proj", "x_block.attn.proj", "x_block.attn2.proj"),
         "feedforward": ("context_block.mlp", "x_block.mlp"),
     },
-    ("WanModel", "double"): {"attention": ("self_attn.o",), "feedforward": ("ffn",)},
+    ("wan", "double"): {"attention": ("self_attn.o",), "feedforward": ("ffn",)},
+    ("ltxv", "double"): {"attention": ("attn1.to_out",), "feedforward": ("ff",)},
 }
-BLOCK_LISTS = {"Flux": {"double": "double_blocks", "single": "single_blocks"},
-               "OpenAISignatureMMDITWrapper": {"double": "joint_blocks"}, "WanModel": {"double": "blocks"}}
 
 
-def sublayer_modules(diffusion_model, layer: Layer, sublayer: str) -> list[torch.nn.Module]:
+def sublayer_modules(diffusion_model, family: str, layer: Layer, sublayer: str) -> list[torch.nn.Module]:
     """The modules of ``layer`` whose outputs are its ``sublayer`` contributions; an error if there are none."""
-    for cls in type(diffusion_model).__mro__:
-        names = SUBLAYER_MODULES.get((cls.__name__, layer.kind), {}).get(sublayer)
-        if names:
-            block = getattr(diffusion_model, BLOCK_LISTS[cls.__name__][layer.kind])[layer.index]
-            modules = [block.get_submodule(name) for name in names if _has_submodule(block, name)]
-            if modules:
-                return modules
+    names = SUBLAYER_MODULES.get((family, layer.kind), {}).get(sublayer, ())
+    if names:
+        block = getattr(diffusion_model, DIT_BLOCK_LISTS[family][layer.kind])[layer.index]
+        modules = [block.get_submodule(name) for name in names if _has_submodule(block, name)]
+        if modules:
+            return modules
     raise GuidanceError(f"mode '{sublayer}' cannot skip part of block {layer} of this model "
                         f"({type(diffusion_model).__name__}); use mode 'block' there.")
 
@@ -422,7 +440,11 @@ def _install_layer_patch(patched, layer: Layer) -> None:
     name, key = layer.patch_key
     previous = patched.model_options["transformer_options"].get("patches_replace", {}).get(name, {}).get(key)
     if not _is_ours(previous):
-        patch = _make_dit_block_patch(layer, previous) if layer.is_dit else _make_unet_attn1_patch(previous)
+        if layer.is_dit:
+            text_position = JOINT_TEXT_POSITION.get(model_family(patched), NO_TEXT)
+            patch = _make_dit_block_patch(layer, previous, text_position)
+        else:
+            patch = _make_unet_attn1_patch(previous)
         patched.set_model_patch_replace(patch, name, *key)
 
 
@@ -691,27 +713,29 @@ def _acts_on(perturbation, layer: Layer) -> bool:
     return False
 
 
-def _grid_for(tokens: int, latent_shape: tuple, text_tokens: int = 0) -> TokenGrid | None:
+def _grid_for(tokens: int, latent_shape: tuple, text_tokens: int = 0, text_first: bool = True) -> TokenGrid | None:
     """The image token grid of an attention call with ``tokens`` tokens on a latent of ``latent_shape``
     ((B, C, H, W) or video (B, C, T, H, W)): the smallest downsampling factor f (a power of two: UNet
-    levels, DiT patch size) whose grid frames·ceil(H/f)·ceil(W/f) fits after the text tokens of joint
-    attention. An exact fit is preferred; a grid followed by more tokens (Flux Kontext's reference
-    images) is accepted after the text tokens."""
+    levels, DiT patch size) whose grid frames·ceil(H/f)·ceil(W/f) fits beside the ``text_tokens`` text tokens
+    of joint attention, which come before the image tokens (``text_first``) or after them. An exact fit is
+    preferred (with the text, else without it); a grid plus more tokens (Flux Kontext's reference images,
+    extra text of HunyuanVideo's single blocks) is accepted next to the text."""
     if len(latent_shape) < 4:
         return None
     height, width = latent_shape[-2], latent_shape[-1]
     frames = latent_shape[-3] if len(latent_shape) >= 5 else 1
     factors = (1, 2, 4, 8, 16, 32, 64)
-    starts = (text_tokens, 0) if text_tokens else (0,)
-    for start in starts:
+    image_start = text_tokens if text_first else 0
+    layouts = [(image_start, text_tokens)] + ([(0, 0)] if text_tokens else [])  # (image start, text tokens)
+    for start, text in layouts:
         for f in factors:
             h, w = math.ceil(height / f), math.ceil(width / f)
-            if start + frames * h * w == tokens:
+            if text + frames * h * w == tokens:
                 return TokenGrid(start, h, w, frames)
     for f in factors:
         h, w = math.ceil(height / f), math.ceil(width / f)
         if text_tokens + frames * h * w <= tokens:
-            return TokenGrid(text_tokens, h, w, frames)
+            return TokenGrid(image_start, h, w, frames)
     return None
 
 
@@ -785,7 +809,10 @@ def _from_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, length, heads * dim)
 
 
-def _make_dit_block_patch(layer: Layer, previous: Callable | None):
+def _make_dit_block_patch(layer: Layer, previous: Callable | None, text_position: str):
+    """A ``dit`` block replace patch for ``layer``; ``text_position`` says where the text tokens sit in the
+    block's self-attention sequence (JOINT_TEXT_POSITION), so only the image tokens are perturbed."""
+
     def block_replace(args, extra):
         original = extra["original_block"]
         if previous is not None:
@@ -801,10 +828,12 @@ def _make_dit_block_patch(layer: Layer, previous: Callable | None):
         attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
         call_args = args
         if any(attention_chunks):
-            text_tokens = args["txt"].shape[1] if args.get("txt") is not None else to.get(TEXT_TOKENS_KEY, 0)
+            text_tokens = 0
+            if text_position != NO_TEXT:  # single blocks carry no "txt": the count the forward began with
+                text_tokens = args["txt"].shape[1] if args.get("txt") is not None else to.get(TEXT_TOKENS_KEY, 0)
             marked = dict(to)
             # A fresh call counter per block call: only the block's first attention call is perturbed.
-            marked[ACTIVE_LAYER_KEY] = (layer, attention_chunks, text_tokens, {"calls": 0})
+            marked[ACTIVE_LAYER_KEY] = (layer, attention_chunks, text_tokens, text_position, {"calls": 0})
             call_args = dict(args)
             call_args["transformer_options"] = marked
         n = len(chunks)
@@ -851,7 +880,7 @@ def _sublayer_skip_hooks(transformer_options, layer: Layer, chunks: list[list]) 
                 output[j * size:(j + 1) * size] = 0
             return output
 
-        for module in sublayer_modules(diffusion_model, layer, sublayer):
+        for module in sublayer_modules(diffusion_model, family_of(diffusion_model), layer, sublayer):
             handles.append(module.register_forward_hook(zero_skipped_rows))
     return handles
 
@@ -873,7 +902,7 @@ def _make_attention_override(previous: Callable | None):
         call = (lambda *a, **kw: previous(func, *a, **kw)) if previous is not None else func
         if active is None:
             return call(*args, **kwargs)
-        layer, chunks, text_tokens, counter = active
+        layer, chunks, text_tokens, text_position, counter = active
         counter["calls"] += 1
         if counter["calls"] > 1:
             # Every DiT block runs its self (or joint) attention first; later calls are cross-attention
@@ -891,7 +920,7 @@ def _make_attention_override(previous: Callable | None):
             return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True, **rest)
 
         info = to.get(STEP_KEY)
-        grid = _grid_for(q4.shape[2], info.latent_shape, text_tokens)
+        grid = _grid_for(q4.shape[2], info.latent_shape, text_tokens, text_position != TEXT_AFTER_IMAGE)
         out = _apply_chunked(q4, k4, v4, chunks, attend, grid, info.scratch)
         return out if skip_output_reshape else _from_heads(out)
 

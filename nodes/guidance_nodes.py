@@ -18,24 +18,25 @@ from .schedule_nodes import Schedule
 
 CATEGORY = "sampling/guiders"
 
-ALL_FAMILIES = ("unet", "sd3", "flux", "wan")
+ALL_FAMILIES = ("unet", "sd3", "flux", "wan", "ltxv", "hunyuan_video")
 ATTENTION_FAMILIES = ("unet", "sd3", "flux")  # SEG: a 2-D token grid
-PAG_FAMILIES = ("unet", "sd3", "flux", "wan")
-BLOCK_FAMILIES = ("sd3", "flux", "wan")
+PAG_FAMILIES = ("unet", "sd3", "flux", "wan", "ltxv", "hunyuan_video")
+BLOCK_FAMILIES = ("sd3", "flux", "wan", "ltxv", "hunyuan_video")
 
 # Recommended layers per family ("auto"): the middle block for UNets, as the PAG and SEG papers do; the
 # values each DiT's reference uses where one exists (diffusers' SD3 PAG: blocks.1; SD3.5's SLG: 7, 8, 9;
-# ComfyUI's SkipLayerGuidanceDiT on Flux: double and single 7, 8, 9). A model too small for them uses
-# its middle block.
-ATTENTION_LAYERS = {"unet": ["middle"], "sd3": ["1"], "flux": ["double.9"]}
+# ComfyUI's SkipLayerGuidanceDiT on Flux: double and single 7, 8, 9; LTX-Video's STG: block 19). Families
+# with no reference (Wan PAG, HunyuanVideo) and models too small for these use their middle block.
+ATTENTION_LAYERS = {"unet": ["middle"], "sd3": ["1"], "flux": ["double.9"], "ltxv": ["19"]}
 SLG_MODES = ["block", "attention", "feedforward", "attention_scores"]
 SKIP_LAYERS = {"sd3": ["7", "8", "9"], "flux": ["double.7", "double.8", "double.9", "single.7", "single.8", "single.9"],
-               "wan": ["9"]}
+               "wan": ["9"], "ltxv": ["19"]}
 
 LAYERS_TOOLTIP = ("Where to perturb. 'auto' = recommended for the model: UNet (SD1.5/SDXL) the middle block; "
-                  "SD3/3.5 joint block 1; Flux double block 9. Or a list: UNet 'middle', 'input.4', 'output.1', "
-                  "'input.4.1' (block, index, transformer); DiT '7, 8, 9' (joint/double blocks), 'double.1', "
-                  "'single.2' (Flux). An unknown layer lists the layers the model has.")
+                  "SD3/3.5 joint block 1; Flux double block 9; LTXV block 19 (LTX-Video's STG); Wan and "
+                  "HunyuanVideo the middle block. Or a list: UNet 'middle', 'input.4', 'output.1', 'input.4.1' "
+                  "(block, index, transformer); DiT '7, 8, 9' (joint/double/main blocks), 'double.1', 'single.2' "
+                  "(Flux, HunyuanVideo). An unknown layer lists the layers the model has.")
 
 
 def _node_id(cls) -> str:
@@ -306,12 +307,13 @@ class GuidersPAG(io.ComfyNode):
             category=CATEGORY,
             description="PAG (Ahn et al., ECCV 2024, arXiv:2403.17377): adds s·(cond − perturbed), where the "
                         "perturbed branch replaces the image tokens' self-attention map by the identity. Works on "
-                        "UNets (SD1.5, SDXL) and DiTs (SD3, Flux; text tokens untouched). Batched with cond and "
-                        "uncond in one forward.",
+                        "UNets (SD1.5, SDXL) and DiTs (SD3, Flux, Wan, LTXV, HunyuanVideo; text tokens "
+                        "untouched). Batched with cond and uncond in one forward.",
             inputs=[
                 _model_input(),
                 io.Float.Input("scale", default=3.0, min=0.0, max=100.0, step=0.01,
-                               tooltip="s. SD1.5/SDXL: 2-5 (paper: 3 with cfg, 5 alone); SD3/Flux: 1-3."),
+                               tooltip="s. SD1.5/SDXL: 2-5 (paper: 3 with cfg, 5 alone); SD3/Flux: 1-3; video "
+                                       "DiTs (Wan, LTXV, HunyuanVideo): ≤ 2, as STG's identity-attention mode."),
                 io.String.Input("layers", default="auto", tooltip=LAYERS_TOOLTIP),
                 *_window_inputs(),
                 _schedule_input("PAG scale"),
@@ -380,21 +382,25 @@ class GuidersSLG(io.ComfyNode):
             category=CATEGORY,
             description="SLG (Stability AI, SD3.5) and STG (Hyung et al. 2024, arXiv:2411.18664): adds "
                         "s·(cond − perturbed), where the perturbed branch skips whole DiT blocks (block) or "
-                        "turns their attention into the identity (attention_scores). SD3/3.5, Flux, Wan.",
+                        "turns their attention into the identity (attention_scores). SD3/3.5, Flux, Wan, LTXV, "
+                        "HunyuanVideo.",
             inputs=[
                 _model_input(),
                 io.Float.Input("scale", default=3.0, min=0.0, max=100.0, step=0.01,
-                               tooltip="s. SD3.5: 2.5-3 (reference: 2.5 on Medium); Flux 1-3; video (STG) ≤ 2."),
+                               tooltip="s. SD3.5: 2.5-3 (reference: 2.5 on Medium); Flux 1-3; video DiTs (STG: Wan, "
+                                       "LTXV, HunyuanVideo) ≤ 2."),
                 io.String.Input("layers", default="auto",
                                 tooltip="Blocks to skip. 'auto': SD3.5 7, 8, 9 (the SD3.5 reference); Flux double and "
-                                        "single 7, 8, 9 (ComfyUI's SkipLayerGuidanceDiT); Wan 9. Or '7, 8, 9', "
+                                        "single 7, 8, 9 (ComfyUI's SkipLayerGuidanceDiT); Wan 9; LTXV 19 "
+                                        "(LTX-Video's STG); HunyuanVideo the middle block. Or '7, 8, 9', "
                                         "'double.1', 'single.2'."),
                 io.Combo.Input("mode", options=SLG_MODES, default="block",
                                tooltip="block: the block returns its inputs (SLG, STG-R). attention: the block's "
                                        "self/joint attention adds nothing (its residual passes through). "
                                        "feedforward: the block's MLP adds nothing. attention_scores: the block's "
                                        "attention returns V (STG-A, PAG-like). attention and feedforward are for "
-                                       "SD3 joint blocks, Flux double blocks and Wan blocks."),
+                                       "SD3 joint blocks, Flux and HunyuanVideo double blocks, Wan and LTXV "
+                                       "blocks."),
                 *_window_inputs(0.01, 0.2),
                 io.Float.Input("rescale", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="STG's rescale: mixes in result·std(cond)/std(result) (whole tensor), only "
@@ -418,7 +424,7 @@ class GuidersSLG(io.ComfyNode):
         elif mode in ("attention", "feedforward"):
             diffusion_model = model.get_model_object("diffusion_model")
             for layer in chosen:  # fails now, naming the layer, rather than at the first step
-                adapter.sublayer_modules(diffusion_model, layer, mode)
+                adapter.sublayer_modules(diffusion_model, adapter.model_family(model), layer, mode)
             perturbation = adapter.SublayerSkip(chosen, mode, f"SLG {mode}")
         else:
             raise adapter.GuidanceError(f"{_node_id(cls)}: mode {mode!r} is not one of {', '.join(SLG_MODES)}.")

@@ -25,7 +25,8 @@ from cf_guidance import transforms as cf_transforms
 from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeZeroStarGuidance
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer as DiffusersMomentumBuffer
 from harness import assert_window_is_partial, run_node, sample, sample_custom_advanced, scheduler_sigmas
-from tiny_models import make_conditioning, make_latent
+from references import joint_attention_rows_return_values, perturbed_pass_reference
+from tiny_models import SPECS, make_conditioning, make_latent
 
 STEPS = 4
 CFG = 5.0
@@ -92,6 +93,29 @@ def test_sag_matches_builtin_self_attention_guidance(sd15_model) -> None:
     builtin = node("SelfAttentionGuidance", model=sd15_model, scale=0.5, blur_sigma=2.0)
 
     assert_parity(run(ours, "sd15"), run(builtin, "sd15"), run(sd15_model, "sd15"))
+
+
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSLG-attention_scores"])
+@pytest.mark.parametrize(("layers", "block_type", "block_index"),
+                         [("double.1", "double", 1), ("single.1", "single", 1)])
+def test_identity_attention_on_flux_joint_attention_matches_a_reference_from_the_definition(
+    flux_model, node_id: str, layers: str, block_type: str, block_index: int
+) -> None:
+    # Flux's joint attention (double and single blocks) is the text tokens, then the image tokens: a 16x16
+    # latent in 2x2 patches gives 64 image tokens after the prompt's. PAG perturbs only the image tokens'
+    # rows of the attention map (their outputs become their V); SLG attention_scores perturbs every row.
+    text_tokens, image_tokens = SPECS["flux"].context_tokens, (16 // 2) * (16 // 2)
+    if node_id == "GuidersPAG":
+        ours = node("GuidersPAG", model=flux_model, scale=3.0, layers=layers, start_percent=0.0, end_percent=1.0)
+        rows = slice(text_tokens, text_tokens + image_tokens)
+    else:
+        ours = node("GuidersSLG", model=flux_model, scale=3.0, layers=layers, mode="attention_scores",
+                    start_percent=0.0, end_percent=1.0, rescale=0.0)
+        rows = slice(None)
+    perturbed = joint_attention_rows_return_values(block_type, block_index, rows)
+    reference = perturbed_pass_reference(flux_model, perturbed, scale=3.0)
+
+    assert_parity(run(ours, "flux"), run(reference, "flux"), run(flux_model, "flux"))
 
 
 SLG_WINDOWS = [pytest.param(0.0, 1.0, id="always"), pytest.param(0.2, 0.6, id="window-0.2-0.6")]

@@ -22,6 +22,9 @@ CASES = [
     ("flux", "double.1", "double_blocks", 1, {"attention": ["img_attn.proj", "txt_attn.proj"],
                                               "feedforward": ["img_mlp", "txt_mlp"]}),
     ("wan", "1", "blocks", 1, {"attention": ["self_attn.o"], "feedforward": ["ffn"]}),
+    ("ltxv", "1", "transformer_blocks", 1, {"attention": ["attn1.to_out"], "feedforward": ["ff"]}),
+    ("hunyuan_video", "double.1", "double_blocks", 1, {"attention": ["img_attn.proj", "txt_attn.proj"],
+                                                       "feedforward": ["img_mlp", "txt_mlp"]}),
 ]
 
 
@@ -68,7 +71,8 @@ def test_sublayer_skip_matches_its_definition(guiders_pack, tiny_model, family, 
     assert not block.get_submodule(modules[mode][0])._forward_hooks, "hooks must not outlive the call"
 
 
-def test_flux_single_blocks_cannot_skip_one_sublayer(guiders_pack, flux_model) -> None:
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+def test_fused_single_blocks_cannot_skip_one_sublayer(guiders_pack, tiny_model, family) -> None:
     with pytest.raises(ValueError, match=r"single\.1.*use mode 'block'"):
-        run_node("GuidersSLG", model=flux_model, scale=SCALE, layers="single.1", mode="attention",
+        run_node("GuidersSLG", model=tiny_model(family), scale=SCALE, layers="single.1", mode="attention",
                  start_percent=0.0, end_percent=1.0, rescale=0.0)

@@ -14,8 +14,8 @@ One test per file, found by globbing the folder (a new workflow is a new test):
    the frontend does): each sampler downstream of a Guiders node must give another latent, the others
    the very same latent.
 
-SD1.5, SD3, Flux and Wan 2.1 T2V come from ``tiny_models``; a tiny SDXL is built here the same way
-(ComfyUI's own model classes, seeded random weights).
+SD1.5, SD3, Flux and the video DiTs (Wan 2.1 T2V, LTXV, HunyuanVideo) come from ``tiny_models``; a tiny
+SDXL is built here the same way (ComfyUI's own model classes, seeded random weights).
 
 Host behaviour these tests depend on (ComfyUI 0.8.0):
 - ``app/custom_node_manager.py``: ``GET /workflow_templates`` lists ``custom_nodes/*/workflows/*.json`` by
@@ -57,7 +57,7 @@ STAND_INS = wc.StandIns(model="WorkflowTestTinyModel", conditioning="WorkflowTes
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tiny SDXL (tiny_models has SD1.5, SD3, Flux and Wan)
+# Tiny SDXL (tiny_models has SD1.5, SD3, Flux and the video DiTs)
 
 SHARED_FAMILIES = (*tiny_models.FAMILIES, *tiny_models.VIDEO_FAMILIES)
 # SDXL: its ADM input is the pooled text (1280) and six 256-d size embeddings, as in the real model.

@@ -1,9 +1,9 @@
-"""Tiny random-weight SD1.5, SD3, Flux and Wan 2.1 models built in code with ComfyUI's own classes (no
-downloads).
+"""Tiny random-weight SD1.5, SD3, Flux, Wan 2.1, LTXV and HunyuanVideo models built in code with ComfyUI's
+own classes (no downloads).
 
 Each model is the real architecture (comfy.supported_models config -> BaseModel -> ModelPatcher), only
-narrow and shallow, so a 4-step run on an 8x8 latent (Wan: 3 frames of 8x8) takes a fraction of a second
-on the CPU. Weights are drawn from a seeded generator: the same seed gives the same model, and outputs are
+narrow and shallow, so a 4-step run on an 8x8 latent (the video models: 3 frames of 8x8) takes a fraction
+of a second on the CPU. Weights are drawn from a seeded generator: the same seed gives the same model, and outputs are
 finite and depend on the conditioning, so guidance changes results measurably.
 
 The builders import comfy themselves after harness.prepare_host_imports(), so they work outside pytest
@@ -20,7 +20,7 @@ from harness import prepare_host_imports
 
 # Image families: tests parametrized over FAMILIES expect (B, C, H, W) latents and image noise schedules.
 FAMILIES = ("sd15", "sd3", "flux")
-VIDEO_FAMILIES = ("wan",)  # (B, C, T, H, W) latents
+VIDEO_FAMILIES = ("wan", "ltxv", "hunyuan_video")  # (B, C, T, H, W) latents
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class FamilySpec:
     pooled_dim: int | None  # pooled text embedding fed to the model as ``y`` (SD3, Flux)
     flux_guidance: float | None  # Flux's distilled-guidance input, set by FluxGuidance in real workflows
     latent_frames: int | None = None  # video families: T of the (B, C, T, H, W) latent
+    padded_text_tokens: int | None = None  # LTXV: its T5 pads the prompt and passes an ``attention_mask``
 
 
 SPECS = {
@@ -44,11 +45,17 @@ SPECS = {
     "flux": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=3.5),
 }
 
-# Wan 2.1's VAE gives (length - 1) // 4 + 1 latent frames: 3 is a 9-frame video. Not in SPECS: tests that
-# build their own Wan check ``family in SPECS`` to pick 4-D image latents.
+# Three latent frames: a 9-frame video for Wan 2.1's and HunyuanVideo's VAEs ((length - 1) // 4 + 1), a
+# 17-frame one for LTXV's ((length - 1) // 8 + 1). Not in SPECS: tests that build their own video model check
+# ``family in SPECS`` to pick 4-D image latents. HunyuanVideo takes a pooled CLIP embedding (``y``) and, as
+# a guidance-distilled model, a guidance value (ComfyUI's default 6.0 when none is given).
 VIDEO_SPECS = {
     "wan": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
                       flux_guidance=None, latent_frames=3),
+    "ltxv": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None,
+                       flux_guidance=None, latent_frames=3, padded_text_tokens=4),
+    "hunyuan_video": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16,
+                                flux_guidance=6.0, latent_frames=3),
 }
 
 # Latent side (in latent pixels) for quick tests and for the medium benchmark model.
@@ -210,15 +217,65 @@ def make_wan(seed: int = 0):
     return _to_patcher(_supported_models().WAN21_T2V(unet_config), seed)
 
 
+def make_ltxv(seed: int = 0):
+    """An LTX-Video DiT (flow, shift 2.37): 3 blocks, 2 heads of 32, patch 1 (one token per latent pixel).
+
+    Each block: self-attention on the video tokens, cross-attention to the projected T5 embedding
+    (``caption_channels`` → the inner dim 64), then a feed-forward; blocks update their input in place.
+    """
+    spec = VIDEO_SPECS["ltxv"]
+    unet_config = {
+        "image_model": "ltxv",
+        "in_channels": spec.latent_channels,
+        "num_attention_heads": 2,
+        "attention_head_dim": 32,
+        "cross_attention_dim": 64,  # the inner dim: the context is projected to it before the blocks
+        "caption_channels": spec.context_dim,
+        "num_layers": 3,
+    }
+    return _to_patcher(_supported_models().LTXV(unet_config), seed)
+
+
+def make_hunyuan_video(seed: int = 0):
+    """A HunyuanVideo DiT (flow, shift 7, guidance-distilled): 2 double + 2 single blocks, hidden 64, 2 heads,
+    3-D patches (1, 2, 2). Flux's block design, with the joint attention's image tokens FIRST and the text
+    tokens after them (``flipped_img_txt``); text goes through the token refiner first."""
+    spec = VIDEO_SPECS["hunyuan_video"]
+    unet_config = {
+        "image_model": "hunyuan_video",
+        "in_channels": spec.latent_channels,
+        "out_channels": spec.latent_channels,
+        "patch_size": [1, 2, 2],
+        "vec_in_dim": spec.pooled_dim,
+        "context_in_dim": spec.context_dim,
+        "hidden_size": 64,
+        "mlp_ratio": 4.0,
+        "num_heads": 2,
+        "depth": 2,
+        "depth_single_blocks": 2,
+        "axes_dim": [8, 12, 12],  # sums to the head dim 64 / 2
+        "theta": 256,
+        "qkv_bias": True,
+        "guidance_embed": True,
+        "byt5": False,
+        "meanflow": False,
+        "use_cond_type_embedding": False,
+        "vision_in_dim": None,
+        "meanflow_sum": False,
+    }
+    return _to_patcher(_supported_models().HunyuanVideo(unet_config), seed)
+
+
 def make_model(family: str, seed: int = 0):
-    """``make_sd15``/``make_sd3``/``make_flux``/``make_wan`` by family name ("sd15", "sd15_medium", "sd3",
-    "flux", "wan")."""
+    """A tiny model by family name: "sd15", "sd15_medium", "sd3", "flux", "wan", "ltxv", "hunyuan_video"."""
     builders = {
         "sd15": lambda: make_sd15(seed=seed),
         "sd15_medium": lambda: make_sd15(medium=True, seed=seed),
         "sd3": lambda: make_sd3(seed=seed),
         "flux": lambda: make_flux(seed=seed),
         "wan": lambda: make_wan(seed=seed),
+        "ltxv": lambda: make_ltxv(seed=seed),
+        "hunyuan_video": lambda: make_hunyuan_video(seed=seed),
     }
     return builders[family]()
 
@@ -235,6 +292,10 @@ def _one_conditioning(spec: FamilySpec, batch: int, generator: torch.Generator) 
         extras["pooled_output"] = torch.randn(batch, spec.pooled_dim, generator=generator)
     if spec.flux_guidance is not None:
         extras["guidance"] = spec.flux_guidance
+    if spec.padded_text_tokens is not None:  # 1 for the prompt's tokens, 0 for the padding after them
+        mask = torch.ones(batch, spec.context_tokens, dtype=torch.long)
+        mask[:, spec.context_tokens - spec.padded_text_tokens:] = 0
+        extras["attention_mask"] = mask
     return [[context, extras]]
 
 
@@ -243,7 +304,8 @@ def make_conditioning(family: str, batch: int = 1, seed: int = 0) -> tuple[list,
 
     SD1.5: context (B, 77, context_dim) and no extras. SD3: context (B, 16, 32) and ``pooled_output``
     (B, 16). Flux: the same plus ``guidance`` 3.5 on both, so cfg > 1 also runs. Wan: context (B, 16, 32)
-    only (its umT5 embedding). The two differ (own draws).
+    only (its umT5 embedding). LTXV: context and its T5's ``attention_mask`` (the last 4 tokens padding).
+    HunyuanVideo: context, ``pooled_output`` and ``guidance`` 6.0. The two differ (own draws).
     """
     spec = family_spec(family)
     generator = torch.Generator().manual_seed(seed)

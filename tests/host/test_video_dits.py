@@ -1,0 +1,437 @@
+"""The pack on the video DiTs: tiny random-weight Wan 2.1, LTXV and HunyuanVideo models (tiny_models.make_wan /
+make_ltxv / make_hunyuan_video; (1, C, 3, 8, 8) latents) sampled by a real KSampler.
+
+1. The tiny models themselves: the family's real noise schedule, one forward of cond + uncond per step,
+   finite and deterministic results that depend on the prompt.
+2. Every node that declares the family (PAG_FAMILIES / BLOCK_FAMILIES / the CFG rules in
+   nodes/guidance_nodes.py) gives a finite result clearly different from plain CFG at the same cfg.
+3. Parity with ComfyUI's own nodes where they exist: SkipLayerGuidanceDiT (SLG ``block``, an extra cond pass;
+   double and single blocks) and SkipLayerGuidanceDiTSimple (SLG on the negative branch). Identity
+   self-attention (PAG, SLG ``attention_scores``) against references written here from the PAG paper's
+   definition, each perturbing the model in its own way: for Wan and LTXV a forward hook on the block's
+   self-attention module that returns ``out_proj(V)``; for HunyuanVideo's joint attention (image tokens
+   first, text after) an attention override that gives the image tokens' rows V and leaves the text tokens'
+   rows as they are. Applied post-CFG as ComfyUI's PerturbedAttentionGuidance does on UNets.
+4. Forward costs: the extra branches ride in the cond/uncond forward (PAG + cfg: one call of 3 per step).
+5. The nodes that do not support these families (SEG, SAG) refuse them and name what they support.
+
+Host behaviour these tests depend on (ComfyUI 0.8.0):
+- Every family's forward calls ``patches_replace["dit"][("double_block", i)]`` (HunyuanVideo also
+  ``("single_block", i)``) with ``{img, txt, ..., transformer_options}``; self-attention runs through
+  ``optimized_attention`` and so through ``optimized_attention_override``.
+- ``comfy/ldm/wan/model.py``: each block runs ``self_attn`` (WanSelfAttention: ``o(attention(q, k, v(x)))``)
+  then cross-attention to the text. ``comfy/ldm/lightricks/model.py``: each block runs ``attn1`` (self:
+  ``to_out(attention(q, k, to_v(x)))``), ``attn2`` (cross, masked by the T5 attention mask) and ``ff``,
+  updating its input in place; the model needs the ``attention_mask`` its T5 gives.
+  ``comfy/ldm/hunyuan_video/model.py``: Flux-style double and single blocks whose joint attention puts the
+  image tokens first (``flipped_img_txt``; single blocks ``cat(img, txt)``); it sets
+  ``transformer_options["block_type"]`` and ``["block_index"]`` before each block and passes q, k, v as
+  (B, heads, L, D) with ``skip_reshape=True``.
+- ``comfy/supported_models.py``: WAN21_T2V (flow, shift 8), LTXV (flux-type flow, shift 2.37), HunyuanVideo
+  (flow, shift 7); SkipLayerGuidanceDiT(Simple) is active for sigma_end <= σ <= sigma_start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from harness import ForwardCounter, assert_window_is_partial, run_node, sample, scheduler_sigmas
+from references import joint_attention_rows_return_values, module_returns, perturbed_pass_reference
+from tiny_models import VIDEO_FAMILIES, family_spec, make_conditioning, make_latent, make_model
+
+STEPS = 4
+CFG = 5.0
+MIN_EFFECT = 1e-2  # max|guided − plain| / max|plain|
+PARITY_RTOL = 1e-4  # of max|reference|
+WEAK_MODEL_SEED = 7  # autoguidance's "bad version": the same architecture with other random weights
+COND, UNCOND = 0, 1  # calc_cond_batch's indices of the positive and negative conds
+
+
+@dataclass(frozen=True)
+class VideoFamily:
+    """What the tests need to know of a family, from the host's code (not from the pack)."""
+
+    name: str  # as the pack's error messages name it
+    diffusion_model: str  # class name
+    sampling: str  # model_sampling class name
+    shift: float
+    image_tokens: int  # of the (1, C, 3, 8, 8) test latent
+    text_in_self_attention: bool  # joint attention (HunyuanVideo) vs separate cross-attention
+    has_single_blocks: bool
+
+
+FAMILIES = {
+    # Patch (1, 2, 2): 3 frames of 4x4 tokens.
+    "wan": VideoFamily("Wan", "WanModel", "ModelSamplingDiscreteFlow", 8.0, 48, False, False),
+    # Patch 1: one token per latent pixel.
+    "ltxv": VideoFamily("LTXV", "LTXVModel", "ModelSamplingFlux", 2.37, 192, False, False),
+    "hunyuan_video": VideoFamily("HunyuanVideo", "HunyuanVideo", "ModelSamplingDiscreteFlow", 7.0, 48, True, True),
+}
+PER_FAMILY = pytest.mark.parametrize("family", VIDEO_FAMILIES)
+
+
+def node(node_id: str, **inputs):
+    """The first output of a node run through ComfyUI's executor."""
+    return run_node(node_id, **inputs)[0]
+
+
+def run(model, family: str, cfg: float = CFG, batch: int = 1, positive_seed: int = 1) -> torch.Tensor:
+    positive, negative = make_conditioning(family, seed=positive_seed)
+    latent = make_latent(family, batch=batch, seed=2)
+    return sample(model, positive, negative, latent, cfg=cfg, steps=STEPS, seed=3)
+
+
+def run_counted(model, family: str, cfg: float = CFG) -> tuple[torch.Tensor, ForwardCounter]:
+    with ForwardCounter(model) as counter:
+        out = run(model, family, cfg=cfg)
+    return out, counter
+
+
+def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((result - reference).abs().max() / reference.abs().max())
+
+
+def assert_guided(guided: torch.Tensor, plain: torch.Tensor) -> None:
+    assert guided.shape == plain.shape
+    assert torch.isfinite(guided).all(), "the guided result has NaN or inf"
+    effect = relative_error(guided, plain)
+    assert effect > MIN_EFFECT, f"the node barely changed the result: max|Δ|/max|plain| = {effect:.2e}"
+
+
+def assert_parity(result: torch.Tensor, reference: torch.Tensor, plain: torch.Tensor) -> None:
+    """``result`` matches ``reference`` (PARITY_RTOL of max|reference|); the reference is far from plain."""
+    assert torch.isfinite(reference).all() and torch.isfinite(result).all()
+    effect = relative_error(reference, plain)
+    assert effect > MIN_EFFECT, f"the reference barely differs from plain CFG ({effect:.2e}): a vacuous test"
+    error = relative_error(result, reference)
+    assert error < PARITY_RTOL, f"max|ours − reference| / max|reference| = {error:.2e} (effect {effect:.2e})"
+
+
+@pytest.fixture(autouse=True)
+def _pack(guiders_pack):
+    return guiders_pack
+
+
+@pytest.fixture(scope="module")
+def weak_model_of(comfy_host) -> Callable:
+    built: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = make_model(family, seed=WEAK_MODEL_SEED)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def plain_of(tiny_model) -> Callable:
+    results: dict[str, torch.Tensor] = {}
+
+    def get(family: str) -> torch.Tensor:
+        if family not in results:
+            results[family] = run(tiny_model(family), family)
+        return results[family]
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny models
+
+
+@PER_FAMILY
+def test_tiny_video_model_keeps_the_real_noise_schedule(tiny_model, family: str) -> None:
+    # Random weights go into the network only; model_sampling is the family's own flow schedule.
+    model = tiny_model(family)
+    expected = FAMILIES[family]
+    sampling = model.get_model_object("model_sampling")
+    sigmas = scheduler_sigmas(model, steps=STEPS)
+
+    assert type(model.model.diffusion_model).__name__ == expected.diffusion_model
+    assert expected.sampling in [cls.__name__ for cls in type(sampling).__mro__]
+    assert float(sampling.shift) == pytest.approx(expected.shift)
+    assert sigmas[0].item() == pytest.approx(1.0, rel=1e-5)
+    assert sigmas[-1].item() == 0.0
+    assert (sigmas[1:] < sigmas[:-1]).all(), f"the schedule is not strictly decreasing: {sigmas}"
+
+
+def test_wan_flow_schedule_is_the_shifted_one(tiny_model) -> None:
+    # σ(t) = shift·t / (1 + (shift − 1)·t) (SD3 paper, Eq. 23), so 50 % of the way σ = 4 / 4.5 at shift 8.
+    sampling = tiny_model("wan").get_model_object("model_sampling")
+    assert float(sampling.percent_to_sigma(0.5)) == pytest.approx(8 * 0.5 / (1 + 7 * 0.5), rel=1e-5)
+
+
+@PER_FAMILY
+def test_ksampler_on_a_tiny_video_model_is_one_call_of_two_per_step_finite_and_deterministic(
+    tiny_model, family: str
+) -> None:
+    model = tiny_model(family)
+    out, counter = run_counted(model, family)
+    again = run(model, family)
+    cond_only = run(model, family, cfg=1.0)
+    latent = make_latent(family, seed=2)
+
+    assert out.shape == latent.shape == (1, family_spec(family).latent_channels, 3, 8, 8)
+    assert torch.isfinite(out).all()
+    assert (out - latent).abs().mean() > 0.1, "sampling left the latent (nearly) unchanged"
+    assert out.std() > 0.1, "the model collapsed its output to a constant"
+    assert counter.per_step() == [[2]] * STEPS, "cond and uncond should run as one forward of batch 2"
+    assert all(set(call.cond_or_uncond) == {COND, UNCOND} for call in counter.calls)
+    assert torch.equal(out, again), "the same model, prompt and seed gave another result"
+    # The prompt matters, so guidance has something to amplify.
+    assert relative_error(out, cond_only) > MIN_EFFECT, "cfg 5 and cfg 1 give (nearly) the same latent"
+
+
+@PER_FAMILY
+def test_a_latent_batch_of_two_samples_each_video(tiny_model, family: str) -> None:
+    out = run(tiny_model(family), family, batch=2)
+
+    assert out.shape[0] == 2
+    assert torch.isfinite(out).all()
+    assert relative_error(out[0], out[1]) > MIN_EFFECT, "two noise draws gave the same video"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every node that declares these families changes the result
+
+
+@dataclass(frozen=True)
+class Case:
+    """A node to apply: ``build(model, weak_model)`` gives the patched model; compared at sampler ``cfg``."""
+
+    name: str
+    build: Callable
+    cfg: float = CFG
+
+
+def _scheduled_cfg(model, weak):
+    return node("GuidersScheduledCFG", model=model,
+                schedule=node("GuidersScheduleLinear", start_value=8.0, end_value=2.0))
+
+
+def _slg(mode: str, target: str = "new branch", layers: str = "1"):
+    def build(model, weak):
+        return node("GuidersSLG", model=model, scale=3.0, layers=layers, mode=mode, start_percent=0.0,
+                    end_percent=1.0, target=target)
+
+    return build
+
+
+CASES = [
+    Case("PAG", lambda m, w: node("GuidersPAG", model=m, scale=3.0)),
+    Case("SLG-block", _slg("block")),
+    Case("SLG-attention", _slg("attention")),
+    Case("SLG-feedforward", _slg("feedforward")),
+    Case("SLG-attention_scores", _slg("attention_scores")),
+    Case("SLG-block-negative_branch", _slg("block", target="negative branch")),
+    Case("ScheduledCFG", _scheduled_cfg),
+    Case("CFGNormalize-base_norm", lambda m, w: node("GuidersCFGNormalize", model=m, mode="base_norm")),
+    # t_norm's scale multiplies a direction normalised to the uncond's norm: cf_guidance uses 0.25 → 0.05.
+    Case("CFGNormalize-t_norm", lambda m, w: node("GuidersCFGNormalize", model=m, mode="t_norm"), cfg=0.3),
+    Case("CFGNormalize-full_norm", lambda m, w: node("GuidersCFGNormalize", model=m, mode="full_norm"),
+         cfg=0.3),
+    Case("RescaleCFG", lambda m, w: node("GuidersRescaleCFG", model=m, multiplier=0.7)),
+    Case("CFGZeroStar-zero_init_1", lambda m, w: node("GuidersCFGZeroStar", model=m, zero_init_steps=1)),
+    Case("CFGZeroStar-zero_init_0", lambda m, w: node("GuidersCFGZeroStar", model=m, zero_init_steps=0)),
+    Case("APG", lambda m, w: node("GuidersAPG", model=m, eta=0.0, norm_threshold=5.0, momentum=-0.5)),
+    Case("Autoguidance", lambda m, w: node("GuidersAutoguidance", model=m, weak_model=w, scale=2.0)),
+]
+SINGLE_BLOCK_CASES = [  # HunyuanVideo's single-stream blocks (fused attention + MLP: no sublayer modes)
+    Case("PAG-single", lambda m, w: node("GuidersPAG", model=m, scale=3.0, layers="single.1")),
+    Case("SLG-block-single", _slg("block", layers="single.1")),
+    Case("SLG-attention_scores-single", _slg("attention_scores", layers="single.1")),
+]
+FAMILY_CASES = [pytest.param(family, case, id=f"{family}-{case.name}") for family in VIDEO_FAMILIES
+                for case in CASES + (SINGLE_BLOCK_CASES if FAMILIES[family].has_single_blocks else [])]
+
+
+def test_the_video_families_are_declared_where_this_file_tests_them(guiders_pack) -> None:
+    # If the pack drops a family from a method (or adds one to SEG), this file must change with it.
+    import sys
+
+    module = sys.modules[guiders_pack["GuidersPAG"].__module__]
+    for family in VIDEO_FAMILIES:
+        assert family in module.PAG_FAMILIES and family in module.BLOCK_FAMILIES and family in module.ALL_FAMILIES
+        assert family not in module.ATTENTION_FAMILIES
+
+
+@pytest.mark.parametrize(("family", "case"), FAMILY_CASES)
+def test_node_changes_the_result_on_video_models_and_stays_finite(
+    tiny_model, weak_model_of, family: str, case: Case
+) -> None:
+    model = tiny_model(family)
+    patched = case.build(model, weak_model_of(family))
+
+    assert_guided(run(patched, family, cfg=case.cfg), run(model, family, cfg=case.cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity with ComfyUI's own nodes
+
+SLG_WINDOWS = [pytest.param(0.0, 1.0, id="always"), pytest.param(0.2, 0.6, id="window-0.2-0.6")]
+BLOCKS = [pytest.param(family, "1", "1", "", id=f"{family}-block1") for family in VIDEO_FAMILIES] + [
+    pytest.param("hunyuan_video", "single.1", "", "1", id="hunyuan_video-single1"),
+]
+
+
+@pytest.mark.parametrize(("start", "end"), SLG_WINDOWS)
+@pytest.mark.parametrize(("family", "layers", "double_layers", "single_layers"), BLOCKS)
+def test_slg_block_matches_skip_layer_guidance_dit(
+    tiny_model, plain_of, family: str, layers: str, double_layers: str, single_layers: str, start: float, end: float
+) -> None:
+    model = tiny_model(family)
+    assert_window_is_partial(model, start, end, STEPS)
+    ours = node("GuidersSLG", model=model, scale=3.0, layers=layers, mode="block", start_percent=start,
+                end_percent=end, rescale=0.0)
+    builtin = node("SkipLayerGuidanceDiT", model=model, double_layers=double_layers, single_layers=single_layers,
+                   scale=3.0, start_percent=start, end_percent=end, rescaling_scale=0.0)
+
+    assert_parity(run(ours, family), run(builtin, family), plain_of(family))
+
+
+@PER_FAMILY
+def test_slg_on_the_negative_branch_matches_skip_layer_guidance_dit_simple(tiny_model, plain_of, family) -> None:
+    model = tiny_model(family)
+    ours = node("GuidersSLG", model=model, scale=3.0, layers="1", mode="block", start_percent=0.0,
+                end_percent=1.0, rescale=0.0, target="negative branch")
+    builtin = node("SkipLayerGuidanceDiTSimple", model=model, double_layers="1", single_layers="",
+                   start_percent=0.0, end_percent=1.0)
+
+    assert_parity(run(ours, family), run(builtin, family), plain_of(family))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Identity self-attention against references written from the definition
+
+
+def self_attention_returns_values(family: str, block_index: int) -> Callable:
+    """Identity attention map in a block whose self-attention is its own module: it returns out_proj(V)."""
+    if family == "wan":  # WanSelfAttention: o(attention(q, k, v(x)))
+        return module_returns(lambda dm: dm.blocks[block_index].self_attn, lambda m, x: m.o(m.v(x)))
+    # LTXV's attn1 (CrossAttention without context): to_out(attention(q, k, to_v(x)))
+    return module_returns(lambda dm: dm.transformer_blocks[block_index].attn1, lambda m, x: m.to_out(m.to_v(x)))
+
+
+IDENTITY_CASES = [
+    pytest.param(family, layers, node_id, id=f"{family}-{layers}-{node_id}")
+    for family in VIDEO_FAMILIES
+    for layers in (["1", "single.1"] if FAMILIES[family].has_single_blocks else ["1"])
+    for node_id in ("GuidersPAG", "GuidersSLG-attention_scores")
+]
+
+
+@pytest.mark.parametrize(("family", "layers", "node_id"), IDENTITY_CASES)
+def test_identity_self_attention_matches_a_reference_from_the_definition(
+    tiny_model, plain_of, family: str, layers: str, node_id: str
+) -> None:
+    model = tiny_model(family)
+    if node_id == "GuidersPAG":
+        ours = node("GuidersPAG", model=model, scale=3.0, layers=layers, start_percent=0.0, end_percent=1.0)
+    else:
+        ours = node("GuidersSLG", model=model, scale=3.0, layers=layers, mode="attention_scores",
+                    start_percent=0.0, end_percent=1.0, rescale=0.0)
+    expected = FAMILIES[family]
+    if expected.text_in_self_attention:
+        block_type, index = ("single", 1) if layers.startswith("single") else ("double", int(layers))
+        # Image tokens first, then the text.
+        rows = slice(0, expected.image_tokens) if node_id == "GuidersPAG" else slice(None)
+        perturbed = joint_attention_rows_return_values(block_type, index, rows)
+    else:
+        perturbed = self_attention_returns_values(family, int(layers))
+
+    reference = perturbed_pass_reference(model, perturbed, scale=3.0)
+
+    assert_parity(run(ours, family), run(reference, family), plain_of(family))
+
+
+@pytest.mark.parametrize("family", [f for f in VIDEO_FAMILIES if not FAMILIES[f].text_in_self_attention])
+def test_pag_leaves_cross_attention_alone_when_text_and_image_token_counts_coincide(tiny_model, family) -> None:
+    # As many text tokens as image tokens: token counts cannot tell self- and cross-attention apart.
+    model = tiny_model(family)
+    tokens = FAMILIES[family].image_tokens
+    spec = family_spec(family)
+    generator = torch.Generator().manual_seed(1)
+
+    def conditioning():
+        extras = {"attention_mask": torch.ones(1, tokens, dtype=torch.long)} if spec.padded_text_tokens else {}
+        return [[torch.randn(1, tokens, spec.context_dim, generator=generator), extras]]
+
+    positive, negative = conditioning(), conditioning()
+    latent = make_latent(family, seed=2)
+    reference_model = perturbed_pass_reference(model, self_attention_returns_values(family, 1), 3.0)
+    ours = node("GuidersPAG", model=model, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
+    plain_result = sample(model, positive, negative, latent, cfg=CFG, seed=3)
+    reference = sample(reference_model, positive, negative, latent, cfg=CFG, seed=3)
+    assert_parity(sample(ours, positive, negative, latent, cfg=CFG, seed=3), reference, plain_result)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward costs
+
+
+@PER_FAMILY
+def test_guiders_pag_with_cfg_is_one_call_of_three_per_step(tiny_model, plain_of, family: str) -> None:
+    pag_model = node("GuidersPAG", model=tiny_model(family), scale=3.0)
+
+    out, counter = run_counted(pag_model, family)
+
+    assert counter.per_step() == [[3]] * STEPS
+    for call in counter.calls:
+        indices = sorted(call.cond_or_uncond)
+        assert indices[:2] == [COND, UNCOND] and indices[2] >= 2, call.cond_or_uncond
+    assert relative_error(out, plain_of(family)) > MIN_EFFECT
+
+
+@PER_FAMILY
+def test_guiders_slg_block_is_one_call_of_three_per_step(tiny_model, plain_of, family: str) -> None:
+    slg_model = node("GuidersSLG", model=tiny_model(family), scale=3.0, layers="1", mode="block",
+                     start_percent=0.0, end_percent=1.0)
+
+    out, counter = run_counted(slg_model, family)
+
+    assert counter.per_step() == [[3]] * STEPS
+    assert relative_error(out, plain_of(family)) > MIN_EFFECT
+
+
+@PER_FAMILY
+def test_slg_on_the_negative_branch_adds_no_forward(tiny_model, plain_of, family: str) -> None:
+    # SkipLayerGuidanceDiTSimple runs cond and the skipped uncond as two calls; the pack keeps one call of 2:
+    # the cond and the perturbed uncond (an extra-branch index), the plain uncond is not evaluated.
+    slg_model = node("GuidersSLG", model=tiny_model(family), scale=3.0, layers="1", mode="block",
+                     start_percent=0.0, end_percent=1.0, target="negative branch")
+
+    out, counter = run_counted(slg_model, family)
+
+    assert counter.per_step() == [[2]] * STEPS
+    for call in counter.calls:
+        indices = sorted(call.cond_or_uncond)
+        assert indices[0] == COND and indices[1] >= 2, call.cond_or_uncond
+    assert relative_error(out, plain_of(family)) > MIN_EFFECT
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nodes without video support refuse it
+
+
+@PER_FAMILY
+@pytest.mark.parametrize(("node_id", "inputs", "supported"), [
+    pytest.param("GuidersSEG", {"scale": 3.0, "blur_sigma": 10.0}, ("UNet", "SD3", "Flux"), id="SEG"),
+    pytest.param("GuidersSAG", {"scale": 0.5, "blur_sigma": 2.0}, ("UNet",), id="SAG"),
+])
+def test_nodes_without_video_support_refuse_it_and_name_the_supported_families(
+    tiny_model, family: str, node_id: str, inputs: dict, supported: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        run_node(node_id, model=tiny_model(family), **inputs)
+
+    # The node's own name in the message is checked by test_node_errors.py; here: the families.
+    message = str(raised.value)
+    name = FAMILIES[family].name
+    assert name in message and "supports" in message, message
+    supports_part = message.split("supports", 1)[-1]
+    assert all(s in supports_part for s in supported), message
+    assert name not in supports_part, f"the message lists {name} as supported: {message}"
