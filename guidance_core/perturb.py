@@ -1,7 +1,7 @@
 """Perturbations of attention, as pure functions on tensors: the "weaker model" half of PAG, SEG and SAG.
 
 - PAG replaces the self-attention map by the identity (``identity_attention``).
-- SEG blurs the self-attention queries over the 2-D token grid (``smooth_queries``).
+- SEG blurs the self-attention queries over the 2-D token grid, frame by frame (``smooth_queries``).
 - SAG reads which tokens draw the most attention (``attention_probabilities``, ``sag_attention_mask``)
   and blurs the predicted clean image there (``sag_blur``) before running the model again.
 
@@ -106,38 +106,43 @@ def smooth_queries(
     sigma: float,
     image_token_start: int = 0,
     infinite_sigma: float = 9999.0,
+    frames: int = 1,
 ) -> torch.Tensor:
     """SEG's perturbation: Gaussian-blur the self-attention queries over the image's token grid.
 
     Hong, *Smoothed Energy Guidance*, NeurIPS 2024, arXiv:2408.00760: blurring the queries
     along the token grid blurs the attention logits ``Q K^T`` by the same kernel, which lowers the
-    curvature of the attention energy. Tokens ``[image_token_start, image_token_start + H*W)`` on
-    axis -2 of ``q`` (``(..., L, C)``) are the row-major H x W grid; other tokens (text tokens in
-    joint attention) pass through unchanged. At ``sigma >= infinite_sigma`` the blur is its limit:
-    every image query becomes the grid's mean (per leading index and channel). SEG-SDXL tests
-    ``sigma > 9999``, so the two thresholds disagree only at sigma exactly 9999.
+    curvature of the attention energy. Tokens ``[image_token_start, image_token_start + frames*H*W)``
+    on axis -2 of ``q`` (``(..., L, C)``) are ``frames`` row-major H x W grids, one after the other (a
+    video's frames); each frame is blurred on its own, in space only, as the paper blurs an image. Other
+    tokens (text tokens in joint attention) pass through unchanged. At ``sigma >= infinite_sigma`` the
+    blur is its limit: every image query becomes its frame's mean (per leading index and channel).
+    SEG-SDXL tests ``sigma > 9999``, so the two thresholds disagree only at sigma exactly 9999.
     """
     height, width = grid_hw
-    if height < 1 or width < 1:
-        raise ValueError(f"grid_hw must be two positive sizes (H, W), got {grid_hw!r}")
+    if height < 1 or width < 1 or frames < 1:
+        raise ValueError(f"grid_hw must be two positive sizes (H, W) and frames ≥ 1, got {grid_hw!r}, {frames}")
     if q.ndim < 2:
         raise ValueError(f"q must be shaped (..., tokens, channels), got shape {tuple(q.shape)}")
     num_tokens = q.shape[-2]
-    image_token_end = image_token_start + height * width
+    frame_tokens = height * width
+    image_token_end = image_token_start + frames * frame_tokens
     if image_token_start < 0 or image_token_end > num_tokens:
         raise ValueError(
-            f"an {height}x{width} grid ({height * width} tokens) starting at token {image_token_start} "
-            f"does not fit in q's {num_tokens} tokens (q shape {tuple(q.shape)})"
+            f"{frames} frame(s) of an {height}x{width} grid ({frames * frame_tokens} tokens) starting at token "
+            f"{image_token_start} do not fit in q's {num_tokens} tokens (q shape {tuple(q.shape)})"
         )
     image_queries = q[..., image_token_start:image_token_end, :].float()
+    per_frame = image_queries.unflatten(-2, (frames, frame_tokens))  # (..., frames, H*W, C)
     if sigma >= infinite_sigma:
-        smoothed = image_queries.mean(dim=-2, keepdim=True).expand_as(image_queries)
+        smoothed = per_frame.mean(dim=-2, keepdim=True).expand_as(per_frame)
     else:
         channels = q.shape[-1]
-        grid = image_queries.reshape(-1, height * width, channels).transpose(1, 2)
+        grid = per_frame.reshape(-1, frame_tokens, channels).transpose(1, 2)
         grid = grid.reshape(-1, channels, height, width)
         blurred = gaussian_blur_2d(grid, sigma)
-        smoothed = blurred.reshape(-1, channels, height * width).transpose(1, 2).reshape(image_queries.shape)
+        smoothed = blurred.reshape(-1, channels, frame_tokens).transpose(1, 2).reshape(per_frame.shape)
+    smoothed = smoothed.flatten(-3, -2)
     return torch.cat(
         [q[..., :image_token_start, :], smoothed.to(q.dtype), q[..., image_token_end:, :]], dim=-2
     )

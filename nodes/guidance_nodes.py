@@ -19,7 +19,7 @@ from .schedule_nodes import Schedule
 CATEGORY = "sampling/guiders"
 
 ALL_FAMILIES = ("unet", "sd3", "flux", "wan", "ltxv", "hunyuan_video")
-ATTENTION_FAMILIES = ("unet", "sd3", "flux")  # SEG: a 2-D token grid
+ATTENTION_FAMILIES = ("unet", "sd3", "flux", "wan", "ltxv", "hunyuan_video")  # SEG: a token grid per frame
 PAG_FAMILIES = ("unet", "sd3", "flux", "wan", "ltxv", "hunyuan_video")
 BLOCK_FAMILIES = ("sd3", "flux", "wan", "ltxv", "hunyuan_video")
 
@@ -285,11 +285,11 @@ def identity_image_attention(q, k, v, grid, attend):
 
 
 def smoothed_energy_attention(q, k, v, grid, attend, blur_sigma: float):
-    """SEG's perturbation: the image tokens' queries are blurred over the 2-D token grid."""
+    """SEG's perturbation: the image tokens' queries are blurred over the 2-D token grid (each video frame
+    on its own)."""
     _require_grid(grid, "SEG", q.shape[-2])
-    if grid.frames != 1:
-        raise adapter.GuidanceError("SEG blurs a 2-D token grid; video latents (several frames) are not supported.")
-    smoothed = perturb.smooth_queries(q, (grid.height, grid.width), blur_sigma, image_token_start=grid.start)
+    smoothed = perturb.smooth_queries(q, (grid.height, grid.width), blur_sigma, image_token_start=grid.start,
+                                      frames=grid.frames)
     return attend(smoothed, k, v)
 
 
@@ -342,11 +342,13 @@ class GuidersSEG(io.ComfyNode):
             category=CATEGORY,
             description="SEG (Hong, NeurIPS 2024, arXiv:2408.00760): adds s·(cond − perturbed), where the "
                         "perturbed branch Gaussian-blurs the image tokens' attention queries over the token grid "
-                        "(non-square grids and text tokens handled). UNets and DiTs (SD3, Flux).",
+                        "(non-square grids and text tokens handled; video frame by frame). UNets and DiTs (SD3, "
+                        "Flux, Wan, LTXV, HunyuanVideo).",
             inputs=[
                 _model_input(),
                 io.Float.Input("scale", default=3.0, min=0.0, max=100.0, step=0.01,
-                               tooltip="s. The paper uses 3 on SDXL; SD1.5 2-4; SD3/Flux 1-3."),
+                               tooltip="s. The paper uses 3 on SDXL; SD1.5 2-4; SD3/Flux 1-3; video DiTs (Wan, "
+                                       "LTXV, HunyuanVideo): no published value, start at 1-2."),
                 io.Float.Input("blur_sigma", default=10.0, min=0.0, max=99999.0, step=0.1,
                                tooltip="σ of the query blur, in tokens. Larger = stronger. ≥ 9999 means infinite "
                                        "(every query becomes the mean query); the paper's examples use 10-100."),

@@ -210,6 +210,35 @@ def test_smooth_queries_leaves_text_tokens_untouched() -> None:
     assert_matches_reference(smoothed[..., text_before:image_end, :], expected_image)
 
 
+@pytest.mark.parametrize("sigma", [1.0, 3.0, 1e7])
+def test_smooth_queries_blurs_each_video_frame_on_its_own(sigma) -> None:
+    # Video: frames of H x W tokens one after the other, here after text tokens and before more text.
+    text_before, text_after, frames, height, width = 4, 2, 3, 5, 6
+    frame = height * width
+    q = randn(2, 3, text_before + frames * frame + text_after, 4, seed=21)
+    smoothed = smooth_queries(q, (height, width), sigma, image_token_start=text_before, frames=frames)
+    image_end = text_before + frames * frame
+    assert torch.equal(smoothed[..., :text_before, :], q[..., :text_before, :])
+    assert torch.equal(smoothed[..., image_end:, :], q[..., image_end:, :])
+    for f in range(frames):
+        rows = slice(text_before + f * frame, text_before + (f + 1) * frame)
+        expected = reference_seg_queries(q[..., rows, :], height, width, sigma, infinite=sigma >= 9999)
+        assert_matches_reference(smoothed[..., rows, :], expected)
+
+
+def test_smooth_queries_does_not_mix_video_frames() -> None:
+    # A frame's blurred queries depend on that frame only, even at the infinite blur.
+    frames, side = 3, 4
+    q = randn(1, 2, frames * side * side, 4, seed=22)
+    changed = q.clone()
+    changed[..., : side * side, :] += 5.0  # only the first frame
+    for sigma in (2.0, 1e7):
+        a = smooth_queries(q, (side, side), sigma, frames=frames)
+        b = smooth_queries(changed, (side, side), sigma, frames=frames)
+        assert torch.equal(a[..., side * side:, :], b[..., side * side:, :])
+        assert (a[..., : side * side, :] - b[..., : side * side, :]).abs().min() > 1.0
+
+
 @pytest.mark.parametrize("sigma", [9999.0, 1e7])
 def test_smooth_queries_infinite_sigma_is_the_grid_mean(sigma) -> None:
     text_tokens, side = 5, 8

@@ -65,6 +65,12 @@ def joint_attention_rows_return_values(block_type: str, block_index: int, rows: 
         out[:, rows] = values[:, rows]
         return out
 
+    return attention_override_during_pass(override)
+
+
+def attention_override_during_pass(override: Callable) -> Callable:
+    """While the pass runs, ``override`` is the model's ``optimized_attention_override``."""
+
     @contextlib.contextmanager
     def perturbed(diffusion_model, model_options):
         options = dict(model_options)
@@ -73,3 +79,29 @@ def joint_attention_rows_return_values(block_type: str, block_index: int, rows: 
         yield options
 
     return perturbed
+
+
+def inside_module(module_of: Callable, flag: dict, perturbed: Callable) -> Callable:
+    """``perturbed``, with ``flag["module"]`` true exactly while the module ``module_of(diffusion_model)``
+    runs (forward pre- and post-hooks), so an attention override can act on that module's calls only."""
+
+    @contextlib.contextmanager
+    def within(diffusion_model, model_options):
+        module = module_of(diffusion_model)
+
+        def enter(*_):
+            flag["module"] = True
+
+        def leave(*_):
+            flag["module"] = False
+
+        handles = [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        try:
+            with perturbed(diffusion_model, model_options) as options:
+                yield options
+        finally:
+            for handle in handles:
+                handle.remove()
+            flag["module"] = False
+
+    return within

@@ -2,7 +2,8 @@
 KSampler run: the result is finite and differs clearly from plain CFG at the same sampler cfg.
 
 The families a node supports are the pack's own declaration (ATTENTION_FAMILIES / BLOCK_FAMILIES in
-nodes/guidance_nodes.py, unet = SD1.5 here); test_node_errors.py checks that the others are refused.
+nodes/guidance_nodes.py, unet = SD1.5 here; the video DiTs are in test_video_dits.py); test_node_errors.py
+checks that the others are refused.
 SEG also runs on a non-square latent, where its query blur needs the token grid's true height and width.
 
 Host behaviour these tests depend on (ComfyUI 0.8.0): KSampler with cfg != 1 evaluates cond and uncond;
@@ -122,7 +123,7 @@ def test_the_declared_families_are_the_ones_tested(guiders_pack) -> None:
     import sys
 
     module = sys.modules[guiders_pack["GuidersPAG"].__module__]
-    assert tuple(FAMILY_OF_POOL[f] for f in module.ATTENTION_FAMILIES) == ATTENTION
+    assert tuple(FAMILY_OF_POOL[f] for f in module.ATTENTION_FAMILIES if f in FAMILY_OF_POOL) == ATTENTION
     assert tuple(FAMILY_OF_POOL[f] for f in module.BLOCK_FAMILIES if f in FAMILY_OF_POOL) == BLOCKS
 
 

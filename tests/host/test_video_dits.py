@@ -13,7 +13,7 @@ make_ltxv / make_hunyuan_video; (1, C, 3, 8, 8) latents) sampled by a real KSamp
    first, text after) an attention override that gives the image tokens' rows V and leaves the text tokens'
    rows as they are. Applied post-CFG as ComfyUI's PerturbedAttentionGuidance does on UNets.
 4. Forward costs: the extra branches ride in the cond/uncond forward (PAG + cfg: one call of 3 per step).
-5. The nodes that do not support these families (SEG, SAG) refuse them and name what they support.
+5. SAG, which needs a UNet's attention map, refuses them and names what it supports.
 
 Host behaviour these tests depend on (ComfyUI 0.8.0):
 - Every family's forward calls ``patches_replace["dit"][("double_block", i)]`` (HunyuanVideo also
@@ -39,8 +39,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 from harness import ForwardCounter, assert_window_is_partial, run_node, sample, scheduler_sigmas
-from references import joint_attention_rows_return_values, module_returns, perturbed_pass_reference
+from references import (
+    attention_override_during_pass,
+    inside_module,
+    joint_attention_rows_return_values,
+    module_returns,
+    perturbed_pass_reference,
+)
 from tiny_models import VIDEO_FAMILIES, family_spec, make_conditioning, make_latent, make_model
+
+from guidance_core.perturb import smooth_queries
 
 STEPS = 4
 CFG = 5.0
@@ -223,6 +231,8 @@ def _slg(mode: str, target: str = "new branch", layers: str = "1"):
 
 CASES = [
     Case("PAG", lambda m, w: node("GuidersPAG", model=m, scale=3.0)),
+    Case("SEG-sigma10", lambda m, w: node("GuidersSEG", model=m, scale=3.0, blur_sigma=10.0)),
+    Case("SEG-sigma99999", lambda m, w: node("GuidersSEG", model=m, scale=3.0, blur_sigma=99999.0)),
     Case("SLG-block", _slg("block")),
     Case("SLG-attention", _slg("attention")),
     Case("SLG-feedforward", _slg("feedforward")),
@@ -242,6 +252,7 @@ CASES = [
 ]
 SINGLE_BLOCK_CASES = [  # HunyuanVideo's single-stream blocks (fused attention + MLP: no sublayer modes)
     Case("PAG-single", lambda m, w: node("GuidersPAG", model=m, scale=3.0, layers="single.1")),
+    Case("SEG-single", lambda m, w: node("GuidersSEG", model=m, scale=3.0, blur_sigma=10.0, layers="single.1")),
     Case("SLG-block-single", _slg("block", layers="single.1")),
     Case("SLG-attention_scores-single", _slg("attention_scores", layers="single.1")),
 ]
@@ -256,7 +267,7 @@ def test_the_video_families_are_declared_where_this_file_tests_them(guiders_pack
     module = sys.modules[guiders_pack["GuidersPAG"].__module__]
     for family in VIDEO_FAMILIES:
         assert family in module.PAG_FAMILIES and family in module.BLOCK_FAMILIES and family in module.ALL_FAMILIES
-        assert family not in module.ATTENTION_FAMILIES
+        assert family in module.ATTENTION_FAMILIES
 
 
 @pytest.mark.parametrize(("family", "case"), FAMILY_CASES)
@@ -314,6 +325,50 @@ def self_attention_returns_values(family: str, block_index: int) -> Callable:
         return module_returns(lambda dm: dm.blocks[block_index].self_attn, lambda m, x: m.o(m.v(x)))
     # LTXV's attn1 (CrossAttention without context): to_out(attention(q, k, to_v(x)))
     return module_returns(lambda dm: dm.transformer_blocks[block_index].attn1, lambda m, x: m.to_out(m.to_v(x)))
+
+
+def video_queries_blurred(family: str, block_index: int, blur_sigma: float) -> Callable:
+    """SEG (Hong 2024, arXiv:2408.00760) on a video DiT, each frame as the paper blurs an image: inside the
+    block's self-attention, the queries of each frame's 4x4 token grid are Gaussian-blurred (the pack's
+    core ``smooth_queries``, itself checked against SEG-SDXL in tests/core). Wan and LTXV: the self-
+    attention module's attention call (its only one), found by module boundaries; HunyuanVideo: the joint
+    attention the host marks with block_type/block_index, image tokens first."""
+    grid = (8, 8) if family == "ltxv" else (8 // 2, 8 // 2)  # LTXV: patch 1; Wan, HunyuanVideo: 2x2
+    frames = family_spec(family).latent_frames
+
+    def blurred(q):
+        return smooth_queries(q, grid, blur_sigma, image_token_start=0, frames=frames)
+
+    if FAMILIES[family].text_in_self_attention:
+        def override(func, q, k, v, *args, **kwargs):
+            options = kwargs.get("transformer_options") or {}
+            if options.get("block_type") == "double" and options.get("block_index") == block_index:
+                q = blurred(q)  # (B, heads, L, D): the image tokens come first
+            return func(q, k, v, *args, **kwargs)
+
+        return attention_override_during_pass(override)
+
+    inside = {"module": False}
+
+    def override(func, q, k, v, *args, **kwargs):
+        return func(blurred(q) if inside["module"] else q, k, v, *args, **kwargs)  # q: (B, L, heads·D)
+
+    def module_of(dm):
+        return dm.blocks[block_index].self_attn if family == "wan" else dm.transformer_blocks[block_index].attn1
+
+    return inside_module(module_of, inside, attention_override_during_pass(override))
+
+
+@pytest.mark.parametrize("blur_sigma", [2.0, 99999.0])
+@PER_FAMILY
+def test_seg_blurs_each_frame_as_a_reference_from_the_definition(tiny_model, plain_of, family: str, blur_sigma):
+    model = tiny_model(family)
+    ours = node("GuidersSEG", model=model, scale=3.0, blur_sigma=blur_sigma, layers="1", start_percent=0.0,
+                end_percent=1.0)
+
+    reference = perturbed_pass_reference(model, video_queries_blurred(family, 1, blur_sigma), scale=3.0)
+
+    assert_parity(run(ours, family), run(reference, family), plain_of(family))
 
 
 IDENTITY_CASES = [
@@ -414,19 +469,14 @@ def test_slg_on_the_negative_branch_adds_no_forward(tiny_model, plain_of, family
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Nodes without video support refuse it
+# SAG refuses video models
 
 
 @PER_FAMILY
-@pytest.mark.parametrize(("node_id", "inputs", "supported"), [
-    pytest.param("GuidersSEG", {"scale": 3.0, "blur_sigma": 10.0}, ("UNet", "SD3", "Flux"), id="SEG"),
-    pytest.param("GuidersSAG", {"scale": 0.5, "blur_sigma": 2.0}, ("UNet",), id="SAG"),
-])
-def test_nodes_without_video_support_refuse_it_and_name_the_supported_families(
-    tiny_model, family: str, node_id: str, inputs: dict, supported: tuple[str, ...]
-) -> None:
+def test_sag_refuses_video_models_and_names_the_supported_families(tiny_model, family: str) -> None:
+    supported = ("UNet",)
     with pytest.raises(ValueError) as raised:
-        run_node(node_id, model=tiny_model(family), **inputs)
+        run_node("GuidersSAG", model=tiny_model(family), scale=0.5, blur_sigma=2.0)
 
     # The node's own name in the message is checked by test_node_errors.py; here: the families.
     message = str(raised.value)
