@@ -3,21 +3,28 @@ PerturbedAttentionGuidance and plain CFG, and the forward calls every guidance n
 
 Run with the host's Python (no server starts, nothing is downloaded):
 
-    ~/ComfyUI/.venv/bin/python benchmarks/bench_guidance.py [--steps 6] [--repeats 4] [--threads 1]
+    ~/ComfyUI/.venv/bin/python benchmarks/bench_guidance.py [--steps 6] [--repeats 9] [--threads 1]
 
 The host is ``$COMFYUI_PATH`` or ``~/ComfyUI``. The models are the test suite's random-weight ones
 (tests/host/tiny_models.py), loaded and sampled with the test harness (tests/host/harness.py): a
 medium SD1.5-architecture UNet (model_channels 128, context 768) on a 32x32 latent for the timings.
 
-1. Timings: the three set-ups run in turn (interleaved, the order rotating each repeat) so a change of load
-   on the machine hits them alike; each ratio is the median over repeats of the ratio within a repeat.
-   GuidersPAG / built-in PAG should be <= 1.0 (one call of batch 3 per step instead of calls of 2 and 1);
-   GuidersPAG / plain CFG near 1.5 means cost linear in branches.
-2. A table of forward calls per step and their batch sizes for each node (harness.ForwardCounter), with the
+1. Timings: the three set-ups run in turn (interleaved, the order rotating each repeat, so with a multiple
+   of 3 repeats each set-up runs equally often first, second and third) so a change of load on the
+   machine hits them alike. Each ratio is given as the median over repeats of the ratio within a repeat,
+   with its range, and as best / best (the least disturbed run of each). GuidersPAG / built-in PAG should
+   be <= 1.0 (one call of batch 3 per step instead of calls of 2 and 1); GuidersPAG / plain CFG near 1.5
+   means cost linear in branches.
+2. The batching floor: the bare model (no guidance code, no patches) evaluating cond, uncond and cond
+   once as one batch of 3 and once as a batch of 2 and a batch of 1, interleaved the same way. Its ratio
+   is what GuidersPAG / built-in PAG would be if the guidance code on either side cost nothing; a
+   GuidersPAG / built-in PAG ratio above it is overhead of ours, one equal to it is the model's own cost.
+3. A table of forward calls per step and their batch sizes for each node (harness.ForwardCounter), with the
    wall time per step (the median above for the timed set-ups, a single run for the others).
 
 Times are wall clock and this process's CPU time; on a machine other processes keep busy, the CPU-time
-ratios are the ones to trust (the load average is printed at the start and the end).
+ratios are the ones to trust (the load average is printed at the start and the end). Nothing here is a
+pass/fail check: the numbers are for reading.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ def locate_host() -> Path:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="sampling steps per run (default 6)")
-    parser.add_argument("--repeats", type=int, default=4, help="timed repeats of each set-up (default 4)")
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="timed repeats of each set-up (default 9: a multiple of 3 rotates the order evenly)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads, fixed for the whole run (default 1: on a shared 2-core "
                              "machine two threads made runs several times slower and much noisier)")
@@ -123,25 +131,29 @@ def main() -> None:
 
     print("Time per run (s)      wall: median    min      max    CPU: median    min      max")
     for label, runs in measured.items():
-        walls, cpus = [m.wall for m in runs], [m.cpu for m in runs]
-        print(f"  {label:<18} {statistics.median(walls):14.3f} {min(walls):8.3f} {max(walls):8.3f}"
-              f" {statistics.median(cpus):13.3f} {min(cpus):8.3f} {max(cpus):8.3f}")
+        print_times(label, runs)
 
-    print("\nRatios: median of the per-repeat ratios [min, max]; CPU = this process's CPU time, which other")
-    print("processes on the machine disturb far less than wall time")
+    print("\nRatios: median of the per-repeat ratios [min, max], then best / best; CPU = this process's CPU")
+    print("time, which other processes on the machine disturb far less than wall time")
     for numerator, denominator, note in (
         ("GuidersPAG", "built-in PAG", "target <= 1.0"),
         ("GuidersPAG", "plain CFG", "1.5 = linear in branches"),
         ("built-in PAG", "plain CFG", "for reference"),
     ):
-        parts = []
-        for kind in ("wall", "cpu"):
-            within = [getattr(a, kind) / getattr(b, kind)
-                      for a, b in zip(measured[numerator], measured[denominator], strict=True)]
-            parts.append(f"{kind} {statistics.median(within):.3f} [{min(within):.3f}, {max(within):.3f}]")
-        print(f"  {numerator + ' / ' + denominator:<28} {'   '.join(parts)}   ({note})")
+        print_ratio(f"{numerator} / {denominator}", measured[numerator], measured[denominator], note)
 
-    # --- 2. forward calls per node -------------------------------------------------------------------
+    # --- 2. the batching floor: the bare model, batch 3 against batches 2 + 1 ----------------------------
+    floor = measure_floor(medium, inputs["sd15_medium"], harness.scheduler_sigmas(medium, steps=args.steps),
+                          args.repeats)
+    print(f"\nBatching floor: the bare model (no guidance code) evaluating cond, uncond and cond {FLOOR_EVALUATIONS}"
+          " times per repeat")
+    print("Time per repeat (s)   wall: median    min      max    CPU: median    min      max")
+    for label, runs in floor.items():
+        print_times(label, runs)
+    print_ratio("one call / two calls", floor["one call (3)"], floor["two calls (2, 1)"],
+                "GuidersPAG / built-in PAG with free guidance code")
+
+    # --- 3. forward calls per node -------------------------------------------------------------------
     sd3 = tiny_models.make_model("sd3")
     weak = tiny_models.make_model("sd15_medium", seed=1)  # same architecture, other weights
     rows = [(s, measured[s.label][-1], statistics.median(m.wall for m in measured[s.label])) for s in timed]
@@ -169,6 +181,61 @@ class Measured:
     wall: float
     cpu: float
     counters: list
+
+
+def print_times(label: str, runs: list[Measured]) -> None:
+    walls, cpus = [m.wall for m in runs], [m.cpu for m in runs]
+    print(f"  {label:<18} {statistics.median(walls):14.3f} {min(walls):8.3f} {max(walls):8.3f}"
+          f" {statistics.median(cpus):13.3f} {min(cpus):8.3f} {max(cpus):8.3f}")
+
+
+def print_ratio(label: str, numerator: list[Measured], denominator: list[Measured], note: str) -> None:
+    """Median of the per-repeat ratios [min, max], and best / best: the runs least disturbed by the rest of
+    the machine, which is what the code itself costs if the disturbance only ever adds time."""
+    parts = []
+    for kind in ("wall", "cpu"):
+        a, b = [getattr(m, kind) for m in numerator], [getattr(m, kind) for m in denominator]
+        within = [x / y for x, y in zip(a, b, strict=True)]
+        parts.append(f"{kind} {statistics.median(within):.3f} [{min(within):.3f}, {max(within):.3f}] "
+                     f"best {min(a) / min(b):.3f}")
+    print(f"  {label:<28} {'   '.join(parts)}   ({note})")
+
+
+FLOOR_EVALUATIONS = 2  # per repeat and arrangement
+
+
+def measure_floor(model, inputs, sigmas, repeats: int) -> dict[str, list[Measured]]:
+    """The bare model's forwards for one step's cond, uncond and cond: as one batch of 3 (GuidersPAG's
+    arrangement) and as a batch of 2 then 1 (the built-in's), interleaved, the order alternating."""
+    import torch
+
+    positive, negative, latent = inputs
+    sigma = sigmas[len(sigmas) // 2].reshape(1)
+    x = latent * sigma  # a noisy latent at a mid step; only its shape matters for the time
+    cond, uncond = positive[0][0], negative[0][0]
+    base = model.model  # the BaseModel: apply_model as calc_cond_batch calls it, without any patch
+
+    def forward(contexts) -> None:
+        batch = len(contexts)
+        base.apply_model(x.repeat(batch, 1, 1, 1), sigma.repeat(batch), c_crossattn=torch.cat(contexts),
+                         transformer_options={"cond_or_uncond": list(range(batch))})
+
+    arrangements = {"one call (3)": [[cond, uncond, cond]], "two calls (2, 1)": [[cond, uncond], [cond]]}
+    with torch.no_grad():  # as the samplers run
+        for calls in arrangements.values():  # warm-up
+            for contexts in calls:
+                forward(contexts)
+        measured: dict[str, list[Measured]] = {label: [] for label in arrangements}
+        for repeat in range(repeats):
+            order = list(arrangements.items())
+            for label, calls in order if repeat % 2 == 0 else reversed(order):
+                gc.collect()
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(FLOOR_EVALUATIONS):
+                    for contexts in calls:
+                        forward(contexts)
+                measured[label].append(Measured(time.perf_counter() - wall, time.process_time() - cpu, []))
+    return measured
 
 
 def table_setups(run_node: Callable, medium, weak, sd3, steps: int) -> list[Setup]:

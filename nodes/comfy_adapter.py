@@ -739,34 +739,54 @@ def _grid_for(tokens: int, latent_shape: tuple, text_tokens: int = 0, text_first
     return None
 
 
-def _apply_chunked(q, k, v, chunks: list[list], attend, grid: TokenGrid | None, scratch: dict):
-    """Runs ``attend`` once on each run of adjacent untouched chunks and each perturbed chunk through its
-    perturbation. q, k, v are (B·chunks, heads, L, D)."""
-    n = len(chunks)
-    if not any(chunks):
-        return attend(q, k, v)
-    size = q.shape[0] // n
-    outputs, j = [], 0
+def _chunk_runs(chunks: list[list]) -> list[tuple[int, int, AttentionPerturbation | None]]:
+    """The chunks as runs ``(first, end, perturbation)``: adjacent untouched chunks form one run (one
+    attention call for all of them), each perturbed chunk is a run of its own."""
+    runs, j, n = [], 0, len(chunks)
     while j < n:
-        if not chunks[j]:
-            end = j
-            while end < n and not chunks[end]:
-                end += 1
-            rows = slice(j * size, end * size)
-            outputs.append(attend(q[rows], k[rows], v[rows]))
-            j = end
+        if chunks[j]:
+            if len(chunks[j]) > 1:
+                raise GuidanceError("Two attention perturbations on the same layer of one branch: "
+                                    f"{[p.label for p in chunks[j]]}. Give each its own branch.")
+            runs.append((j, j + 1, chunks[j][0]))
+            j += 1
             continue
-        if len(chunks[j]) > 1:
-            raise GuidanceError("Two attention perturbations on the same layer of one branch: "
-                                f"{[p.label for p in chunks[j]]}. Give each its own branch.")
-        rows = slice(j * size, (j + 1) * size)
-        perturbation = chunks[j][0]
-        out = perturbation.perturb(q[rows], k[rows], v[rows], grid, attend)
-        if perturbation.records:
-            out, scratch[perturbation] = out
-        outputs.append(out)
-        j += 1
-    return torch.cat(outputs)
+        end = j
+        while end < n and not chunks[end]:
+            end += 1
+        runs.append((j, end, None))
+        j = end
+    return runs
+
+
+def _apply_chunked(q, k, v, chunks: list[list], attend, perturb_chunk):
+    """Runs ``attend(q, k, v)`` once on each run of adjacent untouched chunks and
+    ``perturb_chunk(perturbation, q, k, v)`` on each perturbed chunk. q, k, v hold the chunks along dim 0,
+    in whatever layout the two callables take and return; each result is written into one output
+    tensor (no concatenation of the pieces afterwards)."""
+    runs = _chunk_runs(chunks)
+    size = q.shape[0] // len(chunks)
+    out = None
+    for first, end, perturbation in runs:
+        rows = slice(first * size, end * size)
+        if perturbation is None:
+            piece = attend(q[rows], k[rows], v[rows])
+        else:
+            piece = perturb_chunk(perturbation, q[rows], k[rows], v[rows])
+        if len(runs) == 1:  # the piece is the whole output: nothing to copy
+            return piece
+        if out is None:  # shaped from the first piece: attention may change the value width or dtype
+            out = piece.new_empty((q.shape[0], *piece.shape[1:]))
+        out[rows] = piece
+    return out
+
+
+def _perturbed(perturbation: AttentionPerturbation, q, k, v, grid, attend, scratch: dict) -> torch.Tensor:
+    """The perturbation's attention output; an observer's record goes into the step's scratch."""
+    out = perturbation.perturb(q, k, v, grid, attend)
+    if perturbation.records:
+        out, scratch[perturbation] = out
+    return out
 
 
 def _make_unet_attn1_patch(previous: Callable | None):
@@ -776,7 +796,7 @@ def _make_unet_attn1_patch(previous: Callable | None):
         chunks = _chunk_perturbations(extra_options, layer)
         heads = extra_options["n_heads"]
 
-        def attend_flat(q_, k_, v_):
+        def attend_flat(q_, k_, v_):  # (B, L, heads·D) in and out, as ComfyUI hands them to the patch
             if previous is not None:
                 return previous(q_, k_, v_, extra_options)
             precision = extra_options.get("attn_precision")
@@ -786,14 +806,19 @@ def _make_unet_attn1_patch(previous: Callable | None):
         if not any(chunks):
             return attend_flat(q, k, v)
 
-        def attend(q_, k_, v_):  # (B, heads, L, D) in and out
+        def attend_heads(q_, k_, v_):  # for perturbations, which work on (B, heads, L, D)
             return _to_heads(attend_flat(_from_heads(q_), _from_heads(k_), _from_heads(v_)), heads)
 
         info = extra_options.get(STEP_KEY)
         grid = _grid_for(q.shape[1], info.latent_shape)
-        out = _apply_chunked(_to_heads(q, heads), _to_heads(k, heads), _to_heads(v, heads), chunks, attend, grid,
-                             info.scratch)
-        return _from_heads(out)
+
+        def perturb_chunk(perturbation, q_, k_, v_):
+            q4, k4, v4 = (_to_heads(t, heads) for t in (q_, k_, v_))
+            return _from_heads(_perturbed(perturbation, q4, k4, v4, grid, attend_heads, info.scratch))
+
+        # Untouched chunks stay in the flat layout (no reshape to heads and back): only a perturbed
+        # chunk is viewed as heads, as perturbations expect.
+        return _apply_chunked(q, k, v, chunks, attend_flat, perturb_chunk)
 
     return _mark_ours(attn1_replace)
 
@@ -921,7 +946,11 @@ def _make_attention_override(previous: Callable | None):
 
         info = to.get(STEP_KEY)
         grid = _grid_for(q4.shape[2], info.latent_shape, text_tokens, text_position != TEXT_AFTER_IMAGE)
-        out = _apply_chunked(q4, k4, v4, chunks, attend, grid, info.scratch)
+
+        def perturb_chunk(perturbation, q_, k_, v_):
+            return _perturbed(perturbation, q_, k_, v_, grid, attend, info.scratch)
+
+        out = _apply_chunked(q4, k4, v4, chunks, attend, perturb_chunk)
         return out if skip_output_reshape else _from_heads(out)
 
     return _mark_ours(attention_override)
