@@ -64,14 +64,22 @@ def prepare_host_imports() -> Path:
     ``nodes/`` package of its own that must not shadow ComfyUI's ``nodes.py``.
     """
     path = host_path()
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+    _put_host_first(path)
     import comfy.cli_args  # parses no command line: comfy.options.args_parsing is False unless main.py sets it
 
     if "comfy.model_management" in sys.modules and not comfy.cli_args.args.cpu:
         raise HostError("comfy.model_management was imported before the CPU was forced; import order is broken")
     comfy.cli_args.args.cpu = True
     return path
+
+
+def _put_host_first(path: Path) -> None:
+    """The host at sys.path[0], even if it is already further down: pytest's ``pythonpath`` setting and its
+    rootdir handling may have put this repository (whose ``nodes/`` package would shadow ComfyUI's
+    ``nodes.py``) ahead of it since."""
+    while str(path) in sys.path:
+        sys.path.remove(str(path))
+    sys.path.insert(0, str(path))
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,11 @@ def bootstrap() -> Host:
     import comfy.utils
     import comfyui_version
 
+    _put_host_first(path)
     import nodes  # ComfyUI's nodes.py: the host is ahead of this repository (and its nodes/) on sys.path
+
+    if Path(nodes.__file__).resolve() != path / "nodes.py":
+        raise HostError(f"'import nodes' found {nodes.__file__}, not ComfyUI's nodes.py in {path}")
 
     if comfy.model_management.get_torch_device().type != "cpu":
         raise HostError(f"ComfyUI picked {comfy.model_management.get_torch_device()} instead of the CPU")
