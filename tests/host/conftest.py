@@ -67,6 +67,22 @@ def tiny_model(comfy_host: harness.Host) -> Callable:
     return get
 
 
+# Autoguidance's "bad version": the same architecture with other random weights.
+WEAK_MODEL_SEED = 7
+
+
+@pytest.fixture(scope="session")
+def weak_model_of(comfy_host: harness.Host) -> Callable:
+    built: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = tiny_models.make_model(family, seed=WEAK_MODEL_SEED)
+        return built[family]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def sd15_model(tiny_model: Callable):
     return tiny_model("sd15")

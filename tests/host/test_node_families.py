@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 from harness import run_node, sample
-from tiny_models import make_conditioning, make_latent, make_model
+from tiny_models import make_conditioning, make_latent
 
 STEPS = 4
 CFG = 5.0
 MIN_EFFECT = 1e-2  # max|guided − plain| / max|plain|
-WEAK_MODEL_SEED = 7  # autoguidance's "bad version": the same architecture with other random weights
 
 FAMILY_OF_POOL = {"unet": "sd15", "sd3": "sd3", "flux": "flux"}
 
@@ -91,18 +90,6 @@ CASE_FAMILY = [pytest.param(case, family, id=f"{case.name}-{family}") for case i
 @pytest.fixture(autouse=True)
 def _pack(guiders_pack):
     return guiders_pack
-
-
-@pytest.fixture(scope="module")
-def weak_model_of(comfy_host) -> Callable:
-    built: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in built:
-            built[family] = make_model(family, seed=WEAK_MODEL_SEED)
-        return built[family]
-
-    return get
 
 
 def run(model, family: str, cfg: float, h: int, w: int) -> torch.Tensor:

@@ -43,10 +43,10 @@ from references import (
     attention_override_during_pass,
     inside_module,
     joint_attention_rows_return_values,
-    module_returns,
+    modules_return,
     perturbed_pass_reference,
 )
-from tiny_models import VIDEO_FAMILIES, family_spec, make_conditioning, make_latent, make_model
+from tiny_models import VIDEO_FAMILIES, family_spec, make_conditioning, make_latent
 
 from guidance_core.perturb import smooth_queries
 
@@ -54,7 +54,6 @@ STEPS = 4
 CFG = 5.0
 MIN_EFFECT = 1e-2  # max|guided − plain| / max|plain|
 PARITY_RTOL = 1e-4  # of max|reference|
-WEAK_MODEL_SEED = 7  # autoguidance's "bad version": the same architecture with other random weights
 COND, UNCOND = 0, 1  # calc_cond_batch's indices of the positive and negative conds
 
 
@@ -121,18 +120,6 @@ def assert_parity(result: torch.Tensor, reference: torch.Tensor, plain: torch.Te
 @pytest.fixture(autouse=True)
 def _pack(guiders_pack):
     return guiders_pack
-
-
-@pytest.fixture(scope="module")
-def weak_model_of(comfy_host) -> Callable:
-    built: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in built:
-            built[family] = make_model(family, seed=WEAK_MODEL_SEED)
-        return built[family]
-
-    return get
 
 
 @pytest.fixture(scope="module")
@@ -322,9 +309,10 @@ def test_slg_on_the_negative_branch_matches_skip_layer_guidance_dit_simple(tiny_
 def self_attention_returns_values(family: str, block_index: int) -> Callable:
     """Identity attention map in a block whose self-attention is its own module: it returns out_proj(V)."""
     if family == "wan":  # WanSelfAttention: o(attention(q, k, v(x)))
-        return module_returns(lambda dm: dm.blocks[block_index].self_attn, lambda m, x: m.o(m.v(x)))
+        return modules_return(lambda dm: [dm.blocks[block_index].self_attn], lambda m, x, out: m.o(m.v(x)))
     # LTXV's attn1 (CrossAttention without context): to_out(attention(q, k, to_v(x)))
-    return module_returns(lambda dm: dm.transformer_blocks[block_index].attn1, lambda m, x: m.to_out(m.to_v(x)))
+    return modules_return(lambda dm: [dm.transformer_blocks[block_index].attn1],
+                          lambda m, x, out: m.to_out(m.to_v(x)))
 
 
 def video_queries_blurred(family: str, block_index: int, blur_sigma: float) -> Callable:
