@@ -29,21 +29,24 @@ def perturbed_pass_reference(model, perturbed: Callable, scale: float):
     return reference
 
 
-def module_returns(module_of: Callable, output_of: Callable) -> Callable:
-    """While the pass runs, the module ``module_of(diffusion_model)`` returns ``output_of(module, x)`` for its
-    first input x. PAG (Ahn et al. 2024, arXiv:2403.17377, Eq. 9-10) on a self-attention module: the map
-    is the identity, so the module returns its output projection of V."""
+def modules_return(modules_of: Callable, output_of: Callable) -> Callable:
+    """While the pass runs, each module in ``modules_of(diffusion_model)`` returns ``output_of(module, x,
+    output)``, x being its first input and output what it computed. PAG (Ahn et al. 2024, arXiv:2403.17377,
+    Eq. 9-10) on a self-attention module: the map is the identity, so the module returns its output
+    projection of V; a skipped sublayer returns zeros."""
 
     @contextlib.contextmanager
     def perturbed(diffusion_model, model_options):
         def replace_output(module, args, kwargs, output):
-            return output_of(module, args[0] if args else kwargs["x"])
+            return output_of(module, args[0] if args else kwargs["x"], output)
 
-        handle = module_of(diffusion_model).register_forward_hook(replace_output, with_kwargs=True)
+        handles = [module.register_forward_hook(replace_output, with_kwargs=True)
+                   for module in modules_of(diffusion_model)]
         try:
             yield model_options
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     return perturbed
 

@@ -6,10 +6,10 @@ zero the sublayer modules' outputs, added after CFG as s·(cond − perturbed)."
 
 from __future__ import annotations
 
-import comfy.samplers
 import pytest
 import torch
 from harness import ForwardCounter, run_node, sample
+from references import modules_return, perturbed_pass_reference
 from tiny_models import make_conditioning, make_latent
 
 CFG, SCALE = 5.0, 3.0
@@ -29,22 +29,10 @@ CASES = [
 
 
 def sublayer_off_reference(model, block, module_names, scale):
-    def post_cfg(args):
-        def contributes_nothing(module, inputs, output):
-            return torch.zeros_like(output)
-
-        handles = [block.get_submodule(name).register_forward_hook(contributes_nothing) for name in module_names]
-        try:
-            (perturbed,) = comfy.samplers.calc_cond_batch(
-                args["model"], [args["cond"]], args["input"], args["sigma"], args["model_options"])
-        finally:
-            for handle in handles:
-                handle.remove()
-        return args["denoised"] + scale * (args["cond_denoised"] - perturbed)
-
-    reference = model.clone()
-    reference.set_model_sampler_post_cfg_function(post_cfg)
-    return reference
+    """The extra cond pass with the sublayer modules' outputs zeroed, added after CFG (references.py)."""
+    modules = [block.get_submodule(name) for name in module_names]
+    return perturbed_pass_reference(model, modules_return(lambda dm: modules, lambda m, x, out: torch.zeros_like(out)),
+                                    scale)
 
 
 def run(model, family):
