@@ -87,11 +87,8 @@ JOINT_TEXT_POSITION = {"sd3": TEXT_BEFORE_IMAGE, "flux": TEXT_BEFORE_IMAGE, "hun
 
 
 def model_family(model) -> str:
-    return family_of(model.get_model_object("diffusion_model"))
-
-
-def family_of(diffusion_model) -> str:
-    """The family of a diffusion model (a FAMILY_BY_CLASS value), or its class name when unknown."""
+    """The model's family (a FAMILY_BY_CLASS value), or its diffusion model's class name when unknown."""
+    diffusion_model = model.get_model_object("diffusion_model")
     for cls in type(diffusion_model).__mro__:
         if cls.__name__ in FAMILY_BY_CLASS:
             return FAMILY_BY_CLASS[cls.__name__]
@@ -441,8 +438,7 @@ def _install_layer_patch(patched, layer: Layer) -> None:
     previous = patched.model_options["transformer_options"].get("patches_replace", {}).get(name, {}).get(key)
     if not _is_ours(previous):
         if layer.is_dit:
-            text_position = JOINT_TEXT_POSITION.get(model_family(patched), NO_TEXT)
-            patch = _make_dit_block_patch(layer, previous, text_position)
+            patch = _make_dit_block_patch(layer, previous, model_family(patched))
         else:
             patch = _make_unet_attn1_patch(previous)
         patched.set_model_patch_replace(patch, name, *key)
@@ -834,9 +830,11 @@ def _from_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, length, heads * dim)
 
 
-def _make_dit_block_patch(layer: Layer, previous: Callable | None, text_position: str):
-    """A ``dit`` block replace patch for ``layer``; ``text_position`` says where the text tokens sit in the
-    block's self-attention sequence (JOINT_TEXT_POSITION), so only the image tokens are perturbed."""
+def _make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
+    """A ``dit`` block replace patch for ``layer`` of a ``family`` model: where the text tokens sit in the
+    block's self-attention sequence (JOINT_TEXT_POSITION), so only the image tokens are perturbed, and which
+    modules are its sublayers (SUBLAYER_MODULES)."""
+    text_position = JOINT_TEXT_POSITION.get(family, NO_TEXT)
 
     def block_replace(args, extra):
         original = extra["original_block"]
@@ -866,7 +864,7 @@ def _make_dit_block_patch(layer: Layer, previous: Callable | None, text_position
         # Copies, taken before the call: some blocks (Flux) update their inputs in place.
         kept_inputs = {key: {j: args[key].chunk(n)[j].clone() for j in skipped}
                        for key in ("img", "txt") if args.get(key) is not None}
-        hooks = _sublayer_skip_hooks(to, layer, chunks)
+        hooks = _sublayer_skip_hooks(to, family, layer, chunks)
         try:
             out = original(call_args)
         finally:
@@ -885,7 +883,7 @@ def _make_dit_block_patch(layer: Layer, previous: Callable | None, text_position
     return _mark_ours(block_replace)
 
 
-def _sublayer_skip_hooks(transformer_options, layer: Layer, chunks: list[list]) -> list:
+def _sublayer_skip_hooks(transformer_options, family: str, layer: Layer, chunks: list[list]) -> list:
     """Forward hooks, alive for one block call, that zero the skipped chunks' rows of the sublayer outputs."""
     by_sublayer: dict[str, list[int]] = {}
     for j, chunk in enumerate(chunks):
@@ -905,7 +903,7 @@ def _sublayer_skip_hooks(transformer_options, layer: Layer, chunks: list[list]) 
                 output[j * size:(j + 1) * size] = 0
             return output
 
-        for module in sublayer_modules(diffusion_model, family_of(diffusion_model), layer, sublayer):
+        for module in sublayer_modules(diffusion_model, family, layer, sublayer):
             handles.append(module.register_forward_hook(zero_skipped_rows))
     return handles
 
