@@ -19,7 +19,7 @@ import pytest
 import torch
 from harness import ForwardCounter, run_node, sample, scheduler_sigmas
 from test_node_parity import CFG, MIN_EFFECT, assert_parity, diffusers_apg_model, relative_error
-from tiny_models import make_conditioning, make_latent, make_model
+from tiny_models import make_conditioning, make_latent
 
 STEPS = 4
 
@@ -57,8 +57,8 @@ def _pack(guiders_pack):
 
 
 @pytest.fixture(scope="module")
-def weak_sd15(comfy_host):
-    return make_model("sd15", seed=7)
+def weak_sd15(weak_model_of):
+    return weak_model_of("sd15")
 
 
 # ---------------------------------------------------------------------------------------------------------
