@@ -41,6 +41,7 @@ BUILTIN_GUIDANCE_EXTRAS = (
     "nodes_cfg.py",  # CFGZeroStar, CFGNorm
     "nodes_tcfg.py",  # TCFG
     "nodes_mahiro.py",  # Mahiro
+    "nodes_freelunch.py",  # FreeU, FreeU_V2 (UNet block patches)
     "nodes_fresca.py",  # FreSca
     "nodes_perpneg.py",  # PerpNeg, PerpNegGuider
     "nodes_video_model.py",  # VideoLinearCFGGuidance, VideoTriangleCFGGuidance

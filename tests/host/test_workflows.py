@@ -56,60 +56,19 @@ STAND_INS = wc.StandIns(model="WorkflowTestTinyModel", conditioning="WorkflowTes
                         latent="WorkflowTestTinyLatent", recorder="WorkflowTestRecordLatent")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Tiny SDXL (tiny_models has SD1.5, SD3, Flux and the video DiTs)
-
-SHARED_FAMILIES = (*tiny_models.FAMILIES, *tiny_models.VIDEO_FAMILIES)
-# SDXL: its ADM input is the pooled text (1280) and six 256-d size embeddings, as in the real model.
-SDXL_SPEC = tiny_models.FamilySpec(latent_channels=4, context_dim=64, context_tokens=77, pooled_dim=1280,
-                                   flux_guidance=None)
-FAMILIES = (*SHARED_FAMILIES, "sdxl")
-
-
-def make_tiny_sdxl(seed: int = 0):
-    """An SDXL UNet (EPS, conditioned on the pooled text and sizes through its ADM input): 2 levels, no
-    attention at the first level as in SDXL, linear projections in its transformers, context_dim 64."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    unet_config = {
-        "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "num_head_channels": 16,
-        "transformer_depth": [0, 1], "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1],
-        "context_dim": SDXL_SPEC.context_dim, "adm_in_channels": SDXL_SPEC.pooled_dim + 6 * 256,
-        "num_classes": "sequential", "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
-        "use_linear_in_transformer": True, "legacy": False, "image_size": 32, "use_checkpoint": False,
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-    }
-    model_config = comfy.supported_models.SDXL(unet_config)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
-    tiny_models.fill_deterministic(model.diffusion_model, seed)  # the network only, not the noise schedule
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
-
-
-def family_spec(family: str) -> tiny_models.FamilySpec:
-    return SDXL_SPEC if family == "sdxl" else tiny_models.family_spec(family)
+# The families the workflows run on: every tiny model (tiny_models has SDXL too, which no other test
+# parametrization uses).
+FAMILIES = (*tiny_models.FAMILIES, *tiny_models.VIDEO_FAMILIES, "sdxl")
 
 
 def tiny_conditioning(family: str) -> tuple[list, list]:
     """(positive, negative) of the shape the family's text encoders give; the two differ."""
-    if family in SHARED_FAMILIES:
-        return tiny_models.make_conditioning(family, seed=1)
-    generator = torch.Generator().manual_seed(1)
-
-    def one() -> list:
-        context = torch.randn(1, SDXL_SPEC.context_tokens, SDXL_SPEC.context_dim, generator=generator)
-        return [[context, {"pooled_output": torch.randn(1, SDXL_SPEC.pooled_dim, generator=generator)}]]
-
-    return one(), one()
+    return tiny_models.make_conditioning(family, seed=1)
 
 
 def latent_shape(family: str, batch_size: int) -> tuple[int, ...]:
     """What the family's Empty*Latent* node would give, at 8x8 (a video family: with its latent frames)."""
-    spec = family_spec(family)
+    spec = tiny_models.family_spec(family)
     frames = () if spec.latent_frames is None else (spec.latent_frames,)
     return (batch_size, spec.latent_channels, *frames, TINY_SIDE, TINY_SIDE)
 
@@ -135,16 +94,7 @@ def registry(guiders_pack: dict[str, type]) -> dict[str, type]:
 
 @pytest.fixture(scope="module")
 def model_of(tiny_model: Callable) -> Callable[[str], object]:
-    built = {}
-
-    def get(family: str):
-        if family in SHARED_FAMILIES:
-            return tiny_model(family)
-        if family not in built:
-            built[family] = make_tiny_sdxl()
-        return built[family]
-
-    return get
+    return tiny_model
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Tiny random-weight SD1.5, SD3, Flux, Wan 2.1, LTXV and HunyuanVideo models built in code with ComfyUI's
+"""Tiny random-weight SD1.5, SDXL, SD3, Flux, Wan 2.1, LTXV and HunyuanVideo models built in code with ComfyUI's
 own classes (no downloads).
 
 Each model is the real architecture (comfy.supported_models config -> BaseModel -> ModelPatcher), only
@@ -41,6 +41,8 @@ SPECS = {
     "sd15_medium": FamilySpec(
         latent_channels=4, context_dim=768, context_tokens=77, pooled_dim=None, flux_guidance=None
     ),
+    # SDXL: its ADM input (``y``) is the pooled text (1280) and six 256-d size embeddings, as in the real model.
+    "sdxl": FamilySpec(latent_channels=4, context_dim=64, context_tokens=77, pooled_dim=1280, flux_guidance=None),
     "sd3": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=None),
     "flux": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=3.5),
 }
@@ -136,6 +138,21 @@ def make_sd15(medium: bool = False, seed: int = 0):
         "use_temporal_resblock": False,
     }
     return _to_patcher(_supported_models().SD15(unet_config), seed)
+
+
+def make_sdxl(seed: int = 0):
+    """An SDXL UNet (EPS, conditioned on the pooled text and sizes through its ADM input): 2 levels, no
+    attention at the first level as in SDXL, linear projections in its transformers, context_dim 64."""
+    spec = SPECS["sdxl"]
+    unet_config = {
+        "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "num_head_channels": 16,
+        "transformer_depth": [0, 1], "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1],
+        "context_dim": spec.context_dim, "adm_in_channels": spec.pooled_dim + 6 * 256,
+        "num_classes": "sequential", "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
+        "use_linear_in_transformer": True, "legacy": False, "image_size": 32, "use_checkpoint": False,
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+    return _to_patcher(_supported_models().SDXL(unet_config), seed)
 
 
 def make_sd3(seed: int = 0):
@@ -267,10 +284,11 @@ def make_hunyuan_video(seed: int = 0):
 
 
 def make_model(family: str, seed: int = 0):
-    """A tiny model by family name: "sd15", "sd15_medium", "sd3", "flux", "wan", "ltxv", "hunyuan_video"."""
+    """A tiny model by family name: "sd15", "sd15_medium", "sdxl", "sd3", "flux", "wan", "ltxv", "hunyuan_video"."""
     builders = {
         "sd15": lambda: make_sd15(seed=seed),
         "sd15_medium": lambda: make_sd15(medium=True, seed=seed),
+        "sdxl": lambda: make_sdxl(seed=seed),
         "sd3": lambda: make_sd3(seed=seed),
         "flux": lambda: make_flux(seed=seed),
         "wan": lambda: make_wan(seed=seed),
@@ -302,10 +320,11 @@ def _one_conditioning(spec: FamilySpec, batch: int, generator: torch.Generator) 
 def make_conditioning(family: str, batch: int = 1, seed: int = 0) -> tuple[list, list]:
     """(positive, negative) in ComfyUI's CONDITIONING format for ``family``: ``[[context, extras]]``.
 
-    SD1.5: context (B, 77, context_dim) and no extras. SD3: context (B, 16, 32) and ``pooled_output``
-    (B, 16). Flux: the same plus ``guidance`` 3.5 on both, so cfg > 1 also runs. Wan: context (B, 16, 32)
-    only (its umT5 embedding). LTXV: context and its T5's ``attention_mask`` (the last 4 tokens padding).
-    HunyuanVideo: context, ``pooled_output`` and ``guidance`` 6.0. The two differ (own draws).
+    SD1.5: context (B, 77, context_dim) and no extras. SDXL: the same and ``pooled_output`` (B, 1280). SD3:
+    context (B, 16, 32) and ``pooled_output`` (B, 16). Flux: the same plus ``guidance`` 3.5 on both, so
+    cfg > 1 also runs. Wan: context (B, 16, 32) only (its umT5 embedding). LTXV: context and its T5's
+    ``attention_mask`` (the last 4 tokens padding). HunyuanVideo: context, ``pooled_output`` and
+    ``guidance`` 6.0. The two differ (own draws).
     """
     spec = family_spec(family)
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,167 @@
+"""The shared prefix on UNets (nodes/comfy_adapter.py, ``_shared_prefix_wrapper``): in one forward, chunks
+with equal inputs (a perturbed branch and the cond branch it perturbs) are computed once up to the first
+block a perturbation acts on, and each takes a copy of that state from there.
+
+What is checked, on a real ComfyUI sampling run: the batch each UNet block computes (forward pre-hooks on
+the first layer of every input, middle and output block), and that the result equals the same graph run
+through the host's own UNet forward, which this pack leaves every forward to when another node patches the
+model (a no-op ``input_block_patch`` here). A prefix given to the wrong chunk, or a chunk of another
+branch, changes the result; a prefix not shared shows in the batch sizes.
+
+Host behaviour these tests depend on (ComfyUI 0.8.0): UNetModel._forward runs input blocks, the middle
+block and output blocks through ``forward_timestep_embed``, which calls each block's layers in turn (so a
+block's first layer sees the batch the block computes).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from harness import run_node, sample
+from tiny_models import make_conditioning, make_latent
+
+STEPS = 3
+# Of max|host result|: the shared prefix computes the equal chunks in a smaller batch, which CPU kernels may
+# sum in another order (measured up to 4e-6 here); a prefix taken from the wrong chunk is off by the
+# branch's whole effect (over 1e-2).
+RTOL = 1e-4
+
+
+def assert_same_result(shared: torch.Tensor, host: torch.Tensor) -> None:
+    error = float((shared - host).abs().max() / host.abs().max())
+    assert error < RTOL, f"max|shared − host forward| / max|host forward| = {error:.2e}"
+
+
+@contextmanager
+def block_batches(model):
+    """Records, for every forward of ``model``'s UNet, the batch size each block (input blocks, middle,
+    output blocks, in forward order) computed: yields a list that gets one list per forward."""
+    unet = model.model.diffusion_model
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    sizes: list[int] = []
+    handles = [block[0].register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
+               for block in blocks]
+    per_forward: list[list[int]] = []
+    try:
+        yield per_forward
+    finally:
+        for handle in handles:
+            handle.remove()
+        per_forward.extend(sizes[i:i + len(blocks)] for i in range(0, len(sizes), len(blocks)))
+
+
+def host_forward(model):
+    """A clone on which another node's (no-op) patch leaves every forward to the host's UNet forward."""
+    patched = model.clone()
+    patched.set_model_input_block_patch(lambda h, transformer_options: h)
+    return patched
+
+
+def run(model, family: str, cfg: float = 5.0, batch: int = 1):
+    positive, negative = make_conditioning(family, batch=batch, seed=1)
+    latent = make_latent(family, batch=batch, seed=2)
+    with block_batches(model) as batches:
+        out = sample(model, positive, negative, latent, cfg=cfg, steps=STEPS, seed=3)
+    return out, batches
+
+
+def apply(model, *nodes: tuple[str, dict]):
+    for node_id, inputs in nodes:
+        (model,) = run_node(node_id, model=model, **inputs)
+    return model
+
+
+def block_positions(model) -> dict[str, int]:
+    unet = model.model.diffusion_model
+    names = ([f"input.{i}" for i in range(len(unet.input_blocks))] + ["middle"]
+             + [f"output.{i}" for i in range(len(unet.output_blocks))])
+    return {name: position for position, name in enumerate(names)}
+
+
+PAG_MIDDLE = ("GuidersPAG", {"scale": 3.0, "layers": "middle"})
+# (family, the nodes, KSampler cfg, latent batch, the first block the perturbed chunk computes on its own,
+#  the batch before it, the batch from it)
+CASES = [
+    pytest.param("sd15", [PAG_MIDDLE], 5.0, 1, "middle", 2, 3, id="pag-middle"),
+    pytest.param("sd15", [("GuidersPAG", {"scale": 3.0, "layers": "input.3"})], 5.0, 1, "input.3", 2, 3,
+                 id="pag-input.3"),
+    pytest.param("sd15", [("GuidersPAG", {"scale": 3.0, "layers": "output.1"})], 5.0, 1, "output.1", 2, 3,
+                 id="pag-output.1"),
+    pytest.param("sd15", [PAG_MIDDLE, ("GuidersSEG", {"scale": 3.0, "layers": "input.1"})], 5.0, 1, "input.1", 2,
+                 4, id="pag-middle+seg-input.1"),
+    pytest.param("sd15", [PAG_MIDDLE], 1.0, 1, "middle", 1, 2, id="pag-cfg1"),
+    pytest.param("sd15", [PAG_MIDDLE], 5.0, 2, "middle", 4, 6, id="pag-latent-batch-2"),
+    pytest.param("sdxl", [PAG_MIDDLE], 5.0, 1, "middle", 2, 3, id="sdxl-pag-middle"),
+    # SAG watches the uncond's middle block inside the shared prefix, where the chunks are (cond, uncond).
+    pytest.param("sd15", [("GuidersSAG", {"scale": 0.5, "blur_sigma": 2.0}),
+                          ("GuidersPAG", {"scale": 3.0, "layers": "output.1"})], 5.0, 1, "output.1", 2, 3,
+                 id="sag+pag-output.1"),
+]
+
+
+@pytest.mark.parametrize(("family", "nodes", "cfg", "batch", "split", "before", "after"), CASES)
+def test_equal_chunks_share_the_blocks_before_the_first_perturbed_one(
+    guiders_pack, tiny_model, family: str, nodes: list, cfg: float, batch: int, split: str, before: int, after: int
+) -> None:
+    model = tiny_model(family)
+    shared, batches = run(apply(model, *nodes), family, cfg, batch)
+    unshared, host_batches = run(apply(host_forward(model), *nodes), family, cfg, batch)
+    plain, _ = run(model, family, cfg, batch)
+
+    positions = block_positions(model)
+    expected = [before] * positions[split] + [after] * (len(positions) - positions[split])
+    main_forwards = [sizes for sizes in batches if sizes[-1] == after]  # not SAG's degraded-uncond call
+    assert main_forwards == [expected] * STEPS
+    assert [sizes for sizes in host_batches if sizes[-1] == after] == [[after] * len(positions)] * STEPS
+    assert_same_result(shared, unshared)
+    assert float((shared - plain).abs().max() / plain.abs().max()) > 1e-2  # the branch's guidance is there
+
+
+@pytest.mark.parametrize("nodes", [
+    pytest.param([("GuidersSAG", {"scale": 0.5, "blur_sigma": 2.0})], id="sag"),
+    pytest.param([("GuidersPAG", {"scale": 3.0, "layers": "middle", "target": "negative branch"})],
+                 id="pag-on-the-negative-branch"),
+])
+def test_no_chunk_is_dropped_when_none_equals_another(guiders_pack, sd15_model, nodes: list) -> None:
+    # SAG watches the uncond chunk and PAG on the negative branch perturbs it: the call holds cond and
+    # uncond, which differ, so every block computes both.
+    out, batches = run(apply(sd15_model, *nodes), "sd15")
+    host, _ = run(apply(host_forward(sd15_model), *nodes), "sd15")
+
+    main_forwards = [sizes for sizes in batches if sizes[0] == 2]  # SAG's degraded uncond is its own call
+    assert len(main_forwards) == STEPS and all(sizes == [2] * len(sizes) for sizes in main_forwards)
+    assert_same_result(out, host)
+
+
+def test_another_nodes_patch_leaves_the_forward_to_the_host(guiders_pack, sd15_model) -> None:
+    # FreeU_V2 patches the output blocks' skip connections: the host's forward runs, on every chunk, and
+    # FreeU's change is still in the result.
+    (freeu,) = run_node("FreeU_V2", model=sd15_model, b1=1.3, b2=1.4, s1=0.9, s2=0.2)
+    (freeu_pag,) = run_node("GuidersPAG", model=freeu, scale=3.0, layers="middle")
+    (pag,) = run_node("GuidersPAG", model=sd15_model, scale=3.0, layers="middle")
+
+    out, batches = run(freeu_pag, "sd15")
+    without_freeu, _ = run(pag, "sd15")
+
+    assert batches == [[3] * len(block_positions(sd15_model))] * STEPS
+    assert float((out - without_freeu).abs().max() / without_freeu.abs().max()) > 1e-2
+
+
+def test_another_nodes_diffusion_model_wrapper_inside_ours_still_runs(guiders_pack, sd15_model) -> None:
+    import comfy.patcher_extension
+
+    (pag,) = run_node("GuidersPAG", model=sd15_model, scale=3.0, layers="middle")
+    wrapped = pag.clone()
+    calls = []
+
+    def counting_wrapper(executor, *args, **kwargs):  # added after ours: the host calls it inside ours
+        calls.append(args[0].shape[0])
+        return executor(*args, **kwargs)
+
+    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test", counting_wrapper)
+    _, batches = run(wrapped, "sd15")
+
+    assert calls == [3] * STEPS
+    assert batches == [[3] * len(block_positions(sd15_model))] * STEPS
