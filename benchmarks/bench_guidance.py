@@ -13,12 +13,13 @@ medium SD1.5-architecture UNet (model_channels 128, context 768) on a 32x32 late
    of 3 repeats each set-up runs equally often first, second and third) so a change of load on the
    machine hits them alike. Each ratio is given as the median over repeats of the ratio within a repeat,
    with its range, and as best / best (the least disturbed run of each). GuidersPAG / built-in PAG should
-   be <= 1.0 (one call of batch 3 per step instead of calls of 2 and 1); GuidersPAG / plain CFG near 1.5
-   means cost linear in branches.
+   be <= 1.0 (one call of batch 3 per step instead of calls of 2 and 1, whose input blocks run on cond and
+   uncond only: the perturbed chunk shares the cond's prefix up to the middle block); GuidersPAG / plain
+   CFG near 1.5 means cost linear in branches, below it the shared prefix.
 2. The batching floor: the bare model (no guidance code, no patches) evaluating cond, uncond and cond
    once as one batch of 3 and once as a batch of 2 and a batch of 1, interleaved the same way. Its ratio
-   is what GuidersPAG / built-in PAG would be if the guidance code on either side cost nothing; a
-   GuidersPAG / built-in PAG ratio above it is overhead of ours, one equal to it is the model's own cost.
+   is what batching alone gives (on the CPU the model's work is linear in the batch, so about 1.0): the
+   distance from it to GuidersPAG / built-in PAG is what the shared prefix saves, less our overhead.
 3. A table of forward calls per step and their batch sizes for each node (harness.ForwardCounter), with the
    wall time per step (the median above for the timed set-ups, a single run for the others).
 
@@ -151,7 +152,7 @@ def main() -> None:
     for label, runs in floor.items():
         print_times(label, runs)
     print_ratio("one call / two calls", floor["one call (3)"], floor["two calls (2, 1)"],
-                "GuidersPAG / built-in PAG with free guidance code")
+                "batching alone, with free guidance code and no shared prefix")
 
     # --- 3. forward calls per node -------------------------------------------------------------------
     sd3 = tiny_models.make_model("sd3")

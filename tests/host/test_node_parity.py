@@ -81,18 +81,26 @@ def _pack(guiders_pack):
 # Perturbed-attention methods against ComfyUI's built-in nodes
 
 
-def test_pag_matches_builtin_perturbed_attention_guidance(sd15_model) -> None:
-    ours = node("GuidersPAG", model=sd15_model, scale=3.0, layers="middle", start_percent=0.0, end_percent=1.0)
-    builtin = node("PerturbedAttentionGuidance", model=sd15_model, scale=3.0)
-
-    assert_parity(run(ours, "sd15"), run(builtin, "sd15"), run(sd15_model, "sd15"))
+# SD1.5 and SDXL: SDXL's UNet adds the pooled text and sizes (``y``) to the time embedding.
+UNETS = pytest.mark.parametrize("family", ["sd15", "sdxl"])
 
 
-def test_sag_matches_builtin_self_attention_guidance(sd15_model) -> None:
-    ours = node("GuidersSAG", model=sd15_model, scale=0.5, blur_sigma=2.0)
-    builtin = node("SelfAttentionGuidance", model=sd15_model, scale=0.5, blur_sigma=2.0)
+@UNETS
+def test_pag_matches_builtin_perturbed_attention_guidance(tiny_model, family: str) -> None:
+    model = tiny_model(family)
+    ours = node("GuidersPAG", model=model, scale=3.0, layers="middle", start_percent=0.0, end_percent=1.0)
+    builtin = node("PerturbedAttentionGuidance", model=model, scale=3.0)
 
-    assert_parity(run(ours, "sd15"), run(builtin, "sd15"), run(sd15_model, "sd15"))
+    assert_parity(run(ours, family), run(builtin, family), run(model, family))
+
+
+@UNETS
+def test_sag_matches_builtin_self_attention_guidance(tiny_model, family: str) -> None:
+    model = tiny_model(family)
+    ours = node("GuidersSAG", model=model, scale=0.5, blur_sigma=2.0)
+    builtin = node("SelfAttentionGuidance", model=model, scale=0.5, blur_sigma=2.0)
+
+    assert_parity(run(ours, family), run(builtin, family), run(model, family))
 
 
 @pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSLG-attention_scores"])

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from harness import run_node, sample
-from tiny_models import make_conditioning, make_latent
+from tiny_models import make_conditioning, make_controlnet, make_latent
 
 STEPS = 3
 # Of max|host result|: the shared prefix computes the equal chunks in a smaller batch, which CPU kernels may
@@ -59,8 +59,8 @@ def host_forward(model):
     return patched
 
 
-def run(model, family: str, cfg: float = 5.0, batch: int = 1):
-    positive, negative = make_conditioning(family, batch=batch, seed=1)
+def run(model, family: str, cfg: float = 5.0, batch: int = 1, conds: tuple | None = None):
+    positive, negative = conds or make_conditioning(family, batch=batch, seed=1)
     latent = make_latent(family, batch=batch, seed=2)
     with block_batches(model) as batches:
         out = sample(model, positive, negative, latent, cfg=cfg, steps=STEPS, seed=3)
@@ -135,7 +135,7 @@ def test_no_chunk_is_dropped_when_none_equals_another(guiders_pack, sd15_model, 
     assert_same_result(out, host)
 
 
-def test_another_nodes_patch_leaves_the_forward_to_the_host(guiders_pack, sd15_model) -> None:
+def test_another_nodes_block_patch_leaves_the_forward_to_the_host(guiders_pack, sd15_model) -> None:
     # FreeU_V2 patches the output blocks' skip connections: the host's forward runs, on every chunk, and
     # FreeU's change is still in the result.
     (freeu,) = run_node("FreeU_V2", model=sd15_model, b1=1.3, b2=1.4, s1=0.9, s2=0.2)
@@ -147,6 +147,35 @@ def test_another_nodes_patch_leaves_the_forward_to_the_host(guiders_pack, sd15_m
 
     assert batches == [[3] * len(block_positions(sd15_model))] * STEPS
     assert float((out - without_freeu).abs().max() / without_freeu.abs().max()) > 1e-2
+
+
+def plain_attention(q, k, v, extra_options):
+    import comfy.ldm.modules.attention as attention
+
+    return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+
+# Patches of other nodes that could treat chunks by their cond_or_uncond tag (these ones do nothing).
+OTHER_NODES_PATCHES = {
+    "attn2-replace": lambda m: m.set_model_attn2_replace(plain_attention, "input", 1),
+    "attn1-replace-on-another-layer": lambda m: m.set_model_attn1_replace(plain_attention, "output", 3),
+    "attention-override": lambda m: m.model_options.setdefault("transformer_options", {}).__setitem__(
+        "optimized_attention_override", lambda func, *args, **kwargs: func(*args, **kwargs)),
+}
+
+
+@pytest.mark.parametrize("patch", OTHER_NODES_PATCHES.values(), ids=OTHER_NODES_PATCHES.keys())
+def test_another_nodes_attention_patch_leaves_the_forward_to_the_host(guiders_pack, sd15_model, patch) -> None:
+    other = sd15_model.clone()
+    patch(other)
+    (pag_after_other,) = run_node("GuidersPAG", model=other, scale=3.0, layers="middle")
+    (pag,) = run_node("GuidersPAG", model=sd15_model, scale=3.0, layers="middle")
+
+    out, batches = run(pag_after_other, "sd15")
+    alone, _ = run(pag, "sd15")
+
+    assert batches == [[3] * len(block_positions(sd15_model))] * STEPS
+    assert_same_result(out, alone)
 
 
 def test_another_nodes_diffusion_model_wrapper_inside_ours_still_runs(guiders_pack, sd15_model) -> None:
@@ -165,3 +194,24 @@ def test_another_nodes_diffusion_model_wrapper_inside_ours_still_runs(guiders_pa
 
     assert calls == [3] * STEPS
     assert batches == [[3] * len(block_positions(sd15_model))] * STEPS
+
+
+def test_a_controlnet_leaves_the_forward_to_the_host_and_pag_still_matches_the_builtin(guiders_pack,
+                                                                                       sd15_model) -> None:
+    # ControlNet residuals are added per chunk inside the host's forward: every chunk runs, and GuidersPAG
+    # under ControlNet still matches ComfyUI's PerturbedAttentionGuidance under the same ControlNet.
+    positive, negative = make_conditioning("sd15", seed=1)
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))  # an 8x8 latent's image
+    controlled = run_node("ControlNetApplyAdvanced", positive=positive, negative=negative,
+                          control_net=make_controlnet(sd15_model), image=hint, strength=0.5, start_percent=0.0,
+                          end_percent=1.0)
+    (ours,) = run_node("GuidersPAG", model=sd15_model, scale=3.0, layers="middle")
+    (builtin,) = run_node("PerturbedAttentionGuidance", model=sd15_model, scale=3.0)
+
+    out, batches = run(ours, "sd15", conds=controlled)
+    reference, _ = run(builtin, "sd15", conds=controlled)
+    without_control, _ = run(ours, "sd15")
+
+    assert batches == [[3] * len(block_positions(sd15_model))] * STEPS
+    assert_same_result(out, reference)
+    assert float((out - without_control).abs().max() / out.abs().max()) > 1e-2  # the ControlNet acted

@@ -298,6 +298,24 @@ def make_model(family: str, seed: int = 0):
     return builders[family]()
 
 
+def make_controlnet(model, seed: int = 5):
+    """A ControlNet (ComfyUI's cldm architecture) for a tiny UNet ``model``, random weights, 3-channel hint
+    image: its residuals change the UNet's result a lot, which is all the tests need."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.ops
+
+    config = dict(model.model.model_config.unet_config)
+    config.pop("out_channels")
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+                  device=torch.device("cpu"))
+    control_model = comfy.cldm.cldm.ControlNet(**config)
+    fill_deterministic(control_model, seed)
+    return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device(),
+                                       manual_cast_dtype=None)
+
+
 def family_spec(family: str) -> FamilySpec:
     """The spec of an image (SPECS) or video (VIDEO_SPECS) family."""
     return SPECS[family] if family in SPECS else VIDEO_SPECS[family]
