@@ -17,8 +17,10 @@ A node calls ``add_guidance(model, update)``: the model is cloned, ``update`` tu
 
 Perturbations act on their own batch chunk only: UNet self-attention through ``attn1`` replace patches,
 DiT blocks through ``dit`` block replace patches (which also mark the block for the attention override,
-so joint attention can be perturbed on the image tokens only). A slot another node already filled is
-wrapped, never dropped; a slot a later node overwrote is taken back for the run and wraps theirs.
+so joint attention can be perturbed on the image tokens only). On a UNet a ``DIFFUSION_MODEL`` wrapper
+computes chunks with equal inputs once up to the first perturbed block (the shared prefix), when nothing
+else patches the forward. A slot another node already filled is wrapped, never dropped; a slot a later
+node overwrote is taken back for the run and wraps theirs.
 """
 
 from __future__ import annotations
@@ -957,6 +959,7 @@ def _unet_forward_shared(unet, plan: SharedPrefix, x, timesteps, context, y, to)
         return out if plan.split < len(blocks) else out.index_select(0, spread_rows)
     finally:
         to["cond_or_uncond"] = tags
+
 
 def _make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
     """A ``dit`` block replace patch for ``layer`` of a ``family`` model: where the text tokens sit in the
