@@ -387,7 +387,7 @@ def _install_hooks(patched, setup: GuidanceSetup) -> None:
     if not patched.get_wrappers(wrappers.OUTER_SAMPLE, WRAPPER_KEY):
         patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
         patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)
-    for layer in layers:
+    for layer in layers + _dit_prefix_layers(patched, layers):
         _install_layer_patch(patched, layer)
     if layers and not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):
         dit = any(layer.is_dit for layer in layers)
@@ -427,6 +427,16 @@ def _patched_layers(stack: GuidanceStack) -> list[Layer]:
     for p in _perturbations(stack):
         layers.extend(p.layers)
     return list(dict.fromkeys(layers))
+
+
+def _dit_prefix_layers(model, layers: list[Layer]) -> list[Layer]:
+    """The DiT blocks before the last perturbed one, in forward order: their patch computes equal chunks
+    once (the shared prefix)."""
+    if not any(layer.is_dit for layer in layers):
+        return []
+    blocks = model_layers(model)  # double (main) blocks, then single blocks: the forward order
+    last = max((blocks.index(layer) for layer in layers if layer in blocks), default=0)
+    return [block for block in blocks[:last] if block not in layers]
 
 
 def _mark_ours(fn, wraps: Callable | None = None):
@@ -837,12 +847,50 @@ def _from_heads(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# UNet: a shared prefix for identical rows
+# A shared prefix for equal chunks
 # ---------------------------------------------------------------------------------------------------------
 # A perturbed branch usually has the cond branch's inputs (same x, σ and conditioning), so up to the first
 # layer it perturbs it computes exactly what the cond chunk computes. Computing that prefix once and giving
-# the perturbed chunk a copy is what makes one call of 3 cheaper than calls of 2 and 1: with PAG on the
-# middle block, the input blocks (about a quarter of a forward) run on 2 chunks instead of 3.
+# the perturbed chunk a copy is what makes one call of 3 cheaper than calls of 2 and 1: with PAG on a UNet's
+# middle block, the input blocks (about a quarter of a forward) run on 2 chunks instead of 3. UNets do it in
+# a DIFFUSION_MODEL wrapper (their blocks have no replace patch); DiTs in the block patch of every block up
+# to the last perturbed one. Either way only where no other node patches the forward: another node's patch
+# may treat chunks by their ``cond_or_uncond`` tag.
+
+
+def _equal_chunks(tensors: list[torch.Tensor], n: int) -> tuple[list[int], list[int]]:
+    """Groups the ``n`` chunks (along dim 0) of ``tensors``: ``kept`` has the first chunk of each group of
+    chunks equal in every tensor, ``source`` gives each chunk its group's position in ``kept``."""
+    pieces = [t.chunk(n) for t in tensors]
+    kept, source = [], []
+    for j in range(n):
+        twin = next((k for k, i in enumerate(kept) if all(torch.equal(c[i], c[j]) for c in pieces)), None)
+        if twin is None:
+            kept.append(j)
+            twin = len(kept) - 1
+        source.append(twin)
+    return kept, source
+
+
+def _chunk_rows(chunks, size: int, device) -> torch.Tensor:
+    """The batch rows of ``chunks`` (chunk indices), each chunk ``size`` rows."""
+    return torch.cat([torch.arange(c * size, (c + 1) * size, device=device) for c in chunks])
+
+
+def _no_other_patches(transformer_options) -> bool:
+    """Whether no other node patches this forward (their patches, replace patches, or attention override,
+    also where ours wraps theirs)."""
+    if any(transformer_options.get("patches", {}).values()):
+        return False
+    for patches in transformer_options.get("patches_replace", {}).values():
+        if not all(_is_ours_alone(fn) for fn in patches.values()):
+            return False
+    override = transformer_options.get("optimized_attention_override")
+    return override is None or _is_ours_alone(override)
+
+
+def _is_ours_alone(fn) -> bool:
+    return _is_ours(fn) and fn.__comfyui_guiders_wraps__ is None
 
 
 @dataclass(frozen=True)
@@ -877,13 +925,7 @@ def _only_our_patches(executor, unet, transformer_options) -> bool:
         return False
     if executor.idx != len(executor.wrappers) - 1:  # a wrapper inside ours would be skipped
         return False
-    if any(transformer_options.get("patches", {}).values()):
-        return False
-    for patches in transformer_options.get("patches_replace", {}).values():
-        if any(not _is_ours(fn) or fn.__comfyui_guiders_wraps__ is not None for fn in patches.values()):
-            return False
-    override = transformer_options.get("optimized_attention_override")
-    return override is None or _is_ours(override)
+    return _no_other_patches(transformer_options)
 
 
 def _shared_prefix(unet, x, timesteps, context, y, transformer_options) -> SharedPrefix | None:
@@ -895,14 +937,7 @@ def _shared_prefix(unet, x, timesteps, context, y, transformer_options) -> Share
     n = len(tags)
     if info is None or n < 2 or x.shape[0] % n:
         return None
-    inputs = [t.chunk(n) for t in (x, timesteps, context, y) if t is not None]
-    kept, source = [], []
-    for j in range(n):
-        twin = next((k for k, i in enumerate(kept) if all(torch.equal(c[i], c[j]) for c in inputs)), None)
-        if twin is None:
-            kept.append(j)
-            twin = len(kept) - 1
-        source.append(twin)
+    kept, source = _equal_chunks([t for t in (x, timesteps, context, y) if t is not None], n)
     if len(kept) == n:
         return None
     positions = {(name, index): position for position, (name, index, _block) in enumerate(_unet_blocks(unet))}
@@ -925,11 +960,7 @@ def _unet_forward_shared(unet, plan: SharedPrefix, x, timesteps, context, y, to)
     chunk from there. The ``cond_or_uncond`` tags follow the chunks computed, for the attention patches."""
     tags = to["cond_or_uncond"]
     size = x.shape[0] // len(tags)
-
-    def rows(chunks):
-        return torch.cat([torch.arange(c * size, (c + 1) * size, device=x.device) for c in chunks])
-
-    kept_rows, spread_rows = rows(plan.kept), rows(plan.source)
+    kept_rows, spread_rows = (_chunk_rows(chunks, size, x.device) for chunks in (plan.kept, plan.source))
     emb = unet.time_embed(comfy_unet.timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype))
     if unet.num_classes is not None:
         emb = emb + unet.label_emb(y)
@@ -978,7 +1009,7 @@ def _make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         to = args.get("transformer_options") or {}
         chunks = _chunk_perturbations(to, layer)
         if not any(chunks):
-            return original(args)
+            return original(args) if previous is not None else _once_per_equal_chunk(original, args, to)
         attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
         call_args = args
         if any(attention_chunks):
@@ -1011,7 +1042,51 @@ def _make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
                     out[key] = torch.cat(parts)
         return out
 
-    return _mark_ours(block_replace)
+    return _mark_ours(block_replace, previous)
+
+
+def _once_per_equal_chunk(original, args: dict, to: dict) -> dict:
+    """A DiT block no perturbation acts on: chunks whose inputs are all equal are computed once, and each
+    gets a copy of its group's output. The block's batched inputs are the tensors (also inside tuples, as
+    some families pass modulations and rotary embeddings) whose first dimension is the batch."""
+    tags = to.get("cond_or_uncond") or []
+    n, batch = len(tags), args["img"].shape[0]
+    if n < 2 or batch % n or STEP_KEY not in to or not _no_other_patches(to):
+        return original(args)
+    inputs = {key: value for key, value in args.items() if key != "transformer_options"}
+    kept, source = _equal_chunks(list(_batched_tensors(inputs, batch)), n)
+    if len(kept) == n:
+        return original(args)
+    size = batch // n
+    kept_rows, spread_rows = (_chunk_rows(chunks, size, args["img"].device) for chunks in (kept, source))
+    to["cond_or_uncond"] = [tags[j] for j in kept]
+    try:
+        out = original({**_select_rows(inputs, kept_rows, batch), "transformer_options": to})
+    finally:
+        to["cond_or_uncond"] = tags
+    return _select_rows(out, spread_rows, len(kept) * size)
+
+
+def _batched_tensors(value, batch: int):
+    """The tensors in ``value`` (nested dicts, tuples and lists) whose first dimension is ``batch``."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim and value.shape[0] == batch:
+            yield value
+    elif isinstance(value, (dict, tuple, list)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _batched_tensors(item, batch)
+
+
+def _select_rows(value, rows: torch.Tensor, batch: int):
+    """``value`` with ``rows`` taken from every tensor in it whose first dimension is ``batch``."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows) if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {key: _select_rows(item, rows, batch) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        items = [_select_rows(item, rows, batch) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a namedtuple or not
+    return value
 
 
 def _sublayer_skip_hooks(transformer_options, family: str, layer: Layer, chunks: list[list]) -> list:
@@ -1082,5 +1157,5 @@ def _make_attention_override(previous: Callable | None):
         out = _apply_chunked(q4, k4, v4, chunks, attend, perturb_chunk)
         return out if skip_output_reshape else _from_heads(out)
 
-    return _mark_ours(attention_override)
+    return _mark_ours(attention_override, previous)
 

@@ -215,3 +215,83 @@ def test_a_controlnet_leaves_the_forward_to_the_host_and_pag_still_matches_the_b
     assert batches == [[3] * len(block_positions(sd15_model))] * STEPS
     assert_same_result(out, reference)
     assert float((out - without_control).abs().max() / out.abs().max()) > 1e-2  # the ControlNet acted
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DiTs: every block before the last perturbed one computes equal chunks once
+
+DIT_BLOCK_LISTS = {"sd3": ("joint_blocks",), "flux": ("double_blocks", "single_blocks"), "wan": ("blocks",),
+                   "ltxv": ("transformer_blocks",), "hunyuan_video": ("double_blocks", "single_blocks")}
+
+
+@contextmanager
+def dit_block_batches(model, family: str):
+    """Like block_batches, for a DiT's blocks in forward order (double or main blocks, then single ones):
+    the batch of the first tensor each block is called with."""
+    dm = model.model.diffusion_model
+    blocks = [block for name in DIT_BLOCK_LISTS[family] for block in getattr(dm, name)]
+    sizes: list[int] = []
+
+    def record(_module, args, kwargs):
+        sizes.append(next(int(v.shape[0]) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)))
+
+    handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
+    per_forward: list[list[int]] = []
+    try:
+        yield per_forward
+    finally:
+        for handle in handles:
+            handle.remove()
+        per_forward.extend(sizes[i:i + len(blocks)] for i in range(0, len(sizes), len(blocks)))
+
+
+def run_dit(model, family: str):
+    positive, negative = make_conditioning(family, seed=1)
+    latent = make_latent(family, seed=2)
+    with dit_block_batches(model, family) as batches:
+        out = sample(model, positive, negative, latent, cfg=5.0, steps=STEPS, seed=3)
+    return out, batches
+
+
+def other_attention_override(model):
+    """A clone with another node's (no-op) attention override: every chunk then runs in every block."""
+    other = model.clone()
+    other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = (
+        lambda func, *args, **kwargs: func(*args, **kwargs))
+    return other
+
+
+def pag(layers: str) -> tuple[str, dict]:
+    return "GuidersPAG", {"scale": 3.0, "layers": layers}
+
+
+def slg(layers: str, mode: str = "block") -> tuple[str, dict]:
+    return "GuidersSLG", {"scale": 3.0, "layers": layers, "mode": mode, "start_percent": 0.0, "end_percent": 1.0}
+
+
+# (family, nodes, the batch each block computes, in forward order). The call holds cond, uncond and one
+# chunk per branch; a perturbed branch's chunk equals the cond's up to its first perturbed block.
+DIT_CASES = [
+    pytest.param("sd3", [pag("1")], [2, 3], id="sd3-pag-1"),
+    pytest.param("flux", [pag("double.1")], [2, 3, 3, 3], id="flux-pag-double.1"),
+    pytest.param("flux", [slg("single.1")], [2, 2, 2, 3], id="flux-slg-single.1"),
+    # PAG leaves the cond at double.0; SLG's chunk still equals the cond until single.1.
+    pytest.param("flux", [pag("double.0"), slg("single.1")], [4, 3, 3, 4], id="flux-pag-double.0+slg-single.1"),
+    pytest.param("wan", [pag("2")], [2, 2, 3], id="wan-pag-2"),
+    pytest.param("ltxv", [slg("2", "attention")], [2, 2, 3], id="ltxv-stg-attention-2"),
+    pytest.param("hunyuan_video", [pag("single.0")], [2, 2, 3, 3], id="hunyuan-pag-single.0"),
+]
+
+
+@pytest.mark.parametrize(("family", "nodes", "expected"), DIT_CASES)
+def test_dit_blocks_compute_equal_chunks_once_until_they_part(guiders_pack, tiny_model, family: str, nodes: list,
+                                                              expected: list[int]) -> None:
+    model = tiny_model(family)
+    shared, batches = run_dit(apply(model, *nodes), family)
+    unshared, host_batches = run_dit(apply(other_attention_override(model), *nodes), family)
+    plain, _ = run_dit(model, family)
+
+    assert batches == [expected] * STEPS
+    assert host_batches == [[max(expected)] * len(expected)] * STEPS
+    assert_same_result(shared, unshared)
+    assert float((shared - plain).abs().max() / plain.abs().max()) > 1e-2
