@@ -1,16 +1,19 @@
-"""The shared prefix on UNets (nodes/comfy_adapter.py, ``_shared_prefix_wrapper``): in one forward, chunks
-with equal inputs (a perturbed branch and the cond branch it perturbs) are computed once up to the first
-block a perturbation acts on, and each takes a copy of that state from there.
+"""The shared prefix (nodes/comfy_adapter.py): in one forward, chunks with equal inputs (a perturbed branch
+and the cond branch it perturbs) are computed once up to the first block a perturbation acts on, and each
+takes a copy of that state from there. UNets: ``_shared_prefix_wrapper`` runs the forward; DiTs: the block
+patch of every block before the last perturbed one (``_once_per_equal_chunk``).
 
-What is checked, on a real ComfyUI sampling run: the batch each UNet block computes (forward pre-hooks on
-the first layer of every input, middle and output block), and that the result equals the same graph run
-through the host's own UNet forward, which this pack leaves every forward to when another node patches the
-model (a no-op ``input_block_patch`` here). A prefix given to the wrong chunk, or a chunk of another
-branch, changes the result; a prefix not shared shows in the batch sizes.
+What is checked, on a real ComfyUI sampling run: the batch each block computes (forward pre-hooks: on the
+first layer of every UNet input, middle and output block; on every DiT block), and that the result equals
+the same graph run with every chunk in every block, which this pack leaves to the host when another node
+patches the model (a no-op ``input_block_patch`` on UNets, a no-op attention override on DiTs). A prefix
+given to the wrong chunk, or shared one block too far, changes the result; a prefix not shared shows in
+the batch sizes.
 
 Host behaviour these tests depend on (ComfyUI 0.8.0): UNetModel._forward runs input blocks, the middle
 block and output blocks through ``forward_timestep_embed``, which calls each block's layers in turn (so a
-block's first layer sees the batch the block computes).
+block's first layer sees the batch the block computes); DiT blocks are modules called once per forward,
+through their ``dit`` replace patch when one is set.
 """
 
 from __future__ import annotations
