@@ -298,3 +298,17 @@ def test_dit_blocks_compute_equal_chunks_once_until_they_part(guiders_pack, tiny
     assert host_batches == [[max(expected)] * len(expected)] * STEPS
     assert_same_result(shared, unshared)
     assert float((shared - plain).abs().max() / plain.abs().max()) > 1e-2
+
+
+def test_another_nodes_dit_block_patch_leaves_every_block_to_every_chunk(guiders_pack, flux_model) -> None:
+    # A block patch of another node (here a pass-through on double block 0) may treat chunks by their tag.
+    other = flux_model.clone()
+    other.set_model_patch_replace(lambda args, extra: extra["original_block"](args), "dit", "double_block", 0)
+    (ours,) = run_node("GuidersPAG", model=other, scale=3.0, layers="single.1")
+    (alone,) = run_node("GuidersPAG", model=flux_model, scale=3.0, layers="single.1")
+
+    out, batches = run_dit(ours, "flux")
+    shared, shared_batches = run_dit(alone, "flux")
+
+    assert batches == [[3, 3, 3, 3]] * STEPS and shared_batches == [[2, 2, 2, 3]] * STEPS
+    assert_same_result(out, shared)
