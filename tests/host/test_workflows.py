@@ -249,7 +249,7 @@ def test_the_folder_ships_one_workflow_per_family(registry: dict) -> None:
     for path in WORKFLOW_FILES:
         prompt = wc.graph_to_prompt(wc.load_workflow(path), registry)
         families.setdefault(wc.detect_family(prompt), []).append(path.name)
-    assert set(families) == {"sd15", "sdxl", "sd3", "flux", "wan", "ltxv"}, families
+    assert set(families) == {"sd15", "sdxl", "sd3", "flux", "wan", "ltxv", "hunyuan_video"}, families
 
 
 def test_the_readme_has_a_line_for_every_workflow() -> None:
