@@ -14,8 +14,9 @@ One test per file, found by globbing the folder (a new workflow is a new test):
    the frontend does): each sampler downstream of a Guiders node must give another latent, the others
    the very same latent.
 
-SD1.5, SD3, Flux and the video DiTs (Wan 2.1 T2V, LTXV, HunyuanVideo) come from ``tiny_models``; a tiny
-SDXL is built here the same way (ComfyUI's own model classes, seeded random weights).
+SD1.5, SDXL, SD3, Flux and the video DiTs (Wan 2.1 T2V, LTXV, HunyuanVideo) come from ``tiny_models``
+(ComfyUI's own model classes, seeded random weights); the LTXV stand-in has LTX-Video 2B's 28 blocks, so
+the block its workflow names (19) exists.
 
 Host behaviour these tests depend on (ComfyUI 0.8.0):
 - ``app/custom_node_manager.py``: ``GET /workflow_templates`` lists ``custom_nodes/*/workflows/*.json`` by
@@ -48,7 +49,11 @@ WORKFLOW_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
 WORKFLOW_IDS = [path.stem for path in WORKFLOW_FILES]
 
 # comfy_extras files the shipped workflows need beyond those harness.bootstrap() loads.
-WORKFLOW_EXTRAS = ("nodes_hunyuan.py", "nodes_video.py")  # EmptyHunyuanLatentVideo; CreateVideo, SaveVideo
+WORKFLOW_EXTRAS = (
+    "nodes_hunyuan.py",  # EmptyHunyuanLatentVideo
+    "nodes_lt.py",  # EmptyLTXVLatentVideo, LTXVConditioning, LTXVScheduler
+    "nodes_video.py",  # CreateVideo, SaveVideo
+)
 
 TINY_SIDE = tiny_models.TINY_LATENT_SIZE  # 8x8 latents (video: tiny_models' latent_frames frames)
 GUIDERS_PREFIX = "Guiders"
@@ -59,6 +64,10 @@ STAND_INS = wc.StandIns(model="WorkflowTestTinyModel", conditioning="WorkflowTes
 # The families the workflows run on: every tiny model (tiny_models has SDXL too, which no other test
 # parametrization uses).
 FAMILIES = (*tiny_models.FAMILIES, *tiny_models.VIDEO_FAMILIES, "sdxl")
+# Stand-ins with the real model's depth, where a workflow names a block by number as users do: the LTXV
+# workflow's STG uses block 19 (LTX-Video's choice), which needs LTX-Video 2B's 28 blocks, not the 3 of the
+# shared tiny LTXV (on which "auto" falls back to the middle block).
+REAL_DEPTH_STAND_INS = {"ltxv": lambda: tiny_models.make_ltxv(num_layers=28)}
 
 
 def tiny_conditioning(family: str) -> tuple[list, list]:
@@ -94,7 +103,16 @@ def registry(guiders_pack: dict[str, type]) -> dict[str, type]:
 
 @pytest.fixture(scope="module")
 def model_of(tiny_model: Callable) -> Callable[[str], object]:
-    return tiny_model
+    built: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in REAL_DEPTH_STAND_INS:
+            return tiny_model(family)
+        if family not in built:
+            built[family] = REAL_DEPTH_STAND_INS[family]()
+        return built[family]
+
+    return get
 
 
 @dataclass
@@ -231,7 +249,7 @@ def test_the_folder_ships_one_workflow_per_family(registry: dict) -> None:
     for path in WORKFLOW_FILES:
         prompt = wc.graph_to_prompt(wc.load_workflow(path), registry)
         families.setdefault(wc.detect_family(prompt), []).append(path.name)
-    assert set(families) == {"sd15", "sdxl", "sd3", "flux", "wan"}, families
+    assert set(families) == {"sd15", "sdxl", "sd3", "flux", "wan", "ltxv", "hunyuan_video"}, families
 
 
 def test_the_readme_has_a_line_for_every_workflow() -> None:

@@ -234,11 +234,12 @@ def make_wan(seed: int = 0):
     return _to_patcher(_supported_models().WAN21_T2V(unet_config), seed)
 
 
-def make_ltxv(seed: int = 0):
+def make_ltxv(seed: int = 0, num_layers: int = 3):
     """An LTX-Video DiT (flow, shift 2.37): 3 blocks, 2 heads of 32, patch 1 (one token per latent pixel).
 
     Each block: self-attention on the video tokens, cross-attention to the projected T5 embedding
     (``caption_channels`` → the inner dim 64), then a feed-forward; blocks update their input in place.
+    ``num_layers=28`` gives LTX-Video 2B's depth (its blocks 0-27), still narrow.
     """
     spec = VIDEO_SPECS["ltxv"]
     unet_config = {
@@ -248,7 +249,7 @@ def make_ltxv(seed: int = 0):
         "attention_head_dim": 32,
         "cross_attention_dim": 64,  # the inner dim: the context is projected to it before the blocks
         "caption_channels": spec.context_dim,
-        "num_layers": 3,
+        "num_layers": num_layers,
     }
     return _to_patcher(_supported_models().LTXV(unet_config), seed)
 

@@ -376,6 +376,8 @@ MODEL_LOADERS = frozenset({"CheckpointLoaderSimple", "CheckpointLoader", "UNETLo
                            "ImageOnlyCheckpointLoader", "unCLIPCheckpointLoader"})
 # The model family a checkpoint or diffusion-model file name names. First match wins: "sd3" before "sdxl".
 FAMILY_PATTERNS = (
+    ("hunyuan_video", re.compile(r"hunyuan[_-]?video", re.IGNORECASE)),
+    ("ltxv", re.compile(r"ltx[-_]?v", re.IGNORECASE)),  # ltx-video-2b-v0.9.5, ltxv-2b-0.9.8 (not LTX-2: ltx-2-*)
     ("wan", re.compile(r"wan2?[._]?[12]|\bwan[_-]", re.IGNORECASE)),
     ("flux", re.compile(r"flux", re.IGNORECASE)),
     ("sd3", re.compile(r"sd3", re.IGNORECASE)),
