@@ -1010,6 +1010,9 @@ def _make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         chunks = _chunk_perturbations(to, layer)
         if not any(chunks):
             return original(args) if previous is not None else _once_per_equal_chunk(original, args, to)
+        only_skips = all(isinstance(p, BlockSkip) for c in chunks for p in c)
+        if only_skips and previous is None and _no_other_patches(to):  # else theirs may count on every chunk
+            return _without_skipped_chunks(original, args, to, chunks)
         attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
         call_args = args
         if any(attention_chunks):
@@ -1065,6 +1068,30 @@ def _once_per_equal_chunk(original, args: dict, to: dict) -> dict:
     finally:
         to["cond_or_uncond"] = tags
     return _select_rows(out, spread_rows, len(kept) * size)
+
+
+def _without_skipped_chunks(original, args: dict, to: dict, chunks: list[list]) -> dict:
+    """A DiT block whose only perturbation is skipping it for some chunks: the other chunks are computed
+    (the block's work for a skipped chunk would be thrown away), the skipped ones pass their inputs on."""
+    tags = to.get("cond_or_uncond") or []
+    n, batch = len(chunks), args["img"].shape[0]
+    computed = [j for j, c in enumerate(chunks) if not c]
+    passed = {key: args[key] for key in ("img", "txt") if args.get(key) is not None}
+    if not computed:
+        return passed
+    rows = _chunk_rows(computed, batch // n, args["img"].device)
+    inputs = {key: value for key, value in args.items() if key != "transformer_options"}
+    to["cond_or_uncond"] = [tags[j] for j in computed]
+    try:  # the selected rows are copies: blocks that update their inputs in place (Flux) leave args alone
+        out = original({**_select_rows(inputs, rows, batch), "transformer_options": to})
+    finally:
+        to["cond_or_uncond"] = tags
+    result = dict(out)
+    for key, kept in passed.items():
+        if out.get(key) is not None:
+            result[key] = kept.clone()
+            result[key][rows] = out[key]
+    return result
 
 
 def _batched_tensors(value, batch: int):
