@@ -1,25 +1,40 @@
 """What guidance costs on a real ComfyUI, on the CPU: this pack's batched PAG against ComfyUI's built-in
-PerturbedAttentionGuidance and plain CFG, and the forward calls every guidance node makes per step.
+PerturbedAttentionGuidance and plain CFG on a UNet, its batched SLG against the built-in SkipLayerGuidanceSD3
+and plain CFG on an SD3 MMDiT, and the forward calls every guidance node makes per step.
 
 Run with the host's Python (no server starts, nothing is downloaded):
 
-    ~/ComfyUI/.venv/bin/python benchmarks/bench_guidance.py [--steps 6] [--repeats 9] [--threads 1]
+    ~/ComfyUI/.venv/bin/python benchmarks/bench_guidance.py [--steps 6] [--repeats 9] [--threads 1] [--only all]
 
 The host is ``$COMFYUI_PATH`` or ``~/ComfyUI``. The models are the test suite's random-weight ones
-(tests/host/tiny_models.py), loaded and sampled with the test harness (tests/host/harness.py): a
-medium SD1.5-architecture UNet (model_channels 128, context 768) on a 32x32 latent for the timings.
+(tests/host/tiny_models.py), loaded and sampled with the test harness (tests/host/harness.py), each on a
+32x32 latent for the timings: a medium SD1.5-architecture UNet (model_channels 128, context 768) and a
+medium SD3-architecture MMDiT (24 joint blocks as SD3 Medium, but hidden 128: 2 heads of 64). ``--only sd15``
+or ``--only sd3`` runs one of the two parts (timings, floor and table rows of that model).
 
-1. Timings: the three set-ups run in turn (interleaved, the order rotating each repeat, so with a multiple
-   of 3 repeats each set-up runs equally often first, second and third) so a change of load on the
+1. Timings, per model: its three set-ups run in turn (interleaved, the order rotating each repeat, so with a
+   multiple of 3 repeats each set-up runs equally often first, second and third) so a change of load on the
    machine hits them alike. Each ratio is given as the median over repeats of the ratio within a repeat,
-   with its range, and as best / best (the least disturbed run of each). GuidersPAG / built-in PAG should
-   be <= 1.0 (one call of batch 3 per step instead of calls of 2 and 1, whose input blocks run on cond and
-   uncond only: the perturbed chunk shares the cond's prefix up to the middle block); GuidersPAG / plain
-   CFG near 1.5 means cost linear in branches, below it the shared prefix.
-2. The batching floor: the bare model (no guidance code, no patches) evaluating cond, uncond and cond
-   once as one batch of 3 and once as a batch of 2 and a batch of 1, interleaved the same way. Its ratio
-   is what batching alone gives (on the CPU the model's work is linear in the batch, so about 1.0): the
-   distance from it to GuidersPAG / built-in PAG is what the shared prefix saves, less our overhead.
+   with its range, and as best / best (the least disturbed run of each).
+   SD1.5: plain CFG, built-in PAG and GuidersPAG (layers middle). GuidersPAG / built-in PAG should be <= 1.0
+   (one call of batch 3 per step instead of calls of 2 and 1, whose input blocks run on cond and uncond
+   only: the perturbed chunk shares the cond's prefix up to the middle block); GuidersPAG / plain CFG near
+   1.5 means cost linear in branches, below it the shared prefix.
+   SD3: plain CFG, built-in SkipLayerGuidanceSD3 and GuidersSLG (mode block), both on layers 7, 8, 9 with
+   scale 3 at every step (start 0, end 1). Counted in block evaluations (a block run on one latent) per
+   step: plain CFG 2·24 = 48; the built-in 2·24 in its CFG call plus 21 in its second call of batch 1 for
+   the skip branch (blocks 7-9 are skipped, not run) = 69; GuidersSLG one call of batch 3 whose blocks 0-6
+   run on cond and uncond only (the skip branch's chunk equals the cond's until block 7: the shared
+   prefix) and blocks 7-23 on all three (blocks 7-9 run on the skip chunk too, which then gets its
+   inputs back) = 3·24 − 7 = 65. So GuidersSLG / built-in SLG ≈ 65/69 = 0.94 and GuidersSLG / plain CFG
+   ≈ 65/48 = 1.35 from the blocks alone (not 65/72 = 0.90: the built-in's skip call runs 21 blocks, not
+   24); batching one call of 3 instead of 2 + 1 (the floor below) brings it lower.
+2. The batching floor, per model: the bare model (no guidance code, no patches) evaluating cond, uncond and
+   cond once as one batch of 3 and once as a batch of 2 and a batch of 1, interleaved the same way. Its
+   ratio is what batching alone gives (about 1.0 where the model's work is linear in the batch; the narrow
+   MMDiT gains from the larger batch): the distance from it to GuidersPAG / built-in PAG is what the
+   shared prefix saves, less our overhead. For SD3 the built-in's batch of 1 skips 3 of 24 blocks, which
+   the floor's does not.
 3. A table of forward calls per step and their batch sizes for each node (harness.ForwardCounter), with the
    wall time per step (the median above for the timed set-ups, a single run for the others).
 
@@ -63,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads, fixed for the whole run (default 1: on a shared 2-core "
                              "machine two threads made runs several times slower and much noisier)")
+    parser.add_argument("--only", choices=("sd15", "sd3", "all"), default="all",
+                        help="time only the SD1.5 UNet (PAG) or only the SD3 MMDiT (SLG) part (default all)")
     return parser.parse_args()
 
 
@@ -74,6 +91,19 @@ class Setup:
     family: str
     model: object
     counted: tuple = ()
+
+
+@dataclass
+class Group:
+    """A model and the set-ups timed on it against each other (interleaved), with the ratios to print:
+    (label, numerator set-up, denominator set-up, note)."""
+
+    name: str
+    title: str
+    family: str
+    model: object
+    setups: list[Setup]
+    ratios: list[tuple[str, str, str, str]]
 
 
 def main() -> None:
@@ -93,18 +123,50 @@ def main() -> None:
     import tiny_models
 
     run_node = harness.run_node
-    medium = tiny_models.make_model("sd15_medium")
     side = tiny_models.MEDIUM_LATENT_SIZE
     inputs = {
-        "sd15_medium": (*tiny_models.make_conditioning("sd15_medium", seed=1),
-                        tiny_models.make_latent("sd15_medium", h=side, w=side, seed=2)),
-        "sd3": (*tiny_models.make_conditioning("sd3", seed=1), tiny_models.make_latent("sd3", seed=2)),
+        family: (*tiny_models.make_conditioning(family, seed=1),
+                 tiny_models.make_latent(family, h=side, w=side, seed=2))
+        for family in ("sd15_medium", "sd3_medium")
     }
-    parameters = sum(p.numel() for p in medium.model.diffusion_model.parameters())
+    inputs["sd3"] = (*tiny_models.make_conditioning("sd3", seed=1), tiny_models.make_latent("sd3", seed=2))
+    groups = []
+    if args.only in ("sd15", "all"):
+        medium = tiny_models.make_model("sd15_medium")
+        (builtin_pag,) = run_node("PerturbedAttentionGuidance", model=medium, scale=3.0)  # attn1 of middle
+        (guiders_pag,) = run_node("GuidersPAG", model=medium, scale=3.0, layers="middle")  # the same layer
+        groups.append(Group(
+            "SD1.5", "medium SD1.5: PAG on the middle block's self-attention", "sd15_medium", medium,
+            [Setup("plain CFG", "sd15_medium", medium), Setup("built-in PAG", "sd15_medium", builtin_pag),
+             Setup("GuidersPAG", "sd15_medium", guiders_pag)],
+            [("GuidersPAG / built-in PAG", "GuidersPAG", "built-in PAG", "target <= 1.0"),
+             ("GuidersPAG / plain CFG", "GuidersPAG", "plain CFG", "1.5 = linear in branches"),
+             ("built-in PAG / plain CFG", "built-in PAG", "plain CFG", "for reference")]))
+    if args.only in ("sd3", "all"):
+        medium_sd3 = tiny_models.make_model("sd3_medium")
+        window = {"scale": 3.0, "start_percent": 0.0, "end_percent": 1.0}  # every step
+        (builtin_slg,) = run_node("SkipLayerGuidanceSD3", model=medium_sd3, layers="7, 8, 9", **window)
+        (guiders_slg,) = run_node("GuidersSLG", model=medium_sd3, layers="7, 8, 9", mode="block", rescale=0.0,
+                                  **window)
+        groups.append(Group(
+            "SD3", "medium SD3: SLG skipping joint blocks 7, 8, 9 (of 24)", "sd3_medium", medium_sd3,
+            [Setup("plain CFG (SD3)", "sd3_medium", medium_sd3),
+             Setup("built-in SLG (SD3)", "sd3_medium", builtin_slg),
+             Setup("GuidersSLG (SD3)", "sd3_medium", guiders_slg)],
+            [("GuidersSLG / built-in SLG (SD3)", "GuidersSLG (SD3)", "built-in SLG (SD3)",
+              "65/69 = 0.94 in block evaluations"),
+             ("GuidersSLG / plain CFG (SD3)", "GuidersSLG (SD3)", "plain CFG (SD3)", "65/48 = 1.35"),
+             ("built-in SLG / plain CFG (SD3)", "built-in SLG (SD3)", "plain CFG (SD3)", "69/48 = 1.44")]))
+
     print(f"ComfyUI {host.version} at {host.path}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{os.cpu_count()} CPU(s), load average {load_before:.1f} at start")
-    print(f"Model: random-weight SD1.5-architecture UNet, {parameters / 1e6:.1f} M parameters; "
-          f"latent 1x4x{side}x{side}; {args.steps} steps euler/normal; cfg {CFG}; {args.repeats} repeats\n")
+    for group in groups:
+        parameters = sum(p.numel() for p in group.model.model.diffusion_model.parameters()) / 1e6
+        channels = tiny_models.SPECS[group.family].latent_channels
+        architecture = {"SD1.5": "SD1.5-architecture UNet", "SD3": "SD3-architecture MMDiT (24 joint blocks)"}
+        print(f"Model ({group.name}): random-weight {architecture[group.name]}, {parameters:.1f} M parameters; "
+              f"latent 1x{channels}x{side}x{side}")
+    print(f"{args.steps} steps euler/normal; cfg {CFG}; {args.repeats} repeats\n")
 
     def run(setup: Setup, steps: int = args.steps, count: bool = False) -> Measured:
         positive, negative, latent = inputs[setup.family]
@@ -117,51 +179,50 @@ def main() -> None:
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         return Measured(wall, cpu, counters)
 
-    # --- 1. timings, interleaved --------------------------------------------------------------------
-    (builtin_pag,) = run_node("PerturbedAttentionGuidance", model=medium, scale=3.0)  # attn1 of middle
-    (guiders_pag,) = run_node("GuidersPAG", model=medium, scale=3.0, layers="middle")  # the same layer
-    timed = [Setup("plain CFG", "sd15_medium", medium), Setup("built-in PAG", "sd15_medium", builtin_pag),
-             Setup("GuidersPAG", "sd15_medium", guiders_pag)]
-    for setup in timed:  # warm-up: first-call allocations and lazy imports stay out of the measurement
-        run(setup, steps=1)
-    measured: dict[str, list[Measured]] = {s.label: [] for s in timed}
-    for repeat in range(args.repeats):
-        order = timed[repeat % len(timed):] + timed[:repeat % len(timed)]
-        for setup in order:  # the last repeat also counts forwards, for the table
-            measured[setup.label].append(run(setup, count=repeat == args.repeats - 1))
-
-    print("Time per run (s)      wall: median    min      max    CPU: median    min      max")
-    for label, runs in measured.items():
-        print_times(label, runs)
-
-    print("\nRatios: median of the per-repeat ratios [min, max], then best / best; CPU = this process's CPU")
-    print("time, which other processes on the machine disturb far less than wall time")
-    for numerator, denominator, note in (
-        ("GuidersPAG", "built-in PAG", "target <= 1.0"),
-        ("GuidersPAG", "plain CFG", "1.5 = linear in branches"),
-        ("built-in PAG", "plain CFG", "for reference"),
-    ):
-        print_ratio(f"{numerator} / {denominator}", measured[numerator], measured[denominator], note)
+    # --- 1. timings, interleaved within each group ------------------------------------------------------
+    measured: dict[str, list[Measured]] = {}
+    for group in groups:
+        timed = time_interleaved(group.setups, args.repeats, run)
+        measured.update(timed)
+        print(f"Timings, {group.title}")
+        print("Time per run (s)      wall: median    min      max    CPU: median    min      max")
+        for label, runs in timed.items():
+            print_times(label, runs)
+        print("Ratios: median of the per-repeat ratios [min, max], then best / best; CPU = this process's CPU")
+        print("time, which other processes on the machine disturb far less than wall time")
+        for label, numerator, denominator, note in group.ratios:
+            print_ratio(label, timed[numerator], timed[denominator], note)
+        print()
 
     # --- 2. the batching floor: the bare model, batch 3 against batches 2 + 1 ----------------------------
-    floor = measure_floor(medium, inputs["sd15_medium"], harness.scheduler_sigmas(medium, steps=args.steps),
-                          args.repeats)
-    print(f"\nBatching floor: the bare model (no guidance code) evaluating cond, uncond and cond {FLOOR_EVALUATIONS}"
-          " times per repeat")
-    print("Time per repeat (s)   wall: median    min      max    CPU: median    min      max")
-    for label, runs in floor.items():
-        print_times(label, runs)
-    print_ratio("one call / two calls", floor["one call (3)"], floor["two calls (2, 1)"],
-                "batching alone, with free guidance code and no shared prefix")
+    for group in groups:
+        floor = measure_floor(group.model, inputs[group.family],
+                              harness.scheduler_sigmas(group.model, steps=args.steps), args.repeats)
+        print(f"Batching floor ({group.name}): the bare model (no guidance code) evaluating cond, uncond and cond "
+              f"{FLOOR_EVALUATIONS} times per repeat")
+        print("Time per repeat (s)   wall: median    min      max    CPU: median    min      max")
+        for label, runs in floor.items():
+            print_times(label, runs)
+        print_ratio(f"one call / two calls ({group.name})", floor["one call (3)"], floor["two calls (2, 1)"],
+                    "batching alone, with free guidance code and no shared prefix")
+        print()
 
     # --- 3. forward calls per node -------------------------------------------------------------------
-    sd3 = tiny_models.make_model("sd3")
-    weak = tiny_models.make_model("sd15_medium", seed=1)  # same architecture, other weights
-    rows = [(s, measured[s.label][-1], statistics.median(m.wall for m in measured[s.label])) for s in timed]
-    for setup in table_setups(run_node, medium, weak, sd3, args.steps):
-        result = run(setup, count=True)
-        rows.append((setup, result, result.wall))
-    print(f"\nForward calls per step ({args.steps} steps; batch size of each call, in order; "
+    rows = []
+    for group in groups:
+        rows += [(s, measured[s.label][-1], statistics.median(m.wall for m in measured[s.label]))
+                 for s in group.setups]
+        if group.name == "SD1.5":
+            weak = tiny_models.make_model("sd15_medium", seed=1)  # same architecture, other weights
+            extra = table_setups(run_node, group.model, weak, args.steps)
+        else:
+            sd3 = tiny_models.make_model("sd3")
+            (slg,) = run_node("GuidersSLG", model=sd3, scale=3.0, start_percent=0.0, end_percent=1.0)
+            extra = [Setup("GuidersSLG (tiny SD3, window 0-1)", "sd3", slg)]
+        for setup in extra:
+            result = run(setup, count=True)
+            rows.append((setup, result, result.wall))
+    print(f"Forward calls per step ({args.steps} steps; batch size of each call, in order; "
           "'-' = no forward at that step)")
     print(f"  {'node':<42} {'calls per step':<26} {'forwards':>8} {'latents':>8} {'wall s/step':>12}")
     for setup, result, wall in rows:
@@ -171,8 +232,9 @@ def main() -> None:
         latents = sum(sum(c.batch_sizes) for c in result.counters)
         print(f"  {setup.label:<42} {calls:<26} {forwards:>8} {latents:>8} {wall / args.steps:12.3f}")
     print("\n  forwards = model calls per run; latents = latent evaluations per run (sum of batch sizes).")
-    print("  s/step: the first three rows are the medians above, the others one run each (indicative only);")
-    print("  the SLG row is a tiny SD3 on an 8x8 latent, every other row the medium SD1.5 above.")
+    print("  s/step: the timed set-ups (section 1) are the medians above, the others one run each (indicative")
+    print("  only). The (SD3) rows are the medium SD3, the tiny SD3 row a tiny SD3 on an 8x8 latent, every")
+    print("  other row the medium SD1.5.")
     print(f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f} "
           "at the end")
 
@@ -182,6 +244,20 @@ class Measured:
     wall: float
     cpu: float
     counters: list
+
+
+def time_interleaved(setups: list[Setup], repeats: int, run: Callable) -> dict[str, list[Measured]]:
+    """Each set-up ``repeats`` times, in turn, the order rotating each repeat (with a multiple of
+    len(setups) repeats, each set-up runs equally often in each place). A one-step run of each first keeps
+    first-call allocations and lazy imports out of the measurement; the last repeat also counts forwards."""
+    for setup in setups:
+        run(setup, steps=1)
+    measured: dict[str, list[Measured]] = {s.label: [] for s in setups}
+    for repeat in range(repeats):
+        order = setups[repeat % len(setups):] + setups[:repeat % len(setups)]
+        for setup in order:
+            measured[setup.label].append(run(setup, count=repeat == repeats - 1))
+    return measured
 
 
 def print_times(label: str, runs: list[Measured]) -> None:
@@ -199,33 +275,34 @@ def print_ratio(label: str, numerator: list[Measured], denominator: list[Measure
         within = [x / y for x, y in zip(a, b, strict=True)]
         parts.append(f"{kind} {statistics.median(within):.3f} [{min(within):.3f}, {max(within):.3f}] "
                      f"best {min(a) / min(b):.3f}")
-    print(f"  {label:<28} {'   '.join(parts)}   ({note})")
+    print(f"  {label:<34} {'   '.join(parts)}   ({note})")
 
 
 FLOOR_EVALUATIONS = 2  # per repeat and arrangement
 
 
 def measure_floor(model, inputs, sigmas, repeats: int) -> dict[str, list[Measured]]:
-    """The bare model's forwards for one step's cond, uncond and cond: as one batch of 3 (GuidersPAG's
-    arrangement) and as a batch of 2 then 1 (the built-in's), interleaved, the order alternating."""
+    """The bare model's forwards for one step's cond, uncond and cond: as one batch of 3 (this pack's
+    arrangement) and as a batch of 2 then 1 (the built-in nodes'), interleaved, the order alternating."""
     import torch
 
     positive, negative, latent = inputs
     sigma = sigmas[len(sigmas) // 2].reshape(1)
     x = latent * sigma  # a noisy latent at a mid step; only its shape matters for the time
-    cond, uncond = positive[0][0], negative[0][0]
+    cond, uncond = bare_conds(positive), bare_conds(negative)
     base = model.model  # the BaseModel: apply_model as calc_cond_batch calls it, without any patch
 
-    def forward(contexts) -> None:
-        batch = len(contexts)
-        base.apply_model(x.repeat(batch, 1, 1, 1), sigma.repeat(batch), c_crossattn=torch.cat(contexts),
-                         transformer_options={"cond_or_uncond": list(range(batch))})
+    def forward(conds) -> None:
+        batch = len(conds)
+        base.apply_model(x.repeat(batch, 1, 1, 1), sigma.repeat(batch),
+                         transformer_options={"cond_or_uncond": list(range(batch))},
+                         **{key: torch.cat([c[key] for c in conds]) for key in conds[0]})
 
     arrangements = {"one call (3)": [[cond, uncond, cond]], "two calls (2, 1)": [[cond, uncond], [cond]]}
     with torch.no_grad():  # as the samplers run
         for calls in arrangements.values():  # warm-up
-            for contexts in calls:
-                forward(contexts)
+            for conds in calls:
+                forward(conds)
         measured: dict[str, list[Measured]] = {label: [] for label in arrangements}
         for repeat in range(repeats):
             order = list(arrangements.items())
@@ -233,18 +310,27 @@ def measure_floor(model, inputs, sigmas, repeats: int) -> dict[str, list[Measure
                 gc.collect()
                 wall, cpu = time.perf_counter(), time.process_time()
                 for _ in range(FLOOR_EVALUATIONS):
-                    for contexts in calls:
-                        forward(contexts)
+                    for conds in calls:
+                        forward(conds)
                 measured[label].append(Measured(time.perf_counter() - wall, time.process_time() - cpu, []))
     return measured
 
 
-def table_setups(run_node: Callable, medium, weak, sd3, steps: int) -> list[Setup]:
+def bare_conds(conditioning: list) -> dict:
+    """The model inputs of one CONDITIONING entry, as the BaseModel's extra_conds would give them: the text
+    context, and the pooled text as ``y`` where the family has one (SD3)."""
+    context, extras = conditioning[0]
+    conds = {"c_crossattn": context}
+    if "pooled_output" in extras:
+        conds["y"] = extras["pooled_output"]
+    return conds
+
+
+def table_setups(run_node: Callable, medium, weak, steps: int) -> list[Setup]:
     (pag,) = run_node("GuidersPAG", model=medium, scale=3.0, layers="middle")
     (pag_seg,) = run_node("GuidersSEG", model=pag, scale=3.0)
     (sag,) = run_node("GuidersSAG", model=medium, scale=0.5)
     (builtin_sag,) = run_node("SelfAttentionGuidance", model=medium, scale=0.5, blur_sigma=2.0)
-    (slg,) = run_node("GuidersSLG", model=sd3, scale=3.0, start_percent=0.0, end_percent=1.0)
     (zero_star,) = run_node("GuidersCFGZeroStar", model=medium, zero_init_steps=1)
     values = [7.0] * (steps - steps // 3) + [1.0] * (steps // 3)  # the last third at exactly 1
     (schedule,) = run_node("GuidersScheduleCustom", values=", ".join(f"{v:g}" for v in values))
@@ -255,7 +341,6 @@ def table_setups(run_node: Callable, medium, weak, sd3, steps: int) -> list[Setu
         Setup("GuidersPAG + GuidersSEG", "sd15_medium", pag_seg),
         Setup("GuidersSAG", "sd15_medium", sag),
         Setup("built-in SelfAttentionGuidance", "sd15_medium", builtin_sag),
-        Setup("GuidersSLG (tiny SD3, window 0-1)", "sd3", slg),
         Setup("GuidersCFGZeroStar (zero_init_steps 1)", "sd15_medium", zero_star),
         Setup(f"GuidersScheduledCFG ({schedule_text})", "sd15_medium", scheduled),
         Setup("GuidersAutoguidance (main + weak)", "sd15_medium", autoguided, counted=(weak,)),
