@@ -7,7 +7,8 @@ one exists).
   custom_nodes/; returns ``{node_id: class}``. A pack that fails to load is an error, never a skip.
 - ``sd15_model``, ``sd3_model``, ``flux_model`` (session): tiny random-weight ModelPatchers. They are
   shared: ``clone()`` before patching, as every ComfyUI node does.
-- ``tiny_model`` (session): ``tiny_model("sd15" | "sd15_medium" | "sd3" | "flux")``, built once per family.
+- ``tiny_model`` (session): ``tiny_model(family)`` for any family tiny_models.make_model builds ("sd15",
+  "sd15_medium", "sdxl", "sd3", "sd3_medium", "flux", "wan", "ltxv", "hunyuan_video"), built once per family.
 
 Helpers are plain imports: ``from harness import sample, run_node, ForwardCounter`` and
 ``from tiny_models import make_conditioning, make_latent``.

@@ -38,21 +38,29 @@ def assert_same_result(shared: torch.Tensor, host: torch.Tensor) -> None:
 
 
 @contextmanager
-def block_batches(model):
-    """Records, for every forward of ``model``'s UNet, the batch size each block (input blocks, middle,
-    output blocks, in forward order) computed: yields a list that gets one list per forward."""
-    unet = model.model.diffusion_model
-    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+def call_batches(modules: list[torch.nn.Module]):
+    """Records the batch each of ``modules`` is called with (its first tensor argument), one list per pass
+    through all of them (one per forward): yields the list of those lists, filled on exit."""
     sizes: list[int] = []
-    handles = [block[0].register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
-               for block in blocks]
+
+    def record(_module, args, kwargs):
+        sizes.append(next(int(v.shape[0]) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)))
+
+    handles = [module.register_forward_pre_hook(record, with_kwargs=True) for module in modules]
     per_forward: list[list[int]] = []
     try:
         yield per_forward
     finally:
         for handle in handles:
             handle.remove()
-        per_forward.extend(sizes[i:i + len(blocks)] for i in range(0, len(sizes), len(blocks)))
+        per_forward.extend(sizes[i:i + len(modules)] for i in range(0, len(sizes), len(modules)))
+
+
+def unet_blocks(model) -> list[torch.nn.Module]:
+    """The first layer of every UNet block (input blocks, middle, output blocks, in forward order): the
+    layer that sees the batch its block computes."""
+    unet = model.model.diffusion_model
+    return [block[0] for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks)]
 
 
 def host_forward(model):
@@ -65,7 +73,7 @@ def host_forward(model):
 def run(model, family: str, cfg: float = 5.0, batch: int = 1, conds: tuple | None = None):
     positive, negative = conds or make_conditioning(family, batch=batch, seed=1)
     latent = make_latent(family, batch=batch, seed=2)
-    with block_batches(model) as batches:
+    with call_batches(unet_blocks(model)) as batches:
         out = sample(model, positive, negative, latent, cfg=cfg, steps=STEPS, seed=3)
     return out, batches
 
@@ -227,31 +235,16 @@ DIT_BLOCK_LISTS = {"sd3": ("joint_blocks",), "flux": ("double_blocks", "single_b
                    "ltxv": ("transformer_blocks",), "hunyuan_video": ("double_blocks", "single_blocks")}
 
 
-@contextmanager
-def dit_block_batches(model, family: str):
-    """Like block_batches, for a DiT's blocks in forward order (double or main blocks, then single ones):
-    the batch of the first tensor each block is called with."""
+def dit_blocks(model, family: str) -> list[torch.nn.Module]:
+    """A DiT's blocks in forward order (double or main blocks, then single ones)."""
     dm = model.model.diffusion_model
-    blocks = [block for name in DIT_BLOCK_LISTS[family] for block in getattr(dm, name)]
-    sizes: list[int] = []
-
-    def record(_module, args, kwargs):
-        sizes.append(next(int(v.shape[0]) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)))
-
-    handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
-    per_forward: list[list[int]] = []
-    try:
-        yield per_forward
-    finally:
-        for handle in handles:
-            handle.remove()
-        per_forward.extend(sizes[i:i + len(blocks)] for i in range(0, len(sizes), len(blocks)))
+    return [block for name in DIT_BLOCK_LISTS[family] for block in getattr(dm, name)]
 
 
 def run_dit(model, family: str):
     positive, negative = make_conditioning(family, seed=1)
     latent = make_latent(family, seed=2)
-    with dit_block_batches(model, family) as batches:
+    with call_batches(dit_blocks(model, family)) as batches:
         out = sample(model, positive, negative, latent, cfg=5.0, steps=STEPS, seed=3)
     return out, batches
 
