@@ -77,6 +77,7 @@ class Term:
     neutral_scale: float | None = 0.0
     make_state: Callable[[], Any] | None = None
     zero_init_steps: int = 0
+    rule_owner: str | None = None  # the node that set this term's rule (a CFGRule); None: the default rule
 
     def __post_init__(self):
         if self.space not in SPACES:
@@ -92,6 +93,38 @@ class Term:
             return False
         scale = self.scale_at(ctx)
         return self.neutral_scale is None or not math.isclose(scale, self.neutral_scale, abs_tol=1e-9)
+
+
+@dataclass(frozen=True)
+class CFGRule:
+    """How the CFG term combines cond and uncond, as one whole value: the rule (as ``Term.rule``), the
+    prediction space it works in, the scale at which it changes nothing (None: none, so the uncond is always
+    needed), its per-run state, and the zero-init steps it asks for. ``owner`` names the node that set it.
+    Setting a rule replaces all of these at once, so nothing of a previous rule is left behind."""
+
+    owner: str
+    rule: Callable[..., torch.Tensor]
+    space: str = "x0"
+    neutral_scale: float | None = 1.0
+    make_state: Callable[[], Any] | None = None
+    zero_init_steps: int = 0
+
+
+class CFGRuleConflict(ValueError):
+    """Two nodes each set the CFG rule: neither can silently win."""
+
+
+@dataclass(frozen=True)
+class PreTransform:
+    """A transform of branch predictions before any term sees them (TCFG-like methods):
+    ``fn(preds) -> {name: new prediction}`` in ``space``, for the branches it returns; applied only when every
+    branch it ``requires`` was evaluated this step. Pre transforms run in the order they were added, so they
+    stack with each other and with any CFG rule."""
+
+    name: str
+    fn: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+    space: str = "x0"
+    requires: tuple[str, ...] = (COND, UNCOND)
 
 
 @dataclass(frozen=True)
@@ -139,6 +172,7 @@ class GuidanceStack:
     branches: tuple[Branch, ...] = ()
     post: tuple[PostTransform, ...] = ()
     sequential: bool = False
+    pre: tuple[PreTransform, ...] = ()
 
     # -- building -----------------------------------------------------------------------------------
     @property
@@ -149,10 +183,33 @@ class GuidanceStack:
         return default_cfg_term()
 
     def with_cfg(self, **changes) -> GuidanceStack:
-        """The stack with its CFG term changed (rule, schedule, space, ...); the other terms stay."""
+        """The stack with its CFG term's schedule, window or negative branch changed; the other terms stay.
+        The rule is changed only as a whole value, with ``with_cfg_rule``."""
+        rule_fields = {"rule", "space", "neutral_scale", "make_state", "zero_init_steps", "rule_owner"} & set(changes)
+        if rule_fields:
+            raise ValueError(f"with_cfg cannot change {sorted(rule_fields)}: set a CFGRule with with_cfg_rule")
         new_cfg = replace(self.cfg_term, **changes)
         others = tuple(t for t in self.terms if t.name != CFG_TERM)
         return replace(self, terms=(new_cfg,) + others)
+
+    def with_cfg_rule(self, rule: CFGRule) -> GuidanceStack:
+        """The stack with the CFG term's rule set to ``rule`` (every field of the old rule replaced). A rule
+        set earlier by another node is never silently dropped: that is a ``CFGRuleConflict`` naming both."""
+        current = self.cfg_term
+        if current.rule_owner is not None:
+            raise CFGRuleConflict(
+                f"{rule.owner} sets the CFG rule, but {current.rule_owner} earlier in the chain already set one; "
+                f"two CFG rules do not compose. Keep one of {current.rule_owner} and {rule.owner} (post "
+                "transforms such as rescale or base_norm, schedules and guidance terms stack with either).")
+        new_cfg = replace(current, rule=rule.rule, space=rule.space, neutral_scale=rule.neutral_scale,
+                          make_state=rule.make_state, zero_init_steps=rule.zero_init_steps, rule_owner=rule.owner)
+        others = tuple(t for t in self.terms if t.name != CFG_TERM)
+        return replace(self, terms=(new_cfg,) + others)
+
+    def with_pre(self, transform: PreTransform) -> GuidanceStack:
+        if transform.space not in SPACES:
+            raise ValueError(f"PreTransform {transform.name!r}: space {transform.space!r} is not one of {SPACES}")
+        return replace(self, pre=self.pre + (transform,))
 
     def with_term(self, term: Term, *branches: Branch) -> GuidanceStack:
         """The stack with ``term`` appended and its new branches added (name them with ``unique_name``)."""
@@ -213,6 +270,18 @@ class GuidanceStack:
         """Fresh per-run state for every stateful term (nothing is kept between runs)."""
         return {t.name: t.make_state() for t in self.all_terms() if t.make_state is not None}
 
+    def pre_transformed(self, preds: Mapping[str, torch.Tensor], x: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        """``preds`` after every pre transform whose required branches are there, in order (x0 predictions)."""
+        for transform in self.pre:
+            if not all(name in preds for name in transform.requires):
+                continue
+            if transform.space == "x0":
+                changed = transform.fn(preds)
+            else:
+                changed = {k: x - v for k, v in transform.fn({k: x - v for k, v in preds.items()}).items()}
+            preds = {**preds, **changed}
+        return preds
+
     def combine(
         self,
         preds: Mapping[str, torch.Tensor],
@@ -227,6 +296,7 @@ class GuidanceStack:
         if self.zero_init(ctx):
             return x.clone()
         run_state = run_state or {}
+        preds = self.pre_transformed(preds, x)
         noise_preds: dict[str, torch.Tensor] = {}
 
         def in_space(name: str, space: str) -> torch.Tensor:

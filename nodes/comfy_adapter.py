@@ -40,6 +40,7 @@ import torch
 
 from ..guidance_core.plan import CFG_TERM, COND, UNCOND, GuidanceStack, StepContext
 from ..guidance_core.schedules import SigmaWindow, step_of_sigma
+from .host import families
 
 SETUP_KEY = "comfyui_guiders"  # model_options["transformer_options"][SETUP_KEY] -> GuidanceSetup
 STEP_KEY = "comfyui_guiders_step"  # per forward: StepBranches
@@ -58,51 +59,18 @@ class GuidanceError(ValueError):
 # Model families and layers
 # ---------------------------------------------------------------------------------------------------------
 
-# The diffusion model classes this pack knows, by family. The first class in a model's MRO that is listed
-# decides, so LTX-2's LTXAVModel (a subclass of LTXVModel with audio blocks) is its own, unsupported family.
-FAMILY_BY_CLASS = {
-    "UNetModel": "unet",
-    "OpenAISignatureMMDITWrapper": "sd3",
-    "MMDiT": "sd3",
-    "Flux": "flux",
-    "WanModel": "wan",
-    "LTXAVModel": "ltxav",
-    "LTXVModel": "ltxv",
-    "HunyuanVideo": "hunyuan_video",
-}
-FAMILY_NAMES = {"unet": "UNet (SD1.5, SD2, SDXL)", "sd3": "SD3/SD3.5 (MMDiT)", "flux": "Flux", "wan": "Wan",
-                "ltxv": "LTXV (LTX-Video)", "ltxav": "LTX-2 (audio-video)", "hunyuan_video": "HunyuanVideo"}
-
-# Each DiT family's block lists, by the kind a layer names (``double`` = main/joint/double-stream blocks).
-DIT_BLOCK_LISTS = {
-    "sd3": {"double": "joint_blocks"},
-    "flux": {"double": "double_blocks", "single": "single_blocks"},
-    "wan": {"double": "blocks"},
-    "ltxv": {"double": "transformer_blocks"},
-    "hunyuan_video": {"double": "double_blocks", "single": "single_blocks"},
-}
-
-# Where the text tokens sit in a DiT block's self-attention sequence: before the image tokens (SD3 and Flux
-# joint attention), after them (HunyuanVideo: ``flipped_img_txt``), or not in it at all (Wan, LTXV: the
-# text is only attended to by a separate cross-attention).
-TEXT_BEFORE_IMAGE, TEXT_AFTER_IMAGE, NO_TEXT = "before", "after", "none"
-JOINT_TEXT_POSITION = {"sd3": TEXT_BEFORE_IMAGE, "flux": TEXT_BEFORE_IMAGE, "hunyuan_video": TEXT_AFTER_IMAGE}
-
-
 def model_family(model) -> str:
-    """The model's family (a FAMILY_BY_CLASS value), or its diffusion model's class name when unknown."""
+    """The model's family key (a record of host/families.py), or its diffusion model's class name when unknown."""
     diffusion_model = model.get_model_object("diffusion_model")
-    for cls in type(diffusion_model).__mro__:
-        if cls.__name__ in FAMILY_BY_CLASS:
-            return FAMILY_BY_CLASS[cls.__name__]
-    return type(diffusion_model).__name__
+    family = families.family_of_class(type(diffusion_model))
+    return family.key if family is not None else type(diffusion_model).__name__
 
 
 def require_family(model, node: str, supported: tuple[str, ...]) -> str:
     family = model_family(model)
     if family not in supported:
-        names = ", ".join(FAMILY_NAMES.get(f, f) for f in supported)
-        raise GuidanceError(f"{node}: this model's architecture ({FAMILY_NAMES.get(family, family)}) is not supported; "
+        names = ", ".join(families.display_name(f) for f in supported)
+        raise GuidanceError(f"{node}: this model's architecture ({families.display_name(family)}) is not supported; "
                             f"{node} supports {names}.")
     return family
 
@@ -117,6 +85,10 @@ class Layer:
     sub: int | None = None
 
     def __str__(self) -> str:
+        """The name ``parse_layers`` reads back as this layer: ``middle`` (the whole middle block),
+        ``middle.0.1`` (its transformer 1), ``input.4``, ``input.4.1``, ``double.7``, ``single.2``."""
+        if self.kind == "middle":
+            return "middle" if self.sub is None else f"middle.0.{self.sub}"
         return f"{self.kind}.{self.index}" + ("" if self.sub is None else f".{self.sub}")
 
     @property
@@ -142,7 +114,7 @@ def model_layers(model) -> list[Layer]:
                 if any(type(m).__name__ == "SpatialTransformer" for m in block.modules()):
                     layers.append(Layer(kind, index))
         return layers
-    block_lists = DIT_BLOCK_LISTS.get(family, {})
+    block_lists = families.FAMILY_BY_KEY[family].block_lists if family in families.FAMILY_BY_KEY else {}
     return [Layer(kind, i) for kind, attribute in block_lists.items() for i in range(len(getattr(dm, attribute)))]
 
 
@@ -154,8 +126,9 @@ def unet_transformer_count(model, layer: Layer) -> int:
     return sum(len(m.transformer_blocks) for m in block.modules() if type(m).__name__ == "SpatialTransformer")
 
 
-def parse_layers(text: str, model, input_name: str, recommended: dict[str, list[str]]) -> tuple[Layer, ...]:
-    """Layers from a widget: ``auto`` (the family's recommended layers), or a comma list. UNet: ``middle``,
+def parse_layers(text: str, model, input_name: str, method: str) -> tuple[Layer, ...]:
+    """Layers from a widget: ``auto`` (the family record's recommended layers for ``method``), or a comma
+    list. UNet: ``middle``,
     ``input.4``, ``output.1``, ``input.4.1`` (block, index, transformer). DiT: ``7, 8, 9`` (main / joint /
     double blocks), ``double.1``, ``single.2``. Unknown or out-of-range layers list what this model has."""
     family = model_family(model)
@@ -164,7 +137,9 @@ def parse_layers(text: str, model, input_name: str, recommended: dict[str, list[
         raise GuidanceError(f"{input_name}: this model's architecture ({family}) has no layers this pack can patch.")
     text = text.strip() or "auto"
     if text.lower() == "auto":
-        chosen = [t for t in recommended.get(family, []) if _parse_one(t, family) in available]
+        record = families.FAMILY_BY_KEY.get(family)
+        recommended = record.recommended.get(method) if record is not None else None
+        chosen = [t for t in (recommended.layers if recommended else ()) if _parse_one(t, family) in available]
         if not chosen:  # a small or unusual model: use its middle layer, as the PAG and SEG papers do
             chosen = [str(available[len(available) // 2])] if family != "unet" else ["middle"]
         text = ", ".join(chosen)
@@ -174,7 +149,7 @@ def parse_layers(text: str, model, input_name: str, recommended: dict[str, list[
         base = Layer(layer.kind, layer.index) if layer is not None else None
         if base is None or base not in available:
             listing = ", ".join(str(a) for a in available)
-            raise GuidanceError(f"{input_name}: unknown layer {token!r} for this {FAMILY_NAMES.get(family, family)} "
+            raise GuidanceError(f"{input_name}: unknown layer {token!r} for this {families.display_name(family)} "
                                 f"model. Its layers are: {listing} (or 'auto').")
         count = unet_transformer_count(model, base) if layer.sub is not None else 0
         if layer.sub is not None and not 0 <= layer.sub < count:
@@ -254,26 +229,12 @@ class SublayerSkip:
     label: str = "sublayer skip"
 
 
-# The modules whose outputs are a DiT block's sublayer contributions, by family and block kind. Flux's and
-# HunyuanVideo's single blocks fuse attention and MLP in one projection, so they cannot skip just one.
-SUBLAYER_MODULES = {
-    ("flux", "double"): {"attention": ("img_attn.proj", "txt_attn.proj"), "feedforward": ("img_mlp", "txt_mlp")},
-    ("hunyuan_video", "double"): {"attention": ("img_attn.proj", "txt_attn.proj"),
-                                  "feedforward": ("img_mlp", "txt_mlp")},
-    ("sd3", "double"): {
-        "attention": ("context_block.attn.proj", "x_block.attn.proj", "x_block.attn2.proj"),
-        "feedforward": ("context_block.mlp", "x_block.mlp"),
-    },
-    ("wan", "double"): {"attention": ("self_attn.o",), "feedforward": ("ffn",)},
-    ("ltxv", "double"): {"attention": ("attn1.to_out",), "feedforward": ("ff",)},
-}
-
-
 def sublayer_modules(diffusion_model, family: str, layer: Layer, sublayer: str) -> list[torch.nn.Module]:
     """The modules of ``layer`` whose outputs are its ``sublayer`` contributions; an error if there are none."""
-    names = SUBLAYER_MODULES.get((family, layer.kind), {}).get(sublayer, ())
+    record = families.FAMILY_BY_KEY.get(family)
+    names = record.sublayers.get(layer.kind, {}).get(sublayer, ()) if record is not None else ()
     if names:
-        block = getattr(diffusion_model, DIT_BLOCK_LISTS[family][layer.kind])[layer.index]
+        block = getattr(diffusion_model, record.block_lists[layer.kind])[layer.index]
         modules = [block.get_submodule(name) for name in names if _has_submodule(block, name)]
         if modules:
             return modules
@@ -994,9 +955,9 @@ def _unet_forward_shared(unet, plan: SharedPrefix, x, timesteps, context, y, to)
 
 def _make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
     """A ``dit`` block replace patch for ``layer`` of a ``family`` model: where the text tokens sit in the
-    block's self-attention sequence (JOINT_TEXT_POSITION), so only the image tokens are perturbed, and which
-    modules are its sublayers (SUBLAYER_MODULES)."""
-    text_position = JOINT_TEXT_POSITION.get(family, NO_TEXT)
+    block's self-attention sequence (its family record's ``text_position``), so only the image tokens are
+    perturbed, and which modules are its sublayers (the record's ``sublayers``)."""
+    text_position = families.FAMILY_BY_KEY[family].text_position
 
     def block_replace(args, extra):
         original = extra["original_block"]
@@ -1017,7 +978,7 @@ def _make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         call_args = args
         if any(attention_chunks):
             text_tokens = 0
-            if text_position != NO_TEXT:  # single blocks carry no "txt": the count the forward began with
+            if text_position != families.NO_TEXT:  # single blocks carry no "txt": the count the forward began with
                 text_tokens = args["txt"].shape[1] if args.get("txt") is not None else to.get(TEXT_TOKENS_KEY, 0)
             marked = dict(to)
             # A fresh call counter per block call: only the block's first attention call is perturbed.
@@ -1176,7 +1137,7 @@ def _make_attention_override(previous: Callable | None):
             return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True, **rest)
 
         info = to.get(STEP_KEY)
-        grid = _grid_for(q4.shape[2], info.latent_shape, text_tokens, text_position != TEXT_AFTER_IMAGE)
+        grid = _grid_for(q4.shape[2], info.latent_shape, text_tokens, text_position != families.TEXT_AFTER_IMAGE)
 
         def perturb_chunk(perturbation, q_, k_, v_):
             return _perturbed(perturbation, q_, k_, v_, grid, attend, info.scratch)

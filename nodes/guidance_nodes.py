@@ -11,32 +11,34 @@ import torch
 from comfy_api.latest import io
 
 from ..guidance_core import perturb, rules
-from ..guidance_core.plan import COND, UNCOND, Branch, PostTransform, perturbation_term, stateless_rule
+from ..guidance_core.plan import (
+    COND,
+    UNCOND,
+    Branch,
+    CFGRule,
+    CFGRuleConflict,
+    PostTransform,
+    perturbation_term,
+    stateless_rule,
+)
 from ..guidance_core.schedules import Constant
 from . import comfy_adapter as adapter
+from .host import families
 from .schedule_nodes import Schedule
 
 CATEGORY = "sampling/guiders"
 
-ALL_FAMILIES = ("unet", "sd3", "flux", "wan", "ltxv", "hunyuan_video")
-ATTENTION_FAMILIES = ("unet", "sd3", "flux", "wan", "ltxv", "hunyuan_video")  # SEG: a token grid per frame
-PAG_FAMILIES = ("unet", "sd3", "flux", "wan", "ltxv", "hunyuan_video")
-BLOCK_FAMILIES = ("sd3", "flux", "wan", "ltxv", "hunyuan_video")
-
-# Recommended layers per family ("auto"): the middle block for UNets, as the PAG and SEG papers do; the
-# values each DiT's reference uses where one exists (diffusers' SD3 PAG: blocks.1; SD3.5's SLG: 7, 8, 9;
-# ComfyUI's SkipLayerGuidanceDiT on Flux: double and single 7, 8, 9; LTX-Video's STG: block 19). Families
-# with no reference (Wan PAG, HunyuanVideo) and models too small for these use their middle block.
-ATTENTION_LAYERS = {"unet": ["middle"], "sd3": ["1"], "flux": ["double.9"], "ltxv": ["19"]}
+# The families each method supports, from the family records (nodes/host/families.py).
+PAG_FAMILIES = families.families_supporting(families.PAG)
+ATTENTION_FAMILIES = families.families_supporting(families.SEG)  # SEG: a token grid per frame
+BLOCK_FAMILIES = families.families_supporting(families.SLG)
+SAG_FAMILIES = families.families_supporting(families.SAG)
 SLG_MODES = ["block", "attention", "feedforward", "attention_scores"]
-SKIP_LAYERS = {"sd3": ["7", "8", "9"], "flux": ["double.7", "double.8", "double.9", "single.7", "single.8", "single.9"],
-               "wan": ["9"], "ltxv": ["19"]}
 
-LAYERS_TOOLTIP = ("Where to perturb. 'auto' = recommended for the model: UNet (SD1.5/SDXL) the middle block; "
-                  "SD3/3.5 joint block 1; Flux double block 9; LTXV block 19 (LTX-Video's STG); Wan and "
-                  "HunyuanVideo the middle block. Or a list: UNet 'middle', 'input.4', 'output.1', 'input.4.1' "
-                  "(block, index, transformer); DiT '7, 8, 9' (joint/double/main blocks), 'double.1', 'single.2' "
-                  "(Flux, HunyuanVideo). An unknown layer lists the layers the model has.")
+LAYERS_TOOLTIP = ("Where to perturb. 'auto' = recommended for the model: " + families.recommended_summary(families.PAG)
+                  + ". Or a list: UNet 'middle', 'input.4', 'output.1', 'input.4.1' (block, index, transformer); DiT "
+                  "'7, 8, 9' (joint/double/main blocks), 'double.1', 'single.2' (Flux, HunyuanVideo). An unknown "
+                  "layer lists the layers the model has.")
 
 
 def _node_id(cls) -> str:
@@ -76,6 +78,23 @@ def _scale_schedule(scale: float, schedule):
 
 def _with_branch_mode(stack, branch_mode):
     return replace(stack, sequential=True) if branch_mode == "sequential" else stack
+
+
+def _with_cfg_rule(stack, rule: CFGRule):
+    """The stack with ``rule`` as its CFG rule; a rule another node set earlier is an error naming both."""
+    try:
+        return stack.with_cfg_rule(rule)
+    except CFGRuleConflict as conflict:
+        raise adapter.GuidanceError(str(conflict)) from None
+
+
+def _with_cfg_schedule(stack, cls, schedule):
+    """The stack with the CFG scale driven by ``schedule``; a second schedule would silently replace the
+    first, so that is an error."""
+    if stack.cfg_term.schedule is not None:
+        raise adapter.GuidanceError(f"{_node_id(cls)}: the CFG scale is already driven by a schedule from an earlier "
+                                    "GuidersScheduledCFG or GuidersGuider in the chain; connect only one CFG schedule.")
+    return stack.with_cfg(schedule=schedule)
 
 
 def _target_input() -> io.Input:
@@ -131,7 +150,7 @@ class GuidersScheduledCFG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, schedule) -> io.NodeOutput:
-        return io.NodeOutput(adapter.add_guidance(model, _node_id(cls), lambda s: s.with_cfg(schedule=schedule)))
+        return io.NodeOutput(adapter.add_guidance(model, _node_id(cls), lambda s: _with_cfg_schedule(s, cls, schedule)))
 
 
 class GuidersCFGNormalize(io.ComfyNode):
@@ -161,7 +180,7 @@ class GuidersCFGNormalize(io.ComfyNode):
         def update(stack):
             if mode in ("t_norm", "full_norm"):
                 rule = stateless_rule(partial(rules.t_norm, per_sample=per_image))
-                stack = stack.with_cfg(rule=rule, space="noise", neutral_scale=None)
+                stack = _with_cfg_rule(stack, CFGRule(_node_id(cls), rule, space="noise", neutral_scale=None))
             if mode in ("base_norm", "full_norm"):
                 stack = stack.with_post(PostTransform(
                     "base_norm", lambda guided, preds: rules.base_norm(guided, preds[UNCOND], per_sample=per_image),
@@ -224,7 +243,8 @@ class GuidersCFGZeroStar(io.ComfyNode):
     def execute(cls, model, zero_init_steps, optimize="uncond") -> io.NodeOutput:
         rule = stateless_rule(partial(rules.cfg_zero_star, optimize=optimize))
         return io.NodeOutput(adapter.add_guidance(
-            model, _node_id(cls), lambda s: s.with_cfg(rule=rule, space="noise", zero_init_steps=zero_init_steps)))
+            model, _node_id(cls),
+            lambda s: _with_cfg_rule(s, CFGRule(_node_id(cls), rule, space="noise", zero_init_steps=zero_init_steps))))
 
 
 class GuidersAPG(io.ComfyNode):
@@ -259,7 +279,8 @@ class GuidersAPG(io.ComfyNode):
 
         make_state = (lambda: rules.MomentumBuffer(momentum)) if momentum != 0 else None
         return io.NodeOutput(adapter.add_guidance(
-            model, _node_id(cls), lambda s: s.with_cfg(rule=apg_rule, space="x0", make_state=make_state)))
+            model, _node_id(cls),
+            lambda s: _with_cfg_rule(s, CFGRule(_node_id(cls), apg_rule, space="x0", make_state=make_state))))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -327,7 +348,7 @@ class GuidersPAG(io.ComfyNode):
     def execute(cls, model, scale, layers, start_percent, end_percent, schedule=None, branch_mode="batched",
                 target="new branch"):
         adapter.require_family(model, _node_id(cls), PAG_FAMILIES)
-        chosen = adapter.parse_layers(layers, model, "layers", ATTENTION_LAYERS)
+        chosen = adapter.parse_layers(layers, model, "layers", families.PAG)
         perturbation = adapter.AttentionPerturbation(chosen, identity_image_attention, "PAG")
         return io.NodeOutput(_perturbation_node(model, _node_id(cls), "pag", perturbation, scale, schedule,
                                                 start_percent, end_percent, branch_mode, target=target))
@@ -349,7 +370,7 @@ class GuidersSEG(io.ComfyNode):
                 io.Float.Input("scale", default=3.0, min=0.0, max=100.0, step=0.01,
                                tooltip="s. The paper uses 3 on SDXL; SD1.5 2-4; SD3/Flux 1-3; video DiTs (Wan, "
                                        "LTXV, HunyuanVideo): no published value, start at 1-2."),
-                io.Float.Input("blur_sigma", default=10.0, min=0.0, max=99999.0, step=0.1,
+                io.Float.Input("blur_sigma", default=10.0, min=0.1, max=99999.0, step=0.1,
                                tooltip="σ of the query blur, in tokens. Larger = stronger. ≥ 9999 means infinite "
                                        "(every query becomes the mean query); the paper's examples use 10-100."),
                 io.String.Input("layers", default="auto", tooltip=LAYERS_TOOLTIP),
@@ -368,7 +389,7 @@ class GuidersSEG(io.ComfyNode):
         if blur_sigma <= 0:
             raise adapter.GuidanceError(f"{_node_id(cls)}: blur_sigma must be > 0 (got {blur_sigma}); "
                                         "use ≥ 9999 for the infinite blur.")
-        chosen = adapter.parse_layers(layers, model, "layers", ATTENTION_LAYERS)
+        chosen = adapter.parse_layers(layers, model, "layers", families.SEG)
         seg = partial(smoothed_energy_attention, blur_sigma=blur_sigma)
         return io.NodeOutput(_perturbation_node(
             model, _node_id(cls), "seg", adapter.AttentionPerturbation(chosen, seg, "SEG"),
@@ -392,10 +413,8 @@ class GuidersSLG(io.ComfyNode):
                                tooltip="s. SD3.5: 2.5-3 (reference: 2.5 on Medium); Flux 1-3; video DiTs (STG: Wan, "
                                        "LTXV, HunyuanVideo) ≤ 2."),
                 io.String.Input("layers", default="auto",
-                                tooltip="Blocks to skip. 'auto': SD3.5 7, 8, 9 (the SD3.5 reference); Flux double and "
-                                        "single 7, 8, 9 (ComfyUI's SkipLayerGuidanceDiT); Wan 9; LTXV 19 "
-                                        "(LTX-Video's STG); HunyuanVideo the middle block. Or '7, 8, 9', "
-                                        "'double.1', 'single.2'."),
+                                tooltip="Blocks to skip. 'auto': " + families.recommended_summary(families.SLG)
+                                        + ". Or '7, 8, 9', 'double.1', 'single.2'."),
                 io.Combo.Input("mode", options=SLG_MODES, default="block",
                                tooltip="block: the block returns its inputs (SLG, STG-R). attention: the block's "
                                        "self/joint attention adds nothing (its residual passes through). "
@@ -418,7 +437,7 @@ class GuidersSLG(io.ComfyNode):
     def execute(cls, model, scale, layers, mode, start_percent, end_percent, rescale, schedule=None,
                 branch_mode="batched", target="new branch"):
         adapter.require_family(model, _node_id(cls), BLOCK_FAMILIES)
-        chosen = adapter.parse_layers(layers, model, "layers", SKIP_LAYERS)
+        chosen = adapter.parse_layers(layers, model, "layers", families.SLG)
         if mode == "block":
             perturbation = adapter.BlockSkip(chosen, "SLG")
         elif mode == "attention_scores":
@@ -494,7 +513,7 @@ class GuidersSAG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, scale, blur_sigma, start_percent, end_percent, schedule=None) -> io.NodeOutput:
-        adapter.require_family(model, _node_id(cls), ("unet",))
+        adapter.require_family(model, _node_id(cls), SAG_FAMILIES)
         observer = adapter.AttentionPerturbation((adapter.Layer("middle", 0, 0),), record_attention, "SAG",
                                                  records=True)
         return io.NodeOutput(_perturbation_node(
@@ -582,7 +601,7 @@ class GuidersGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, cfg, schedule=None) -> io.NodeOutput:
         if schedule is not None:
-            model = adapter.add_guidance(model, _node_id(cls), lambda s: s.with_cfg(schedule=schedule))
+            model = adapter.add_guidance(model, _node_id(cls), lambda s: _with_cfg_schedule(s, cls, schedule))
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

@@ -13,6 +13,7 @@ from guidance_core.plan import (
     COND,
     UNCOND,
     Branch,
+    CFGRule,
     GuidanceStack,
     PostTransform,
     StepContext,
@@ -99,7 +100,7 @@ def test_noise_space_rule_sees_x_minus_x0():
         seen["pos"], seen["neg"] = pos, neg
         return rules.cfg(pos, neg, scale)
 
-    stack = GuidanceStack().with_cfg(rule=stateless_rule(record), space="noise")
+    stack = GuidanceStack().with_cfg_rule(CFGRule("test", stateless_rule(record), space="noise"))
     preds = preds_for(COND, UNCOND)
     x = torch.randn_like(preds[COND])
     guided = stack.combine(preds, x, ctx(cond_scale=3.0))
@@ -111,7 +112,7 @@ def test_noise_space_rule_sees_x_minus_x0():
 
 def test_cfg_zero_star_in_the_stack_matches_its_velocity_formula_and_zero_init():
     rule = stateless_rule(rules.cfg_zero_star)
-    stack = GuidanceStack().with_cfg(rule=rule, space="noise", zero_init_steps=2)
+    stack = GuidanceStack().with_cfg_rule(CFGRule("test", rule, space="noise", zero_init_steps=2))
     preds = preds_for(COND, UNCOND)
     x = torch.randn_like(preds[COND])
     assert stack.needed_branches(ctx(step=1)) == []
@@ -131,7 +132,7 @@ def test_stateful_rule_gets_fresh_state_per_run():
         calls.append(len(state))
         return rules.cfg(pos, neg, scale)
 
-    stack = GuidanceStack().with_cfg(rule=rule, make_state=list)
+    stack = GuidanceStack().with_cfg_rule(CFGRule("test", rule, make_state=list))
     preds = preds_for(COND, UNCOND)
     x = torch.randn_like(preds[COND])
     for _run in range(2):
@@ -188,7 +189,8 @@ def test_unique_names_and_errors():
 
 
 def test_term_neutral_scale_none_is_always_active():
-    stack = GuidanceStack().with_cfg(rule=stateless_rule(rules.t_norm), space="noise", neutral_scale=None)
+    t_norm = CFGRule("test", stateless_rule(rules.t_norm), space="noise", neutral_scale=None)
+    stack = GuidanceStack().with_cfg_rule(t_norm)
     assert stack.needed_branches(ctx(cond_scale=1.0)) == [COND, UNCOND]
     assert math.isclose(stack.cfg_term.scale_at(ctx(cond_scale=0.25)), 0.25)
 
@@ -204,3 +206,66 @@ def test_perturbing_the_negative_branch_replaces_the_uncond_and_needs_no_extra_b
     torch.testing.assert_close(guided, preds["slg"] + 5.0 * (preds[COND] - preds["slg"]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="already"):
         stack.with_branch(branch)
+
+
+# --- CFG rules as whole values, and pre transforms --------------------------------------------------------
+
+def _cfg_zero_star_rule(owner="CFGZeroStar"):
+    return CFGRule(owner, stateless_rule(rules.cfg_zero_star), space="noise", zero_init_steps=2)
+
+
+def test_a_second_cfg_rule_is_refused_naming_both_nodes_instead_of_silently_replacing_the_first():
+    # Catches the old with_cfg field replacement: CFG-Zero* then APG silently gave APG with CFG-Zero*'s zero init.
+    from guidance_core.plan import CFGRuleConflict
+
+    stack = GuidanceStack().with_cfg_rule(_cfg_zero_star_rule())
+    with pytest.raises(CFGRuleConflict, match=r"APG.*CFGZeroStar|CFGZeroStar.*APG"):
+        stack.with_cfg_rule(CFGRule("APG", stateless_rule(rules.cfg)))
+
+
+def test_a_cfg_rule_replaces_every_field_of_the_default_rule_at_once():
+    stack = GuidanceStack().with_cfg_rule(_cfg_zero_star_rule())
+    term = stack.cfg_term
+    assert (term.space, term.zero_init_steps, term.rule_owner) == ("noise", 2, "CFGZeroStar")
+    assert stack.zero_init(ctx(step=1)) and not stack.zero_init(ctx(step=2))
+
+
+def test_with_cfg_cannot_change_the_rule_piecemeal():
+    with pytest.raises(ValueError, match="with_cfg_rule"):
+        GuidanceStack().with_cfg(rule=stateless_rule(rules.cfg), space="noise")
+
+
+def test_a_schedule_composes_with_a_cfg_rule():
+    stack = GuidanceStack().with_cfg_rule(_cfg_zero_star_rule()).with_cfg(schedule=Constant(3.0))
+    preds = preds_for(COND, UNCOND)
+    x = torch.randn_like(preds[COND])
+    noise = {k: x - v for k, v in preds.items()}
+    expected = x - rules.cfg_zero_star(noise[COND], noise[UNCOND], 3.0)
+    torch.testing.assert_close(stack.combine(preds, x, ctx(step=5)), expected)
+
+
+def test_pre_transforms_run_in_order_before_the_rule_in_their_own_space():
+    # Expected: the transforms written out by hand, then CFG. Catches: pre transforms ignored, applied after
+    # the rule, applied in x0 space when they declare noise space, or run in the wrong order.
+    from guidance_core.plan import PreTransform
+
+    halve_uncond_noise = PreTransform("halve", lambda p: {UNCOND: 0.5 * p[UNCOND]}, space="noise")
+    shift_cond = PreTransform("shift", lambda p: {COND: p[COND] + 1.0}, space="x0")
+    stack = GuidanceStack().with_pre(halve_uncond_noise).with_pre(shift_cond)
+    preds = preds_for(COND, UNCOND)
+    x = torch.randn_like(preds[COND])
+    uncond = x - 0.5 * (x - preds[UNCOND])
+    cond = preds[COND] + 1.0
+    expected = uncond + 7.0 * (cond - uncond)
+    torch.testing.assert_close(stack.combine(preds, x, ctx()), expected)
+    swapped = GuidanceStack().with_pre(shift_cond).with_pre(halve_uncond_noise)
+    torch.testing.assert_close(swapped.combine(preds, x, ctx()), expected)  # they touch different branches
+
+
+def test_a_pre_transform_whose_branch_was_not_evaluated_is_skipped():
+    from guidance_core.plan import PreTransform
+
+    stack = GuidanceStack().with_pre(PreTransform("needs_uncond", lambda p: {COND: 0 * p[COND]}))
+    preds = preds_for(COND, UNCOND)
+    x = torch.randn_like(preds[COND])
+    torch.testing.assert_close(stack.combine({COND: preds[COND]}, x, ctx(cond_scale=1.0)), preds[COND])

@@ -20,7 +20,7 @@ from harness import run_node
 # input blocks 1 and 3 (channel_mult [1, 2], one res block per level), the middle block and all four output
 # blocks; SD3 has 2 joint blocks; Flux 2 double and 2 single blocks.
 LAYERS = {
-    "sd15": ["input.1", "input.3", "middle.0", "output.0", "output.1", "output.2", "output.3"],
+    "sd15": ["input.1", "input.3", "middle", "output.0", "output.1", "output.2", "output.3"],
     "sd3": ["double.0", "double.1"],
     "flux": ["double.0", "double.1", "single.0", "single.1"],
 }
@@ -142,3 +142,65 @@ def test_start_percent_after_end_percent_is_refused(tiny_model, node_id, family,
         inputs["weak_model"] = model
     with pytest.raises(ValueError, match=r"start_percent \(0\.6\).*end_percent \(0\.2\)"):
         run_node(node_id, model=model, start_percent=0.6, end_percent=0.2, **inputs)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+def test_every_listed_layer_name_reads_back_as_the_same_layer(tiny_model, family: str) -> None:
+    # Catches a printed name that does not parse back to itself: the middle block printed as 'middle.0', which
+    # typed back meant transformer 0 of the middle block only (1 of 10 on SDXL).
+    model = tiny_model(family)
+    with pytest.raises(ValueError) as raised:
+        run_node("GuidersPAG", model=model, layers="banana")
+    listing = str(raised.value).split("Its layers are: ")[1].split(" (or")[0].split(", ")
+    assert listing == LAYERS[family]
+    for name in listing:
+        (patched,) = run_node("GuidersPAG", model=model, layers=name)
+        replace_patches = patched.model_options["transformer_options"]["patches_replace"]
+        keys = set(replace_patches.get("attn1", {})) | set(replace_patches.get("dit", {}))
+        kind, _, index = name.partition(".")
+        expected = ("middle", 0) if name == "middle" else (
+            (f"{kind}_block", int(index)) if family != "sd15" else (kind, int(index)))
+        assert expected in keys, f"{name!r} patched {keys}"
+
+
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSEG", "GuidersSLG", "GuidersSAG"])
+def test_auraflow_is_refused_cleanly_and_never_taken_for_sd3(tiny_model, node_id: str) -> None:
+    # AuraFlow's diffusion model is comfy.ldm.aura.mmdit.MMDiT, a class named like SD3's: matched by name, it was
+    # taken for SD3 and failed with an AttributeError (no joint_blocks). Catches a family match by bare class name.
+    with pytest.raises(ValueError, match=rf"{node_id}: this model's architecture \(MMDiT\) is not supported") as raised:
+        run_node(node_id, model=tiny_model("auraflow"))
+    assert "SD3" not in str(raised.value).split("is not supported")[0]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        pytest.param(("GuidersCFGZeroStar", {"zero_init_steps": 1}), ("GuidersAPG", {"eta": 0.0, "norm_threshold": 0.0,
+                                                                                    "momentum": 0.0}),
+                     id="CFGZeroStar-then-APG"),
+        pytest.param(("GuidersAPG", {"eta": 0.0, "norm_threshold": 0.0, "momentum": 0.0}),
+                     ("GuidersCFGNormalize", {"mode": "t_norm"}), id="APG-then-t_norm"),
+        pytest.param(("GuidersCFGNormalize", {"mode": "full_norm"}), ("GuidersCFGZeroStar", {"zero_init_steps": 0}),
+                     id="full_norm-then-CFGZeroStar"),
+    ],
+)
+def test_two_cfg_rule_nodes_in_a_chain_raise_naming_both(sd15_model, first, second) -> None:
+    # Catches the silent drop: the second rule node used to replace the first's rule and keep its leftovers
+    # (CFG-Zero* then APG gave APG with CFG-Zero*'s zero init).
+    (model,) = run_node(first[0], model=sd15_model, **first[1])
+    with pytest.raises(ValueError) as raised:
+        run_node(second[0], model=model, **second[1])
+    assert first[0] in str(raised.value) and second[0] in str(raised.value), str(raised.value)
+
+
+def test_a_second_cfg_schedule_in_a_chain_is_refused(sd15_model) -> None:
+    (schedule,) = run_node("GuidersScheduleLinear", start_value=8.0, end_value=2.0)
+    (model,) = run_node("GuidersScheduledCFG", model=sd15_model, schedule=schedule)
+    with pytest.raises(ValueError, match="GuidersScheduledCFG: the CFG scale is already driven by a schedule"):
+        run_node("GuidersScheduledCFG", model=model, schedule=schedule)
+
+
+def test_post_transforms_still_stack_with_a_cfg_rule(sd15_model) -> None:
+    (model,) = run_node("GuidersAPG", model=sd15_model, eta=0.0, norm_threshold=0.0, momentum=0.0)
+    (model,) = run_node("GuidersRescaleCFG", model=model, multiplier=0.7)
+    run_node("GuidersCFGNormalize", model=model, mode="base_norm")

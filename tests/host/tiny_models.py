@@ -294,9 +294,17 @@ def make_hunyuan_video(seed: int = 0):
     return _to_patcher(_supported_models().HunyuanVideo(unet_config), seed)
 
 
+def make_auraflow(seed: int = 0):
+    """An AuraFlow MMDiT (``comfy.ldm.aura.mmdit.MMDiT``, a class named like SD3's): 2 double and 2 single
+    layers, hidden 64. The pack refuses it (no family record yet); it must never be taken for SD3."""
+    unet_config = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 4,
+                   "n_double_layers": 2, "n_heads": 2, "global_conddim": 64, "cond_seq_dim": 32, "max_seq": 16 * 16}
+    return _to_patcher(_supported_models().AuraFlow(unet_config), seed)
+
+
 def make_model(family: str, seed: int = 0):
     """A model by family name: "sd15", "sd15_medium", "sdxl", "sd3", "sd3_medium", "flux", "wan", "ltxv",
-    "hunyuan_video"."""
+    "hunyuan_video", "auraflow" (refused by every method)."""
     builders = {
         "sd15": lambda: make_sd15(seed=seed),
         "sd15_medium": lambda: make_sd15(medium=True, seed=seed),
@@ -307,6 +315,7 @@ def make_model(family: str, seed: int = 0):
         "wan": lambda: make_wan(seed=seed),
         "ltxv": lambda: make_ltxv(seed=seed),
         "hunyuan_video": lambda: make_hunyuan_video(seed=seed),
+        "auraflow": lambda: make_auraflow(seed=seed),
     }
     return builders[family]()
 
