@@ -1,1 +1,1 @@
-"""ComfyUI side of the pack: ``comfy_adapter`` owns the host plumbing; the other modules declare nodes."""
+"""ComfyUI side of the pack: ``host/`` holds the host plumbing (one module per job); the other modules declare nodes."""

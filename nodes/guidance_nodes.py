@@ -1,5 +1,5 @@
 """Guidance nodes: each takes a MODEL and returns a patched clone whose guidance stack has one more term,
-a changed CFG rule or one more transform. They chain in any order; all hooks live in comfy_adapter."""
+a changed CFG rule or one more transform. They chain in any order; all hooks live in nodes/host."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ..guidance_core.plan import (
     stateless_rule,
 )
 from ..guidance_core.schedules import Constant
-from . import comfy_adapter as adapter
+from . import host
 from .host import families
 from .schedule_nodes import Schedule
 
@@ -85,14 +85,14 @@ def _with_cfg_rule(stack, rule: CFGRule):
     try:
         return stack.with_cfg_rule(rule)
     except CFGRuleConflict as conflict:
-        raise adapter.GuidanceError(str(conflict)) from None
+        raise host.GuidanceError(str(conflict)) from None
 
 
 def _with_cfg_schedule(stack, cls, schedule):
     """The stack with the CFG scale driven by ``schedule``; a second schedule would silently replace the
     first, so that is an error."""
     if stack.cfg_term.schedule is not None:
-        raise adapter.GuidanceError(f"{_node_id(cls)}: the CFG scale is already driven by a schedule from an earlier "
+        raise host.GuidanceError(f"{_node_id(cls)}: the CFG scale is already driven by a schedule from an earlier "
                                     "GuidersScheduledCFG or GuidersGuider in the chain; connect only one CFG schedule.")
     return stack.with_cfg(schedule=schedule)
 
@@ -107,13 +107,13 @@ def _target_input() -> io.Input:
 
 def _perturbation_node(model, node, prefix, perturbation, scale, schedule, start_percent, end_percent, branch_mode,
                        source=COND, positive=COND, target="new branch"):
-    window = adapter.percent_window(model, start_percent, end_percent)
+    window = host.percent_window(model, start_percent, end_percent)
 
     def update(stack):
         name = stack.unique_name(prefix)
         if target == "negative branch":
             if stack.cfg_term.negative != UNCOND:
-                raise adapter.GuidanceError(f"{node}: the negative branch is already perturbed by "
+                raise host.GuidanceError(f"{node}: the negative branch is already perturbed by "
                                             f"'{stack.cfg_term.negative}'; use target 'new branch' here.")
             stack = stack.with_branch(Branch(name, source=UNCOND, perturbation=perturbation, window=window))
             stack = stack.with_cfg(negative=name)
@@ -123,10 +123,10 @@ def _perturbation_node(model, node, prefix, perturbation, scale, schedule, start
                 term = replace(term, positive=positive)
             stack = stack.with_term(term, Branch(name, source=source, perturbation=perturbation))
         else:
-            raise adapter.GuidanceError(f"{node}: target {target!r} is not one of 'new branch', 'negative branch'.")
+            raise host.GuidanceError(f"{node}: target {target!r} is not one of 'new branch', 'negative branch'.")
         return _with_branch_mode(stack, branch_mode)
 
-    return adapter.add_guidance(model, node, update)
+    return host.add_guidance(model, node, update)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class GuidersScheduledCFG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, schedule) -> io.NodeOutput:
-        return io.NodeOutput(adapter.add_guidance(model, _node_id(cls), lambda s: _with_cfg_schedule(s, cls, schedule)))
+        return io.NodeOutput(host.add_guidance(model, _node_id(cls), lambda s: _with_cfg_schedule(s, cls, schedule)))
 
 
 class GuidersCFGNormalize(io.ComfyNode):
@@ -187,7 +187,7 @@ class GuidersCFGNormalize(io.ComfyNode):
                     space="noise", requires=(UNCOND,)))
             return stack
 
-        return io.NodeOutput(adapter.add_guidance(model, _node_id(cls), update))
+        return io.NodeOutput(host.add_guidance(model, _node_id(cls), update))
 
 
 class GuidersRescaleCFG(io.ComfyNode):
@@ -214,7 +214,7 @@ class GuidersRescaleCFG(io.ComfyNode):
             return stack.with_post(PostTransform(
                 "rescale", lambda guided, preds: rules.rescale(guided, preds[COND], multiplier), space="noise"))
 
-        return io.NodeOutput(adapter.add_guidance(model, _node_id(cls), update))
+        return io.NodeOutput(host.add_guidance(model, _node_id(cls), update))
 
 
 class GuidersCFGZeroStar(io.ComfyNode):
@@ -242,7 +242,7 @@ class GuidersCFGZeroStar(io.ComfyNode):
     @classmethod
     def execute(cls, model, zero_init_steps, optimize="uncond") -> io.NodeOutput:
         rule = stateless_rule(partial(rules.cfg_zero_star, optimize=optimize))
-        return io.NodeOutput(adapter.add_guidance(
+        return io.NodeOutput(host.add_guidance(
             model, _node_id(cls),
             lambda s: _with_cfg_rule(s, CFGRule(_node_id(cls), rule, space="noise", zero_init_steps=zero_init_steps))))
 
@@ -278,7 +278,7 @@ class GuidersAPG(io.ComfyNode):
                              momentum_buffer=momentum_buffer)
 
         make_state = (lambda: rules.MomentumBuffer(momentum)) if momentum != 0 else None
-        return io.NodeOutput(adapter.add_guidance(
+        return io.NodeOutput(host.add_guidance(
             model, _node_id(cls),
             lambda s: _with_cfg_rule(s, CFGRule(_node_id(cls), apg_rule, space="x0", make_state=make_state))))
 
@@ -290,7 +290,7 @@ class GuidersAPG(io.ComfyNode):
 
 def _require_grid(grid, method: str, tokens: int):
     if grid is None:
-        raise adapter.GuidanceError(f"{method}: could not find the image tokens among the {tokens} tokens of this "
+        raise host.GuidanceError(f"{method}: could not find the image tokens among the {tokens} tokens of this "
                                     "attention call; choose another layer.")
 
 
@@ -347,9 +347,9 @@ class GuidersPAG(io.ComfyNode):
     @classmethod
     def execute(cls, model, scale, layers, start_percent, end_percent, schedule=None, branch_mode="batched",
                 target="new branch"):
-        adapter.require_family(model, _node_id(cls), PAG_FAMILIES)
-        chosen = adapter.parse_layers(layers, model, "layers", families.PAG)
-        perturbation = adapter.AttentionPerturbation(chosen, identity_image_attention, "PAG")
+        host.require_family(model, _node_id(cls), PAG_FAMILIES)
+        chosen = host.parse_layers(layers, model, "layers", families.PAG)
+        perturbation = host.AttentionPerturbation(chosen, identity_image_attention, "PAG")
         return io.NodeOutput(_perturbation_node(model, _node_id(cls), "pag", perturbation, scale, schedule,
                                                 start_percent, end_percent, branch_mode, target=target))
 
@@ -385,14 +385,14 @@ class GuidersSEG(io.ComfyNode):
     @classmethod
     def execute(cls, model, scale, blur_sigma, layers, start_percent, end_percent, schedule=None,
                 branch_mode="batched", target="new branch"):
-        adapter.require_family(model, _node_id(cls), ATTENTION_FAMILIES)
+        host.require_family(model, _node_id(cls), ATTENTION_FAMILIES)
         if blur_sigma <= 0:
-            raise adapter.GuidanceError(f"{_node_id(cls)}: blur_sigma must be > 0 (got {blur_sigma}); "
+            raise host.GuidanceError(f"{_node_id(cls)}: blur_sigma must be > 0 (got {blur_sigma}); "
                                         "use ≥ 9999 for the infinite blur.")
-        chosen = adapter.parse_layers(layers, model, "layers", families.SEG)
+        chosen = host.parse_layers(layers, model, "layers", families.SEG)
         seg = partial(smoothed_energy_attention, blur_sigma=blur_sigma)
         return io.NodeOutput(_perturbation_node(
-            model, _node_id(cls), "seg", adapter.AttentionPerturbation(chosen, seg, "SEG"),
+            model, _node_id(cls), "seg", host.AttentionPerturbation(chosen, seg, "SEG"),
             scale, schedule, start_percent, end_percent, branch_mode, target=target))
 
 
@@ -436,30 +436,30 @@ class GuidersSLG(io.ComfyNode):
     @classmethod
     def execute(cls, model, scale, layers, mode, start_percent, end_percent, rescale, schedule=None,
                 branch_mode="batched", target="new branch"):
-        adapter.require_family(model, _node_id(cls), BLOCK_FAMILIES)
-        chosen = adapter.parse_layers(layers, model, "layers", families.SLG)
+        host.require_family(model, _node_id(cls), BLOCK_FAMILIES)
+        chosen = host.parse_layers(layers, model, "layers", families.SLG)
         if mode == "block":
-            perturbation = adapter.BlockSkip(chosen, "SLG")
+            perturbation = host.BlockSkip(chosen, "SLG")
         elif mode == "attention_scores":
-            perturbation = adapter.AttentionPerturbation(chosen, identity_all_attention, "SLG attention_scores")
+            perturbation = host.AttentionPerturbation(chosen, identity_all_attention, "SLG attention_scores")
         elif mode in ("attention", "feedforward"):
             diffusion_model = model.get_model_object("diffusion_model")
             for layer in chosen:  # fails now, naming the layer, rather than at the first step
-                adapter.sublayer_modules(diffusion_model, adapter.model_family(model), layer, mode)
-            perturbation = adapter.SublayerSkip(chosen, mode, f"SLG {mode}")
+                host.sublayer_modules(diffusion_model, host.model_family(model), layer, mode)
+            perturbation = host.SublayerSkip(chosen, mode, f"SLG {mode}")
         else:
-            raise adapter.GuidanceError(f"{_node_id(cls)}: mode {mode!r} is not one of {', '.join(SLG_MODES)}.")
+            raise host.GuidanceError(f"{_node_id(cls)}: mode {mode!r} is not one of {', '.join(SLG_MODES)}.")
         patched = _perturbation_node(model, _node_id(cls), "slg", perturbation, scale, schedule, start_percent,
                                      end_percent, branch_mode, target=target)
         if rescale > 0 and target == "new branch":
-            slg_name = adapter.get_setup(patched).stack.terms[-1].name
+            slg_name = host.get_setup(patched).stack.terms[-1].name
 
             def update(stack):
                 return stack.with_post(PostTransform(
                     "slg_rescale", lambda guided, preds: rules.whole_tensor_rescale(guided, preds[COND], rescale),
                     space="x0", while_term_active=slg_name))
 
-            patched = adapter.add_guidance(patched, _node_id(cls), update)
+            patched = host.add_guidance(patched, _node_id(cls), update)
         return io.NodeOutput(patched)
 
 
@@ -469,12 +469,12 @@ def record_attention(q, k, v, grid, attend):
     return torch.matmul(probabilities.to(v.dtype), v), probabilities
 
 
-def sag_branch(observer: adapter.AttentionPerturbation, blur_sigma: float):
+def sag_branch(observer: host.AttentionPerturbation, blur_sigma: float):
     """SAG's degraded branch (Hong et al., ICCV 2023, Eq. 11-12): blur the uncond x0 where its attention is
     salient, re-noise it with the uncond's own noise, and run the uncond on that input. Returned relative
     to the step's input, so the term s·(uncond − branch) is s·(degraded − model(degraded input))."""
 
-    def evaluate(call: adapter.LateCall):
+    def evaluate(call: host.LateCall):
         uncond_x0, x = call.preds[UNCOND], call.x
         attention = call.scratch.get(observer)
         if attention is None or min(x.shape[-2:]) <= 4:  # too small for the blur's padding, as ComfyUI's SAG
@@ -486,7 +486,7 @@ def sag_branch(observer: adapter.AttentionPerturbation, blur_sigma: float):
         (sag_x0,) = call.run_model(call.model, [call.conds[UNCOND]], degraded_input)
         return sag_x0 + (x - degraded_input)
 
-    return adapter.LateBranch(evaluate, observe=observer, observe_branch=UNCOND, label="SAG")
+    return host.LateBranch(evaluate, observe=observer, observe_branch=UNCOND, label="SAG")
 
 
 class GuidersSAG(io.ComfyNode):
@@ -513,8 +513,8 @@ class GuidersSAG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, scale, blur_sigma, start_percent, end_percent, schedule=None) -> io.NodeOutput:
-        adapter.require_family(model, _node_id(cls), SAG_FAMILIES)
-        observer = adapter.AttentionPerturbation((adapter.Layer("middle", 0, 0),), record_attention, "SAG",
+        host.require_family(model, _node_id(cls), SAG_FAMILIES)
+        observer = host.AttentionPerturbation((host.Layer("middle", 0, 0),), record_attention, "SAG",
                                                  records=True)
         return io.NodeOutput(_perturbation_node(
             model, _node_id(cls), "sag", sag_branch(observer, blur_sigma), scale, schedule,
@@ -524,7 +524,7 @@ class GuidersSAG(io.ComfyNode):
 def weak_model_branch(key: str):
     """Autoguidance's branch: the weak model's prediction for the same input and condition."""
 
-    def evaluate(call: adapter.LateCall):
+    def evaluate(call: host.LateCall):
         weak = call.extra_models[key]
         # The weak model's own options, with the run's sigmas so its step-dependent patches see the run.
         options = dict(weak.model_options)
@@ -534,7 +534,7 @@ def weak_model_branch(key: str):
         (weak_x0,) = call.run_model(weak.model, [call.conds[COND]], call.x, options)
         return weak_x0
 
-    return adapter.LateBranch(evaluate, label="autoguidance")
+    return host.LateBranch(evaluate, label="autoguidance")
 
 
 class GuidersAutoguidance(io.ComfyNode):
@@ -561,11 +561,11 @@ class GuidersAutoguidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, weak_model, scale, start_percent, end_percent, schedule=None) -> io.NodeOutput:
-        family, weak_family = adapter.model_family(model), adapter.model_family(weak_model)
+        family, weak_family = host.model_family(model), host.model_family(weak_model)
         if family != weak_family:
-            raise adapter.GuidanceError(f"{_node_id(cls)}: weak_model is a {weak_family} model but model is "
+            raise host.GuidanceError(f"{_node_id(cls)}: weak_model is a {weak_family} model but model is "
                                         f"{family}; both must be the same family.")
-        window = adapter.percent_window(model, start_percent, end_percent)
+        window = host.percent_window(model, start_percent, end_percent)
         key = f"weak{id(weak_model)}"
 
         def update(stack):
@@ -573,7 +573,7 @@ class GuidersAutoguidance(io.ComfyNode):
             term = perturbation_term(name, name, _scale_schedule(scale, schedule), window)
             return stack.with_term(term, Branch(name, source=COND, perturbation=weak_model_branch(key)))
 
-        return io.NodeOutput(adapter.add_guidance(model, _node_id(cls), update, extra_models=[(key, weak_model)]))
+        return io.NodeOutput(host.add_guidance(model, _node_id(cls), update, extra_models=[(key, weak_model)]))
 
 
 class GuidersGuider(io.ComfyNode):
@@ -601,7 +601,7 @@ class GuidersGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, cfg, schedule=None) -> io.NodeOutput:
         if schedule is not None:
-            model = adapter.add_guidance(model, _node_id(cls), lambda s: _with_cfg_schedule(s, cls, schedule))
+            model = host.add_guidance(model, _node_id(cls), lambda s: _with_cfg_schedule(s, cls, schedule))
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

@@ -2,7 +2,7 @@
 sizes and the branches (``cond_or_uncond``) in each call, counted with harness.ForwardCounter on a real
 ComfyUI sampling run (batch-1 latents, 4 steps, euler, SD1.5 unless a test says otherwise).
 
-The contract (nodes/comfy_adapter.py): every branch a step needs runs in ONE calc_cond_batch call, so a
+The contract (nodes/host/step.py): every branch a step needs runs in ONE calc_cond_batch call, so a
 method that adds a branch costs one more chunk in that call, not one more call; a branch no active term
 needs is not evaluated; CFG-Zero*'s zero-init steps make no call at all; only branches that need another
 model or the step's own result (autoguidance, SAG) make a call of their own.

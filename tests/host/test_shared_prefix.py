@@ -1,4 +1,4 @@
-"""The shared prefix (nodes/comfy_adapter.py): in one forward, chunks with equal inputs (a perturbed branch
+"""The shared prefix (nodes/host/shared_prefix.py): in one forward, chunks with equal inputs (a perturbed branch
 and the cond branch it perturbs) are computed once up to the first block a perturbation acts on, and each
 takes a copy of that state from there. UNets: ``_shared_prefix_wrapper`` runs the forward; DiTs: the block
 patch of every block before the last perturbed one (``_once_per_equal_chunk``).

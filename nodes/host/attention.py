@@ -1,0 +1,107 @@
+"""The attention hooks, side by side: the UNet ``attn1`` replace patch and the DiT attention override
+(``optimized_attention_override``), each perturbing only its own chunks' image tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import comfy.ldm.modules.attention as comfy_attention
+import torch
+
+from . import families
+from .layers import Layer
+from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, mark_ours
+from .routing import apply_chunked, chunk_perturbations, grid_for, perturbed_attention
+
+
+def make_unet_attn1_patch(previous: Callable | None):
+    def attn1_replace(q, k, v, extra_options):
+        block = extra_options.get("block")
+        layer = Layer(block[0], block[1], extra_options.get("block_index", 0))
+        chunks = chunk_perturbations(extra_options, layer)
+        heads = extra_options["n_heads"]
+
+        def attend_flat(q_, k_, v_):  # (B, L, heads·D) in and out, as ComfyUI hands them to the patch
+            if previous is not None:
+                return previous(q_, k_, v_, extra_options)
+            precision = extra_options.get("attn_precision")
+            return comfy_attention.optimized_attention(
+                q_, k_, v_, heads, attn_precision=precision, transformer_options=extra_options)
+
+        if not any(chunks):
+            return attend_flat(q, k, v)
+
+        def attend_heads(q_, k_, v_):  # for perturbations, which work on (B, heads, L, D)
+            return _to_heads(attend_flat(_from_heads(q_), _from_heads(k_), _from_heads(v_)), heads)
+
+        info = extra_options.get(STEP_KEY)
+        grid = grid_for(q.shape[1], info.latent_shape)
+
+        def perturb_chunk(perturbation, q_, k_, v_):
+            q4, k4, v4 = (_to_heads(t, heads) for t in (q_, k_, v_))
+            return _from_heads(perturbed_attention(perturbation, q4, k4, v4, grid, attend_heads, info.scratch))
+
+        # Untouched chunks stay in the flat layout (no reshape to heads and back): only a perturbed
+        # chunk is viewed as heads, as perturbations expect.
+        return apply_chunked(q, k, v, chunks, attend_flat, perturb_chunk)
+
+    return mark_ours(attn1_replace, previous)
+
+
+def _to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, heads·D), or (B, L, heads, D) as MMDiT passes its values, to (B, heads, L, D)."""
+    b, length = t.shape[:2]
+    return t.reshape(b, length, heads, -1).transpose(1, 2)
+
+
+def _from_heads(t: torch.Tensor) -> torch.Tensor:
+    b, heads, length, dim = t.shape
+    return t.transpose(1, 2).reshape(b, length, heads * dim)
+
+
+def text_tokens_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: records the text token count, which Flux's single blocks (text and image
+    tokens in one stream) do not carry, so their image tokens can be found."""
+    context = args[2] if len(args) > 2 else kwargs.get("context")
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, dict) and "cond_or_uncond" in value and context is not None:
+            value[TEXT_TOKENS_KEY] = context.shape[1]
+    return executor(*args, **kwargs)
+
+
+def make_attention_override(previous: Callable | None):
+    def attention_override(func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        active = to.get(ACTIVE_LAYER_KEY)
+        call = (lambda *a, **kw: previous(func, *a, **kw)) if previous is not None else func
+        if active is None:
+            return call(*args, **kwargs)
+        layer, chunks, text_tokens, text_position, counter = active
+        counter["calls"] += 1
+        if counter["calls"] > 1:
+            # Every DiT block runs its self (or joint) attention first; later calls are cross-attention
+            # (Wan) or extra attentions, which token counts alone cannot tell apart when they coincide.
+            return call(*args, **kwargs)
+        q, k, v, heads = args[0], args[1], args[2], args[3] if len(args) > 3 else kwargs["heads"]
+        rest = {key: val for key, val in kwargs.items() if key not in ("skip_reshape", "skip_output_reshape", "heads")}
+        skip_reshape = kwargs.get("skip_reshape", False)
+        skip_output_reshape = kwargs.get("skip_output_reshape", False)
+        q4, k4, v4 = (t if skip_reshape else _to_heads(t, heads) for t in (q, k, v))
+        if q4.shape[2] != k4.shape[2]:  # cross-attention: not the image tokens' self-attention
+            return call(*args, **kwargs)
+
+        def attend(q_, k_, v_):
+            return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True, **rest)
+
+        info = to.get(STEP_KEY)
+        grid = grid_for(q4.shape[2], info.latent_shape, text_tokens, text_position != families.TEXT_AFTER_IMAGE)
+
+        def perturb_chunk(perturbation, q_, k_, v_):
+            return perturbed_attention(perturbation, q_, k_, v_, grid, attend, info.scratch)
+
+        out = apply_chunked(q4, k4, v4, chunks, attend, perturb_chunk)
+        return out if skip_output_reshape else _from_heads(out)
+
+    return mark_ours(attention_override, previous)
+

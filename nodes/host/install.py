@@ -1,0 +1,102 @@
+"""Installing: one entry point for every node (``add_guidance``): clone, hooks installed once per clone, slots
+claimed (another node's function is wrapped, never dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import comfy.patcher_extension
+import comfy.samplers
+
+from ...guidance_core.plan import GuidanceStack
+from ...guidance_core.schedules import SigmaWindow
+from .attention import make_unet_attn1_patch, text_tokens_wrapper
+from .dit_blocks import make_dit_block_patch
+from .layers import Layer, model_family, model_layers
+from .marks import SETUP_KEY, WRAPPER_KEY, GuidanceError, is_ours
+from .perturbations import patched_layers
+from .shared_prefix import shared_prefix_wrapper
+from .step import (
+    GuidanceSetup,
+    claim_single_slots,
+    get_setup,
+    needs_uncond_at_cfg1,
+    outer_sample_wrapper,
+    predict_noise_wrapper,
+)
+
+
+def percent_window(model, start_percent: float, end_percent: float, input_prefix: str = "") -> SigmaWindow | None:
+    """ComfyUI's percent window: active for sigma_end ≤ σ ≤ sigma_start (``percent_to_sigma``), both ends
+    included as in SkipLayerGuidanceDiT."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise GuidanceError(f"{input_prefix}start_percent ({start_percent}) and end_percent ({end_percent}) must "
+                            "satisfy 0 ≤ start_percent ≤ end_percent ≤ 1.")
+    if start_percent <= 0.0 and end_percent >= 1.0:
+        return None
+    sampling = model.get_model_object("model_sampling")
+    return SigmaWindow(float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
+
+
+def add_guidance(model, node: str, update: Callable[[GuidanceStack], GuidanceStack], extra_models=()) -> Any:
+    """A patched clone of ``model`` whose guidance stack is ``update(stack)``; the input is untouched."""
+    patched = model.clone()
+    setup = get_setup(patched)
+    new_setup = replace(
+        setup,
+        stack=update(setup.stack),
+        extra_models=setup.extra_models + tuple(extra_models),
+        owner_nodes=setup.owner_nodes + (node,),
+    )
+    transformer_options = dict(patched.model_options.get("transformer_options", {}))
+    transformer_options[SETUP_KEY] = new_setup
+    patched.model_options["transformer_options"] = transformer_options
+    if new_setup.extra_models:
+        patched.set_additional_models(SETUP_KEY, [m for _key, m in new_setup.extra_models])
+    _install_hooks(patched, new_setup)
+    return patched
+
+
+def _install_hooks(patched, setup: GuidanceSetup) -> None:
+    options = patched.model_options
+    layers = patched_layers(setup.stack)
+    claim_single_slots(options, layers)
+    cfg = setup.stack.cfg_term
+    if cfg.schedule is not None or cfg.neutral_scale is None or needs_uncond_at_cfg1(setup.stack):
+        # We decide ourselves when the uncond is needed (a scheduled cfg may leave 1 mid-run).
+        options["disable_cfg1_optimization"] = True
+    wrappers = comfy.patcher_extension.WrappersMP
+    if not patched.get_wrappers(wrappers.OUTER_SAMPLE, WRAPPER_KEY):
+        patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+        patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)
+    for layer in layers + _dit_prefix_layers(patched, layers):
+        _install_layer_patch(patched, layer)
+    if layers and not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):
+        dit = any(layer.is_dit for layer in layers)
+        patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY,
+                                     text_tokens_wrapper if dit else shared_prefix_wrapper)
+
+
+def _dit_prefix_layers(model, layers: list[Layer]) -> list[Layer]:
+    """The DiT blocks before the last perturbed one, in forward order: their patch computes equal chunks
+    once (the shared prefix)."""
+    if not any(layer.is_dit for layer in layers):
+        return []
+    blocks = model_layers(model)  # double (main) blocks, then single blocks: the forward order
+    last = max((blocks.index(layer) for layer in layers if layer in blocks), default=0)
+    return [block for block in blocks[:last] if block not in layers]
+
+
+def _install_layer_patch(patched, layer: Layer) -> None:
+    name, key = layer.patch_key
+    previous = patched.model_options["transformer_options"].get("patches_replace", {}).get(name, {}).get(key)
+    if not is_ours(previous):
+        if layer.is_dit:
+            patch = make_dit_block_patch(layer, previous, model_family(patched))
+        else:
+            patch = make_unet_attn1_patch(previous)
+        patched.set_model_patch_replace(patch, name, *key)
+

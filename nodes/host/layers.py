@@ -1,0 +1,130 @@
+"""Layers a perturbation can name (UNet transformer blocks, DiT blocks), read from widgets and printed back
+the same way, and the model's family (from the records in ``families``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from . import families
+from .marks import GuidanceError
+
+
+def model_family(model) -> str:
+    """The model's family key (a record of host/families.py), or its diffusion model's class name when unknown."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    family = families.family_of_class(type(diffusion_model))
+    return family.key if family is not None else type(diffusion_model).__name__
+
+
+def require_family(model, node: str, supported: tuple[str, ...]) -> str:
+    family = model_family(model)
+    if family not in supported:
+        names = ", ".join(families.display_name(f) for f in supported)
+        raise GuidanceError(f"{node}: this model's architecture ({families.display_name(family)}) is not supported; "
+                            f"{node} supports {names}.")
+    return family
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A place a perturbation acts: a UNet transformer block (``input``/``middle``/``output`` + index, with
+    an optional transformer index) or a DiT block (``double``/``single`` + index)."""
+
+    kind: str
+    index: int
+    sub: int | None = None
+
+    def __str__(self) -> str:
+        """The name ``parse_layers`` reads back as this layer: ``middle`` (the whole middle block),
+        ``middle.0.1`` (its transformer 1), ``input.4``, ``input.4.1``, ``double.7``, ``single.2``."""
+        if self.kind == "middle":
+            return "middle" if self.sub is None else f"middle.0.{self.sub}"
+        return f"{self.kind}.{self.index}" + ("" if self.sub is None else f".{self.sub}")
+
+    @property
+    def is_dit(self) -> bool:
+        return self.kind in ("double", "single")
+
+    @property
+    def patch_key(self) -> tuple[str, tuple]:
+        """Where ComfyUI looks up a replace patch for this layer: ``patches_replace[name][key]``."""
+        if self.is_dit:
+            return "dit", (f"{self.kind}_block", self.index)
+        return "attn1", (self.kind, self.index) if self.sub is None else (self.kind, self.index, self.sub)
+
+
+def model_layers(model) -> list[Layer]:
+    """Every layer of this model a perturbation can name."""
+    family = model_family(model)
+    dm = model.get_model_object("diffusion_model")
+    if family == "unet":
+        layers = []
+        for kind, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
+            for index, block in enumerate(blocks):
+                if any(type(m).__name__ == "SpatialTransformer" for m in block.modules()):
+                    layers.append(Layer(kind, index))
+        return layers
+    block_lists = families.FAMILY_BY_KEY[family].block_lists if family in families.FAMILY_BY_KEY else {}
+    return [Layer(kind, i) for kind, attribute in block_lists.items() for i in range(len(getattr(dm, attribute)))]
+
+
+def unet_transformer_count(model, layer: Layer) -> int:
+    dm = model.get_model_object("diffusion_model")
+    block = {"input": dm.input_blocks, "output": dm.output_blocks}.get(layer.kind, [dm.middle_block])[
+        0 if layer.kind == "middle" else layer.index
+    ]
+    return sum(len(m.transformer_blocks) for m in block.modules() if type(m).__name__ == "SpatialTransformer")
+
+
+def parse_layers(text: str, model, input_name: str, method: str) -> tuple[Layer, ...]:
+    """Layers from a widget: ``auto`` (the family record's recommended layers for ``method``), or a comma
+    list. UNet: ``middle``,
+    ``input.4``, ``output.1``, ``input.4.1`` (block, index, transformer). DiT: ``7, 8, 9`` (main / joint /
+    double blocks), ``double.1``, ``single.2``. Unknown or out-of-range layers list what this model has."""
+    family = model_family(model)
+    available = model_layers(model)
+    if not available:
+        raise GuidanceError(f"{input_name}: this model's architecture ({family}) has no layers this pack can patch.")
+    text = text.strip() or "auto"
+    if text.lower() == "auto":
+        record = families.FAMILY_BY_KEY.get(family)
+        recommended = record.recommended.get(method) if record is not None else None
+        chosen = [t for t in (recommended.layers if recommended else ()) if _parse_one(t, family) in available]
+        if not chosen:  # a small or unusual model: use its middle layer, as the PAG and SEG papers do
+            chosen = [str(available[len(available) // 2])] if family != "unet" else ["middle"]
+        text = ", ".join(chosen)
+    layers = []
+    for token in [t for t in re.split(r"[,\s]+", text) if t]:
+        layer = _parse_one(token, family)
+        base = Layer(layer.kind, layer.index) if layer is not None else None
+        if base is None or base not in available:
+            listing = ", ".join(str(a) for a in available)
+            raise GuidanceError(f"{input_name}: unknown layer {token!r} for this {families.display_name(family)} "
+                                f"model. Its layers are: {listing} (or 'auto').")
+        count = unet_transformer_count(model, base) if layer.sub is not None else 0
+        if layer.sub is not None and not 0 <= layer.sub < count:
+            raise GuidanceError(f"{input_name}: {token!r}: block {base} has {count} transformers (0..{count - 1}).")
+        layers.append(layer)
+    return tuple(dict.fromkeys(layers))
+
+
+def _parse_one(token: str, family: str) -> Layer | None:
+    token = token.strip().lower()
+    if family == "unet":
+        m = re.fullmatch(r"(input|middle|output)(?:\.(\d+))?(?:\.(\d+))?", token)
+        if not m:
+            return None
+        kind = m.group(1)
+        index = 0 if kind == "middle" else (int(m.group(2)) if m.group(2) else None)
+        if index is None:
+            return None
+        sub = m.group(3) if kind != "middle" else (m.group(3) or (m.group(2) if m.group(2) else None))
+        return Layer(kind, index, int(sub) if sub is not None else None)
+    m = re.fullmatch(r"(?:(double|single|joint|block)\.)?(\d+)", token)
+    if not m:
+        return None
+    kind = "single" if m.group(1) == "single" else "double"
+    return Layer(kind, int(m.group(2)))
+

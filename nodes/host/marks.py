@@ -1,0 +1,40 @@
+"""The keys this pack uses in ComfyUI's model_options, the user-facing error type, and how the pack marks its
+own functions (so a slot it filled is told from one another node filled, and what ours wraps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+SETUP_KEY = "comfyui_guiders"  # model_options["transformer_options"][SETUP_KEY] -> GuidanceSetup
+
+
+STEP_KEY = "comfyui_guiders_step"  # per forward: StepBranches
+
+
+ACTIVE_LAYER_KEY = "comfyui_guiders_layer"  # set inside a patched DiT block for the attention override
+
+
+TEXT_TOKENS_KEY = "comfyui_guiders_text_tokens"  # per forward, for DiTs whose blocks don't carry the text
+
+
+WRAPPER_KEY = "comfyui_guiders"
+
+
+class GuidanceError(ValueError):
+    """A user-facing error: names the input, what was wrong and the valid choices."""
+
+
+def mark_ours(fn, wraps: Callable | None = None):
+    fn.__comfyui_guiders__ = True
+    fn.__comfyui_guiders_wraps__ = wraps  # another node's function ours calls, if any
+    return fn
+
+
+def is_ours(fn) -> bool:
+    return getattr(fn, "__comfyui_guiders__", False)
+
+
+def is_ours_alone(fn) -> bool:
+    return is_ours(fn) and fn.__comfyui_guiders_wraps__ is None
+

@@ -1,0 +1,130 @@
+"""What a branch changes in the model, as data the host plumbing applies to that branch's batch chunk only:
+attention perturbations, block skips, sublayer skips, and late branches (SAG, autoguidance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...guidance_core.plan import UNCOND, GuidanceStack
+from . import families
+from .layers import Layer
+from .marks import GuidanceError
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Where the image tokens sit in an attention call's sequence: ``start`` .. ``start + frames·h·w``,
+    frame by frame in row-major order; tokens outside (text tokens of joint attention) are not image
+    tokens. ``frames`` is 1 for images."""
+
+    start: int
+    height: int
+    width: int
+    frames: int = 1
+
+    @property
+    def image_slice(self) -> slice:
+        return slice(self.start, self.start + self.frames * self.height * self.width)
+
+
+@dataclass(frozen=True)
+class AttentionPerturbation:
+    """Changes the self-attention of the image tokens in ``layers``. ``perturb(q, k, v, grid, attend)``
+    gets q, k, v as (B, heads, L, D) and the normal attention ``attend(q, k, v)``, and returns the
+    attention output as (B, heads, L, D)."""
+
+    layers: tuple[Layer, ...]
+    perturb: Callable[..., torch.Tensor]
+    label: str = "attention"
+    records: bool = False  # an observer: perturb returns (output, record), kept in the step's scratch
+
+
+@dataclass(frozen=True)
+class BlockSkip:
+    """Skips whole DiT blocks: the block returns its inputs (SLG/STG ``block`` mode)."""
+
+    layers: tuple[Layer, ...]
+    label: str = "block skip"
+
+
+@dataclass(frozen=True)
+class SublayerSkip:
+    """Skips one kind of sublayer inside DiT blocks: its residual contribution becomes zero, so the stream
+    passes it unchanged (``x + gate·f(x)`` → ``x``). ``sublayer`` is ``attention`` (self/joint attention,
+    not cross-attention) or ``feedforward``."""
+
+    layers: tuple[Layer, ...]
+    sublayer: str
+    label: str = "sublayer skip"
+
+
+def sublayer_modules(diffusion_model, family: str, layer: Layer, sublayer: str) -> list[torch.nn.Module]:
+    """The modules of ``layer`` whose outputs are its ``sublayer`` contributions; an error if there are none."""
+    record = families.FAMILY_BY_KEY.get(family)
+    names = record.sublayers.get(layer.kind, {}).get(sublayer, ()) if record is not None else ()
+    if names:
+        block = getattr(diffusion_model, record.block_lists[layer.kind])[layer.index]
+        modules = [block.get_submodule(name) for name in names if _has_submodule(block, name)]
+        if modules:
+            return modules
+    raise GuidanceError(f"mode '{sublayer}' cannot skip part of block {layer} of this model "
+                        f"({type(diffusion_model).__name__}); use mode 'block' there.")
+
+
+def _has_submodule(module: torch.nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class LateBranch:
+    """A branch computed after the main forward from its results (SAG) or by another model
+    (autoguidance): ``evaluate(call)`` gets a ``LateCall`` and returns the branch's x0 prediction,
+    expressed relative to the step's input x."""
+
+    evaluate: Callable[[LateCall], torch.Tensor]
+    observe: AttentionPerturbation | None = None  # records during the main forward (SAG's attention map)
+    observe_branch: str = UNCOND
+    label: str = "late"
+
+
+@dataclass
+class LateCall:
+    """What a late branch can use: the step's predictions so far, its input, the conds, and a way to
+    run a model on other inputs."""
+
+    preds: dict[str, torch.Tensor]
+    x: torch.Tensor
+    sigma: torch.Tensor
+    conds: dict[str, Any]
+    model: Any
+    model_options: dict
+    scratch: dict
+    run_model: Callable[..., torch.Tensor]
+    extra_models: dict
+
+
+def _perturbations(stack: GuidanceStack):
+    for branch in stack.branches:
+        p = branch.perturbation
+        if isinstance(p, LateBranch):
+            if p.observe is not None:
+                yield p.observe
+        elif p is not None:
+            yield p
+
+
+def patched_layers(stack: GuidanceStack) -> list[Layer]:
+    layers = []
+    for p in _perturbations(stack):
+        layers.extend(p.layers)
+    return list(dict.fromkeys(layers))
+

@@ -1,0 +1,164 @@
+"""A shared prefix for equal chunks: the one module that depends on the host's forward internals
+(``UNetModel._forward``'s loop), behind one switch (``only_our_patches`` / ``no_other_patches``).
+
+A perturbed branch usually has the cond branch's inputs (same x, σ and conditioning), so up to the first
+layer it perturbs it computes exactly what the cond chunk computes. That prefix is computed once and the
+perturbed chunk gets a copy: UNets in a DIFFUSION_MODEL wrapper, DiTs in the block patch of every block up
+to the last perturbed one. Only where no other node patches the forward: another node's patch may treat
+chunks by their ``cond_or_uncond`` tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import comfy.ldm.modules.diffusionmodules.openaimodel as comfy_unet
+import torch
+
+from .marks import STEP_KEY
+from .routing import StepBranches, chunk_rows, equal_chunks, no_other_patches
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """How a forward's chunks share their prefix: ``kept`` are the chunks computed up to block position
+    ``split`` (input blocks 0..n-1, then the middle block at n, then the output blocks), and ``source``
+    gives each chunk the position in ``kept`` of the chunk whose prefix it takes."""
+
+    kept: tuple[int, ...]
+    source: tuple[int, ...]
+    split: int
+
+
+def shared_prefix_wrapper(executor, x, timesteps=None, context=None, y=None, control=None,
+                           transformer_options={}, **kwargs):  # noqa: B006 (the host's signature)
+    """DIFFUSION_MODEL wrapper of a UNet: runs the forward with a shared prefix where the forward is one
+    this pack can run exactly as the host would (``_unet_forward_shared``), else the host's forward."""
+    unet = executor.class_obj
+    plan = None
+    if control is None and not kwargs and _only_our_patches(executor, unet, transformer_options):
+        plan = _shared_prefix(unet, x, timesteps, context, y, transformer_options)
+    if plan is None:
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+    return _unet_forward_shared(unet, plan, x, timesteps, context, y, transformer_options)
+
+
+def _only_our_patches(executor, unet, transformer_options) -> bool:
+    """Whether nothing but this pack changes the forward: another node's patch or wrapper may treat the
+    chunks differently (by their ``cond_or_uncond`` tag) or expect the host's own loop, so then the forward
+    is left to the host."""
+    if type(unet)._forward is not comfy_unet.UNetModel._forward or unet.predict_codebook_ids:
+        return False
+    if executor.idx != len(executor.wrappers) - 1:  # a wrapper inside ours would be skipped
+        return False
+    return no_other_patches(transformer_options)
+
+
+def _shared_prefix(unet, x, timesteps, context, y, transformer_options) -> SharedPrefix | None:
+    """Chunks whose inputs are equal (x, timestep, context, y) form a group computed once, up to the first
+    block where a perturbation acts on a chunk of a group; None when no two chunks are equal or a
+    perturbation acts right at the first block."""
+    info: StepBranches | None = transformer_options.get(STEP_KEY)
+    tags = transformer_options.get("cond_or_uncond") or []
+    n = len(tags)
+    if info is None or n < 2 or x.shape[0] % n:
+        return None
+    kept, source = equal_chunks([t for t in (x, timesteps, context, y) if t is not None], n)
+    if len(kept) == n:
+        return None
+    positions = {(name, index): position for position, (name, index, _block) in enumerate(_unet_blocks(unet))}
+    grouped = [j for j in range(n) if source.count(source[j]) > 1]
+    split = min((positions[(layer.kind, layer.index)] for j in grouped for p in info.by_index.get(tags[j], [])
+                 for layer in p.layers), default=len(positions))
+    return SharedPrefix(tuple(kept), tuple(source), split) if split > 0 else None
+
+
+def _unet_blocks(unet) -> list[tuple[str, int, Any]]:
+    """The UNet's blocks in forward order, as (name, index, block): a block's position in this list is the
+    ``split`` position of SharedPrefix."""
+    return ([("input", i, block) for i, block in enumerate(unet.input_blocks)] + [("middle", 0, unet.middle_block)]
+            + [("output", i, block) for i, block in enumerate(unet.output_blocks)])
+
+
+def _unet_forward_shared(unet, plan: SharedPrefix, x, timesteps, context, y, to):
+    """The host's UNet forward (UNetModel._forward less its patch and ControlNet hooks, which
+    ``_only_our_patches`` ruled out), on the ``kept`` chunks up to position ``plan.split`` and on every
+    chunk from there. The ``cond_or_uncond`` tags follow the chunks computed, for the attention patches."""
+    tags = to["cond_or_uncond"]
+    size = x.shape[0] // len(tags)
+    kept_rows, spread_rows = (chunk_rows(chunks, size, x.device) for chunks in (plan.kept, plan.source))
+    emb = unet.time_embed(comfy_unet.timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype))
+    if unet.num_classes is not None:
+        emb = emb + unet.label_emb(y)
+    h, hs = x.index_select(0, kept_rows), []
+    emb_now = emb.index_select(0, kept_rows)
+    context_now = None if context is None else context.index_select(0, kept_rows)
+    to["cond_or_uncond"], to["original_shape"] = [tags[j] for j in plan.kept], list(h.shape)
+    to["transformer_index"] = 0
+    blocks = _unet_blocks(unet)
+    try:
+        for position, (name, index, block) in enumerate(blocks):
+            if position == plan.split:  # from here every chunk runs on its own, from a copy of its source's state
+                h, hs = h.index_select(0, spread_rows), [t.index_select(0, spread_rows) for t in hs]
+                emb_now, context_now = emb, context
+                to["cond_or_uncond"], to["original_shape"] = tags, list(x.shape)
+            to["block"] = (name, index)
+            output_shape = None
+            if name == "output":
+                h = torch.cat([h, hs.pop()], dim=1)
+                output_shape = hs[-1].shape if hs else None
+            if block is not None:
+                h = comfy_unet.forward_timestep_embed(block, h, emb_now, context_now, to, output_shape,
+                                                      num_video_frames=unet.default_num_video_frames)
+            if name == "input":
+                hs.append(h)
+        out = unet.out(h.type(x.dtype))
+        return out if plan.split < len(blocks) else out.index_select(0, spread_rows)
+    finally:
+        to["cond_or_uncond"] = tags
+
+
+def once_per_equal_chunk(original, args: dict, to: dict) -> dict:
+    """A DiT block no perturbation acts on: chunks whose inputs are all equal are computed once, and each
+    gets a copy of its group's output. The block's batched inputs are the tensors (also inside tuples, as
+    some families pass modulations and rotary embeddings) whose first dimension is the batch."""
+    tags = to.get("cond_or_uncond") or []
+    n, batch = len(tags), args["img"].shape[0]
+    if n < 2 or batch % n or STEP_KEY not in to or not no_other_patches(to):
+        return original(args)
+    inputs = {key: value for key, value in args.items() if key != "transformer_options"}
+    kept, source = equal_chunks(list(_batched_tensors(inputs, batch)), n)
+    if len(kept) == n:
+        return original(args)
+    size = batch // n
+    kept_rows, spread_rows = (chunk_rows(chunks, size, args["img"].device) for chunks in (kept, source))
+    to["cond_or_uncond"] = [tags[j] for j in kept]
+    try:
+        out = original({**select_rows(inputs, kept_rows, batch), "transformer_options": to})
+    finally:
+        to["cond_or_uncond"] = tags
+    return select_rows(out, spread_rows, len(kept) * size)
+
+
+def _batched_tensors(value, batch: int):
+    """The tensors in ``value`` (nested dicts, tuples and lists) whose first dimension is ``batch``."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim and value.shape[0] == batch:
+            yield value
+    elif isinstance(value, (dict, tuple, list)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _batched_tensors(item, batch)
+
+
+def select_rows(value, rows: torch.Tensor, batch: int):
+    """``value`` with ``rows`` taken from every tensor in it whose first dimension is ``batch``."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows) if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {key: select_rows(item, rows, batch) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        items = [select_rows(item, rows, batch) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a namedtuple or not
+    return value
+

@@ -1,0 +1,308 @@
+"""Per run and per step: fresh run state, the step's branches in one ``calc_cond_batch`` call (each
+perturbation on its own chunk), late branches, and the combination in ``sampler_cfg_function``.
+
+The ComfyUI plumbing: the only module that knows model_options, calc_cond_batch, attention and block
+patches, cond_or_uncond and sample_sigmas.
+
+A node calls ``add_guidance(model, update)``: the model is cloned, ``update`` turns the clone's
+``GuidanceStack`` into a new one, and the hooks below are installed once per clone. At sampling time:
+
+1. ``OUTER_SAMPLE`` wrapper: fresh per-run state (APG's momentum, ...); nothing survives the run.
+2. ``PREDICT_NOISE`` wrapper: the sampler's cfg for this step (``sampler_calc_cond_batch_function`` does
+   not receive it).
+3. ``sampler_calc_cond_batch_function``: the step (index of σ in ``sample_sigmas``); on a CFG-Zero*
+   zero-init step every prediction is x (zero noise) with no forward at all. Otherwise the branches the
+   step needs go into ONE ``calc_cond_batch``
+   call (cond, uncond and one chunk per perturbed branch, each chunk tagged by its index in
+   ``cond_or_uncond``); a branch no active term needs is passed as ``None``. Branches of another model
+   (autoguidance) run as their own call.
+4. ``sampler_cfg_function``: the stack combines the predictions; built-in pre/post-CFG hooks still run.
+
+Perturbations act on their own batch chunk only: UNet self-attention through ``attn1`` replace patches,
+DiT blocks through ``dit`` block replace patches (which also mark the block for the attention override,
+so joint attention can be perturbed on the image tokens only). On a UNet a ``DIFFUSION_MODEL`` wrapper
+computes chunks with equal inputs once up to the first perturbed block (the shared prefix), when nothing
+else patches the forward. A slot another node already filled is wrapped, never dropped; a slot a later
+node overwrote is taken back for the run and wraps theirs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+
+from ...guidance_core.plan import CFG_TERM, COND, UNCOND, GuidanceStack, StepContext
+from ...guidance_core.schedules import step_of_sigma
+from .attention import make_attention_override
+from .layers import Layer
+from .marks import SETUP_KEY, GuidanceError, is_ours, mark_ours
+from .perturbations import LateBranch, LateCall, patched_layers
+from .routing import StepBranches, with_step_info
+
+_current_runs: contextvars.ContextVar[dict | None] = contextvars.ContextVar("comfyui_guiders_runs", default=None)
+
+
+@dataclass(frozen=True)
+class GuidanceSetup:
+    """What a patched model carries: the stack, the other models its branches use, and the layers whose
+    patches this pack installed (checked at sampling time against what is still installed)."""
+
+    stack: GuidanceStack = field(default_factory=GuidanceStack)
+    extra_models: tuple[tuple[str, Any], ...] = ()
+    owner_nodes: tuple[str, ...] = ()
+
+    # ModelPatcher.clone() deep-copies model_options. The setup is immutable, and a model it holds
+    # (autoguidance's weak model) cannot be deep-copied, so every copy is the setup itself.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def get_setup(model) -> GuidanceSetup:
+    return model.model_options.get("transformer_options", {}).get(SETUP_KEY) or GuidanceSetup()
+
+
+def claim_single_slots(model_options: dict, layers: list[Layer]) -> None:
+    """Puts our function in each single slot the stack needs, wrapping whatever another node put there:
+    their CFG formula stands in for our CFG term, their batch function and attention override run
+    under ours."""
+    makers = {"sampler_calc_cond_batch_function": _make_calc_cond_batch, "sampler_cfg_function": _make_cfg_function}
+    for slot, make in makers.items():
+        if not is_ours(model_options.get(slot)):
+            model_options[slot] = make(model_options.get(slot))
+    to = model_options.setdefault("transformer_options", {})
+    if any(layer.is_dit for layer in layers) and not is_ours(to.get("optimized_attention_override")):
+        to["optimized_attention_override"] = make_attention_override(to.get("optimized_attention_override"))
+
+
+def needs_uncond_at_cfg1(stack: GuidanceStack) -> bool:
+    return any(t.negative == UNCOND or t.positive == UNCOND for t in stack.terms if t.name != CFG_TERM)
+
+
+@dataclass
+class RunState:
+    """Everything a run may remember: the rules' state, the current step, and this step's predictions."""
+
+    rule_state: dict
+    ctx: StepContext | None = None
+    cond_scale: float | None = None  # the sampler's cfg, from the PREDICT_NOISE wrapper
+    last_sigma: float | None = None
+    preds: dict = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)
+
+
+def _run_for(setup: GuidanceSetup) -> RunState:
+    runs = _current_runs.get()
+    if runs is None:  # sampled without CFGGuider.sample (a custom sampler loop): one run per call chain
+        runs = {}
+        _current_runs.set(runs)
+    if id(setup) not in runs:
+        runs[id(setup)] = RunState(setup.stack.new_run_state())
+    return runs[id(setup)]
+
+
+def _setup_of(model_options) -> GuidanceSetup | None:
+    return model_options.get("transformer_options", {}).get(SETUP_KEY)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    setup = _setup_of(executor.class_obj.model_options)
+    extra_models = [m for _key, m in setup.extra_models] if setup is not None else []
+    token = _current_runs.set({})
+    try:
+        for extra in extra_models:  # loaded with the main model (set_additional_models); made current here
+            extra.pre_run()
+        return executor(*args, **kwargs)
+    finally:
+        for extra in extra_models:
+            extra.cleanup()
+        _current_runs.reset(token)
+
+
+def _step_context(model_options, sigma, cond_scale) -> StepContext:
+    sigma_value = float(sigma.flatten()[0])
+    sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+    if sample_sigmas is None or len(sample_sigmas) < 2:
+        return StepContext(0, 1, sigma_value, cond_scale)
+    sigmas = [float(s) for s in sample_sigmas]
+    return StepContext(step_of_sigma(sigma_value, sigmas), len(sigmas) - 1, sigma_value, cond_scale)
+
+
+def predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):  # noqa: B006 (host signature)
+    setup = _setup_of(model_options)
+    if setup is None:
+        return executor(x, timestep, model_options, seed)
+    _reclaim_slots(model_options, setup)
+    run = _run_for(setup)
+    run.cond_scale = float(getattr(executor.class_obj, "cfg", 1.0))
+    return executor(x, timestep, model_options, seed)
+
+
+def _reclaim_slots(model_options, setup: GuidanceSetup) -> None:
+    """A node applied after ours may have overwritten one of our single slots, which would silently drop
+    our guidance. For this run (``model_options`` is the run's own copy) ours goes back in and wraps
+    theirs, exactly as when their node comes first. A replaced layer patch cannot be composed that way:
+    that is an error naming both."""
+    layers = patched_layers(setup.stack)
+    claim_single_slots(model_options, layers)
+    owners = " → ".join(dict.fromkeys(setup.owner_nodes))
+    replace_patches = model_options["transformer_options"].get("patches_replace", {})
+    for layer in layers:
+        name, key = layer.patch_key
+        fn = replace_patches.get(name, {}).get(key)
+        if not is_ours(fn):
+            raise GuidanceError(f"The patch on layer {layer} set by ComfyUI-Guiders ({owners}) was replaced by a node "
+                                f"applied after it ({getattr(fn, '__qualname__', fn)!r}). Apply that node first.")
+
+
+def _uncond_required_by_others(model_options) -> bool:
+    """A post-CFG hook of another node (CFG++ samplers, for example) may read the uncond prediction:
+    then it is evaluated even where our terms do not need it."""
+    return any(not is_ours(fn) for fn in model_options.get("sampler_post_cfg_function", []))
+
+
+def _make_calc_cond_batch(previous: Callable | None):
+    def calc_cond_batch(args):
+        model_options = args["model_options"]
+        setup = _setup_of(model_options)
+        conds = args["conds"]
+        if setup is None:
+            return evaluate_conds(previous, args["model"], conds, args["input"], args["sigma"], model_options)
+        run = _run_for(setup)
+        cond_scale = run.cond_scale if run.cond_scale is not None else (1.0 if conds[1] is None else math.inf)
+        ctx = _step_context(model_options, args["sigma"], cond_scale)
+        if conds[1] is None:  # ComfyUI's cfg = 1 shortcut: no uncond conditioning was passed
+            ctx = replace(ctx, cond_scale=1.0)
+        if run.last_sigma is not None and ctx.sigma > run.last_sigma * (1 + 1e-6):
+            run.rule_state = setup.stack.new_run_state()  # σ went up: a new sampling pass, so fresh state
+        run.ctx, run.last_sigma = ctx, ctx.sigma
+        stack = setup.stack
+        x = args["input"]
+        if stack.zero_init(ctx):
+            # CFG-Zero*'s zero init: zero noise, so every prediction is x0 = x, and no forward at all. The
+            # rest of sampling_function still runs, so post-CFG hooks (CFG++ samplers) see that too.
+            run.preds = {COND: x, UNCOND: x}
+            return [x, x]
+        needed = stack.needed_branches(ctx)
+        if conds[1] is not None and UNCOND not in needed and _uncond_required_by_others(model_options):
+            needed = needed + [UNCOND]
+        sources = {COND: conds[0], UNCOND: conds[1]}
+        sigma, model = args["sigma"], args["model"]
+
+        layout = _batch_layout(stack, needed, sources, ctx.sigma)
+        run.scratch = {}
+        info = StepBranches(layout.perturbations, tuple(x.shape), run.scratch, getattr(model, "diffusion_model", None))
+        outputs = _evaluate_batch(previous, model, layout.conds, x, sigma, with_step_info(model_options, info),
+                                  stack.sequential)
+
+        preds = {COND: outputs[0]}
+        if layout.conds[1] is not None:
+            preds[UNCOND] = outputs[1]
+        for index, name in layout.main_names:
+            preds[name] = outputs[index]
+        for name in layout.late_names:
+            branch = stack.branch(name)
+            call = LateCall(preds, x, sigma, sources, model, model_options, run.scratch,
+                            lambda m, c, xi, opts=model_options: evaluate_conds(None, m, c, xi, sigma, opts),
+                            dict(setup.extra_models))
+            preds[name] = branch.perturbation.evaluate(call)
+        run.preds = preds
+        # What the rest of ComfyUI sees as the uncond: the CFG term's negative (the plain uncond, or the
+        # perturbed uncond when a node perturbs the negative branch instead of adding one), else zeros as
+        # ComfyUI's own cfg = 1 shortcut gives.
+        negative = _negative_name(stack, preds)
+        return [outputs[0], preds[negative] if negative else torch.zeros_like(x)]
+
+    return mark_ours(calc_cond_batch)
+
+
+@dataclass
+class BatchLayout:
+    """One step's ``calc_cond_batch`` call: the conds list (cond, uncond, then one entry per stack branch,
+    ``None`` where not needed), which of its indices are main-forward branches, which branches run after
+    it, and the perturbations per ``cond_or_uncond`` index."""
+
+    conds: list
+    main_names: list[tuple[int, str]]
+    late_names: list[str]
+    perturbations: dict[int, list]
+
+
+def _batch_layout(stack: GuidanceStack, needed: list[str], sources: dict, sigma: float) -> BatchLayout:
+    layout = BatchLayout([sources[COND], sources[UNCOND] if UNCOND in needed else None], [], [], {})
+    for index, branch in enumerate(stack.branches, start=2):
+        wanted = branch.name in needed and sources.get(branch.source) is not None
+        if wanted and isinstance(branch.perturbation, LateBranch):
+            layout.late_names.append(branch.name)
+            observe = branch.perturbation.observe
+            if observe is not None:  # it watches another branch's chunk of the main forward
+                observed_index = 0 if branch.perturbation.observe_branch == COND else 1
+                layout.perturbations.setdefault(observed_index, []).append(observe)
+            wanted = False
+        layout.conds.append(sources[branch.source] if wanted else None)
+        if wanted:
+            layout.main_names.append((index, branch.name))
+            if branch.perturbed_at(sigma):
+                layout.perturbations.setdefault(index, []).append(branch.perturbation)
+    return layout
+
+
+def _evaluate_batch(previous, model, conds, x, sigma, model_options, sequential: bool) -> list[torch.Tensor]:
+    """All entries of ``conds`` in one ``calc_cond_batch`` call, or (sequential) one call per entry with
+    the same indices, so every chunk keeps its ``cond_or_uncond`` tag and perturbation."""
+    if not sequential:
+        return evaluate_conds(previous, model, conds, x, sigma, model_options)
+    outputs = [torch.zeros_like(x) for _ in conds]
+    for i, cond in enumerate(conds):
+        if cond is not None:
+            single = [None] * len(conds)
+            single[i] = cond
+            outputs[i] = evaluate_conds(previous, model, single, x, sigma, model_options)[i]
+    return outputs
+
+
+def _negative_name(stack: GuidanceStack, preds) -> str | None:
+    for name in (stack.cfg_term.negative, UNCOND):
+        if name in preds:
+            return name
+    return None
+
+
+def evaluate_conds(previous, model, conds, x, sigma, model_options):
+    if previous is not None:
+        return previous({"conds": conds, "input": x, "sigma": sigma, "model": model, "model_options": model_options})
+    return comfy.samplers.calc_cond_batch(model, conds, x, sigma, model_options)
+
+
+def _make_cfg_function(previous: Callable | None):
+    def cfg_function(args):
+        x = args["input"]
+        setup = _setup_of(args["model_options"])
+        run = _run_for(setup) if setup is not None else None
+        if run is None or run.ctx is None:  # not sampled through our calc_cond_batch: plain CFG
+            if previous is not None:
+                return previous(args)
+            return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+        ctx = replace(run.ctx, cond_scale=float(args["cond_scale"]))
+        preds = dict(run.preds)
+        preds[COND] = args["cond_denoised"]
+        negative = _negative_name(setup.stack, preds)
+        if negative:  # pre-CFG hooks of other nodes may have changed what they were handed
+            preds[negative] = args["uncond_denoised"]
+        cfg_result = None
+        if previous is not None and negative:
+            cfg_result = x - previous(args)  # another node's CFG formula stands in for our CFG term
+        guided = setup.stack.combine(preds, x, ctx, run.rule_state, cfg_result=cfg_result)
+        return x - guided
+
+    return mark_ours(cfg_function)
+
