@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "identity_all_attention",
+    "identity_image_attention",
+    "record_attention",
+    "smoothed_energy_attention",
     "attention_probabilities",
     "gaussian_blur_2d",
     "identity_attention",
@@ -240,3 +244,46 @@ def sag_blur(x0: torch.Tensor, mask: torch.Tensor, blur_sigma: float, kernel_siz
     blurred = _separable_blur(x0_float.reshape(-1, 1, height, width), kernel, kernel).reshape(x0.shape)
     mask = mask.float()
     return (blurred * mask + x0_float * (1 - mask)).to(x0.dtype)
+
+
+# --- attention rules on an attention call's token grid ------------------------------------------------
+# Each takes q, k, v as (B, heads, L, D), the call's TokenGrid (or None when the image tokens could not be
+# found) and ``attend(q, k, v)``, the host's normal attention, and returns the attention output.
+
+def _require_grid(grid, method: str, tokens: int):
+    if grid is None:
+        raise ValueError(f"{method}: could not find the image tokens among the {tokens} tokens of this "
+                         "attention call; choose another layer.")
+
+
+def identity_image_attention(q, k, v, grid, attend):
+    """PAG's perturbation on the image tokens (Ahn et al. 2024, arXiv:2403.17377, Eq. 9-10: the perturbed
+    self-attention map is I, so the output is V): the image rows of the output are their own V; text tokens
+    of joint attention keep their normal attention (their rows of the map are untouched)."""
+    _require_grid(grid, "PAG", q.shape[-2])
+    if grid.start == 0 and grid.image_slice.stop == q.shape[-2]:
+        return identity_attention(q, k, v)
+    out = attend(q, k, v).clone()
+    out[..., grid.image_slice, :] = v[..., grid.image_slice, :]
+    return out
+
+
+def smoothed_energy_attention(q, k, v, grid, attend, blur_sigma: float):
+    """SEG's perturbation (Hong 2024, arXiv:2408.00760, §3.3: blurring the queries blurs the attention
+    energy): the image tokens' queries are Gaussian-blurred over the grid's height × width (each video frame
+    on its own), then attended as usual."""
+    _require_grid(grid, "SEG", q.shape[-2])
+    smoothed = smooth_queries(q, (grid.height, grid.width), blur_sigma, image_token_start=grid.start,
+                              frames=grid.frames)
+    return attend(smoothed, k, v)
+
+
+def identity_all_attention(q, k, v, grid, attend):
+    """SLG's ``attention_scores`` mode (diffusers' skip_attention_scores): attention returns V."""
+    return identity_attention(q, k, v)
+
+
+def record_attention(q, k, v, grid, attend):
+    """SAG's observer: the normal attention output, and the attention map it came from."""
+    probabilities = attention_probabilities(q, k)
+    return torch.matmul(probabilities.to(v.dtype), v), probabilities

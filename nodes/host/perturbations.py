@@ -17,22 +17,6 @@ from .marks import GuidanceError
 
 
 @dataclass(frozen=True)
-class TokenGrid:
-    """Where the image tokens sit in an attention call's sequence: ``start`` .. ``start + frames·h·w``,
-    frame by frame in row-major order; tokens outside (text tokens of joint attention) are not image
-    tokens. ``frames`` is 1 for images."""
-
-    start: int
-    height: int
-    width: int
-    frames: int = 1
-
-    @property
-    def image_slice(self) -> slice:
-        return slice(self.start, self.start + self.frames * self.height * self.width)
-
-
-@dataclass(frozen=True)
 class AttentionPerturbation:
     """Changes the self-attention of the image tokens in ``layers``. ``perturb(q, k, v, grid, attend)``
     gets q, k, v as (B, heads, L, D) and the normal attention ``attend(q, k, v)``, and returns the

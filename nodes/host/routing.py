@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from ...guidance_core.tokens import TokenGrid
 from .layers import Layer
 from .marks import STEP_KEY, GuidanceError, is_ours_alone
-from .perturbations import AttentionPerturbation, TokenGrid
+from .perturbations import AttentionPerturbation
 
 
 @dataclass(frozen=True)

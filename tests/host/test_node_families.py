@@ -2,7 +2,7 @@
 KSampler run: the result is finite and differs clearly from plain CFG at the same sampler cfg.
 
 The families a node supports are the pack's own declaration (ATTENTION_FAMILIES / BLOCK_FAMILIES in
-nodes/guidance_nodes.py, unet = SD1.5 here; the video DiTs are in test_video_dits.py); test_node_errors.py
+nodes/common.py, unet = SD1.5 here; the video DiTs are in test_video_dits.py); test_node_errors.py
 checks that the others are refused.
 SEG also runs on a non-square latent, where its query blur needs the token grid's true height and width.
 
@@ -109,7 +109,8 @@ def test_the_declared_families_are_the_ones_tested(guiders_pack) -> None:
     # If the pack adds a family to a method, this file must grow with it (and the other way round).
     import sys
 
-    module = sys.modules[guiders_pack["GuidersPAG"].__module__]
+    # The families each method supports, as nodes/common.py derives them from the family records.
+    module = sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + ".common"]
     assert tuple(FAMILY_OF_POOL[f] for f in module.ATTENTION_FAMILIES if f in FAMILY_OF_POOL) == ATTENTION
     assert tuple(FAMILY_OF_POOL[f] for f in module.BLOCK_FAMILIES if f in FAMILY_OF_POOL) == BLOCKS
 

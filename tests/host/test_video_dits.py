@@ -4,7 +4,7 @@ make_ltxv / make_hunyuan_video; (1, C, 3, 8, 8) latents) sampled by a real KSamp
 1. The tiny models themselves: the family's real noise schedule, one forward of cond + uncond per step,
    finite and deterministic results that depend on the prompt.
 2. Every node that declares the family (PAG_FAMILIES / BLOCK_FAMILIES / the CFG rules in
-   nodes/guidance_nodes.py) gives a finite result clearly different from plain CFG at the same cfg.
+   nodes/common.py) gives a finite result clearly different from plain CFG at the same cfg.
 3. Parity with ComfyUI's own nodes where they exist: SkipLayerGuidanceDiT (SLG ``block``, an extra cond pass;
    double and single blocks) and SkipLayerGuidanceDiTSimple (SLG on the negative branch). Identity
    self-attention (PAG, SLG ``attention_scores``) against references written here from the PAG paper's
@@ -251,7 +251,8 @@ def test_the_video_families_are_declared_where_this_file_tests_them(guiders_pack
     # If the pack drops a family from a method (or adds one to SEG), this file must change with it.
     import sys
 
-    module = sys.modules[guiders_pack["GuidersPAG"].__module__]
+    # The families each method supports, as nodes/common.py derives them from the family records.
+    module = sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + ".common"]
     for family in VIDEO_FAMILIES:
         assert family in module.PAG_FAMILIES and family in module.BLOCK_FAMILIES
         assert family in module.ATTENTION_FAMILIES
