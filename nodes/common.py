@@ -109,7 +109,11 @@ def target_input() -> io.Input:
 
 
 def perturbation_node(model, node, prefix, perturbation, scale, schedule, start_percent, end_percent, branch_mode,
-                       source=COND, positive=COND, target="new branch"):
+                       source=COND, positive=COND, target="new branch", with_term_added=None):
+    """The recipe of a perturbation node: a term s·(positive − perturbed) on a new branch, or (target
+    "negative branch") the CFG's negative prediction computed with the perturbation. ``with_term_added(stack,
+    name)``, when given, is applied in the same update right after a new term named ``name`` is added (SLG's
+    rescale, which acts while that term is active)."""
     window = host.percent_window(model, start_percent, end_percent)
 
     def update(stack):
@@ -125,6 +129,8 @@ def perturbation_node(model, node, prefix, perturbation, scale, schedule, start_
             if positive != COND:
                 term = replace(term, positive=positive)
             stack = stack.with_term(term, Branch(name, source=source, perturbation=perturbation))
+            if with_term_added is not None:
+                stack = with_term_added(stack, name)
         else:
             raise host.GuidanceError(f"{node}: target {target!r} is not one of 'new branch', 'negative branch'.")
         return with_branch_mode(stack, branch_mode)

@@ -81,17 +81,14 @@ class GuidersSLG(io.ComfyNode):
             perturbation = host.SublayerSkip(chosen, mode, f"SLG {mode}")
         else:
             raise host.GuidanceError(f"{public_id(cls)}: mode {mode!r} is not one of {', '.join(SLG_MODES)}.")
+        def with_rescale(stack, slg_name):  # STG's rescale, only on the steps where this SLG term is active
+            return stack.with_post(PostTransform(
+                "slg_rescale", lambda guided, preds: rules.whole_tensor_rescale(guided, preds[COND], rescale),
+                space="x0", while_term_active=slg_name))
+
         patched = perturbation_node(model, public_id(cls), "slg", perturbation, scale, schedule, start_percent,
-                                     end_percent, branch_mode, target=target)
-        if rescale > 0 and target == "new branch":
-            slg_name = host.get_setup(patched).stack.terms[-1].name
-
-            def update(stack):
-                return stack.with_post(PostTransform(
-                    "slg_rescale", lambda guided, preds: rules.whole_tensor_rescale(guided, preds[COND], rescale),
-                    space="x0", while_term_active=slg_name))
-
-            patched = host.add_guidance(patched, public_id(cls), update)
+                                    end_percent, branch_mode, target=target,
+                                    with_term_added=with_rescale if rescale > 0 else None)
         return io.NodeOutput(patched)
 
 

@@ -35,12 +35,12 @@ def make_unet_attn1_patch(previous: Callable | None):
         def attend_heads(q_, k_, v_):  # for perturbations, which work on (B, heads, L, D)
             return _to_heads(attend_flat(_from_heads(q_), _from_heads(k_), _from_heads(v_)), heads)
 
-        info = extra_options.get(STEP_KEY)
-        grid = grid_for(q.shape[1], info.latent_shape)
+        routing = extra_options.get(STEP_KEY)
+        grid = grid_for(q.shape[1], routing.latent_shape)
 
         def perturb_chunk(perturbation, q_, k_, v_):
             q4, k4, v4 = (_to_heads(t, heads) for t in (q_, k_, v_))
-            return _from_heads(perturbed_attention(perturbation, q4, k4, v4, grid, attend_heads, info.scratch))
+            return _from_heads(perturbed_attention(perturbation, q4, k4, v4, grid, attend_heads, routing.scratch))
 
         # Untouched chunks stay in the flat layout (no reshape to heads and back): only a perturbed
         # chunk is viewed as heads, as perturbations expect.
@@ -72,14 +72,14 @@ def text_tokens_wrapper(executor, *args, **kwargs):
 
 def make_attention_override(previous: Callable | None):
     def attention_override(func, *args, **kwargs):
-        to = kwargs.get("transformer_options") or {}
-        active = to.get(ACTIVE_LAYER_KEY)
+        transformer_options = kwargs.get("transformer_options") or {}
+        active = transformer_options.get(ACTIVE_LAYER_KEY)
         call = (lambda *a, **kw: previous(func, *a, **kw)) if previous is not None else func
         if active is None:
             return call(*args, **kwargs)
-        layer, chunks, text_tokens, text_position, counter = active
-        counter["calls"] += 1
-        if counter["calls"] > 1:
+        chunks, text_tokens, text_position = active.chunks, active.text_tokens, active.text_position
+        active.attention_calls += 1
+        if active.attention_calls > 1:
             # Every DiT block runs its self (or joint) attention first; later calls are cross-attention
             # (Wan) or extra attentions, which token counts alone cannot tell apart when they coincide.
             return call(*args, **kwargs)
@@ -94,11 +94,11 @@ def make_attention_override(previous: Callable | None):
         def attend(q_, k_, v_):
             return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True, **rest)
 
-        info = to.get(STEP_KEY)
-        grid = grid_for(q4.shape[2], info.latent_shape, text_tokens, text_position != families.TEXT_AFTER_IMAGE)
+        routing = transformer_options.get(STEP_KEY)
+        grid = grid_for(q4.shape[2], routing.latent_shape, text_tokens, text_position != families.TEXT_AFTER_IMAGE)
 
         def perturb_chunk(perturbation, q_, k_, v_):
-            return perturbed_attention(perturbation, q_, k_, v_, grid, attend, info.scratch)
+            return perturbed_attention(perturbation, q_, k_, v_, grid, attend, routing.scratch)
 
         out = apply_chunked(q4, k4, v4, chunks, attend, perturb_chunk)
         return out if skip_output_reshape else _from_heads(out)

@@ -12,7 +12,7 @@ from . import families
 from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, mark_ours
 from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, sublayer_modules
-from .routing import chunk_perturbations, chunk_rows, no_other_patches
+from .routing import ActiveBlock, chunk_perturbations, chunk_rows, no_other_patches
 from .shared_prefix import once_per_equal_chunk, select_rows
 
 
@@ -30,22 +30,24 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
             def original(block_args):  # noqa: F811 (compose with the patch that was here before)
                 return previous(block_args, {"original_block": inner})
 
-        to = args.get("transformer_options") or {}
-        chunks = chunk_perturbations(to, layer)
+        transformer_options = args.get("transformer_options") or {}
+        chunks = chunk_perturbations(transformer_options, layer)
         if not any(chunks):
-            return original(args) if previous is not None else once_per_equal_chunk(original, args, to)
+            return original(args) if previous is not None else once_per_equal_chunk(original, args, transformer_options)
         only_skips = all(isinstance(p, BlockSkip) for c in chunks for p in c)
-        if only_skips and previous is None and no_other_patches(to):  # else theirs may count on every chunk
-            return _without_skipped_chunks(original, args, to, chunks)
+        # Another node's patch may count on every chunk being computed: then the skipped ones are computed too.
+        if only_skips and previous is None and no_other_patches(transformer_options):
+            return _without_skipped_chunks(original, args, transformer_options, chunks)
         attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
         call_args = args
         if any(attention_chunks):
             text_tokens = 0
             if text_position != families.NO_TEXT:  # single blocks carry no "txt": the count the forward began with
-                text_tokens = args["txt"].shape[1] if args.get("txt") is not None else to.get(TEXT_TOKENS_KEY, 0)
-            marked = dict(to)
+                text = args.get("txt")
+                text_tokens = text.shape[1] if text is not None else transformer_options.get(TEXT_TOKENS_KEY, 0)
+            marked = dict(transformer_options)
             # A fresh call counter per block call: only the block's first attention call is perturbed.
-            marked[ACTIVE_LAYER_KEY] = (layer, attention_chunks, text_tokens, text_position, {"calls": 0})
+            marked[ACTIVE_LAYER_KEY] = ActiveBlock(layer, attention_chunks, text_tokens, text_position)
             call_args = dict(args)
             call_args["transformer_options"] = marked
         n = len(chunks)
@@ -53,7 +55,7 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         # Copies, taken before the call: some blocks (Flux) update their inputs in place.
         kept_inputs = {key: {j: args[key].chunk(n)[j].clone() for j in skipped}
                        for key in ("img", "txt") if args.get(key) is not None}
-        hooks = _sublayer_skip_hooks(to, family, layer, chunks)
+        hooks = _sublayer_skip_hooks(transformer_options, family, layer, chunks)
         try:
             out = original(call_args)
         finally:
@@ -72,10 +74,10 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
     return mark_ours(block_replace, previous)
 
 
-def _without_skipped_chunks(original, args: dict, to: dict, chunks: list[list]) -> dict:
+def _without_skipped_chunks(original, args: dict, transformer_options: dict, chunks: list[list]) -> dict:
     """A DiT block whose only perturbation is skipping it for some chunks: the other chunks are computed
     (the block's work for a skipped chunk would be thrown away), the skipped ones pass their inputs on."""
-    tags = to.get("cond_or_uncond") or []
+    tags = transformer_options.get("cond_or_uncond") or []
     n, batch = len(chunks), args["img"].shape[0]
     computed = [j for j, c in enumerate(chunks) if not c]
     passed = {key: args[key] for key in ("img", "txt") if args.get(key) is not None}
@@ -83,11 +85,11 @@ def _without_skipped_chunks(original, args: dict, to: dict, chunks: list[list]) 
         return passed
     rows = chunk_rows(computed, batch // n, args["img"].device)
     inputs = {key: value for key, value in args.items() if key != "transformer_options"}
-    to["cond_or_uncond"] = [tags[j] for j in computed]
+    transformer_options["cond_or_uncond"] = [tags[j] for j in computed]
     try:  # the selected rows are copies: blocks that update their inputs in place (Flux) leave args alone
-        out = original({**select_rows(inputs, rows, batch), "transformer_options": to})
+        out = original({**select_rows(inputs, rows, batch), "transformer_options": transformer_options})
     finally:
-        to["cond_or_uncond"] = tags
+        transformer_options["cond_or_uncond"] = tags
     result = dict(out)
     for key, kept in passed.items():
         if out.get(key) is not None:

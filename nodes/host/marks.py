@@ -9,7 +9,7 @@ from collections.abc import Callable
 SETUP_KEY = "comfyui_guiders"  # model_options["transformer_options"][SETUP_KEY] -> GuidanceSetup
 
 
-STEP_KEY = "comfyui_guiders_step"  # per forward: StepBranches
+STEP_KEY = "comfyui_guiders_step"  # per forward: ForwardRouting
 
 
 ACTIVE_LAYER_KEY = "comfyui_guiders_layer"  # set inside a patched DiT block for the attention override

@@ -17,7 +17,7 @@ from .perturbations import AttentionPerturbation
 
 
 @dataclass(frozen=True)
-class StepBranches:
+class ForwardRouting:
     """Per forward: which perturbations apply to which ``cond_or_uncond`` index, the latent shape (to find
     the token grid), and a scratch dict for observers (SAG's attention map)."""
 
@@ -27,21 +27,35 @@ class StepBranches:
     diffusion_model: Any = None
 
 
-def with_step_info(model_options, info: StepBranches) -> dict:
+@dataclass
+class ActiveBlock:
+    """Set under ACTIVE_LAYER_KEY while one DiT block call runs, for the attention override: the block's
+    layer, the attention perturbations per batch chunk, how many text tokens its self-attention sequence has
+    and where they sit (families.TEXT_BEFORE_IMAGE / TEXT_AFTER_IMAGE / NO_TEXT), and how many attention
+    calls the block has made so far (only its first, the self/joint attention, is perturbed)."""
+
+    layer: Layer
+    chunks: list
+    text_tokens: int
+    text_position: str
+    attention_calls: int = 0
+
+
+def with_step_info(model_options, routing: ForwardRouting) -> dict:
     options = dict(model_options)
-    to = dict(options.get("transformer_options", {}))
-    to[STEP_KEY] = info
-    options["transformer_options"] = to
+    transformer_options = dict(options.get("transformer_options", {}))
+    transformer_options[STEP_KEY] = routing
+    options["transformer_options"] = transformer_options
     return options
 
 
 def chunk_perturbations(transformer_options, layer: Layer) -> list[list]:
     """For each batch chunk of this forward, the perturbations that act on ``layer`` (empty: untouched)."""
-    info: StepBranches | None = transformer_options.get(STEP_KEY)
+    routing: ForwardRouting | None = transformer_options.get(STEP_KEY)
     cond_or_uncond = transformer_options.get("cond_or_uncond") or []
-    if info is None:
+    if routing is None:
         return [[] for _ in cond_or_uncond]
-    return [[p for p in info.by_index.get(i, []) if _acts_on(p, layer)] for i in cond_or_uncond]
+    return [[p for p in routing.by_index.get(i, []) if _acts_on(p, layer)] for i in cond_or_uncond]
 
 
 def _acts_on(perturbation, layer: Layer) -> bool:

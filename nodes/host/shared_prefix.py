@@ -17,7 +17,7 @@ import comfy.ldm.modules.diffusionmodules.openaimodel as comfy_unet
 import torch
 
 from .marks import STEP_KEY
-from .routing import StepBranches, chunk_rows, equal_chunks, no_other_patches
+from .routing import ForwardRouting, chunk_rows, equal_chunks, no_other_patches
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,17 @@ def _shared_prefix(unet, x, timesteps, context, y, transformer_options) -> Share
     """Chunks whose inputs are equal (x, timestep, context, y) form a group computed once, up to the first
     block where a perturbation acts on a chunk of a group; None when no two chunks are equal or a
     perturbation acts right at the first block."""
-    info: StepBranches | None = transformer_options.get(STEP_KEY)
+    routing: ForwardRouting | None = transformer_options.get(STEP_KEY)
     tags = transformer_options.get("cond_or_uncond") or []
     n = len(tags)
-    if info is None or n < 2 or x.shape[0] % n:
+    if routing is None or n < 2 or x.shape[0] % n:
         return None
     kept, source = equal_chunks([t for t in (x, timesteps, context, y) if t is not None], n)
     if len(kept) == n:
         return None
     positions = {(name, index): position for position, (name, index, _block) in enumerate(_unet_blocks(unet))}
     grouped = [j for j in range(n) if source.count(source[j]) > 1]
-    split = min((positions[(layer.kind, layer.index)] for j in grouped for p in info.by_index.get(tags[j], [])
+    split = min((positions[(layer.kind, layer.index)] for j in grouped for p in routing.by_index.get(tags[j], [])
                  for layer in p.layers), default=len(positions))
     return SharedPrefix(tuple(kept), tuple(source), split) if split > 0 else None
 
@@ -81,11 +81,11 @@ def _unet_blocks(unet) -> list[tuple[str, int, Any]]:
             + [("output", i, block) for i, block in enumerate(unet.output_blocks)])
 
 
-def _unet_forward_shared(unet, plan: SharedPrefix, x, timesteps, context, y, to):
+def _unet_forward_shared(unet, plan: SharedPrefix, x, timesteps, context, y, transformer_options):
     """The host's UNet forward (UNetModel._forward less its patch and ControlNet hooks, which
     ``_only_our_patches`` ruled out), on the ``kept`` chunks up to position ``plan.split`` and on every
     chunk from there. The ``cond_or_uncond`` tags follow the chunks computed, for the attention patches."""
-    tags = to["cond_or_uncond"]
+    tags = transformer_options["cond_or_uncond"]
     size = x.shape[0] // len(tags)
     kept_rows, spread_rows = (chunk_rows(chunks, size, x.device) for chunks in (plan.kept, plan.source))
     emb = unet.time_embed(comfy_unet.timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype))
@@ -94,38 +94,39 @@ def _unet_forward_shared(unet, plan: SharedPrefix, x, timesteps, context, y, to)
     h, hs = x.index_select(0, kept_rows), []
     emb_now = emb.index_select(0, kept_rows)
     context_now = None if context is None else context.index_select(0, kept_rows)
-    to["cond_or_uncond"], to["original_shape"] = [tags[j] for j in plan.kept], list(h.shape)
-    to["transformer_index"] = 0
+    transformer_options["cond_or_uncond"] = [tags[j] for j in plan.kept]
+    transformer_options["original_shape"] = list(h.shape)
+    transformer_options["transformer_index"] = 0
     blocks = _unet_blocks(unet)
     try:
         for position, (name, index, block) in enumerate(blocks):
             if position == plan.split:  # from here every chunk runs on its own, from a copy of its source's state
                 h, hs = h.index_select(0, spread_rows), [t.index_select(0, spread_rows) for t in hs]
                 emb_now, context_now = emb, context
-                to["cond_or_uncond"], to["original_shape"] = tags, list(x.shape)
-            to["block"] = (name, index)
+                transformer_options["cond_or_uncond"], transformer_options["original_shape"] = tags, list(x.shape)
+            transformer_options["block"] = (name, index)
             output_shape = None
             if name == "output":
                 h = torch.cat([h, hs.pop()], dim=1)
                 output_shape = hs[-1].shape if hs else None
             if block is not None:
-                h = comfy_unet.forward_timestep_embed(block, h, emb_now, context_now, to, output_shape,
+                h = comfy_unet.forward_timestep_embed(block, h, emb_now, context_now, transformer_options, output_shape,
                                                       num_video_frames=unet.default_num_video_frames)
             if name == "input":
                 hs.append(h)
         out = unet.out(h.type(x.dtype))
         return out if plan.split < len(blocks) else out.index_select(0, spread_rows)
     finally:
-        to["cond_or_uncond"] = tags
+        transformer_options["cond_or_uncond"] = tags
 
 
-def once_per_equal_chunk(original, args: dict, to: dict) -> dict:
+def once_per_equal_chunk(original, args: dict, transformer_options: dict) -> dict:
     """A DiT block no perturbation acts on: chunks whose inputs are all equal are computed once, and each
     gets a copy of its group's output. The block's batched inputs are the tensors (also inside tuples, as
     some families pass modulations and rotary embeddings) whose first dimension is the batch."""
-    tags = to.get("cond_or_uncond") or []
+    tags = transformer_options.get("cond_or_uncond") or []
     n, batch = len(tags), args["img"].shape[0]
-    if n < 2 or batch % n or STEP_KEY not in to or not no_other_patches(to):
+    if n < 2 or batch % n or STEP_KEY not in transformer_options or not no_other_patches(transformer_options):
         return original(args)
     inputs = {key: value for key, value in args.items() if key != "transformer_options"}
     kept, source = equal_chunks(list(_batched_tensors(inputs, batch)), n)
@@ -133,11 +134,11 @@ def once_per_equal_chunk(original, args: dict, to: dict) -> dict:
         return original(args)
     size = batch // n
     kept_rows, spread_rows = (chunk_rows(chunks, size, args["img"].device) for chunks in (kept, source))
-    to["cond_or_uncond"] = [tags[j] for j in kept]
+    transformer_options["cond_or_uncond"] = [tags[j] for j in kept]
     try:
-        out = original({**select_rows(inputs, kept_rows, batch), "transformer_options": to})
+        out = original({**select_rows(inputs, kept_rows, batch), "transformer_options": transformer_options})
     finally:
-        to["cond_or_uncond"] = tags
+        transformer_options["cond_or_uncond"] = tags
     return select_rows(out, spread_rows, len(kept) * size)
 
 

@@ -44,7 +44,7 @@ from .attention import make_attention_override
 from .layers import Layer
 from .marks import SETUP_KEY, GuidanceError, is_ours, mark_ours
 from .perturbations import LateBranch, LateCall, patched_layers
-from .routing import StepBranches, with_step_info
+from .routing import ForwardRouting, with_step_info
 
 _current_runs: contextvars.ContextVar[dict | None] = contextvars.ContextVar("comfyui_guiders_runs", default=None)
 
@@ -79,9 +79,10 @@ def claim_single_slots(model_options: dict, layers: list[Layer]) -> None:
     for slot, make in makers.items():
         if not is_ours(model_options.get(slot)):
             model_options[slot] = make(model_options.get(slot))
-    to = model_options.setdefault("transformer_options", {})
-    if any(layer.is_dit for layer in layers) and not is_ours(to.get("optimized_attention_override")):
-        to["optimized_attention_override"] = make_attention_override(to.get("optimized_attention_override"))
+    transformer_options = model_options.setdefault("transformer_options", {})
+    if any(layer.is_dit for layer in layers) and not is_ours(transformer_options.get("optimized_attention_override")):
+        theirs = transformer_options.get("optimized_attention_override")
+        transformer_options["optimized_attention_override"] = make_attention_override(theirs)
 
 
 def needs_uncond_at_cfg1(stack: GuidanceStack) -> bool:
@@ -200,8 +201,9 @@ def _make_calc_cond_batch(previous: Callable | None):
 
         layout = _batch_layout(stack, needed, sources, ctx.sigma)
         run.scratch = {}
-        info = StepBranches(layout.perturbations, tuple(x.shape), run.scratch, getattr(model, "diffusion_model", None))
-        outputs = _evaluate_batch(previous, model, layout.conds, x, sigma, with_step_info(model_options, info),
+        routing = ForwardRouting(layout.perturbations, tuple(x.shape), run.scratch,
+                                 getattr(model, "diffusion_model", None))
+        outputs = _evaluate_batch(previous, model, layout.conds, x, sigma, with_step_info(model_options, routing),
                                   stack.sequential)
 
         preds = {COND: outputs[0]}
