@@ -33,7 +33,7 @@ from harness import (
     sample_custom_advanced,
     scheduler_sigmas,
 )
-from tiny_models import make_conditioning, make_latent, make_model
+from tiny_models import make_conditioning, make_latent
 
 STEPS = 4
 CFG = 5.0
@@ -310,9 +310,9 @@ def test_cfg_zero_star_zero_init_steps_make_no_forward(guiders_pack, sd15_model)
 
 
 @pytest.fixture(scope="module")
-def weak_sd15(comfy_host):
+def weak_sd15(weak_model_of):
     # Same architecture, other weights: a distinct diffusion model, so its forwards are counted apart.
-    return make_model("sd15", seed=1)
+    return weak_model_of("sd15")
 
 
 def test_autoguidance_runs_the_weak_model_in_its_own_call(guiders_pack, sd15_model, weak_sd15, plain_sd15) -> None:

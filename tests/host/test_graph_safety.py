@@ -17,21 +17,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import ForwardCounter, run_node, sample, scheduler_sigmas
-from test_node_parity import CFG, MIN_EFFECT, assert_parity, diffusers_apg_model, relative_error
+from harness import ForwardCounter, run_node, scheduler_sigmas
+from support import CFG, STEPS, assert_effect, assert_parity, node
+from support import sample_family as run
+from test_node_parity import diffusers_apg_model
 from tiny_models import make_conditioning, make_latent
-
-STEPS = 4
-
-
-def node(node_id: str, **inputs):
-    return run_node(node_id, **inputs)[0]
-
-
-def run(model, family: str, cfg: float = CFG, h: int = 16, w: int = 16, steps: int = STEPS, **kwargs):
-    positive, negative = make_conditioning(family, seed=1)
-    latent = make_latent(family, h=h, w=w, seed=2)
-    return sample(model, positive, negative, latent, cfg=cfg, steps=steps, seed=3, **kwargs)
 
 
 def run_advanced(model, family: str, sampler: str = "euler", steps: int = 8, start: int = 2, end: int = 6,
@@ -43,12 +33,6 @@ def run_advanced(model, family: str, sampler: str = "euler", steps: int = 8, sta
                       latent_image={"samples": latent}, start_at_step=start, end_at_step=end,
                       return_with_leftover_noise="enable" if leftover_noise else "disable")
     return out["samples"]
-
-
-def assert_differs(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    effect = relative_error(a, b)
-    assert effect > MIN_EFFECT, f"{what}: max|Δ|/max|ref| = {effect:.2e}"
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +104,7 @@ def test_the_input_model_is_never_modified(tiny_model, weak_sd15, family: str, b
     guided = run(patched, family)
     plain_after = run(model, family)
 
-    assert_differs(guided, plain_before, "the stack had no effect")
+    assert_effect(guided, plain_before, "the stack had no effect")
     assert torch.equal(plain_after, plain_before), "sampling the input model gives another result after a patched run"
     assert patcher_state(model) == state_before, "a patched run changed the input model's patcher"
     assert patcher_state(weak_sd15) == weak_state_before, "a patched run changed the weak model's patcher"
@@ -156,7 +140,7 @@ def test_nodes_can_follow_autoguidance(sd15_model, weak_sd15, next_node: str) ->
         # ast.parse: an INTERNALERROR that ends the whole session), so the failure is reported as a message.
         pytest.fail(f"{next_node} after GuidersAutoguidance raised {type(error).__name__}: {error}", pytrace=False)
 
-    assert_differs(run(chained, "sd15"), run(sd15_model, "sd15"), "the chain had no effect")
+    assert_effect(run(chained, "sd15"), run(sd15_model, "sd15"), "the chain had no effect")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,8 +156,8 @@ def test_builtin_post_cfg_node_after_ours_still_applies(sd15_model) -> None:
                      scale=3.0)
 
     result = run(ours_then_builtin, "sd15")
-    assert_differs(result, run(node("GuidersAPG", model=sd15_model, **apg), "sd15"), "the built-in PAG was dropped")
-    assert_differs(result, run(node("PerturbedAttentionGuidance", model=sd15_model, scale=3.0), "sd15"),
+    assert_effect(result, run(node("GuidersAPG", model=sd15_model, **apg), "sd15"), "the built-in PAG was dropped")
+    assert_effect(result, run(node("PerturbedAttentionGuidance", model=sd15_model, scale=3.0), "sd15"),
                    "our APG was dropped")
     # APG as diffusers computes it, then the built-in PAG's post-CFG term: exactly what the chain should give.
     assert_parity(result, run(reference, "sd15"), run(sd15_model, "sd15"))
@@ -188,7 +172,7 @@ def test_a_later_node_overwriting_our_cfg_function_is_composed_too(sd15_model) -
                      scale=3.0)
 
     result = run(later, "sd15")
-    assert_differs(result, run(node("GuidersPAG", model=sd15_model, scale=3.0, layers="middle"), "sd15"),
+    assert_effect(result, run(node("GuidersPAG", model=sd15_model, scale=3.0, layers="middle"), "sd15"),
                    "RescaleCFG was dropped")
     assert_parity(result, run(reference, "sd15"), run(sd15_model, "sd15"))
 
@@ -210,8 +194,8 @@ def test_a_builtin_cfg_function_before_ours_is_composed(tiny_model, family: str)
         ours_alone = node("GuidersSLG", model=model, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
 
     result = run(ours, family)
-    assert_differs(result, run(rescaled, family), "our term was dropped")
-    assert_differs(result, run(ours_alone, family), "RescaleCFG was dropped")
+    assert_effect(result, run(rescaled, family), "our term was dropped")
+    assert_effect(result, run(ours_alone, family), "RescaleCFG was dropped")
     assert_parity(result, run(reference, family), run(model, family))
 
 
@@ -262,7 +246,7 @@ def test_cfg_pp_sampler_with_cfg_zero_star_zero_init(sd3_model) -> None:
     torch.testing.assert_close(cfg_pp_first_step, euler_first_step, rtol=1e-5, atol=1e-5)
 
     full = run(zero_star, "sd3", cfg=1.5, sampler="euler_cfg_pp")
-    assert_differs(full, run(sd3_model, "sd3", cfg=1.5, sampler="euler_cfg_pp"), "CFG-Zero* had no effect")
+    assert_effect(full, run(sd3_model, "sd3", cfg=1.5, sampler="euler_cfg_pp"), "CFG-Zero* had no effect")
 
 
 def test_heun_with_a_window_perturbs_exactly_the_calls_inside_it(sd3_model) -> None:

@@ -17,18 +17,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from harness import run_node, sample
+from harness import sample
+from support import CFG, STEPS, assert_effect, node
 from tiny_models import make_conditioning, make_latent
 
-STEPS = 4
-CFG = 5.0
-MIN_EFFECT = 1e-2  # max|guided − plain| / max|plain|
-
 FAMILY_OF_POOL = {"unet": "sd15", "sd3": "sd3", "flux": "flux"}
-
-
-def node(node_id: str, **inputs):
-    return run_node(node_id, **inputs)[0]
 
 
 @dataclass(frozen=True)
@@ -98,13 +91,6 @@ def run(model, family: str, cfg: float, h: int, w: int) -> torch.Tensor:
     return sample(model, positive, negative, latent, cfg=cfg, steps=STEPS, seed=3)
 
 
-def assert_guided(guided: torch.Tensor, plain: torch.Tensor) -> None:
-    assert guided.shape == plain.shape
-    assert torch.isfinite(guided).all(), "the guided result has NaN or inf"
-    effect = float((guided - plain).abs().max() / plain.abs().max())
-    assert effect > MIN_EFFECT, f"the node barely changed the result: max|Δ|/max|plain| = {effect:.2e}"
-
-
 def test_the_declared_families_are_the_ones_tested(guiders_pack) -> None:
     # If the pack adds a family to a method, this file must grow with it (and the other way round).
     import sys
@@ -120,7 +106,7 @@ def test_node_changes_the_result_and_stays_finite(tiny_model, weak_model_of, cas
     model = tiny_model(family)
     patched = case.build(model, family, weak_model_of)
 
-    assert_guided(run(patched, family, case.cfg, 8, 8), run(model, family, case.cfg, 8, 8))
+    assert_effect(run(patched, family, case.cfg, 8, 8), run(model, family, case.cfg, 8, 8))
 
 
 @pytest.mark.parametrize("blur_sigma", [10.0, 99999.0])
@@ -130,4 +116,4 @@ def test_seg_on_a_non_square_latent(tiny_model, family: str, h: int, w: int, blu
     model = tiny_model(family)
     patched = node("GuidersSEG", model=model, scale=3.0, blur_sigma=blur_sigma)
 
-    assert_guided(run(patched, family, CFG, h, w), run(model, family, CFG, h, w))
+    assert_effect(run(patched, family, CFG, h, w), run(model, family, CFG, h, w))

@@ -24,38 +24,11 @@ from cf_guidance import schedules as cf_schedules
 from cf_guidance import transforms as cf_transforms
 from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeZeroStarGuidance
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer as DiffusersMomentumBuffer
-from harness import assert_window_is_partial, run_node, sample, sample_custom_advanced, scheduler_sigmas
+from harness import assert_window_is_partial, sample, sample_custom_advanced, scheduler_sigmas
 from references import joint_attention_rows_return_values, perturbed_pass_reference
+from support import CFG, MIN_EFFECT, STEPS, assert_parity, node, relative_error
+from support import sample_family as run
 from tiny_models import SPECS, make_conditioning, make_latent
-
-STEPS = 4
-CFG = 5.0
-PARITY_RTOL = 1e-4  # of max|reference|; the lead measured 5e-7 .. 4e-6 for these comparisons
-MIN_EFFECT = 1e-2  # the reference must move the result at least this much (of max|plain|)
-
-
-def node(node_id: str, **inputs):
-    """The first output of a node run through ComfyUI's executor."""
-    return run_node(node_id, **inputs)[0]
-
-
-def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((result - reference).abs().max() / reference.abs().max())
-
-
-def assert_parity(result: torch.Tensor, reference: torch.Tensor, plain: torch.Tensor, rtol: float = PARITY_RTOL):
-    """``result`` equals ``reference`` to ``rtol`` of max|reference|, and the reference is far from plain CFG."""
-    assert torch.isfinite(reference).all() and torch.isfinite(result).all()
-    effect = relative_error(reference, plain)
-    assert effect > MIN_EFFECT, f"the reference barely differs from plain CFG ({effect:.2e}): the test is vacuous"
-    error = relative_error(result, reference)
-    assert error < rtol, f"max|ours − reference| / max|reference| = {error:.2e} (reference effect {effect:.2e})"
-
-
-def run(model, family: str, cfg: float = CFG, h: int = 16, w: int = 16, steps: int = STEPS, **kwargs):
-    positive, negative = make_conditioning(family, seed=1)
-    latent = make_latent(family, h=h, w=w, seed=2)
-    return sample(model, positive, negative, latent, cfg=cfg, steps=steps, seed=3, **kwargs)
 
 
 def step_index(args: dict) -> tuple[int, int]:

@@ -46,14 +46,11 @@ from references import (
     modules_return,
     perturbed_pass_reference,
 )
+from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
 from tiny_models import VIDEO_FAMILIES, family_spec, make_conditioning, make_latent
 
 from guidance_core.perturb import smooth_queries
 
-STEPS = 4
-CFG = 5.0
-MIN_EFFECT = 1e-2  # max|guided − plain| / max|plain|
-PARITY_RTOL = 1e-4  # of max|reference|
 COND, UNCOND = 0, 1  # calc_cond_batch's indices of the positive and negative conds
 
 
@@ -80,11 +77,6 @@ FAMILIES = {
 PER_FAMILY = pytest.mark.parametrize("family", VIDEO_FAMILIES)
 
 
-def node(node_id: str, **inputs):
-    """The first output of a node run through ComfyUI's executor."""
-    return run_node(node_id, **inputs)[0]
-
-
 def run(model, family: str, cfg: float = CFG, batch: int = 1, positive_seed: int = 1) -> torch.Tensor:
     positive, negative = make_conditioning(family, seed=positive_seed)
     latent = make_latent(family, batch=batch, seed=2)
@@ -95,26 +87,6 @@ def run_counted(model, family: str, cfg: float = CFG) -> tuple[torch.Tensor, For
     with ForwardCounter(model) as counter:
         out = run(model, family, cfg=cfg)
     return out, counter
-
-
-def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((result - reference).abs().max() / reference.abs().max())
-
-
-def assert_guided(guided: torch.Tensor, plain: torch.Tensor) -> None:
-    assert guided.shape == plain.shape
-    assert torch.isfinite(guided).all(), "the guided result has NaN or inf"
-    effect = relative_error(guided, plain)
-    assert effect > MIN_EFFECT, f"the node barely changed the result: max|Δ|/max|plain| = {effect:.2e}"
-
-
-def assert_parity(result: torch.Tensor, reference: torch.Tensor, plain: torch.Tensor) -> None:
-    """``result`` matches ``reference`` (PARITY_RTOL of max|reference|); the reference is far from plain."""
-    assert torch.isfinite(reference).all() and torch.isfinite(result).all()
-    effect = relative_error(reference, plain)
-    assert effect > MIN_EFFECT, f"the reference barely differs from plain CFG ({effect:.2e}): a vacuous test"
-    error = relative_error(result, reference)
-    assert error < PARITY_RTOL, f"max|ours − reference| / max|reference| = {error:.2e} (effect {effect:.2e})"
 
 
 @pytest.fixture(autouse=True)
@@ -265,7 +237,7 @@ def test_node_changes_the_result_on_video_models_and_stays_finite(
     model = tiny_model(family)
     patched = case.build(model, weak_model_of(family))
 
-    assert_guided(run(patched, family, cfg=case.cfg), run(model, family, cfg=case.cfg))
+    assert_effect(run(patched, family, cfg=case.cfg), run(model, family, cfg=case.cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------
