@@ -10,6 +10,10 @@ chunks by their ``cond_or_uncond`` tag.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,9 +54,35 @@ def _only_our_patches(executor, unet, transformer_options) -> bool:
     is left to the host."""
     if type(unet)._forward is not comfy_unet.UNetModel._forward or unet.predict_codebook_ids:
         return False
+    if not host_forward_is_verified():
+        return False
     if executor.idx != len(executor.wrappers) - 1:  # a wrapper inside ours would be skipped
         return False
     return no_other_patches(transformer_options)
+
+
+# SHA-256 of the source of ``UNetModel._forward`` in the ComfyUI versions whose loop ``_unet_forward_shared``
+# was checked against: 0.8.0, and 0.33.0 (which adds the ``middle_block_after_patch`` patch, a patch that turns
+# the shared prefix off, and output blocks without a skip connection, which the loop below handles too). Any
+# other source, a ComfyUI update that changed the loop, leaves the forward to the host until it is checked.
+VERIFIED_UNET_FORWARD_SOURCES = frozenset({
+    "72661dcee84e858e",  # ComfyUI 0.8.0
+    "11e121c735e4b0eb",  # ComfyUI 0.33.0
+})
+
+
+@functools.cache
+def unet_forward_fingerprint() -> str | None:
+    """The first 16 hex digits of the SHA-256 of the host's ``UNetModel._forward`` source (None if unreadable)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(comfy_unet.UNetModel._forward)).strip()
+    except (OSError, TypeError):
+        return None
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def host_forward_is_verified() -> bool:
+    return unet_forward_fingerprint() in VERIFIED_UNET_FORWARD_SOURCES
 
 
 def _shared_prefix(unet, x, timesteps, context, y, transformer_options) -> SharedPrefix | None:
@@ -107,7 +137,9 @@ def _unet_forward_shared(unet, plan: SharedPrefix, x, timesteps, context, y, tra
             transformer_options["block"] = (name, index)
             output_shape = None
             if name == "output":
-                h = torch.cat([h, hs.pop()], dim=1)
+                skip = hs.pop()
+                if skip is not None:  # ComfyUI 0.33.0 allows output blocks without a skip connection
+                    h = torch.cat([h, skip], dim=1)
                 output_shape = hs[-1].shape if hs else None
             if block is not None:
                 h = comfy_unet.forward_timestep_embed(block, h, emb_now, context_now, transformer_options, output_shape,

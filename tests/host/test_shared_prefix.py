@@ -309,3 +309,31 @@ def test_another_nodes_dit_block_patch_leaves_every_block_to_every_chunk(guiders
 
     assert batches == [[3, 3, 3, 3]] * STEPS and shared_batches == [[2, 2, 2, 3]] * STEPS
     assert_same_result(out, shared)
+
+
+def shared_prefix_module(guiders_pack):
+    import sys
+
+    return sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + ".host.shared_prefix"]
+
+
+def test_the_hosts_unet_forward_is_one_the_shared_prefix_was_checked_against(guiders_pack) -> None:
+    # If this fails, ComfyUI's UNetModel._forward changed: compare its loop with _unet_forward_shared, then add
+    # the new fingerprint to VERIFIED_UNET_FORWARD_SOURCES.
+    module = shared_prefix_module(guiders_pack)
+    assert module.host_forward_is_verified(), module.unet_forward_fingerprint()
+
+
+def test_an_unverified_unet_forward_leaves_the_forward_to_the_host(guiders_pack, sd15_model, monkeypatch) -> None:
+    # A ComfyUI whose UNetModel._forward changed: every block computes every chunk, and the result is the
+    # host's. Catches a shared prefix that runs on a forward loop nobody checked.
+    module = shared_prefix_module(guiders_pack)
+    monkeypatch.setattr(module, "VERIFIED_UNET_FORWARD_SOURCES", frozenset())
+    (pag,) = run_node("GuidersPAG", model=sd15_model, scale=3.0, layers="middle")
+    out, batches = run(pag, "sd15")
+    monkeypatch.undo()
+    shared, shared_batches = run(pag, "sd15")
+
+    assert batches == [[3] * len(block_positions(sd15_model))] * STEPS
+    assert shared_batches != batches  # the verified forward does share the prefix
+    assert_same_result(out, shared)
