@@ -307,7 +307,8 @@ class GuidanceStack:
             return noise_preds[name]
 
         guided = preds[COND]
-        for term in self.active_terms(ctx):
+        active = self.active_terms(ctx)  # once per step: schedules are evaluated here and nowhere else
+        for term in active:
             if cfg_result is not None and term.name == CFG_TERM:
                 guided = guided + (cfg_result - preds[COND])
                 continue
@@ -317,7 +318,7 @@ class GuidanceStack:
             contribution = out - positive
             guided = guided + (contribution if term.space == "x0" else -contribution)
 
-        active_names = {t.name for t in self.active_terms(ctx)}
+        active_names = {t.name for t in active}
         for transform in self.post:
             if not all(name in preds for name in transform.requires):
                 continue

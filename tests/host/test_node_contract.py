@@ -1,15 +1,13 @@
 """The node contract: public ids, and every node documented where a ComfyUI user looks (display name,
-category under sampling/guiders, description, a tooltip on every input)."""
+category under sampling/guiders, description, a tooltip on every input), and a value-level test against an
+independent reference for every node (tests/host/node_table.py names them)."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-NODE_IDS = [
-    "GuidersScheduleConstant", "GuidersScheduleLinear", "GuidersScheduleCosine", "GuidersScheduleCustom",
-    "GuidersScheduledCFG", "GuidersCFGNormalize", "GuidersRescaleCFG", "GuidersCFGZeroStar", "GuidersAPG",
-    "GuidersPAG", "GuidersSEG", "GuidersSAG", "GuidersSLG", "GuidersAutoguidance", "GuidersGuider",
-]
+import pytest
+from node_table import NODE_IDS, NODE_TABLE
 
 
 def test_the_pack_registers_exactly_the_public_node_ids(guiders_pack) -> None:
@@ -25,3 +23,12 @@ def test_every_node_and_input_is_documented(guiders_pack, node_id: str) -> None:
     assert len(schema.description) > 20
     undocumented = [i.id for i in schema.inputs if not (i.tooltip or "").strip()]
     assert undocumented == [], f"{node_id}: inputs without a tooltip: {undocumented}"
+
+
+@pytest.mark.parametrize("row", NODE_TABLE, ids=NODE_IDS)
+def test_every_node_has_a_value_level_test_that_exists(row) -> None:
+    assert row.value_tests, f"{row.node_id} has no value-level test against an independent reference"
+    for test in row.value_tests:
+        file_name, function = test.split("::")
+        source = (Path(__file__).parent / file_name).read_text()
+        assert f"def {function}(" in source, f"{row.node_id}: {test} does not exist"
