@@ -60,11 +60,12 @@ class Branch:
 class Term:
     """One guidance term.
 
-    ``rule(positive, negative, scale, state)`` returns the rule's guided prediction; the term contributes
-    that minus ``positive``. ``schedule(step, num_steps)`` gives the scale; ``None`` means the sampler's
-    cfg. ``neutral_scale`` is a scale at which the term changes nothing (so its branches are not needed);
-    ``None`` if there is none. ``make_state`` builds the rule's per-run state (APG's momentum).
-    ``zero_init_steps``: the first k steps return zero noise without any forward (CFG-Zero*).
+    ``rule(positive, negative, scale, state)`` returns the rule's guided prediction (CFG rules); the term
+    contributes that minus ``positive``, unless it gives its ``contribution`` directly (perturbation terms).
+    ``schedule(step, num_steps)`` gives the scale; ``None`` means the sampler's cfg. ``neutral_scale`` is a
+    scale at which the term changes nothing (so its branches are not needed); ``None`` if there is none.
+    ``make_state`` builds the rule's per-run state (APG's momentum). ``zero_init_steps``: the first k steps
+    return zero noise without any forward (CFG-Zero*).
     """
 
     name: str
@@ -78,6 +79,9 @@ class Term:
     make_state: Callable[[], Any] | None = None
     zero_init_steps: int = 0
     rule_owner: str | None = None  # the node that set this term's rule (a CFGRule); None: the default rule
+    # ``contribution(positive, negative, scale)``: what the term adds to the guided prediction, given directly
+    # (perturbation terms: s·(a − b)) instead of through a rule's guided prediction.
+    contribution: Callable[..., torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.space not in SPACES:
@@ -156,11 +160,17 @@ def default_cfg_term() -> Term:
 
 def perturbation_term(name: str, branch: str, schedule, window=None) -> Term:
     """``s·(cond − perturbed)``, the term of PAG, SEG, SLG/STG and autoguidance (Ahn et al. 2024, Eq. 9)."""
-    return Term(name, COND, branch, stateless_rule(_perturbation_guidance), schedule=schedule, window=window)
+    return Term(name, COND, branch, stateless_rule(_perturbation_guidance), schedule=schedule, window=window,
+                contribution=perturbation_contribution)
+
+
+def perturbation_contribution(positive, perturbed, scale):
+    """``s·(positive − perturbed)``: the guidance a perturbed (weaker) prediction gives, added to the result."""
+    return scale * (positive - perturbed)
 
 
 def _perturbation_guidance(cond, perturbed, scale):
-    return cond + scale * (cond - perturbed)
+    return cond + perturbation_contribution(cond, perturbed, scale)
 
 
 @dataclass(frozen=True)
@@ -314,8 +324,11 @@ class GuidanceStack:
                 continue
             positive = in_space(term.positive, term.space)
             negative = in_space(term.negative, term.space)
-            out = term.rule(positive, negative, term.scale_at(ctx), run_state.get(term.name))
-            contribution = out - positive
+            scale = term.scale_at(ctx)
+            if term.contribution is not None:
+                contribution = term.contribution(positive, negative, scale)
+            else:  # a rule gives a guided prediction: its contribution is what it adds to the positive
+                contribution = term.rule(positive, negative, scale, run_state.get(term.name)) - positive
             guided = guided + (contribution if term.space == "x0" else -contribution)
 
         active_names = {t.name for t in active}

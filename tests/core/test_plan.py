@@ -269,3 +269,13 @@ def test_a_pre_transform_whose_branch_was_not_evaluated_is_skipped():
     preds = preds_for(COND, UNCOND)
     x = torch.randn_like(preds[COND])
     torch.testing.assert_close(stack.combine({COND: preds[COND]}, x, ctx(cond_scale=1.0)), preds[COND])
+
+
+def test_a_perturbation_term_contributes_s_times_cond_minus_perturbed_directly():
+    # Catches a sign flip or a wrong branch in the perturbation term's contribution: expected written out.
+    preds = preds_for(COND, UNCOND, "pag")
+    x = torch.randn_like(preds[COND])
+    stack = pag_stack(GuidanceStack(), scale=2.5)
+    expected = preds[UNCOND] + 7.0 * (preds[COND] - preds[UNCOND]) + 2.5 * (preds[COND] - preds["pag"])
+    torch.testing.assert_close(stack.combine(preds, x, ctx()), expected)
+    assert stack.terms[-1].contribution is not None
