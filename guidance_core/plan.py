@@ -71,7 +71,7 @@ class Term:
     name: str
     positive: str
     negative: str
-    rule: Callable[..., torch.Tensor]
+    rule: Callable[..., torch.Tensor] | None  # None for a term that gives its ``contribution`` directly
     schedule: Callable[[int, int], float] | None = None
     window: Any = None
     space: str = "x0"
@@ -86,6 +86,8 @@ class Term:
     def __post_init__(self):
         if self.space not in SPACES:
             raise ValueError(f"Term {self.name!r}: space {self.space!r} is not one of {SPACES}")
+        if (self.rule is None) == (self.contribution is None):
+            raise ValueError(f"Term {self.name!r}: give exactly one of rule and contribution")
 
     def scale_at(self, ctx: StepContext) -> float:
         if self.schedule is None:
@@ -160,17 +162,13 @@ def default_cfg_term() -> Term:
 
 def perturbation_term(name: str, branch: str, schedule, window=None) -> Term:
     """``s·(cond − perturbed)``, the term of PAG, SEG, SLG/STG and autoguidance (Ahn et al. 2024, Eq. 9)."""
-    return Term(name, COND, branch, stateless_rule(_perturbation_guidance), schedule=schedule, window=window,
+    return Term(name, COND, branch, rule=None, schedule=schedule, window=window,
                 contribution=perturbation_contribution)
 
 
 def perturbation_contribution(positive, perturbed, scale):
     """``s·(positive − perturbed)``: the guidance a perturbed (weaker) prediction gives, added to the result."""
     return scale * (positive - perturbed)
-
-
-def _perturbation_guidance(cond, perturbed, scale):
-    return cond + perturbation_contribution(cond, perturbed, scale)
 
 
 @dataclass(frozen=True)
@@ -198,9 +196,7 @@ class GuidanceStack:
         rule_fields = {"rule", "space", "neutral_scale", "make_state", "zero_init_steps", "rule_owner"} & set(changes)
         if rule_fields:
             raise ValueError(f"with_cfg cannot change {sorted(rule_fields)}: set a CFGRule with with_cfg_rule")
-        new_cfg = replace(self.cfg_term, **changes)
-        others = tuple(t for t in self.terms if t.name != CFG_TERM)
-        return replace(self, terms=(new_cfg,) + others)
+        return self._with_cfg_term(replace(self.cfg_term, **changes))
 
     def with_cfg_rule(self, rule: CFGRule) -> GuidanceStack:
         """The stack with the CFG term's rule set to ``rule`` (every field of the old rule replaced). A rule
@@ -211,10 +207,13 @@ class GuidanceStack:
                 f"{rule.owner} sets the CFG rule, but {current.rule_owner} earlier in the chain already set one; "
                 f"two CFG rules do not compose. Keep one of {current.rule_owner} and {rule.owner} (post "
                 "transforms such as rescale or base_norm, schedules and guidance terms stack with either).")
-        new_cfg = replace(current, rule=rule.rule, space=rule.space, neutral_scale=rule.neutral_scale,
-                          make_state=rule.make_state, zero_init_steps=rule.zero_init_steps, rule_owner=rule.owner)
+        return self._with_cfg_term(replace(
+            current, rule=rule.rule, space=rule.space, neutral_scale=rule.neutral_scale, make_state=rule.make_state,
+            zero_init_steps=rule.zero_init_steps, rule_owner=rule.owner))
+
+    def _with_cfg_term(self, cfg_term: Term) -> GuidanceStack:
         others = tuple(t for t in self.terms if t.name != CFG_TERM)
-        return replace(self, terms=(new_cfg,) + others)
+        return replace(self, terms=(cfg_term,) + others)
 
     def with_pre(self, transform: PreTransform) -> GuidanceStack:
         if transform.space not in SPACES:
