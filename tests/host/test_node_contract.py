@@ -32,3 +32,12 @@ def test_every_node_has_a_value_level_test_that_exists(row) -> None:
         file_name, function = test.split("::")
         source = (Path(__file__).parent / file_name).read_text()
         assert f"def {function}(" in source, f"{row.node_id}: {test} does not exist"
+
+
+@pytest.mark.parametrize("row", NODE_TABLE, ids=NODE_IDS)
+def test_every_model_patching_node_has_an_effect_case(guiders_pack, row) -> None:
+    # A node that returns a patched MODEL runs on the families it supports through its effect cases
+    # (test_node_families, test_video_dits); a new node without one would be tested nowhere on a family.
+    outputs = [output.io_type for output in guiders_pack[row.node_id].define_schema().outputs]
+    if "MODEL" in outputs:
+        assert row.effect_cases, f"{row.node_id} patches a model but has no effect case in node_table.py"

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from harness import ForwardCounter, assert_window_is_partial, run_node, sample, scheduler_sigmas
+from node_table import EffectCase, effect_params
 from references import (
     attention_override_during_pass,
     inside_module,
@@ -166,59 +167,6 @@ def test_a_latent_batch_of_two_samples_each_video(tiny_model, family: str) -> No
 # Every node that declares these families changes the result
 
 
-@dataclass(frozen=True)
-class Case:
-    """A node to apply: ``build(model, weak_model)`` gives the patched model; compared at sampler ``cfg``."""
-
-    name: str
-    build: Callable
-    cfg: float = CFG
-
-
-def _scheduled_cfg(model, weak):
-    return node("GuidersScheduledCFG", model=model,
-                schedule=node("GuidersScheduleLinear", start_value=8.0, end_value=2.0))
-
-
-def _slg(mode: str, target: str = "new branch", layers: str = "1"):
-    def build(model, weak):
-        return node("GuidersSLG", model=model, scale=3.0, layers=layers, mode=mode, start_percent=0.0,
-                    end_percent=1.0, target=target)
-
-    return build
-
-
-CASES = [
-    Case("PAG", lambda m, w: node("GuidersPAG", model=m, scale=3.0)),
-    Case("SEG-sigma10", lambda m, w: node("GuidersSEG", model=m, scale=3.0, blur_sigma=10.0)),
-    Case("SEG-sigma99999", lambda m, w: node("GuidersSEG", model=m, scale=3.0, blur_sigma=99999.0)),
-    Case("SLG-block", _slg("block")),
-    Case("SLG-attention", _slg("attention")),
-    Case("SLG-feedforward", _slg("feedforward")),
-    Case("SLG-attention_scores", _slg("attention_scores")),
-    Case("SLG-block-negative_branch", _slg("block", target="negative branch")),
-    Case("ScheduledCFG", _scheduled_cfg),
-    Case("CFGNormalize-base_norm", lambda m, w: node("GuidersCFGNormalize", model=m, mode="base_norm")),
-    # t_norm's scale multiplies a direction normalised to the uncond's norm: cf_guidance uses 0.25 → 0.05.
-    Case("CFGNormalize-t_norm", lambda m, w: node("GuidersCFGNormalize", model=m, mode="t_norm"), cfg=0.3),
-    Case("CFGNormalize-full_norm", lambda m, w: node("GuidersCFGNormalize", model=m, mode="full_norm"),
-         cfg=0.3),
-    Case("RescaleCFG", lambda m, w: node("GuidersRescaleCFG", model=m, multiplier=0.7)),
-    Case("CFGZeroStar-zero_init_1", lambda m, w: node("GuidersCFGZeroStar", model=m, zero_init_steps=1)),
-    Case("CFGZeroStar-zero_init_0", lambda m, w: node("GuidersCFGZeroStar", model=m, zero_init_steps=0)),
-    Case("APG", lambda m, w: node("GuidersAPG", model=m, eta=0.0, norm_threshold=5.0, momentum=-0.5)),
-    Case("Autoguidance", lambda m, w: node("GuidersAutoguidance", model=m, weak_model=w, scale=2.0)),
-]
-SINGLE_BLOCK_CASES = [  # HunyuanVideo's single-stream blocks (fused attention + MLP: no sublayer modes)
-    Case("PAG-single", lambda m, w: node("GuidersPAG", model=m, scale=3.0, layers="single.1")),
-    Case("SEG-single", lambda m, w: node("GuidersSEG", model=m, scale=3.0, blur_sigma=10.0, layers="single.1")),
-    Case("SLG-block-single", _slg("block", layers="single.1")),
-    Case("SLG-attention_scores-single", _slg("attention_scores", layers="single.1")),
-]
-FAMILY_CASES = [pytest.param(family, case, id=f"{family}-{case.name}") for family in VIDEO_FAMILIES
-                for case in CASES + (SINGLE_BLOCK_CASES if FAMILIES[family].has_single_blocks else [])]
-
-
 def test_the_video_families_are_declared_where_this_file_tests_them(guiders_pack) -> None:
     # If the pack drops a family from a method (or adds one to SEG), this file must change with it.
     import sys
@@ -230,9 +178,9 @@ def test_the_video_families_are_declared_where_this_file_tests_them(guiders_pack
         assert family in module.ATTENTION_FAMILIES
 
 
-@pytest.mark.parametrize(("family", "case"), FAMILY_CASES)
+@pytest.mark.parametrize(("case", "family"), effect_params(VIDEO_FAMILIES))
 def test_node_changes_the_result_on_video_models_and_stays_finite(
-    tiny_model, weak_model_of, family: str, case: Case
+    tiny_model, weak_model_of, family: str, case: EffectCase
 ) -> None:
     model = tiny_model(family)
     patched = case.build(model, weak_model_of(family))
