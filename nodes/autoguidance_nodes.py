@@ -58,6 +58,13 @@ class GuidersAutoguidance(io.ComfyNode):
         if family != weak_family:
             raise host.GuidanceError(f"{public_id(cls)}: weak_model is a {weak_family} model but model is "
                                         f"{family}; both must be the same family.")
+        ours, theirs = host.input_signature(model), host.input_signature(weak_model)
+        differences = "; ".join(f"{key} {theirs.get(key)} instead of {ours.get(key)}"
+                                for key in dict.fromkeys([*ours, *theirs]) if ours.get(key) != theirs.get(key))
+        if differences:  # e.g. an SD1.5 weak model for an SDXL model: same UNet family, other inputs
+            raise host.GuidanceError(f"{public_id(cls)}: weak_model takes other inputs than model ({differences}); "
+                                     "the weak model must be a smaller or less-trained version of the same model "
+                                     "type (e.g. an SDXL model for SDXL), run on the same latent and prompt.")
         window = host.percent_window(model, start_percent, end_percent)
         key = f"weak{id(weak_model)}"
 

@@ -10,7 +10,7 @@
 
 from . import families
 from .install import add_guidance, percent_window
-from .layers import Layer, model_family, parse_layers, require_family
+from .layers import Layer, input_signature, model_family, parse_layers, require_family
 from .marks import GuidanceError
 from .perturbations import AttentionPerturbation, BlockSkip, LateBranch, LateCall, SublayerSkip, sublayer_modules
 from .step import get_setup
@@ -26,6 +26,7 @@ __all__ = [
     "add_guidance",
     "families",
     "get_setup",
+    "input_signature",
     "model_family",
     "parse_layers",
     "percent_window",

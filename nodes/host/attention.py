@@ -11,20 +11,25 @@ import torch
 
 from . import families
 from .layers import Layer
-from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, mark_ours
+from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, is_ours, mark_ours
 from .routing import apply_chunked, chunk_perturbations, grid_for, perturbed_attention
 
 
 def make_unet_attn1_patch(previous: Callable | None):
+    """Our attn1 replace patch; ``previous`` is another node's patch on the same transformer, which attends
+    for every chunk we do not perturb (and inside perturbations that attend), seeing only those chunks'
+    ``cond_or_uncond`` tags, so a patch that picks a chunk by its tag (SelfAttentionGuidance records the
+    uncond's attention map) finds it."""
+
     def attn1_replace(q, k, v, extra_options):
         block = extra_options.get("block")
         layer = Layer(block[0], block[1], extra_options.get("block_index", 0))
         chunks = chunk_perturbations(extra_options, layer)
         heads = extra_options["n_heads"]
 
-        def attend_flat(q_, k_, v_):  # (B, L, heads·D) in and out, as ComfyUI hands them to the patch
+        def attend_flat(q_, k_, v_, which=slice(None)):  # (B, L, heads·D) in and out, as ComfyUI hands them
             if previous is not None:
-                return previous(q_, k_, v_, extra_options)
+                return previous(q_, k_, v_, _options_for_chunks(extra_options, which))
             precision = extra_options.get("attn_precision")
             return comfy_attention.optimized_attention(
                 q_, k_, v_, heads, attn_precision=precision, transformer_options=extra_options)
@@ -32,13 +37,13 @@ def make_unet_attn1_patch(previous: Callable | None):
         if not any(chunks):
             return attend_flat(q, k, v)
 
-        def attend_heads(q_, k_, v_):  # for perturbations, which work on (B, heads, L, D)
-            return _to_heads(attend_flat(_from_heads(q_), _from_heads(k_), _from_heads(v_)), heads)
-
         routing = extra_options.get(STEP_KEY)
         grid = grid_for(q.shape[1], routing.latent_shape)
 
-        def perturb_chunk(perturbation, q_, k_, v_):
+        def perturb_chunk(perturbation, q_, k_, v_, which):
+            def attend_heads(qh, kh, vh):  # for perturbations, which work on (B, heads, L, D)
+                return _to_heads(attend_flat(_from_heads(qh), _from_heads(kh), _from_heads(vh), which), heads)
+
             q4, k4, v4 = (_to_heads(t, heads) for t in (q_, k_, v_))
             return _from_heads(perturbed_attention(perturbation, q4, k4, v4, grid, attend_heads, routing.scratch))
 
@@ -47,6 +52,17 @@ def make_unet_attn1_patch(previous: Callable | None):
         return apply_chunked(q, k, v, chunks, attend_flat, perturb_chunk)
 
     return mark_ours(attn1_replace, previous)
+
+
+def _options_for_chunks(extra_options: dict, which: slice) -> dict:
+    """``extra_options`` as a patch sees them when handed only the chunks ``which`` of the batch."""
+    if which == slice(None):
+        return extra_options
+    options = dict(extra_options)
+    for key in ("cond_or_uncond", "uuids"):
+        if isinstance(options.get(key), list):
+            options[key] = options[key][which]
+    return options
 
 
 def _to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -91,13 +107,13 @@ def make_attention_override(previous: Callable | None):
         if q4.shape[2] != k4.shape[2]:  # cross-attention: not the image tokens' self-attention
             return call(*args, **kwargs)
 
-        def attend(q_, k_, v_):
+        def attend(q_, k_, v_, which=None):
             return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True, **rest)
 
         routing = transformer_options.get(STEP_KEY)
         grid = grid_for(q4.shape[2], routing.latent_shape, text_tokens, text_position != families.TEXT_AFTER_IMAGE)
 
-        def perturb_chunk(perturbation, q_, k_, v_):
+        def perturb_chunk(perturbation, q_, k_, v_, which):
             return perturbed_attention(perturbation, q_, k_, v_, grid, attend, routing.scratch)
 
         out = apply_chunked(q4, k4, v4, chunks, attend, perturb_chunk)
@@ -105,3 +121,27 @@ def make_attention_override(previous: Callable | None):
 
     return mark_ours(attention_override, previous)
 
+
+
+def claim_unet_attn1(attn1_patches: dict, layers: list[Layer]) -> None:
+    """Puts our attn1 patch on every key ComfyUI looks up for our UNet layers, wrapping what another node put
+    there. The UNet looks up ``(block, index, transformer)`` before ``(block, index)``, so a node's patch on
+    one transformer (SelfAttentionGuidance: ``('middle', 0, 0)``) would shadow ours on the whole block, and
+    ours on one transformer would shadow theirs on the block: ours goes on every such key, and calls theirs,
+    the one ComfyUI would have called there without us."""
+    for layer in layers:
+        if layer.is_dit:
+            continue
+        block = (layer.kind, layer.index)
+        if layer.sub is not None:
+            keys = [block + (layer.sub,)]
+        else:
+            keys = [block] + [key for key in attn1_patches if len(key) == 3 and key[:2] == block]
+        for key in keys:
+            current = attn1_patches.get(key)
+            theirs = current.__comfyui_guiders_wraps__ if is_ours(current) else current
+            if theirs is None and len(key) == 3:  # nothing on the transformer: the block's patch applies there
+                block_patch = attn1_patches.get(block)
+                theirs = block_patch.__comfyui_guiders_wraps__ if is_ours(block_patch) else block_patch
+            if not is_ours(current) or current.__comfyui_guiders_wraps__ is not theirs:
+                attn1_patches[key] = make_unet_attn1_patch(theirs)

@@ -13,7 +13,7 @@ import comfy.samplers
 
 from ...guidance_core.plan import GuidanceStack
 from ...guidance_core.schedules import SigmaWindow
-from .attention import make_unet_attn1_patch, text_tokens_wrapper
+from .attention import claim_unet_attn1, text_tokens_wrapper
 from .dit_blocks import make_dit_block_patch
 from .layers import Layer, model_family, model_layers
 from .marks import SETUP_KEY, WRAPPER_KEY, GuidanceError, is_ours
@@ -92,11 +92,12 @@ def _dit_prefix_layers(model, layers: list[Layer]) -> list[Layer]:
 
 def _install_layer_patch(patched, layer: Layer) -> None:
     name, key = layer.patch_key
-    previous = patched.model_options["transformer_options"].get("patches_replace", {}).get(name, {}).get(key)
+    transformer_options = patched.model_options["transformer_options"]
+    if not layer.is_dit:
+        # clone() deep-copied model_options, so these dicts are the clone's own.
+        claim_unet_attn1(transformer_options.setdefault("patches_replace", {}).setdefault("attn1", {}), [layer])
+        return
+    previous = transformer_options.get("patches_replace", {}).get(name, {}).get(key)
     if not is_ours(previous):
-        if layer.is_dit:
-            patch = make_dit_block_patch(layer, previous, model_family(patched))
-        else:
-            patch = make_unet_attn1_patch(previous)
-        patched.set_model_patch_replace(patch, name, *key)
+        patched.set_model_patch_replace(make_dit_block_patch(layer, previous, model_family(patched)), name, *key)
 

@@ -18,6 +18,21 @@ def model_family(model) -> str:
     return family.key if family is not None else type(diffusion_model).__name__
 
 
+# The model-config entries that fix what a forward takes in: two models that differ in one of them cannot run
+# on the same latent and conditioning (an SD1.5 UNet has no ADM input for SDXL's pooled text and sizes).
+_INPUT_CONFIG_KEYS = ("in_channels", "context_dim", "adm_in_channels", "context_in_dim", "vec_in_dim", "in_dim",
+                      "text_dim", "caption_channels", "cap_feat_dim", "patch_size")
+
+
+def input_signature(model) -> dict:
+    """What a model's forward takes in: its model class, latent format and input-fixing config entries."""
+    base = model.model
+    config = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
+    signature = {"model class": type(base).__name__, "latent format": type(base.latent_format).__name__}
+    signature.update({key: config[key] for key in _INPUT_CONFIG_KEYS if key in config})
+    return signature
+
+
 def require_family(model, node: str, supported: tuple[str, ...]) -> str:
     family = model_family(model)
     if family not in supported:

@@ -113,19 +113,20 @@ def _chunk_runs(chunks: list[list]) -> list[tuple[int, int, AttentionPerturbatio
 
 
 def apply_chunked(q, k, v, chunks: list[list], attend, perturb_chunk):
-    """Runs ``attend(q, k, v)`` once on each run of adjacent untouched chunks and
-    ``perturb_chunk(perturbation, q, k, v)`` on each perturbed chunk. q, k, v hold the chunks along dim 0,
-    in whatever layout the two callables take and return; each result is written into one output
-    tensor (no concatenation of the pieces afterwards)."""
+    """Runs ``attend(q, k, v, which)`` once on each run of adjacent untouched chunks and
+    ``perturb_chunk(perturbation, q, k, v, which)`` on each perturbed chunk, ``which`` being the slice of chunk
+    indices the rows hold (so another node's patch called inside can be told which chunks it sees). q, k, v
+    hold the chunks along dim 0, in whatever layout the two callables take and return; each result is
+    written into one output tensor (no concatenation of the pieces afterwards)."""
     runs = _chunk_runs(chunks)
     size = q.shape[0] // len(chunks)
     out = None
     for first, end, perturbation in runs:
         rows = slice(first * size, end * size)
         if perturbation is None:
-            piece = attend(q[rows], k[rows], v[rows])
+            piece = attend(q[rows], k[rows], v[rows], slice(first, end))
         else:
-            piece = perturb_chunk(perturbation, q[rows], k[rows], v[rows])
+            piece = perturb_chunk(perturbation, q[rows], k[rows], v[rows], slice(first, end))
         if len(runs) == 1:  # the piece is the whole output: nothing to copy
             return piece
         if out is None:  # shaped from the first piece: attention may change the value width or dtype

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,7 +41,7 @@ import torch
 
 from ...guidance_core.plan import CFG_TERM, COND, UNCOND, GuidanceStack, StepContext
 from ...guidance_core.schedules import step_of_sigma
-from .attention import make_attention_override
+from .attention import claim_unet_attn1, make_attention_override
 from .layers import Layer
 from .marks import SETUP_KEY, GuidanceError, is_ours, mark_ours
 from .perturbations import LateBranch, LateCall, patched_layers
@@ -96,6 +97,7 @@ class RunState:
     rule_state: dict
     ctx: StepContext | None = None
     cond_scale: float | None = None  # the sampler's cfg, from the PREDICT_NOISE wrapper
+    batch_calls: int = 0  # our sampler_calc_cond_batch_function's calls in the current predict_noise
     last_sigma: float | None = None
     preds: dict = field(default_factory=dict)
     scratch: dict = field(default_factory=dict)
@@ -144,25 +146,48 @@ def predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):  
         return executor(x, timestep, model_options, seed)
     _reclaim_slots(model_options, setup)
     run = _run_for(setup)
-    run.cond_scale = float(getattr(executor.class_obj, "cfg", 1.0))
-    return executor(x, timestep, model_options, seed)
+    guider = executor.class_obj
+    run.cond_scale = float(getattr(guider, "cfg", 1.0))
+    run.batch_calls = 0
+    out = executor(x, timestep, model_options, seed)
+    if run.batch_calls == 0:
+        # The guider computed its predictions without sampling_function's batch slot (DualCFGGuider and
+        # PerpNegGuider call calc_cond_batch themselves): none of our terms reached the result.
+        raise GuidanceError(_bypassing_guider_message(guider, setup))
+    return out
+
+
+# The node names of ComfyUI's guiders whose class names differ from them.
+_GUIDER_NODES = {"Guider_DualCFG": "DualCFGGuider", "Guider_PerpNeg": "PerpNegGuider", "Guider_Basic": "BasicGuider"}
+
+
+def _bypassing_guider_message(guider, setup: GuidanceSetup) -> str:
+    owners = ", ".join(dict.fromkeys(setup.owner_nodes))
+    name = type(guider).__name__
+    return (f"{_GUIDER_NODES.get(name, name)} computes its predictions without ComfyUI's sampling_function (it calls "
+            f"calc_cond_batch itself), so {owners} would do nothing under it. Use CFGGuider, BasicGuider or "
+            "GuidersGuider with SamplerCustomAdvanced, or KSampler, with the model from "
+            f"{setup.owner_nodes[-1] if setup.owner_nodes else 'the Guiders node'}.")
 
 
 def _reclaim_slots(model_options, setup: GuidanceSetup) -> None:
-    """A node applied after ours may have overwritten one of our single slots, which would silently drop
-    our guidance. For this run (``model_options`` is the run's own copy) ours goes back in and wraps
-    theirs, exactly as when their node comes first. A replaced layer patch cannot be composed that way:
-    that is an error naming both."""
+    """A node applied after ours may have overwritten one of our slots or patches, or put a patch on a key
+    that shadows ours, which would silently drop our guidance. For this run (``model_options`` is the run's
+    own copy) ours goes back in and wraps theirs, exactly as when their node comes first. A replaced DiT
+    block patch cannot be composed that way: that is an error naming both."""
     layers = patched_layers(setup.stack)
     claim_single_slots(model_options, layers)
+    replace_patches = model_options["transformer_options"].setdefault("patches_replace", {})
+    if any(not layer.is_dit for layer in layers):
+        replace_patches["attn1"] = dict(replace_patches.get("attn1", {}))
+        claim_unet_attn1(replace_patches["attn1"], layers)
     owners = " → ".join(dict.fromkeys(setup.owner_nodes))
-    replace_patches = model_options["transformer_options"].get("patches_replace", {})
     for layer in layers:
         name, key = layer.patch_key
         fn = replace_patches.get(name, {}).get(key)
-        if not is_ours(fn):
-            raise GuidanceError(f"The patch on layer {layer} set by ComfyUI-Guiders ({owners}) was replaced by a node "
-                                f"applied after it ({getattr(fn, '__qualname__', fn)!r}). Apply that node first.")
+        if layer.is_dit and not is_ours(fn):
+            raise GuidanceError(f"The patch on layer {layer} set by ComfyUI-Guiders ({owners}) was replaced by "
+                                f"{foreign_node_name(fn)}, applied after it. Apply {foreign_node_name(fn)} first.")
 
 
 def _uncond_required_by_others(model_options) -> bool:
@@ -179,6 +204,13 @@ def _make_calc_cond_batch(previous: Callable | None):
         if setup is None:
             return evaluate_conds(previous, args["model"], conds, args["input"], args["sigma"], model_options)
         run = _run_for(setup)
+        run.batch_calls += 1
+        if previous is not None and setup.stack.cfg_term.negative != UNCOND:
+            owners = ", ".join(dict.fromkeys(setup.owner_nodes))
+            raise GuidanceError(f"{foreign_node_name(previous)} computes the negative branch its own way "
+                                f"(sampler_calc_cond_batch_function), and {owners} perturbs the negative branch "
+                                "too (target 'negative branch'): only one of them can. Use target 'new branch', "
+                                "or remove one of them.")
         cond_scale = run.cond_scale if run.cond_scale is not None else (1.0 if conds[1] is None else math.inf)
         ctx = _step_context(model_options, args["sigma"], cond_scale)
         if conds[1] is None:  # ComfyUI's cfg = 1 shortcut: no uncond conditioning was passed
@@ -250,7 +282,7 @@ def _batch_layout(stack: GuidanceStack, needed: list[str], sources: dict, sigma:
                 observed_index = 0 if branch.perturbation.observe_branch == COND else 1
                 layout.perturbations.setdefault(observed_index, []).append(observe)
             wanted = False
-        layout.conds.append(sources[branch.source] if wanted else None)
+        layout.conds.append(_with_branch_identity(sources[branch.source], branch.name) if wanted else None)
         if wanted:
             layout.main_names.append((index, branch.name))
             if branch.perturbed_at(sigma):
@@ -258,9 +290,34 @@ def _batch_layout(stack: GuidanceStack, needed: list[str], sources: dict, sigma:
     return layout
 
 
+def _with_branch_identity(cond: list | None, branch_name: str) -> list | None:
+    """The branch's conditioning with its own uuid per entry (the same on every step of the run): caches
+    keyed by cond uuid (EasyCache, LazyCache, TeaCache-style packs) then keep the perturbed branch apart
+    from the cond it was copied from, instead of giving it the cond's cached output."""
+    if cond is None:
+        return None
+    return [{**entry, "uuid": uuid.uuid5(entry["uuid"], branch_name)} if isinstance(entry.get("uuid"), uuid.UUID)
+            else entry for entry in cond]
+
+
 def _evaluate_batch(previous, model, conds, x, sigma, model_options, sequential: bool) -> list[torch.Tensor]:
-    """All entries of ``conds`` in one ``calc_cond_batch`` call, or (sequential) one call per entry with
-    the same indices, so every chunk keeps its ``cond_or_uncond`` tag and perturbation."""
+    """Every entry of ``conds`` evaluated, each chunk keeping its index as its ``cond_or_uncond`` tag.
+
+    Another node's batch function (``previous``) takes the two conds of ComfyUI's own call, cond and
+    uncond, and nothing more (SkipLayerGuidanceDiTSimple unpacks exactly two): it computes those two its
+    way, and our extra branches run in a call of their own through ComfyUI's calc_cond_batch."""
+    if previous is None:
+        return _evaluate_entries(None, model, conds, x, sigma, model_options, sequential)
+    outputs = list(_evaluate_entries(previous, model, conds[:2], x, sigma, model_options, sequential))
+    if any(c is not None for c in conds[2:]):
+        extra = _evaluate_entries(None, model, [None, None] + conds[2:], x, sigma, model_options, sequential)
+        return outputs + list(extra[2:])
+    return outputs + [torch.zeros_like(x) for _ in conds[2:]]
+
+
+def _evaluate_entries(previous, model, conds, x, sigma, model_options, sequential: bool) -> list[torch.Tensor]:
+    """All entries of ``conds`` in one call, or (sequential) one call per entry with the same indices, so
+    every chunk keeps its ``cond_or_uncond`` tag and perturbation."""
     if not sequential:
         return evaluate_conds(previous, model, conds, x, sigma, model_options)
     outputs = [torch.zeros_like(x) for _ in conds]
@@ -285,6 +342,20 @@ def evaluate_conds(previous, model, conds, x, sigma, model_options):
     return comfy.samplers.calc_cond_batch(model, conds, x, sigma, model_options)
 
 
+def foreign_node_name(fn) -> str:
+    """The node a function another pack or ComfyUI put in a slot comes from, by its qualified name
+    (``RescaleCFG.execute.<locals>.rescale_cfg`` → ``RescaleCFG``)."""
+    qualname = getattr(fn, "__qualname__", None) or repr(fn)
+    return qualname.split(".<locals>")[0].split(".")[0]
+
+
+def foreign_cfg_conflict(rule_owner: str, theirs) -> str:
+    return (f"{rule_owner} sets the CFG rule, and {foreign_node_name(theirs)} replaces ComfyUI's CFG formula "
+            "(sampler_cfg_function) with its own: only one of them can compute CFG, in either order. Remove one "
+            f"of {rule_owner} and {foreign_node_name(theirs)} (GuidersRescaleCFG, schedules and guidance terms "
+            "stack with either).")
+
+
 def _make_cfg_function(previous: Callable | None):
     def cfg_function(args):
         x = args["input"]
@@ -302,6 +373,11 @@ def _make_cfg_function(previous: Callable | None):
             preds[negative] = args["uncond_denoised"]
         cfg_result = None
         if previous is not None and negative:
+            cfg_term = setup.stack.cfg_term
+            if cfg_term.rule_owner is not None:
+                raise GuidanceError(foreign_cfg_conflict(cfg_term.rule_owner, previous))
+            if cfg_term.schedule is not None:  # their formula at our scheduled scale
+                args = {**args, "cond_scale": cfg_term.scale_at(ctx)}
             cfg_result = x - previous(args)  # another node's CFG formula stands in for our CFG term
         guided = setup.stack.combine(preds, x, ctx, run.rule_state, cfg_result=cfg_result)
         return x - guided
