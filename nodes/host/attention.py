@@ -27,9 +27,11 @@ def make_unet_attn1_patch(previous: Callable | None):
         chunks = chunk_perturbations(extra_options, layer)
         heads = extra_options["n_heads"]
 
+        theirs = previous
+
         def attend_flat(q_, k_, v_, which=slice(None)):  # (B, L, heads·D) in and out, as ComfyUI hands them
-            if previous is not None:
-                return previous(q_, k_, v_, _options_for_chunks(extra_options, which))
+            if theirs is not None:
+                return theirs(q_, k_, v_, _options_for_chunks(extra_options, which))
             precision = extra_options.get("attn_precision")
             return comfy_attention.optimized_attention(
                 q_, k_, v_, heads, attn_precision=precision, transformer_options=extra_options)
@@ -45,7 +47,12 @@ def make_unet_attn1_patch(previous: Callable | None):
                 return _to_heads(attend_flat(_from_heads(qh), _from_heads(kh), _from_heads(vh), which), heads)
 
             q4, k4, v4 = (_to_heads(t, heads) for t in (q_, k_, v_))
-            return _from_heads(perturbed_attention(perturbation, q4, k4, v4, grid, attend_heads, routing.scratch))
+            out = perturbed_attention(perturbation, q4, k4, v4, grid, attend_heads, routing.scratch)
+            if perturbation.records and theirs is not None:
+                # An observer leaves the output as it is: here that is the other node's patch's output (it
+                # may record too, as SelfAttentionGuidance does on the uncond chunk).
+                return attend_flat(q_, k_, v_, which)
+            return _from_heads(out)
 
         # Untouched chunks stay in the flat layout (no reshape to heads and back): only a perturbed
         # chunk is viewed as heads, as perturbations expect.
@@ -145,3 +152,16 @@ def claim_unet_attn1(attn1_patches: dict, layers: list[Layer]) -> None:
                 theirs = block_patch.__comfyui_guiders_wraps__ if is_ours(block_patch) else block_patch
             if not is_ours(current) or current.__comfyui_guiders_wraps__ is not theirs:
                 attn1_patches[key] = make_unet_attn1_patch(theirs)
+
+
+def with_call_patches_claimed(transformer_options: dict, layers: list[Layer]) -> dict:
+    """The options of one forward with ours claiming, for this forward, patches another node added only to its
+    own call's options (PerturbedAttentionGuidance puts ``('middle', 0)`` in the options of its perturbed
+    call, which ours on ``('middle', 0, 0)`` would shadow). Unchanged (the same dict) when nothing needs it."""
+    attn1 = transformer_options.get("patches_replace", {}).get("attn1", {})
+    claimed = dict(attn1)
+    claim_unet_attn1(claimed, layers)
+    if all(claimed.get(key) is attn1.get(key) for key in claimed):
+        return transformer_options
+    patches_replace = {**transformer_options["patches_replace"], "attn1": claimed}
+    return {**transformer_options, "patches_replace": patches_replace}

@@ -20,7 +20,9 @@ from typing import Any
 import comfy.ldm.modules.diffusionmodules.openaimodel as comfy_unet
 import torch
 
-from .marks import STEP_KEY
+from .attention import with_call_patches_claimed
+from .marks import SETUP_KEY, STEP_KEY
+from .perturbations import patched_layers
 from .routing import ForwardRouting, chunk_rows, equal_chunks, no_other_patches
 
 
@@ -40,6 +42,9 @@ def shared_prefix_wrapper(executor, x, timesteps=None, context=None, y=None, con
     """DIFFUSION_MODEL wrapper of a UNet: runs the forward with a shared prefix where the forward is one
     this pack can run exactly as the host would (``_unet_forward_shared``), else the host's forward."""
     unet = executor.class_obj
+    setup = transformer_options.get(SETUP_KEY)
+    if setup is not None:
+        transformer_options = with_call_patches_claimed(transformer_options, patched_layers(setup.stack))
     plan = None
     if control is None and not kwargs and _only_our_patches(executor, unet, transformer_options):
         plan = _shared_prefix(unet, x, timesteps, context, y, transformer_options)

@@ -150,9 +150,11 @@ def predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):  
     run.cond_scale = float(getattr(guider, "cfg", 1.0))
     run.batch_calls = 0
     out = executor(x, timestep, model_options, seed)
-    if run.batch_calls == 0:
-        # The guider computed its predictions without sampling_function's batch slot (DualCFGGuider and
-        # PerpNegGuider call calc_cond_batch themselves): none of our terms reached the result.
+    if run.batch_calls == 0 and type(guider).predict_noise is not comfy.samplers.CFGGuider.predict_noise:
+        # The guider's own predict_noise computed the predictions without sampling_function's batch slot
+        # (DualCFGGuider and PerpNegGuider call calc_cond_batch themselves): none of our terms reached the
+        # result. (With CFGGuider's own predict_noise, no call means a wrapper answered the step from its
+        # cache, as LazyCache does on the steps it skips.)
         raise GuidanceError(_bypassing_guider_message(guider, setup))
     return out
 
@@ -222,7 +224,11 @@ def _make_calc_cond_batch(previous: Callable | None):
         x = args["input"]
         if stack.zero_init(ctx):
             # CFG-Zero*'s zero init: zero noise, so every prediction is x0 = x, and no forward at all. The
-            # rest of sampling_function still runs, so post-CFG hooks (CFG++ samplers) see that too.
+            # rest of sampling_function still runs, so post-CFG hooks (CFG++ samplers) see that too. A node
+            # whose post-CFG hook reads what its patches recorded in the forward (SelfAttentionGuidance's
+            # attention map) still gets that forward; its predictions are not used.
+            if _uncond_required_by_others(model_options):
+                evaluate_conds(previous, args["model"], conds, x, args["sigma"], model_options)
             run.preds = {COND: x, UNCOND: x}
             return [x, x]
         needed = stack.needed_branches(ctx)
@@ -245,7 +251,8 @@ def _make_calc_cond_batch(previous: Callable | None):
             preds[name] = outputs[index]
         for name in layout.late_names:
             branch = stack.branch(name)
-            call = LateCall(preds, x, sigma, sources, model, model_options, run.scratch,
+            own_sources = {key: _with_branch_identity(cond, name) for key, cond in sources.items()}
+            call = LateCall(preds, x, sigma, own_sources, model, model_options, run.scratch,
                             lambda m, c, xi, opts=model_options: evaluate_conds(None, m, c, xi, sigma, opts),
                             dict(setup.extra_models))
             preds[name] = branch.perturbation.evaluate(call)

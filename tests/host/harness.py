@@ -46,6 +46,7 @@ BUILTIN_GUIDANCE_EXTRAS = (
     "nodes_perpneg.py",  # PerpNeg, PerpNegGuider
     "nodes_video_model.py",  # VideoLinearCFGGuidance, VideoTriangleCFGGuidance
     "nodes_easycache.py",  # EasyCache, LazyCache
+    "nodes_context_windows.py",  # ContextWindowsManual
 )
 
 
