@@ -8,7 +8,11 @@ latent) must leave our result unchanged (parity with ours alone). The pairs expe
 listed in REFUSED, each with its reason; the README's "Known limits" says the same. The guiders of
 nodes_custom_sampler.py, SelfAttentionGuidance's shadowing key, EasyCache's skipped steps and
 SkipLayerGuidanceDiTSimple's two-cond batch function have their own value tests in test_coexistence.py.
-Catches: any composition removed in nodes/host (each shown there); here, a new silent drop anywhere.
+Catches (each shown by a one-line break): SAG's late branch keeping the uncond's uuid (GuidersSAG × EasyCache
+/ LazyCache); an observer's output not left to another node's patch (GuidersSAG × SelfAttentionGuidance); a
+zero-init step with no forward while another node's post-CFG hook reads what it records (GuidersCFGZeroStar ×
+SelfAttentionGuidance); a per-call block patch of another node shadowed by ours on a transformer key
+(GuidersSAG × PerturbedAttentionGuidance); and any new silent drop anywhere.
 """
 
 from __future__ import annotations
