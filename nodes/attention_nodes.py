@@ -58,7 +58,7 @@ class GuidersPAG(io.ComfyNode):
         check_inputs(cls, scale=scale, layers=layers, start_percent=start_percent, end_percent=end_percent,
                      branch_mode=branch_mode, target=target)
         host.require_family(model, public_id(cls), PAG_FAMILIES)
-        chosen = host.parse_layers(layers, model, "layers", families.PAG)
+        chosen = host.parse_layers(layers, model, f"{public_id(cls)}: layers", families.PAG)
         perturbation = host.AttentionPerturbation(chosen, perturb.identity_image_attention, "PAG")
         return io.NodeOutput(perturbation_node(model, public_id(cls), "pag", perturbation, scale, schedule,
                                                 start_percent, end_percent, branch_mode, target=target))
@@ -98,7 +98,7 @@ class GuidersSEG(io.ComfyNode):
         check_inputs(cls, scale=scale, blur_sigma=blur_sigma, layers=layers, start_percent=start_percent,
                      end_percent=end_percent, branch_mode=branch_mode, target=target)
         host.require_family(model, public_id(cls), ATTENTION_FAMILIES)
-        chosen = host.parse_layers(layers, model, "layers", families.SEG)
+        chosen = host.parse_layers(layers, model, f"{public_id(cls)}: layers", families.SEG)
         seg = partial(perturb.smoothed_energy_attention, blur_sigma=blur_sigma)
         return io.NodeOutput(perturbation_node(
             model, public_id(cls), "seg", host.AttentionPerturbation(chosen, seg, "SEG"),

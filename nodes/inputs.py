@@ -35,12 +35,17 @@ def describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _number(bound: float) -> str:
+    """A widget bound as the user reads it on the widget: 100, not 100.0."""
+    return str(int(bound)) if isinstance(bound, float) and bound.is_integer() and abs(bound) < 1e15 else str(bound)
+
+
 def finite_in_range(node: str, name: str, value: Any, lo: float | None, hi: float | None,
                     integer: bool = False) -> float | int:
     """``value`` if it is a finite number (an integer if ``integer``) within ``lo`` .. ``hi``, else a
     GuidanceError naming the node, the input, what was wrong and the valid range."""
     kind = "an integer" if integer else "a finite number"
-    valid = f"{kind} from {lo} to {hi}" if lo is not None and hi is not None else kind
+    valid = f"{kind} from {_number(lo)} to {_number(hi)}" if lo is not None and hi is not None else kind
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise GuidanceError(f"{node}: {name} must be {valid}, got {describe(value)}.")
     if not math.isfinite(value):

@@ -72,7 +72,7 @@ class GuidersSLG(io.ComfyNode):
         check_inputs(cls, scale=scale, layers=layers, mode=mode, start_percent=start_percent,
                      end_percent=end_percent, rescale=rescale, branch_mode=branch_mode, target=target)
         host.require_family(model, public_id(cls), BLOCK_FAMILIES)
-        chosen = host.parse_layers(layers, model, "layers", families.SLG)
+        chosen = host.parse_layers(layers, model, f"{public_id(cls)}: layers", families.SLG)
         if mode == "block":
             perturbation = host.BlockSkip(chosen, "SLG")
         elif mode == "attention_scores":
