@@ -126,7 +126,9 @@ class GuidersScheduleCustom(io.ComfyNode):
         return numbers
 
     @classmethod
-    def validate_inputs(cls, values):
+    def validate_inputs(cls, values=None):
+        if values is None:  # linked: ComfyUI validates before the source has run; execute checks it then
+            return True
         try:
             cls.custom_values(values)
         except ValueError as error:

@@ -18,11 +18,13 @@ each node it runs (a cached node is not run).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from tiny_models import make_conditioning, make_latent
 
@@ -46,9 +48,11 @@ class RecordingServer:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a prompt ended: ``latent`` when it ran; else the failing node and message (an execution error) or
-    ComfyUI's validation errors (``invalid``); ``executed`` is every node id that ran."""
+    """How a prompt ended: ``succeeded``, with the ``latent`` when the recorder ran (not when it was cached);
+    else the failing node and message (an execution error) or ComfyUI's validation errors (``invalid``);
+    ``executed`` is every node id that ran."""
 
+    succeeded: bool = False
     latent: torch.Tensor | None = None
     invalid: dict | None = None
     failed_node: str | None = None
@@ -95,6 +99,17 @@ def stand_in_nodes(tiny_model: Callable, weak_model_of: Callable, recorded: dict
     }
 
 
+@contextlib.contextmanager
+def registered_stand_ins(tiny_model: Callable, weak_model_of: Callable, recorded: dict):
+    """The stand-ins in ComfyUI's node registry while the block runs (a module fixture's lifetime)."""
+    import nodes
+
+    with pytest.MonkeyPatch.context() as patch:
+        for node_id, cls in stand_in_nodes(tiny_model, weak_model_of, recorded).items():
+            patch.setitem(nodes.NODE_CLASS_MAPPINGS, node_id, cls)
+        yield nodes.NODE_CLASS_MAPPINGS
+
+
 def widget_specs(class_def: type) -> dict[str, tuple]:
     """``{name: (type, options)}`` of the node's widget inputs (numbers, texts, combos, booleans)."""
     declared = class_def.INPUT_TYPES()
@@ -123,6 +138,9 @@ def node_prompt(node_id: str, class_def: type, values: dict | None = None, linke
     declared = {**class_def.INPUT_TYPES().get("required", {}), **class_def.INPUT_TYPES().get("optional", {})}
     links = {"model": ["model", 0], "weak_model": ["weak", 0], "positive": ["pos", 0], "negative": ["neg", 0]}
     inputs.update({name: link for name, link in links.items() if name in declared})
+    if "schedule" in class_def.INPUT_TYPES().get("required", {}):  # GuidersScheduledCFG: a CFG from 8 to 2
+        prompt["sched"] = {"class_type": "GuidersScheduleLinear", "inputs": {"start_value": 8.0, "end_value": 2.0}}
+        inputs["schedule"] = ["sched", 0]
     prompt[TESTED] = {"class_type": node_id, "inputs": inputs}
     output_type = class_def.RETURN_TYPES[0]
     sampled = {"model": ["model", 0], "seed": 3, "steps": 4, "cfg": 5.0, "sampler_name": "euler",
@@ -175,11 +193,7 @@ def run(executor, prompt: dict, recorded: dict) -> Outcome:
         return Outcome(failed_node=str(errors[0]["node_id"]), message=errors[0]["exception_message"],
                        executed=executed)
     assert executor.success, "the executor failed without an execution_error message"
-    return Outcome(latent=recorded["latent"], executed=executed)
-
-
-def is_finite_latent(outcome: Outcome) -> bool:
-    return outcome.latent is not None and bool(torch.isfinite(outcome.latent).all())
+    return Outcome(succeeded=True, latent=recorded.get("latent"), executed=executed)
 
 
 NAN, INF = math.nan, math.inf
