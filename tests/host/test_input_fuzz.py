@@ -9,10 +9,12 @@ the widget), which ComfyUI does not range-check, so every one of them (NaN, ±in
 max, huge) must be caught by the node itself; texts are sent as typed or through a link. Hypothesis draws
 the values, derandomized (the same examples every run) and without a database (nothing written to disk).
 
-Shown to fail on copies of the fixed tree: with ``scale`` dropped from GuidersPAG's check_inputs call (its
-examples then ran to a NaN latent or failed in the sampler), with the empty-selection check removed from
-parse_layers (",,," then sampled), and with the range check of custom schedule values removed
-(``1e300`` then passed).
+Shown to fail on copies of the fixed tree: with ``scale`` dropped from GuidersPAG's check_inputs call, or
+``multiplier`` from GuidersRescaleCFG's (their examples then ran to NaN latents); with the empty-selection
+check removed from parse_layers (PAG, SEG and SLG then sampled with ``layers = ","``); with the range check
+of custom schedule values removed (``0.0, 101.0`` then ran); and with GuidersRescaleCFG changing its input
+model in place before refusing a bad multiplier (the good prompt after the bad ones then differed from the
+fresh run: the check that a bad prompt leaves nothing behind).
 """
 
 from __future__ import annotations
