@@ -33,9 +33,17 @@ __all__ = [
 ]
 
 
+def _shown(value: Any) -> str:
+    """A value as a message shows it: numbers and short texts as typed, anything else by its type (the repr of
+    a JSON list nested 10000 deep would itself raise RecursionError)."""
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 60):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def _require_finite(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {_shown(value)}")
 
 
 def _check_step(step: int, num_steps: int) -> None:
@@ -55,7 +63,11 @@ class _ScheduleBase:
 
     def __call__(self, step: int, num_steps: int) -> float:
         _check_step(step, num_steps)
-        return float(self._at(step, num_steps))
+        value = float(self._at(step, num_steps))
+        if not math.isfinite(value):  # finite parameters can still overflow, e.g. max_value - min_value > 1e308
+            raise ValueError(f"{type(self).__name__}: the value at step {step} of {num_steps} overflows to {value}; "
+                             "use smaller numbers")
+        return value
 
     def values(self, num_steps: int) -> list[float]:
         """The schedule's value at every step of a run of ``num_steps`` steps."""
@@ -218,10 +230,12 @@ def schedule_to_dict(schedule: Schedule) -> dict[str, Any]:
 
 def schedule_from_dict(data: dict[str, Any]) -> Schedule:
     """The inverse of ``schedule_to_dict``. A custom schedule's ``values`` may also be a text to parse."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a schedule is an object with a 'kind' and its fields, got {_shown(data)}")
     fields = dict(data)
     kind = fields.pop("kind", None)
-    if kind not in _KINDS:
-        raise ValueError(f"schedule kind must be one of {', '.join(map(repr, _KINDS))}, got {kind!r}")
+    if not isinstance(kind, str) or kind not in _KINDS:  # not a str: a list kind would fail as unhashable
+        raise ValueError(f"schedule kind must be one of {', '.join(map(repr, _KINDS))} (a string), got {_shown(kind)}")
     if kind == "custom":
         allowed = {"values"}
     else:
@@ -235,7 +249,11 @@ def schedule_from_dict(data: dict[str, Any]) -> Schedule:
         if "values" not in fields:
             raise ValueError(f"a 'custom' schedule needs 'values': a list of numbers, or {_VALUES_EXAMPLE}")
         values = fields["values"]
-        return Custom(parse_values(values) if isinstance(values, str) else values)
+        if isinstance(values, str):
+            return Custom(parse_values(values))
+        if not isinstance(values, (list, tuple)):  # tuple(5) would say only "'int' object is not iterable"
+            raise ValueError(f"Custom.values must be a list of numbers or {_VALUES_EXAMPLE}, got {_shown(values)}")
+        return Custom(values)
     try:
         return _KINDS[kind](**fields)
     except TypeError as error:  # a required field is missing

@@ -24,6 +24,7 @@ from .common import (
     window_inputs,
 )
 from .host import families
+from .inputs import check_inputs
 
 
 class GuidersPAG(io.ComfyNode):
@@ -54,8 +55,10 @@ class GuidersPAG(io.ComfyNode):
     @classmethod
     def execute(cls, model, scale, layers, start_percent, end_percent, schedule=None, branch_mode="batched",
                 target="new branch"):
+        check_inputs(cls, scale=scale, layers=layers, start_percent=start_percent, end_percent=end_percent,
+                     branch_mode=branch_mode, target=target)
         host.require_family(model, public_id(cls), PAG_FAMILIES)
-        chosen = host.parse_layers(layers, model, "layers", families.PAG)
+        chosen = host.parse_layers(layers, model, f"{public_id(cls)}: layers", families.PAG)
         perturbation = host.AttentionPerturbation(chosen, perturb.identity_image_attention, "PAG")
         return io.NodeOutput(perturbation_node(model, public_id(cls), "pag", perturbation, scale, schedule,
                                                 start_percent, end_percent, branch_mode, target=target))
@@ -92,11 +95,10 @@ class GuidersSEG(io.ComfyNode):
     @classmethod
     def execute(cls, model, scale, blur_sigma, layers, start_percent, end_percent, schedule=None,
                 branch_mode="batched", target="new branch"):
+        check_inputs(cls, scale=scale, blur_sigma=blur_sigma, layers=layers, start_percent=start_percent,
+                     end_percent=end_percent, branch_mode=branch_mode, target=target)
         host.require_family(model, public_id(cls), ATTENTION_FAMILIES)
-        if blur_sigma <= 0:
-            raise host.GuidanceError(f"{public_id(cls)}: blur_sigma must be > 0 (got {blur_sigma}); "
-                                        "use ≥ 9999 for the infinite blur.")
-        chosen = host.parse_layers(layers, model, "layers", families.SEG)
+        chosen = host.parse_layers(layers, model, f"{public_id(cls)}: layers", families.SEG)
         seg = partial(perturb.smoothed_energy_attention, blur_sigma=blur_sigma)
         return io.NodeOutput(perturbation_node(
             model, public_id(cls), "seg", host.AttentionPerturbation(chosen, seg, "SEG"),

@@ -12,6 +12,7 @@ from ..guidance_core.plan import (
 )
 from . import host
 from .common import CATEGORY, model_input, public_id, scale_schedule, schedule_input, window_inputs
+from .inputs import check_inputs
 
 
 def weak_model_branch(key: str):
@@ -54,6 +55,7 @@ class GuidersAutoguidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, weak_model, scale, start_percent, end_percent, schedule=None) -> io.NodeOutput:
+        check_inputs(cls, scale=scale, start_percent=start_percent, end_percent=end_percent)
         family, weak_family = host.model_family(model), host.model_family(weak_model)
         if family != weak_family:
             raise host.GuidanceError(f"{public_id(cls)}: weak_model is a {weak_family} model but model is "

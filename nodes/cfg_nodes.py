@@ -19,6 +19,7 @@ from ..guidance_core.plan import (
 )
 from . import host
 from .common import CATEGORY, model_input, public_id, with_cfg_rule, with_cfg_schedule
+from .inputs import check_inputs
 from .schedule_nodes import Schedule
 
 
@@ -65,6 +66,7 @@ class GuidersCFGNormalize(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, per_image=True) -> io.NodeOutput:
+        check_inputs(cls, mode=mode, per_image=per_image)
         def update(stack):
             if mode in ("t_norm", "full_norm"):
                 rule = stateless_rule(partial(rules.t_norm, per_sample=per_image))
@@ -98,6 +100,7 @@ class GuidersRescaleCFG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, multiplier) -> io.NodeOutput:
+        check_inputs(cls, multiplier=multiplier)
         def update(stack):
             return stack.with_post(PostTransform(
                 "rescale", lambda guided, preds: rules.rescale(guided, preds[COND], multiplier), space="noise"))
@@ -129,6 +132,7 @@ class GuidersCFGZeroStar(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, zero_init_steps, optimize="uncond") -> io.NodeOutput:
+        check_inputs(cls, zero_init_steps=zero_init_steps, optimize=optimize)
         rule = stateless_rule(partial(rules.cfg_zero_star, optimize=optimize))
         return io.NodeOutput(host.add_guidance(
             model, public_id(cls),
@@ -161,6 +165,7 @@ class GuidersAPG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, eta, norm_threshold, momentum) -> io.NodeOutput:
+        check_inputs(cls, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
         def apg_rule(cond, uncond, scale, momentum_buffer):
             return rules.apg(cond, uncond, scale, eta=eta, norm_threshold=norm_threshold,
                              momentum_buffer=momentum_buffer)
@@ -195,6 +200,7 @@ class GuidersGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, schedule=None) -> io.NodeOutput:
+        check_inputs(cls, cfg=cfg)
         if schedule is not None:
             model = host.add_guidance(model, public_id(cls), lambda s: with_cfg_schedule(s, cls, schedule))
         guider = comfy.samplers.CFGGuider(model)

@@ -20,6 +20,7 @@ from ..guidance_core.plan import (
 from ..guidance_core.schedules import Constant
 from . import host
 from .host import families
+from .inputs import public_id
 from .schedule_nodes import Schedule
 
 CATEGORY = "sampling/guiders"
@@ -42,11 +43,6 @@ LAYERS_TOOLTIP = ("Where to perturb. 'auto' = recommended for the model: " + fam
                   + ". Or a list: UNet 'middle', 'input.4', 'output.1', 'input.4.1' (block, index, transformer); DiT "
                   "'7, 8, 9' (joint/double/main blocks), 'double.1', 'single.2' (Flux, HunyuanVideo). An unknown "
                   "layer lists the layers the model has.")
-
-
-def public_id(cls) -> str:
-    """The node's public id, for messages (the V3 executor runs a clone of the class named ``<id>Clone``)."""
-    return cls.__name__.removesuffix("Clone")
 
 
 def model_input() -> io.Model.Input:

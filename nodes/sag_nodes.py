@@ -12,6 +12,7 @@ from ..guidance_core.plan import (
 )
 from . import host
 from .common import CATEGORY, SAG_FAMILIES, model_input, perturbation_node, public_id, schedule_input, window_inputs
+from .inputs import check_inputs
 
 
 def sag_branch(observer: host.AttentionPerturbation, blur_sigma: float):
@@ -58,6 +59,7 @@ class GuidersSAG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, scale, blur_sigma, start_percent, end_percent, schedule=None) -> io.NodeOutput:
+        check_inputs(cls, scale=scale, blur_sigma=blur_sigma, start_percent=start_percent, end_percent=end_percent)
         host.require_family(model, public_id(cls), SAG_FAMILIES)
         observer = host.AttentionPerturbation((host.Layer("middle", 0, 0),), perturb.record_attention, "SAG",
                                                  records=True)

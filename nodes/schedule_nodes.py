@@ -4,9 +4,11 @@ of the run it drives. Any scale input of this pack accepts one."""
 from comfy_api.latest import io
 
 from ..guidance_core import schedules
+from .inputs import check_inputs, finite_in_range, public_id
 
 CATEGORY = "sampling/guiders/schedules"
 Schedule = io.Custom("GUIDANCE_SCHEDULE")
+VALUE_MIN, VALUE_MAX = -100.0, 100.0  # every schedule value widget, and each number of a custom list
 
 
 def _schedule_output() -> io.Output:
@@ -16,7 +18,8 @@ def _schedule_output() -> io.Output:
 
 
 def _value(name: str, default: float, tooltip: str) -> io.Float.Input:
-    return io.Float.Input(name, default=default, min=-100.0, max=100.0, step=0.01, round=0.001, tooltip=tooltip)
+    return io.Float.Input(name, default=default, min=VALUE_MIN, max=VALUE_MAX, step=0.01, round=0.001,
+                          tooltip=tooltip)
 
 
 class GuidersScheduleConstant(io.ComfyNode):
@@ -34,6 +37,7 @@ class GuidersScheduleConstant(io.ComfyNode):
 
     @classmethod
     def execute(cls, value) -> io.NodeOutput:
+        check_inputs(cls, value=value)
         return io.NodeOutput(schedules.Constant(value))
 
 
@@ -54,6 +58,7 @@ class GuidersScheduleLinear(io.ComfyNode):
 
     @classmethod
     def execute(cls, start_value, end_value) -> io.NodeOutput:
+        check_inputs(cls, start_value=start_value, end_value=end_value)
         return io.NodeOutput(schedules.Linear(start_value, end_value))
 
 
@@ -85,6 +90,8 @@ class GuidersScheduleCosine(io.ComfyNode):
 
     @classmethod
     def execute(cls, max_value, min_value, num_cycles, warmup, warmup_init, k_decay) -> io.NodeOutput:
+        check_inputs(cls, max_value=max_value, min_value=min_value, num_cycles=num_cycles, warmup=warmup,
+                     warmup_init=warmup_init, k_decay=k_decay)
         return io.NodeOutput(schedules.Cosine(max_value, min_value, num_cycles, warmup, warmup_init, k_decay))
 
 
@@ -99,22 +106,42 @@ class GuidersScheduleCustom(io.ComfyNode):
                         "a list exactly as long as the steps is used as is.",
             inputs=[
                 io.String.Input("values", default="7.5, 6, 4, 3", multiline=True,
-                                tooltip="Numbers separated by commas, spaces or new lines, first step first."),
+                                tooltip="Numbers separated by commas, spaces or new lines, first step first; "
+                                        f"each from {VALUE_MIN:g} to {VALUE_MAX:g}."),
             ],
             outputs=[_schedule_output()],
         )
 
     @classmethod
-    def validate_inputs(cls, values):
+    def custom_values(cls, values) -> tuple[float, ...]:
+        """The typed numbers, each within the range of the other schedules' value widgets: a value such as 1e300
+        is finite, but as a scale it overflows the guided prediction to inf."""
+        check_inputs(cls, values=values)
         try:
-            schedules.parse_values(values)
+            numbers = schedules.parse_values(values)
         except ValueError as error:
-            return f"values: {error}"
+            raise ValueError(f"{public_id(cls)}: values: {error}") from None
+        for index, number in enumerate(numbers, start=1):
+            finite_in_range(public_id(cls), f"values: value #{index}", number, VALUE_MIN, VALUE_MAX)
+        return numbers
+
+    @classmethod
+    def validate_inputs(cls, values=None):
+        if values is None:  # linked: ComfyUI validates before the source has run; execute checks it then
+            return True
+        try:
+            cls.custom_values(values)
+        except ValueError as error:
+            return str(error)
         return True
 
     @classmethod
     def execute(cls, values) -> io.NodeOutput:
-        return io.NodeOutput(schedules.Custom(schedules.parse_values(values)))
+        return io.NodeOutput(schedules.Custom(cls.custom_values(values)))
 
 
 NODES = [GuidersScheduleConstant, GuidersScheduleLinear, GuidersScheduleCosine, GuidersScheduleCustom]
+
+# The node whose widgets a schedule kind of guidance_core comes from (the kind the curve preview sends).
+NODE_OF_KIND = {"constant": GuidersScheduleConstant, "linear": GuidersScheduleLinear,
+                "cosine": GuidersScheduleCosine, "custom": GuidersScheduleCustom}

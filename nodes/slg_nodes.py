@@ -24,6 +24,7 @@ from .common import (
     window_inputs,
 )
 from .host import families
+from .inputs import check_inputs
 
 SLG_MODES = ["block", "attention", "feedforward", "attention_scores"]
 
@@ -68,8 +69,10 @@ class GuidersSLG(io.ComfyNode):
     @classmethod
     def execute(cls, model, scale, layers, mode, start_percent, end_percent, rescale, schedule=None,
                 branch_mode="batched", target="new branch"):
+        check_inputs(cls, scale=scale, layers=layers, mode=mode, start_percent=start_percent,
+                     end_percent=end_percent, rescale=rescale, branch_mode=branch_mode, target=target)
         host.require_family(model, public_id(cls), BLOCK_FAMILIES)
-        chosen = host.parse_layers(layers, model, "layers", families.SLG)
+        chosen = host.parse_layers(layers, model, f"{public_id(cls)}: layers", families.SLG)
         if mode == "block":
             perturbation = host.BlockSkip(chosen, "SLG")
         elif mode == "attention_scores":

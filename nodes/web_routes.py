@@ -6,15 +6,22 @@ values, named as its inputs) answers ``{"values": [...]}``, the schedule's value
 come from guidance_core, the code that scales the guidance at sampling time, so the node never shows a
 curve the sampler would not follow. ComfyUI serves the route under ``/api`` too, where ``api.fetchApi``
 sends it.
+
+Any body is answered, never with a 500: each field's type and range is checked against the schedule node's
+own widget (the node refuses at run time what the preview refuses here), and a message names the field and
+what it should be.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any
 
+from comfy_api.latest import io
+
 from ..guidance_core import schedules
+from .inputs import declared_inputs, describe, finite_in_range, public_id
+from .schedule_nodes import NODE_OF_KIND, VALUE_MAX, VALUE_MIN
 
 ROUTE = "/guiders/schedule"
 MAX_PREVIEW_STEPS = 1000  # a preview, not a run: bounds the work one request can ask for
@@ -27,15 +34,37 @@ def evaluate_schedule_request(payload: Any) -> tuple[int, dict[str, Any]]:
     fields = dict(payload)
     steps = fields.pop("steps", None)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_PREVIEW_STEPS:
-        return 400, {"error": f"steps must be an integer from 1 to {MAX_PREVIEW_STEPS}, got {steps!r}"}
+        return 400, {"error": f"steps must be an integer from 1 to {MAX_PREVIEW_STEPS}, got {describe(steps)}"}
     try:
-        values = schedules.schedule_from_dict(fields).values(steps)
-    except (ValueError, TypeError) as error:  # TypeError: JSON of the wrong shape, e.g. "values": 5
+        check_widget_fields(fields)
+        schedule = schedules.schedule_from_dict(fields)
+        if isinstance(schedule, schedules.Custom):  # a text of numbers is only read by schedule_from_dict
+            for index, number in enumerate(schedule.points, start=1):
+                finite_in_range("GuidersScheduleCustom", f"values: value #{index}", number, VALUE_MIN, VALUE_MAX)
+        values = schedule.values(steps)  # raises ValueError on a value that overflows
+    except ValueError as error:
         return 400, {"error": str(error)}
-    if not all(math.isfinite(value) for value in values):
-        # Finite fields can still overflow (e.g. max_value - min_value beyond 1e308); JSON has no inf.
-        return 400, {"error": "the schedule's values overflow to infinity; use smaller numbers"}
     return 200, {"values": values}
+
+
+def check_widget_fields(fields: dict[str, Any]) -> None:
+    """Each field's type and range, as the schedule node's widget of that name declares it; a ValueError
+    names the field and what it should be. The kind and unknown fields are left to schedule_from_dict,
+    whose message lists the valid ones."""
+    node_cls = NODE_OF_KIND.get(fields.get("kind")) if isinstance(fields.get("kind"), str) else None
+    if node_cls is None:
+        return
+    node, declared = public_id(node_cls), declared_inputs(node_cls)
+    for name, value in fields.items():
+        widget = declared.get(name)
+        if isinstance(widget, io.Float.Input):
+            finite_in_range(node, name, value, widget.min, widget.max)
+        elif isinstance(widget, io.String.Input) and not isinstance(value, str):
+            if not isinstance(value, list):
+                raise ValueError(f"{node}: {name} must be a text of numbers or a list of numbers, "
+                                 f"got {describe(value)}")
+            for index, number in enumerate(value):
+                finite_in_range(node, f"{name}[{index}]", number, VALUE_MIN, VALUE_MAX)
 
 
 async def _handle_schedule(request):
@@ -45,6 +74,9 @@ async def _handle_schedule(request):
         payload = await request.json()
     except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         return web.json_response({"error": f"the request body is not JSON: {error}"}, status=400)
+    except RecursionError:  # json.loads recurses once per nesting level: a body nested ~1000 deep
+        return web.json_response({"error": "the request body is nested too deeply; expected a JSON object "
+                                           "with 'kind', 'steps' and the schedule's fields"}, status=400)
     status, body = evaluate_schedule_request(payload)
     return web.json_response(body, status=status)
 

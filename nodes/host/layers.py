@@ -122,6 +122,9 @@ def parse_layers(text: str, model, input_name: str, method: str) -> tuple[Layer,
         if layer.sub is not None and not 0 <= layer.sub < count:
             raise GuidanceError(f"{input_name}: {token!r}: block {base} has {count} transformers (0..{count - 1}).")
         layers.append(layer)
+    if not layers:  # only separators: perturbing nothing would run plain CFG plus a wasted branch
+        raise GuidanceError(f"{input_name}: {text!r} names no layer. Name one or more of: "
+                            f"{', '.join(str(a) for a in available)} (or 'auto').")
     return tuple(dict.fromkeys(layers))
 
 

@@ -358,3 +358,17 @@ def test_step_of_sigma_with_float32_tensor_sigmas() -> None:
 def test_step_of_sigma_needs_a_run() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         step_of_sigma(1.0, [1.0])
+
+
+def test_a_value_that_overflows_is_refused_naming_the_step() -> None:
+    # Finite parameters, infinite value: (max - min) overflows. Catches the finite check dropped from
+    # _ScheduleBase.__call__ (the schedule then handed inf to the sampler as a scale).
+    with pytest.raises(ValueError, match=r"Cosine: the value at step 0 of 3 overflows to inf"):
+        Cosine(max_value=1e308, min_value=-1e308).values(3)
+
+
+@pytest.mark.parametrize("values", [5, None, {"a": 1}])
+def test_schedule_from_dict_refuses_custom_values_of_the_wrong_type(values) -> None:
+    # Catches the type check removed: tuple(5) said only "'int' object is not iterable".
+    with pytest.raises(ValueError, match=r"Custom\.values must be a list of numbers or numbers separated"):
+        schedule_from_dict({"kind": "custom", "values": values})

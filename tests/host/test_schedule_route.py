@@ -99,7 +99,7 @@ def test_known_curves(web_routes, payload: dict, expected: list[float]) -> None:
         ({"kind": "constant", "value": 1, "steps": 2.5}, "steps"),
         ({"kind": "constant", "value": 1, "steps": True}, "steps"),
         ({"kind": "constant", "value": 1, "steps": 10**9}, "steps"),
-        ({"kind": "cosine", "max_value": 1e308, "min_value": -1e308, "steps": 3}, "overflow"),
+        ({"kind": "cosine", "max_value": 1e308, "min_value": -1e308, "steps": 3}, "max_value"),
         ([1, 2, 3], "JSON object"),
     ],
 )
@@ -172,3 +172,106 @@ def test_the_handler_answers_over_http(web_routes, monkeypatch) -> None:
     assert bad_status == 400 and "'x'" in bad_body["error"]
     assert not_json_status == 400 and "not JSON" in not_json_body["error"]
     assert empty_status == 400
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue #10 item 7: every malformed body is a 400 naming the field and the type it should be, never a 500.
+
+WRONG_TYPES = ["7", None, True, [], {}, [1.0]]  # a text, null, a boolean, a list, an object, a list of a number
+
+
+def _fields_of(guiders_pack, node_id: str) -> dict:
+    return _widget_defaults(guiders_pack[node_id])
+
+
+@pytest.mark.parametrize("node_id", SCHEDULE_NODES[:3])
+@pytest.mark.parametrize("wrong", WRONG_TYPES, ids=repr)
+def test_a_number_field_of_the_wrong_type_is_a_400_naming_it(web_routes, guiders_pack, node_id, wrong) -> None:
+    # Catches check_widget_fields skipped: guidance_core's own message then named the dataclass field
+    # ("Linear.start_value must be a finite number, got '7'"), not the widget, and gave no range.
+    for name in _fields_of(guiders_pack, node_id):
+        status, body = web_routes.evaluate_schedule_request(
+            {"kind": _kind(node_id), **_fields_of(guiders_pack, node_id), name: wrong, "steps": 4})
+        assert status == 400, (name, wrong, body)
+        assert f"{node_id}: {name} must be a finite number from" in body["error"], body
+
+
+@pytest.mark.parametrize("wrong", [5, 2.5, True, None, {"a": 1}], ids=repr)
+def test_custom_values_of_the_wrong_type_is_a_400_naming_the_expected_type(web_routes, wrong) -> None:
+    # Catches the type check of 'values' removed: {"values": 5} answered "'int' object is not iterable".
+    status, body = web_routes.evaluate_schedule_request({"kind": "custom", "values": wrong, "steps": 4})
+    assert status == 400
+    assert "values must be a text of numbers or a list of numbers" in body["error"], body
+
+
+@pytest.mark.parametrize(("values", "name"), [([1, "x"], "values[1]"), ([[1]], "values[0]"), ([1, None], "values[1]"),
+                                              ([7, 1e300], "values[1]"), ("7, 1e300", "value #2")])
+def test_a_bad_number_in_custom_values_is_a_400_naming_its_place(web_routes, values, name: str) -> None:
+    # Catches the range check of custom values dropped from the route (1e300 answered 200 with a curve the
+    # node refuses to run) and a nested list reaching the schedule unchecked.
+    status, body = web_routes.evaluate_schedule_request({"kind": "custom", "values": values, "steps": 4})
+    assert status == 400
+    assert name in body["error"], body
+
+
+@pytest.mark.parametrize(("field", "value"), [("value", 1000.0), ("value", -100.5), ("warmup", 2.0),
+                                              ("num_cycles", 21.0)])
+def test_a_field_beyond_its_widget_range_is_a_400_giving_the_range(web_routes, field: str, value: float) -> None:
+    # The same range the node's widget declares (and the node checks when it runs), read from its schema.
+    kind = "constant" if field == "value" else "cosine"
+    status, body = web_routes.evaluate_schedule_request({"kind": kind, field: value, "steps": 4})
+    assert status == 400
+    assert field in body["error"] and "from" in body["error"], body
+
+
+@pytest.mark.parametrize("kind", [["custom"], {"a": 1}, 3, None])
+def test_a_kind_that_is_not_a_string_is_a_400_naming_kind(web_routes, kind) -> None:
+    # Catches the isinstance check removed from schedule_from_dict: a list kind raised "unhashable type: 'list'".
+    status, body = web_routes.evaluate_schedule_request({"kind": kind, "steps": 4})
+    assert status == 400
+    assert "kind must be one of" in body["error"] and "(a string)" in body["error"], body
+
+
+def _nested(depth: int, inner) -> list:
+    for _ in range(depth):  # built in a loop: a recursive builder would itself overflow the stack
+        inner = [inner]
+    return inner
+
+
+@pytest.mark.parametrize("field", ["steps", "kind", "values", "value"])
+def test_a_deeply_nested_field_is_a_400_not_a_recursion_error(web_routes, field: str) -> None:
+    # Catches a message that prints the value with repr(): repr of a list 10000 deep raises RecursionError.
+    payload = {"kind": "constant", "value": 1.0, "steps": 4} if field == "value" else \
+        {"kind": "custom", "values": [1, 2], "steps": 4}
+    payload[field] = _nested(10000, 1)
+    status, body = web_routes.evaluate_schedule_request(payload)
+    assert status == 400
+    assert field in body["error"] and "a list" in body["error"], body
+
+
+def test_deeply_nested_json_over_http_is_a_400(web_routes, monkeypatch) -> None:
+    # Catches the RecursionError branch removed from the handler: json.loads raised it and aiohttp answered 500.
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    prompt_server = _fake_prompt_server(monkeypatch)
+    web_routes.register()
+    deep_list = "[" * 10000 + "]" * 10000
+    deep_field = '{"kind": "custom", "steps": 3, "values": ' + "[" * 10000 + "1" + "]" * 10000 + "}"
+    deep_object = '{"a": ' * 10000 + "1" + "}" * 10000
+
+    async def exchange() -> list[tuple[int, dict]]:
+        app = web.Application()
+        app.add_routes(prompt_server.routes)
+        async with TestClient(TestServer(app)) as client:
+            answers = []
+            for body in (deep_list, deep_field, deep_object, '{"kind": "custom", "values": 5, "steps": 3}'):
+                response = await client.post("/guiders/schedule", data=body)
+                answers.append((response.status, await response.json()))
+            return answers
+
+    answers = asyncio.run(exchange())
+    for status, body in answers[:3]:
+        assert status == 400 and "nested too deeply" in body["error"], body
+    status, body = answers[3]
+    assert status == 400 and "values must be a text of numbers or a list of numbers, got 5 (int)" in body["error"]
