@@ -49,7 +49,7 @@ class _NoFloat64(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.float64 in args or kwargs.get("dtype") is torch.float64:
+        if any(a is torch.float64 for a in args) or kwargs.get("dtype") is torch.float64:
             raise RuntimeError(f"float64 on a device without it: {func}")
         result = func(*args, **kwargs)
         outputs = result if isinstance(result, (tuple, list)) else (result,)
