@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from bench_support import accelerator_missing, locate_host
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST_TESTS = REPO_ROOT / "tests" / "host"
@@ -50,14 +51,6 @@ def parse_args() -> argparse.Namespace:
                         help="weights' dtype (default float32 on the CPU, float16 on cuda)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one set-up, in this process
     return parser.parse_args()
-
-
-def locate_host() -> Path:
-    host = Path(os.environ.get("COMFYUI_PATH") or "~/ComfyUI").expanduser().resolve()
-    if not (host / "comfy" / "samplers.py").is_file():
-        sys.exit(f"No ComfyUI at {host}: set COMFYUI_PATH to a ComfyUI checkout.")
-    os.environ["COMFYUI_PATH"] = str(host)
-    return host
 
 
 def patched_model(run_node, model, setup: str):
@@ -119,13 +112,10 @@ def main() -> None:
     if args.child is not None:
         locate_host()
         return child(args)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("No CUDA device is present (torch.cuda.is_available() is False): nothing measured. Run this on a "
-                  "machine with an NVIDIA/ROCm GPU.")
-            return None
+    missing = accelerator_missing(args.device)
+    if missing:
+        print(f"{missing}: nothing measured. Run this on a machine with an NVIDIA/ROCm GPU.")
+        return None
     host = locate_host()
     order = [BASELINE, *SETUPS]
     results: dict[str, list[dict]] = {setup: [] for setup in order}
