@@ -40,7 +40,15 @@ or ``--only sd3`` runs one of the two parts (timings, floor and table rows of th
 
 Times are wall clock and this process's CPU time; on a machine other processes keep busy, the CPU-time
 ratios are the ones to trust (the load average is printed at the start and the end). Nothing here is a
-pass/fail check: the numbers are for reading.
+pass/fail check: the numbers are for reading. Peak memory per set-up on the CPU: bench_memory.py (one process
+per set-up).
+
+On an accelerator: ``--device cuda`` (NVIDIA, or AMD through ROCm) or ``--device mps`` (Apple) runs the same
+comparisons there, with ``--dtype float16`` (default there) or ``bfloat16`` weights, and ``--size realistic``
+for real latent sizes: SD1.5 64x64, an SDXL-architecture UNet (model_channels 128) at 128x128 and the medium
+SD3 MMDiT at 64x64. Wall-time ratios are the ones to read there (the GPU's time is not this process's CPU time),
+and on CUDA each set-up's peak ``torch.cuda.max_memory_allocated`` is printed. Without the accelerator the
+script says so and exits 0; nothing is downloaded either way.
 """
 
 from __future__ import annotations
@@ -56,18 +64,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_support import FLOOR_EVALUATIONS, Measured, accelerator_missing, locate_host, measure_floor, synchronize
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST_TESTS = REPO_ROOT / "tests" / "host"
 CFG = 5.0
 SEED = 3
-
-
-def locate_host() -> Path:
-    host = Path(os.environ.get("COMFYUI_PATH") or "~/ComfyUI").expanduser().resolve()
-    if not (host / "comfy" / "samplers.py").is_file():
-        sys.exit(f"No ComfyUI at {host}: set COMFYUI_PATH to a ComfyUI checkout.")
-    os.environ["COMFYUI_PATH"] = str(host)  # what harness.host_path() reads
-    return host
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,9 +80,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads, fixed for the whole run (default 1: on a shared 2-core "
                              "machine two threads made runs several times slower and much noisier)")
-    parser.add_argument("--only", choices=("sd15", "sd3", "all"), default="all",
-                        help="time only the SD1.5 UNet (PAG) or only the SD3 MMDiT (SLG) part (default all)")
-    return parser.parse_args()
+    parser.add_argument("--only", choices=("sd15", "sdxl", "sd3", "all"), default="all",
+                        help="time only the SD1.5 UNet (PAG), the SDXL UNet (PAG) or the SD3 MMDiT (SLG) part "
+                             "(default all: SD1.5 and SD3, and SDXL with --size realistic)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu",
+                        help="where to run (default cpu); cuda or mps exit 0 with a message when absent")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="the models' weights (default float32 on the CPU, float16 on an accelerator)")
+    parser.add_argument("--size", choices=("small", "realistic"), default="small",
+                        help="latent sides: small = 32 (default); realistic = SD1.5 64, SDXL 128, SD3 64")
+    args = parser.parse_args()
+    if args.dtype is None:
+        args.dtype = "float32" if args.device == "cpu" else "float16"
+    return args
+
+
+# Latent side per model and --size: the CPU default (small) is what the README's numbers were measured at.
+SIDES = {"small": {"sd15_medium": 32, "sdxl_medium": 32, "sd3_medium": 32},
+         "realistic": {"sd15_medium": 64, "sdxl_medium": 128, "sd3_medium": 64}}
 
 
 @dataclass
@@ -108,26 +125,37 @@ class Group:
 
 def main() -> None:
     args = parse_args()
+    missing = accelerator_missing(args.device)
+    if missing:
+        print(f"{missing}: nothing to benchmark on {args.device}. This machine has no such accelerator; run "
+              f"'--device {args.device}' where one is (the CPU benchmark is the default, --device cpu).")
+        return
     locate_host()
     sys.path.insert(0, str(HOST_TESTS))
     import harness  # needs COMFYUI_PATH, set above
 
-    harness.prepare_host_imports()
+    on_cpu = args.device == "cpu"
+    harness.prepare_host_imports(cpu=on_cpu)
     import torch
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    host = harness.bootstrap()
+    host = harness.bootstrap(cpu=on_cpu)
+    import comfy.model_management
+
+    if comfy.model_management.get_torch_device().type != args.device:
+        sys.exit(f"ComfyUI picked {comfy.model_management.get_torch_device()}, not {args.device}")
     harness.load_guiders_pack()
     import tiny_models
 
+    tiny_models.INFERENCE_DTYPE = getattr(torch, args.dtype)
     run_node = harness.run_node
-    side = tiny_models.MEDIUM_LATENT_SIZE
+    sides = SIDES[args.size]
     inputs = {
         family: (*tiny_models.make_conditioning(family, seed=1),
                  tiny_models.make_latent(family, h=side, w=side, seed=2))
-        for family in ("sd15_medium", "sd3_medium")
+        for family, side in sides.items()
     }
     inputs["sd3"] = (*tiny_models.make_conditioning("sd3", seed=1), tiny_models.make_latent("sd3", seed=2))
     groups = []
@@ -142,6 +170,17 @@ def main() -> None:
             [("GuidersPAG / built-in PAG", "GuidersPAG", "built-in PAG", "target <= 1.0"),
              ("GuidersPAG / plain CFG", "GuidersPAG", "plain CFG", "1.5 = linear in branches"),
              ("built-in PAG / plain CFG", "built-in PAG", "plain CFG", "for reference")]))
+    if args.only == "sdxl" or (args.only == "all" and args.size == "realistic"):
+        medium_sdxl = tiny_models.make_model("sdxl_medium")
+        (builtin_pag_xl,) = run_node("PerturbedAttentionGuidance", model=medium_sdxl, scale=3.0)
+        (guiders_pag_xl,) = run_node("GuidersPAG", model=medium_sdxl, scale=3.0, layers="middle")
+        groups.append(Group(
+            "SDXL", "medium SDXL: PAG on the middle block's self-attention", "sdxl_medium", medium_sdxl,
+            [Setup("plain CFG (SDXL)", "sdxl_medium", medium_sdxl),
+             Setup("built-in PAG (SDXL)", "sdxl_medium", builtin_pag_xl),
+             Setup("GuidersPAG (SDXL)", "sdxl_medium", guiders_pag_xl)],
+            [("GuidersPAG / built-in PAG (SDXL)", "GuidersPAG (SDXL)", "built-in PAG (SDXL)", "target <= 1.0"),
+             ("GuidersPAG / plain CFG (SDXL)", "GuidersPAG (SDXL)", "plain CFG (SDXL)", "1.5 = linear in branches")]))
     if args.only in ("sd3", "all"):
         medium_sd3 = tiny_models.make_model("sd3_medium")
         window = {"scale": 3.0, "start_percent": 0.0, "end_percent": 1.0}  # every step
@@ -160,10 +199,15 @@ def main() -> None:
 
     print(f"ComfyUI {host.version} at {host.path}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{os.cpu_count()} CPU(s), load average {load_before:.1f} at start")
+    print(f"Device {comfy.model_management.get_torch_device()}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+          + f"; {args.dtype} weights; latent sizes: {args.size}")
     for group in groups:
         parameters = sum(p.numel() for p in group.model.model.diffusion_model.parameters()) / 1e6
         channels = tiny_models.SPECS[group.family].latent_channels
-        architecture = {"SD1.5": "SD1.5-architecture UNet", "SD3": "SD3-architecture MMDiT (24 joint blocks)"}
+        architecture = {"SD1.5": "SD1.5-architecture UNet", "SDXL": "SDXL-architecture UNet",
+                        "SD3": "SD3-architecture MMDiT (24 joint blocks)"}
+        side = sides[group.family]
         print(f"Model ({group.name}): random-weight {architecture[group.name]}, {parameters:.1f} M parameters; "
               f"latent 1x{channels}x{side}x{side}")
     print(f"{args.steps} steps euler/normal; cfg {CFG}; {args.repeats} repeats\n")
@@ -171,13 +215,18 @@ def main() -> None:
     def run(setup: Setup, steps: int = args.steps, count: bool = False) -> Measured:
         positive, negative, latent = inputs[setup.family]
         gc.collect()
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         with ExitStack() as stack:
             models = (setup.model, *setup.counted) if count else ()
             counters = [stack.enter_context(harness.ForwardCounter(m)) for m in models]
+            synchronize(args.device)
             wall, cpu = time.perf_counter(), time.process_time()
             harness.sample(setup.model, positive, negative, latent, cfg=CFG, steps=steps, seed=SEED)
+            synchronize(args.device)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        return Measured(wall, cpu, counters)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+        return Measured(wall, cpu, counters, peak)
 
     # --- 1. timings, interleaved within each group ------------------------------------------------------
     measured: dict[str, list[Measured]] = {}
@@ -188,6 +237,10 @@ def main() -> None:
         print("Time per run (s)      wall: median    min      max    CPU: median    min      max")
         for label, runs in timed.items():
             print_times(label, runs)
+        if args.device == "cuda":
+            print("Peak torch.cuda.max_memory_allocated per run (weights included), max over the runs:")
+            for label, runs in timed.items():
+                print(f"  {label:<18} {max(m.peak_mib for m in runs):10.0f} MiB")
         print("Ratios: median of the per-repeat ratios [min, max], then best / best; CPU = this process's CPU")
         print("time, which other processes on the machine disturb far less than wall time")
         for label, numerator, denominator, note in group.ratios:
@@ -197,7 +250,7 @@ def main() -> None:
     # --- 2. the batching floor: the bare model, batch 3 against batches 2 + 1 ----------------------------
     for group in groups:
         floor = measure_floor(group.model, inputs[group.family],
-                              harness.scheduler_sigmas(group.model, steps=args.steps), args.repeats)
+                              harness.scheduler_sigmas(group.model, steps=args.steps), args.repeats, args.device)
         print(f"Batching floor ({group.name}): the bare model (no guidance code) evaluating cond, uncond and cond "
               f"{FLOOR_EVALUATIONS} times per repeat")
         print("Time per repeat (s)   wall: median    min      max    CPU: median    min      max")
@@ -215,6 +268,8 @@ def main() -> None:
         if group.name == "SD1.5":
             weak = tiny_models.make_model("sd15_medium", seed=1)  # same architecture, other weights
             extra = table_setups(run_node, group.model, weak, args.steps)
+        elif group.name == "SDXL":
+            extra = []
         else:
             sd3 = tiny_models.make_model("sd3")
             (slg,) = run_node("GuidersSLG", model=sd3, scale=3.0, start_percent=0.0, end_percent=1.0)
@@ -226,7 +281,7 @@ def main() -> None:
           "'-' = no forward at that step)")
     print(f"  {'node':<42} {'calls per step':<26} {'forwards':>8} {'latents':>8} {'wall s/step':>12}")
     for setup, result, wall in rows:
-        sigmas = harness.scheduler_sigmas(setup.model, steps=args.steps)
+        sigmas = harness.scheduler_sigmas(setup.model, steps=args.steps).cpu()
         calls = " + weak ".join(describe(by_step(counter, sigmas)) for counter in result.counters)
         forwards = sum(len(c.calls) for c in result.counters)
         latents = sum(sum(c.batch_sizes) for c in result.counters)
@@ -237,13 +292,6 @@ def main() -> None:
     print("  other row the medium SD1.5.")
     print(f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f} "
           "at the end")
-
-
-@dataclass
-class Measured:
-    wall: float
-    cpu: float
-    counters: list
 
 
 def time_interleaved(setups: list[Setup], repeats: int, run: Callable) -> dict[str, list[Measured]]:
@@ -276,54 +324,6 @@ def print_ratio(label: str, numerator: list[Measured], denominator: list[Measure
         parts.append(f"{kind} {statistics.median(within):.3f} [{min(within):.3f}, {max(within):.3f}] "
                      f"best {min(a) / min(b):.3f}")
     print(f"  {label:<34} {'   '.join(parts)}   ({note})")
-
-
-FLOOR_EVALUATIONS = 2  # per repeat and arrangement
-
-
-def measure_floor(model, inputs, sigmas, repeats: int) -> dict[str, list[Measured]]:
-    """The bare model's forwards for one step's cond, uncond and cond: as one batch of 3 (this pack's
-    arrangement) and as a batch of 2 then 1 (the built-in nodes'), interleaved, the order alternating."""
-    import torch
-
-    positive, negative, latent = inputs
-    sigma = sigmas[len(sigmas) // 2].reshape(1)
-    x = latent * sigma  # a noisy latent at a mid step; only its shape matters for the time
-    cond, uncond = bare_conds(positive), bare_conds(negative)
-    base = model.model  # the BaseModel: apply_model as calc_cond_batch calls it, without any patch
-
-    def forward(conds) -> None:
-        batch = len(conds)
-        base.apply_model(x.repeat(batch, 1, 1, 1), sigma.repeat(batch),
-                         transformer_options={"cond_or_uncond": list(range(batch))},
-                         **{key: torch.cat([c[key] for c in conds]) for key in conds[0]})
-
-    arrangements = {"one call (3)": [[cond, uncond, cond]], "two calls (2, 1)": [[cond, uncond], [cond]]}
-    with torch.no_grad():  # as the samplers run
-        for calls in arrangements.values():  # warm-up
-            for conds in calls:
-                forward(conds)
-        measured: dict[str, list[Measured]] = {label: [] for label in arrangements}
-        for repeat in range(repeats):
-            order = list(arrangements.items())
-            for label, calls in order if repeat % 2 == 0 else reversed(order):
-                gc.collect()
-                wall, cpu = time.perf_counter(), time.process_time()
-                for _ in range(FLOOR_EVALUATIONS):
-                    for conds in calls:
-                        forward(conds)
-                measured[label].append(Measured(time.perf_counter() - wall, time.process_time() - cpu, []))
-    return measured
-
-
-def bare_conds(conditioning: list) -> dict:
-    """The model inputs of one CONDITIONING entry, as the BaseModel's extra_conds would give them: the text
-    context, and the pooled text as ``y`` where the family has one (SD3)."""
-    context, extras = conditioning[0]
-    conds = {"c_crossattn": context}
-    if "pooled_output" in extras:
-        conds["y"] = extras["pooled_output"]
-    return conds
 
 
 def table_setups(run_node: Callable, medium, weak, steps: int) -> list[Setup]:

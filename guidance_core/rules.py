@@ -10,11 +10,14 @@ w = 1 means "no guidance". Methods that are not affine in the predictions (resca
 norms) give different results in different prediction spaces; each docstring names the space its
 paper uses, and the caller decides which space it passes.
 
-Numerics: reductions are upcast, divisions are guarded so that finite inputs, all-zero tensors and
-``cond == uncond`` never produce NaN or inf, and results are cast back to the input dtype. CFG-Zero*'s
-scale runs in float32 (as diffusers; its eps bounds it). Norm and std ratios run in float64: in
-float32 a norm of tiny (subnormal) values overflows the ratio to inf even though the rescaled result
-itself is small.
+Numerics: reductions and the rescaled results run in the accumulation dtype of
+``numerics.accumulation_dtype`` (float64, or float32 on a device without float64 such as MPS), divisions are
+guarded so that finite inputs, all-zero tensors and ``cond == uncond`` never produce NaN or inf, and results
+are cast back to the input dtype. Every norm and std ratio is taken between inputs divided by their largest
+magnitude (``numerics.unit_and_peak``) and the magnitudes are multiplied in last: a norm of tiny (subnormal)
+values would otherwise overflow the ratio to inf even though the rescaled result itself is small (in float32
+always, in float64 near its own subnormals). CFG-Zero*'s scale runs in float32 (as diffusers; its eps bounds
+it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from .numerics import accumulation_dtype, unit_and_peak
 
 __all__ = [
     "MomentumBuffer",
@@ -55,12 +60,12 @@ def _broadcast_per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(like.shape[0], *([1] * (like.ndim - 1)))
 
 
-def _l2_norm(x: Tensor, per_sample: bool = True) -> Tensor:
-    """L2 norm in float64: per sample as ``(B, 1, ...)``, or of the whole tensor (batch included)."""
+def _unit_norm(unit: Tensor, per_sample: bool = True) -> Tensor:
+    """L2 norm of a peak-1 tensor from ``unit_and_peak``: per sample as ``(B, 1, ...)``, or of the whole tensor
+    (batch included). It lies in [1, √N] (0 for a zero tensor), so ratios of such norms stay finite."""
     if not per_sample:
-        return torch.linalg.vector_norm(x.double())
-    per_sample_norm = torch.linalg.vector_norm(_per_sample_flat(x.double()), dim=1, keepdim=True)
-    return _broadcast_per_sample(per_sample_norm, x)
+        return torch.linalg.vector_norm(unit)
+    return _broadcast_per_sample(torch.linalg.vector_norm(_per_sample_flat(unit), dim=1, keepdim=True), unit)
 
 
 def _safe_ratio(numerator: Tensor, denominator: Tensor, when_zero: float) -> Tensor:
@@ -91,15 +96,10 @@ def rescale(guided: Tensor, cond: Tensor, multiplier: float) -> Tensor:
     Alg. 2: ``phi * guided * (std_c / std_g) + (1 - phi) * guided`` with ``phi = multiplier``. The paper
     works on v-predictions; diffusers applies it to whatever the model outputs (ε for SD1.5/SDXL).
 
-    Standard deviations are per sample, in float64. Where ``std_g`` is 0 the ratio is taken as 1, so a
-    constant ``guided`` comes back unchanged instead of as NaN.
+    Standard deviations are per sample, in the accumulation dtype. Where ``std_g`` is 0 the ratio is taken as
+    1, so a constant ``guided`` comes back unchanged instead of as NaN.
     """
-    cond_std = _per_sample_std(cond)
-    guided_std = _per_sample_std(guided)
-    std_ratio = _safe_ratio(cond_std, guided_std, when_zero=1.0)
-    # phi*g*r + (1-phi)*g written as one per-sample factor, so the tensor is multiplied once.
-    factor = multiplier * std_ratio + (1.0 - multiplier)
-    return (guided.double() * factor).to(guided.dtype)
+    return _std_rescale(guided, cond, multiplier, per_sample=True)
 
 
 def whole_tensor_rescale(guided: Tensor, cond: Tensor, multiplier: float) -> Tensor:
@@ -109,19 +109,34 @@ def whole_tensor_rescale(guided: Tensor, cond: Tensor, multiplier: float) -> Ten
     Unlike :func:`rescale` this mixes the samples of a batch, as the reference does. Unbiased std, as
     ``torch.std``; a zero ``std(g)`` leaves ``guided`` unchanged.
     """
-    std_ratio = _safe_ratio(cond.double().std(), guided.double().std(), when_zero=1.0)
-    factor = multiplier * std_ratio + (1.0 - multiplier)
-    return (guided.double() * factor).to(guided.dtype)
+    return _std_rescale(guided, cond, multiplier, per_sample=False)
+
+
+def _std_rescale(guided: Tensor, cond: Tensor, multiplier: float, per_sample: bool) -> Tensor:
+    """``phi * g * std(c) / std(g) + (1 - phi) * g``, with ``g * std(c) / std(g)`` computed as
+    ``g_unit * (std(c_unit) / std(g_unit)) * peak_c`` (``numerics.unit_and_peak``): the same value, with a ratio
+    that stays finite for subnormal g."""
+    wide = accumulation_dtype(guided)
+    guided_wide = guided.to(wide)
+    guided_unit, _ = unit_and_peak(guided_wide, per_sample)
+    cond_unit, cond_peak = unit_and_peak(cond.to(wide), per_sample)
+    if per_sample:
+        cond_std, guided_std = _per_sample_std(cond_unit), _per_sample_std(guided_unit)
+    else:
+        cond_std, guided_std = cond_unit.std(), guided_unit.std()
+    std_ratio = _safe_ratio(cond_std, guided_std, when_zero=0.0)
+    std_matched = torch.where(guided_std > 0, guided_unit * std_ratio * cond_peak, guided_wide)
+    return (multiplier * std_matched + (1.0 - multiplier) * guided_wide).to(guided.dtype)
 
 
 def _per_sample_std(x: Tensor) -> Tensor:
-    """Per-sample standard deviation in float64, shaped ``(B, 1, ...)``.
+    """Per-sample standard deviation, shaped ``(B, 1, ...)``, in ``x``'s dtype.
 
     diffusers uses torch's unbiased std; rescale only ever uses the ratio of two stds of equally sized
     tensors, where the Bessel correction cancels. The population std (correction=0) gives that same
     ratio and stays defined for one-element samples.
     """
-    flat = _per_sample_flat(x.double())
+    flat = _per_sample_flat(x)
     return _broadcast_per_sample(flat.std(dim=1, correction=0, keepdim=True), x)
 
 
@@ -235,30 +250,49 @@ def apg(
     With eta = 1, r = 0 and no momentum this is exactly ``cfg(c, u, w)``.
 
     Not affine, so the prediction space matters: ComfyUI's node applies it to denoised (x0)
-    predictions, diffusers to the raw model output. Norms and the projection run in float64 over all
-    non-batch dims (the authors' snippet reduces the last three dims, which differs on 5-D video).
+    predictions, diffusers to the raw model output. Norms and the projection run in the accumulation dtype over
+    all non-batch dims (the authors' snippet reduces the last three dims, which differs on 5-D video), each on
+    its input divided by its peak magnitude so that no norm ratio overflows.
     """
-    cond_wide = cond.double()
-    delta = cond_wide - uncond.double()
+    wide = accumulation_dtype(cond)
+    cond_wide = cond.to(wide)
+    delta = cond_wide - uncond.to(wide)
     if momentum_buffer is not None:
         delta = momentum_buffer.update(delta)
 
     if norm_threshold > 0:
-        delta_norm = _l2_norm(delta)
-        # A zero delta needs no shrinking: its factor is 1 (and 0 * 1 stays 0).
-        threshold = torch.full_like(delta_norm, norm_threshold)
-        shrink = _safe_ratio(threshold, delta_norm, when_zero=1.0).clamp(max=1.0)
-        delta = delta * shrink
+        # delta * min(1, r / ||delta||): above the threshold delta becomes r * delta / ||delta||, written with
+        # the peak-1 delta (delta / ||delta|| = unit / ||unit||). ||delta|| > r is tested as ||unit|| > r / peak:
+        # the one side that can overflow (to inf, for a tiny peak) then still compares correctly.
+        delta_unit, delta_peak = unit_and_peak(delta)
+        unit_norm = _unit_norm(delta_unit)
+        too_long = unit_norm > norm_threshold / delta_peak
+        shortened = delta_unit * _safe_ratio(torch.full_like(unit_norm, norm_threshold), unit_norm, when_zero=0.0)
+        delta = torch.where(too_long, shortened, delta)
 
-    cond_unit = cond_wide / _l2_norm(cond_wide).clamp_min(_NORMALIZE_EPS)
+    cond_direction = _normalized(cond_wide)
+    # <delta, ĉ> ĉ with delta's peak multiplied in last, so tiny deltas keep their digits in float32.
+    delta_unit, delta_peak = unit_and_peak(delta)
     parallel_coefficient = _broadcast_per_sample(
-        (_per_sample_flat(delta) * _per_sample_flat(cond_unit)).sum(dim=1, keepdim=True), delta
+        (_per_sample_flat(delta_unit) * _per_sample_flat(cond_direction)).sum(dim=1, keepdim=True), delta
     )
-    delta_parallel = parallel_coefficient * cond_unit
+    delta_parallel = parallel_coefficient * cond_direction * delta_peak
     delta_orthogonal = delta - delta_parallel
 
     update = delta_orthogonal + eta * delta_parallel
     return (cond_wide + (scale - 1.0) * update).to(cond.dtype)
+
+
+def _normalized(x: Tensor) -> Tensor:
+    """``F.normalize`` per sample: ``x / max(||x||, eps)`` with eps = 1e-12 (diffusers' APG). With
+    ``x = unit * peak`` that is ``unit / ||unit||`` where ||x|| >= eps and ``unit * (peak / eps)`` below it,
+    neither of which overflows."""
+    unit, peak = unit_and_peak(x)
+    unit_norm = _unit_norm(unit)
+    # ||unit|| >= 1 for a nonzero x (its peak element is exactly ±1); the clamp only keeps the branch
+    # torch.where does not select for a zero x free of 0/0.
+    return torch.where(peak * unit_norm >= _NORMALIZE_EPS, unit / unit_norm.clamp_min(1.0),
+                       unit * (peak / _NORMALIZE_EPS))
 
 
 # --- cf_guidance norms --------------------------------------------------------------------------------
@@ -271,8 +305,15 @@ def base_norm(guided: Tensor, uncond: Tensor, per_sample: bool = True) -> Tensor
     ``per_sample=True`` takes norms per sample; ``per_sample=False`` takes one norm of the whole
     tensor, batch included, exactly as cf_guidance does. A zero ``guided`` stays zero.
     """
-    norm_ratio = _safe_ratio(_l2_norm(uncond, per_sample), _l2_norm(guided, per_sample), when_zero=1.0)
-    return (guided.double() * norm_ratio).to(guided.dtype)
+    wide = accumulation_dtype(guided)
+    guided_wide = guided.to(wide)
+    guided_unit, _ = unit_and_peak(guided_wide, per_sample)
+    uncond_unit, uncond_peak = unit_and_peak(uncond.to(wide), per_sample)
+    guided_norm = _unit_norm(guided_unit, per_sample)
+    # g * ||u|| / ||g|| = g_unit * (||u_unit|| / ||g_unit||) * peak_u: a ratio that cannot overflow.
+    norm_ratio = _safe_ratio(_unit_norm(uncond_unit, per_sample), guided_norm, when_zero=0.0)
+    normed = torch.where(guided_norm > 0, guided_unit * norm_ratio * uncond_peak, guided_wide)
+    return normed.to(guided.dtype)
 
 
 def t_norm(cond: Tensor, uncond: Tensor, scale: float, per_sample: bool = True) -> Tensor:
@@ -282,12 +323,14 @@ def t_norm(cond: Tensor, uncond: Tensor, scale: float, per_sample: bool = True) 
     normalised, g is much smaller than a CFG scale (the cf_guidance README uses 0.25 -> 0.05).
     ``per_sample`` as in ``base_norm``. Where ``c == u`` there is no direction and the result is u.
     """
-    uncond_wide = uncond.double()
-    guidance_direction = cond.double() - uncond_wide
-    norm_ratio = _safe_ratio(
-        _l2_norm(uncond_wide, per_sample), _l2_norm(guidance_direction, per_sample), when_zero=0.0
-    )
-    return (uncond_wide + scale * guidance_direction * norm_ratio).to(uncond.dtype)
+    wide = accumulation_dtype(uncond)
+    uncond_wide = uncond.to(wide)
+    direction_unit, _ = unit_and_peak(cond.to(wide) - uncond_wide, per_sample)
+    uncond_unit, uncond_peak = unit_and_peak(uncond_wide, per_sample)
+    # (c - u) * ||u|| / ||c - u|| = d_unit * (||u_unit|| / ||d_unit||) * peak_u
+    norm_ratio = _safe_ratio(_unit_norm(uncond_unit, per_sample), _unit_norm(direction_unit, per_sample),
+                             when_zero=0.0)
+    return (uncond_wide + scale * (direction_unit * norm_ratio * uncond_peak)).to(uncond.dtype)
 
 
 def full_norm(cond: Tensor, uncond: Tensor, scale: float, per_sample: bool = True) -> Tensor:

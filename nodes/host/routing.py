@@ -147,9 +147,15 @@ def equal_chunks(tensors: list[torch.Tensor], n: int) -> tuple[list[int], list[i
     """Groups the ``n`` chunks (along dim 0) of ``tensors``: ``kept`` has the first chunk of each group of
     chunks equal in every tensor, ``source`` gives each chunk its group's position in ``kept``."""
     pieces = [t.chunk(n) for t in tensors]
+    # Which chunks are equal decides which rows are computed (a shape), so the answer must reach the host: every
+    # pair is compared on the device and the table read once (one transfer per call, not one per pair and tensor).
+    pairs = [(i, j) for j in range(n) for i in range(j)]
+    device = tensors[0].device
+    same = [torch.stack([(c[i] == c[j]).all().to(device) for c in pieces]).all() for i, j in pairs]
+    equal = dict(zip(pairs, torch.stack(same).tolist() if same else [], strict=True))
     kept, source = [], []
     for j in range(n):
-        twin = next((k for k, i in enumerate(kept) if all(torch.equal(c[i], c[j]) for c in pieces)), None)
+        twin = next((k for k, i in enumerate(kept) if equal[(i, j)]), None)
         if twin is None:
             kept.append(j)
             twin = len(kept) - 1

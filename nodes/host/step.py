@@ -132,11 +132,14 @@ def outer_sample_wrapper(executor, *args, **kwargs):
 
 
 def _step_context(model_options, sigma, cond_scale) -> StepContext:
+    # The step's one scalar decision, read on the host: σ and the run's sigmas give the step index, the σ
+    # windows and the schedules' values, which choose the branches (the batch's composition). ComfyUI makes
+    # the same reads per step (SkipLayerGuidanceDiT's sigma[0].item(), the samplers' σ comparisons).
     sigma_value = float(sigma.flatten()[0])
     sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
     if sample_sigmas is None or len(sample_sigmas) < 2:
         return StepContext(0, 1, sigma_value, cond_scale)
-    sigmas = [float(s) for s in sample_sigmas]
+    sigmas = sample_sigmas.tolist()  # one device-to-host copy, not one per entry
     return StepContext(step_of_sigma(sigma_value, sigmas), len(sigmas) - 1, sigma_value, cond_scale)
 
 

@@ -59,19 +59,20 @@ def host_path() -> Path:
     return Path(os.environ.get("COMFYUI_PATH") or "~/ComfyUI").expanduser().resolve()
 
 
-def prepare_host_imports() -> Path:
+def prepare_host_imports(cpu: bool = True) -> Path:
     """Make ``comfy``/``nodes`` importable and force the CPU, without importing anything heavy.
 
     The host goes to the FRONT of sys.path, as when ComfyUI runs main.py: this repository has a
-    ``nodes/`` package of its own that must not shadow ComfyUI's ``nodes.py``.
+    ``nodes/`` package of its own that must not shadow ComfyUI's ``nodes.py``. ``cpu=False`` (the GPU
+    benchmark) leaves the device to ComfyUI's own choice.
     """
     path = host_path()
     _put_host_first(path)
     import comfy.cli_args  # parses no command line: comfy.options.args_parsing is False unless main.py sets it
 
-    if "comfy.model_management" in sys.modules and not comfy.cli_args.args.cpu:
-        raise HostError("comfy.model_management was imported before the CPU was forced; import order is broken")
-    comfy.cli_args.args.cpu = True
+    if "comfy.model_management" in sys.modules and comfy.cli_args.args.cpu != cpu:
+        raise HostError("comfy.model_management was imported before the device was chosen; import order is broken")
+    comfy.cli_args.args.cpu = cpu
     return path
 
 
@@ -96,12 +97,13 @@ class Host:
 _host: Host | None = None
 
 
-def bootstrap() -> Host:
-    """Import ComfyUI on the CPU and register its built-in guidance nodes. Idempotent; no server starts."""
+def bootstrap(cpu: bool = True) -> Host:
+    """Import ComfyUI on the CPU (``cpu=False``: on the device ComfyUI picks) and register its built-in guidance
+    nodes. Idempotent; no server starts."""
     global _host
     if _host is not None:
         return _host
-    path = prepare_host_imports()
+    path = prepare_host_imports(cpu)
     import comfy.model_management
     import comfy.sample  # noqa: F401  (imported here so a broken host fails in bootstrap, not in a test)
     import comfy.samplers  # noqa: F401
@@ -114,7 +116,7 @@ def bootstrap() -> Host:
     if Path(nodes.__file__).resolve() != path / "nodes.py":
         raise HostError(f"'import nodes' found {nodes.__file__}, not ComfyUI's nodes.py in {path}")
 
-    if comfy.model_management.get_torch_device().type != "cpu":
+    if cpu and comfy.model_management.get_torch_device().type != "cpu":
         raise HostError(f"ComfyUI picked {comfy.model_management.get_torch_device()} instead of the CPU")
     comfy.utils.set_progress_bar_enabled(False)  # no tqdm bars in test output
 

@@ -43,6 +43,8 @@ SPECS = {
     ),
     # SDXL: its ADM input (``y``) is the pooled text (1280) and six 256-d size embeddings, as in the real model.
     "sdxl": FamilySpec(latent_channels=4, context_dim=64, context_tokens=77, pooled_dim=1280, flux_guidance=None),
+    "sdxl_medium": FamilySpec(latent_channels=4, context_dim=64, context_tokens=77, pooled_dim=1280,
+                              flux_guidance=None),
     "sd3": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=None),
     "sd3_medium": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=None),
     "flux": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=3.5),
@@ -97,11 +99,16 @@ def _supported_models():
     return comfy.supported_models
 
 
+# The weights' dtype of every model built here: float32 for the tests; the GPU benchmark sets float16 or bfloat16
+# (``--dtype``) before it builds its models.
+INFERENCE_DTYPE = torch.float32
+
+
 def _to_patcher(model_config, seed: int):
     import comfy.model_management
     import comfy.model_patcher
 
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(INFERENCE_DTYPE, None)
     model = model_config.get_model({})
     # Only the network: model.model_sampling's buffers are the noise schedule, computed from the config.
     fill_deterministic(model.diffusion_model, seed)
@@ -141,13 +148,17 @@ def make_sd15(medium: bool = False, seed: int = 0):
     return _to_patcher(_supported_models().SD15(unet_config), seed)
 
 
-def make_sdxl(seed: int = 0):
+def make_sdxl(seed: int = 0, medium: bool = False):
     """An SDXL UNet (EPS, conditioned on the pooled text and sizes through its ADM input): 2 levels, no
-    attention at the first level as in SDXL, linear projections in its transformers, context_dim 64."""
+    attention at the first level as in SDXL, linear projections in its transformers, context_dim 64.
+    ``medium=True``: model_channels 128 and 2 transformers per attention block, for the GPU benchmark's
+    128x128 latents."""
     spec = SPECS["sdxl"]
+    channels, depth = (128, 2) if medium else (32, 1)
     unet_config = {
-        "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "num_head_channels": 16,
-        "transformer_depth": [0, 1], "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1],
+        "model_channels": channels, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "num_head_channels": 16,
+        "transformer_depth": [0, depth], "transformer_depth_middle": depth,
+        "transformer_depth_output": [0, 0, depth, depth],
         "context_dim": spec.context_dim, "adm_in_channels": spec.pooled_dim + 6 * 256,
         "num_classes": "sequential", "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
         "use_linear_in_transformer": True, "legacy": False, "image_size": 32, "use_checkpoint": False,
@@ -303,12 +314,13 @@ def make_auraflow(seed: int = 0):
 
 
 def make_model(family: str, seed: int = 0):
-    """A model by family name: "sd15", "sd15_medium", "sdxl", "sd3", "sd3_medium", "flux", "wan", "ltxv",
+    """A model by family name: "sd15", "sd15_medium", "sdxl", "sdxl_medium", "sd3", "sd3_medium", "flux", "wan", "ltxv",
     "hunyuan_video", "auraflow" (refused by every method)."""
     builders = {
         "sd15": lambda: make_sd15(seed=seed),
         "sd15_medium": lambda: make_sd15(medium=True, seed=seed),
         "sdxl": lambda: make_sdxl(seed=seed),
+        "sdxl_medium": lambda: make_sdxl(seed=seed, medium=True),
         "sd3": lambda: make_sd3(seed=seed),
         "sd3_medium": lambda: make_sd3(medium=True, seed=seed),
         "flux": lambda: make_flux(seed=seed),
