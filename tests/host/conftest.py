@@ -97,3 +97,18 @@ def sd3_model(tiny_model: Callable):
 @pytest.fixture(scope="session")
 def flux_model(tiny_model: Callable):
     return tiny_model("flux")
+
+
+# Whole prompts through ComfyUI's validator and executor (tests/host/prompts.py): the stand-in nodes, and what
+# their latent recorder saw, per test module.
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    return {}
+
+
+@pytest.fixture(scope="module")
+def registry(guiders_pack, tiny_model, weak_model_of, recorded):
+    from prompts import registered_stand_ins
+
+    with registered_stand_ins(tiny_model, weak_model_of, recorded) as registry:
+        yield registry

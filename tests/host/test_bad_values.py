@@ -14,18 +14,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from prompts import INF, NAN, SAMPLER, TESTED, new_executor, node_prompt, registered_stand_ins, run
-
-
-@pytest.fixture(scope="module")
-def recorded() -> dict:
-    return {}
-
-
-@pytest.fixture(scope="module")
-def registry(guiders_pack, tiny_model, weak_model_of, recorded):
-    with registered_stand_ins(tiny_model, weak_model_of, recorded) as registry:
-        yield registry
+from prompts import INF, NAN, SAMPLER, TESTED, new_executor, node_prompt, run
 
 
 @pytest.fixture(scope="module")

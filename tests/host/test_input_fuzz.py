@@ -27,22 +27,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from node_table import NODE_IDS
-from prompts import SAMPLER, TESTED, new_executor, node_prompt, registered_stand_ins, run, widget_specs
+from prompts import SAMPLER, TESTED, new_executor, node_prompt, run, widget_specs
 
 EXAMPLES = 20  # per input: about 40 inputs, so the file stays near a minute on a busy 2-core machine
 FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module")
-def recorded() -> dict:
-    return {}
-
-
-@pytest.fixture(scope="module")
-def registry(guiders_pack, tiny_model, weak_model_of, recorded):
-    with registered_stand_ins(tiny_model, weak_model_of, recorded) as registry:
-        yield registry
 
 
 @pytest.fixture(scope="module")
