@@ -211,6 +211,16 @@ class GuidanceStack:
             current, rule=rule.rule, space=rule.space, neutral_scale=rule.neutral_scale, make_state=rule.make_state,
             zero_init_steps=rule.zero_init_steps, rule_owner=rule.owner))
 
+    def with_windows(self, resolve: Callable[[Any], Any]) -> GuidanceStack:
+        """The stack with every term's and branch's window replaced by ``resolve(window)`` (windows that are
+        None stay None). The host uses it once per run to turn windows given in percent of the schedule
+        into σ windows with the model sampling that run actually uses."""
+        def resolved(window):
+            return None if window is None else resolve(window)
+
+        return replace(self, terms=tuple(replace(t, window=resolved(t.window)) for t in self.terms),
+                       branches=tuple(replace(b, window=resolved(b.window)) for b in self.branches))
+
     def _with_cfg_term(self, cfg_term: Term) -> GuidanceStack:
         others = tuple(t for t in self.terms if t.name != CFG_TERM)
         return replace(self, terms=(cfg_term,) + others)

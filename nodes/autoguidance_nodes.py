@@ -67,7 +67,7 @@ class GuidersAutoguidance(io.ComfyNode):
             raise host.GuidanceError(f"{public_id(cls)}: weak_model takes other inputs than model ({differences}); "
                                      "the weak model must be a smaller or less-trained version of the same model "
                                      "type (e.g. an SDXL model for SDXL), run on the same latent and prompt.")
-        window = host.percent_window(model, start_percent, end_percent)
+        window = host.percent_window(start_percent, end_percent)
         key = f"weak{id(weak_model)}"
 
         def update(stack):

@@ -110,7 +110,7 @@ def perturbation_node(model, node, prefix, perturbation, scale, schedule, start_
     "negative branch") the CFG's negative prediction computed with the perturbation. ``with_term_added(stack,
     name)``, when given, is applied in the same update right after a new term named ``name`` is added (SLG's
     rescale, which acts while that term is active)."""
-    window = host.percent_window(model, start_percent, end_percent)
+    window = host.percent_window(start_percent, end_percent)
 
     def update(stack):
         name = stack.unique_name(prefix)

@@ -9,11 +9,12 @@
 """
 
 from . import families
-from .install import add_guidance, percent_window
+from .install import add_guidance
 from .layers import Layer, input_signature, model_family, parse_layers, require_family
 from .marks import GuidanceError
 from .perturbations import AttentionPerturbation, BlockSkip, LateBranch, LateCall, SublayerSkip, sublayer_modules
 from .step import get_setup
+from .windows import percent_window
 
 __all__ = [
     "AttentionPerturbation",

@@ -12,11 +12,10 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ...guidance_core.plan import GuidanceStack
-from ...guidance_core.schedules import SigmaWindow
 from .attention import claim_unet_attn1, text_tokens_wrapper
 from .dit_blocks import make_dit_block_patch
 from .layers import Layer, model_family, model_layers
-from .marks import SETUP_KEY, WRAPPER_KEY, GuidanceError, is_ours
+from .marks import SETUP_KEY, WRAPPER_KEY, is_ours
 from .perturbations import patched_layers
 from .shared_prefix import shared_prefix_wrapper
 from .step import (
@@ -27,18 +26,6 @@ from .step import (
     outer_sample_wrapper,
     predict_noise_wrapper,
 )
-
-
-def percent_window(model, start_percent: float, end_percent: float, input_prefix: str = "") -> SigmaWindow | None:
-    """ComfyUI's percent window: active for sigma_end ≤ σ ≤ sigma_start (``percent_to_sigma``), both ends
-    included as in SkipLayerGuidanceDiT."""
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise GuidanceError(f"{input_prefix}start_percent ({start_percent}) and end_percent ({end_percent}) must "
-                            "satisfy 0 ≤ start_percent ≤ end_percent ≤ 1.")
-    if start_percent <= 0.0 and end_percent >= 1.0:
-        return None
-    sampling = model.get_model_object("model_sampling")
-    return SigmaWindow(float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
 
 
 def add_guidance(model, node: str, update: Callable[[GuidanceStack], GuidanceStack], extra_models=()) -> Any:

@@ -46,6 +46,7 @@ from .layers import Layer
 from .marks import SETUP_KEY, GuidanceError, is_ours, mark_ours
 from .perturbations import LateBranch, LateCall, patched_layers
 from .routing import ForwardRouting, with_step_info
+from .windows import resolve_windows
 
 _current_runs: contextvars.ContextVar[dict | None] = contextvars.ContextVar("comfyui_guiders_runs", default=None)
 
@@ -94,6 +95,7 @@ def needs_uncond_at_cfg1(stack: GuidanceStack) -> bool:
 class RunState:
     """Everything a run may remember: the rules' state, the current step, and this step's predictions."""
 
+    stack: GuidanceStack  # the setup's stack with its windows in σ of the run's model sampling
     rule_state: dict
     ctx: StepContext | None = None
     cond_scale: float | None = None  # the sampler's cfg, from the PREDICT_NOISE wrapper
@@ -103,14 +105,21 @@ class RunState:
     scratch: dict = field(default_factory=dict)
 
 
-def _run_for(setup: GuidanceSetup) -> RunState:
+def _run_for(setup: GuidanceSetup, model_sampling) -> RunState:
+    """The run's state, made on the run's first call: its windows in σ of ``model_sampling``, the one the
+    run samples with (a ModelSampling* node applied after ours included)."""
     runs = _current_runs.get()
     if runs is None:  # sampled without CFGGuider.sample (a custom sampler loop): one run per call chain
         runs = {}
         _current_runs.set(runs)
     if id(setup) not in runs:
-        runs[id(setup)] = RunState(setup.stack.new_run_state())
+        runs[id(setup)] = RunState(resolve_windows(setup.stack, model_sampling), setup.stack.new_run_state())
     return runs[id(setup)]
+
+
+def _existing_run(setup: GuidanceSetup) -> RunState | None:
+    runs = _current_runs.get()
+    return runs.get(id(setup)) if runs is not None else None
 
 
 def _setup_of(model_options) -> GuidanceSetup | None:
@@ -148,8 +157,8 @@ def predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):  
     if setup is None:
         return executor(x, timestep, model_options, seed)
     _reclaim_slots(model_options, setup)
-    run = _run_for(setup)
     guider = executor.class_obj
+    run = _run_for(setup, guider.model_patcher.get_model_object("model_sampling"))
     run.cond_scale = float(getattr(guider, "cfg", 1.0))
     run.batch_calls = 0
     out = executor(x, timestep, model_options, seed)
@@ -208,7 +217,7 @@ def _make_calc_cond_batch(previous: Callable | None):
         conds = args["conds"]
         if setup is None:
             return evaluate_conds(previous, args["model"], conds, args["input"], args["sigma"], model_options)
-        run = _run_for(setup)
+        run = _run_for(setup, args["model"].model_sampling)
         run.batch_calls += 1
         if previous is not None and setup.stack.cfg_term.negative != UNCOND:
             owners = ", ".join(dict.fromkeys(setup.owner_nodes))
@@ -223,7 +232,7 @@ def _make_calc_cond_batch(previous: Callable | None):
         if run.last_sigma is not None and ctx.sigma > run.last_sigma * (1 + 1e-6):
             run.rule_state = setup.stack.new_run_state()  # σ went up: a new sampling pass, so fresh state
         run.ctx, run.last_sigma = ctx, ctx.sigma
-        stack = setup.stack
+        stack = run.stack
         x = args["input"]
         if stack.zero_init(ctx):
             # CFG-Zero*'s zero init: zero noise, so every prediction is x0 = x, and no forward at all. The
@@ -370,7 +379,7 @@ def _make_cfg_function(previous: Callable | None):
     def cfg_function(args):
         x = args["input"]
         setup = _setup_of(args["model_options"])
-        run = _run_for(setup) if setup is not None else None
+        run = _existing_run(setup) if setup is not None else None
         if run is None or run.ctx is None:  # not sampled through our calc_cond_batch: plain CFG
             if previous is not None:
                 return previous(args)
@@ -378,18 +387,18 @@ def _make_cfg_function(previous: Callable | None):
         ctx = replace(run.ctx, cond_scale=float(args["cond_scale"]))
         preds = dict(run.preds)
         preds[COND] = args["cond_denoised"]
-        negative = _negative_name(setup.stack, preds)
+        negative = _negative_name(run.stack, preds)
         if negative:  # pre-CFG hooks of other nodes may have changed what they were handed
             preds[negative] = args["uncond_denoised"]
         cfg_result = None
         if previous is not None and negative:
-            cfg_term = setup.stack.cfg_term
+            cfg_term = run.stack.cfg_term
             if cfg_term.rule_owner is not None:
                 raise GuidanceError(foreign_cfg_conflict(cfg_term.rule_owner, previous))
             if cfg_term.schedule is not None:  # their formula at our scheduled scale
                 args = {**args, "cond_scale": cfg_term.scale_at(ctx)}
             cfg_result = x - previous(args)  # another node's CFG formula stands in for our CFG term
-        guided = setup.stack.combine(preds, x, ctx, run.rule_state, cfg_result=cfg_result)
+        guided = run.stack.combine(preds, x, ctx, run.rule_state, cfg_result=cfg_result)
         return x - guided
 
     return mark_ours(cfg_function)

@@ -279,3 +279,16 @@ def test_a_perturbation_term_contributes_s_times_cond_minus_perturbed_directly()
     expected = preds[UNCOND] + 7.0 * (preds[COND] - preds[UNCOND]) + 2.5 * (preds[COND] - preds["pag"])
     torch.testing.assert_close(stack.combine(preds, x, ctx()), expected)
     assert stack.terms[-1].contribution is not None
+
+
+def test_with_windows_resolves_every_term_and_branch_window_and_leaves_none_alone() -> None:
+    # The host resolves percent windows per run through with_windows. Catches: a branch's window (or a term's)
+    # left unresolved, or a missing window replaced by one.
+    stack = GuidanceStack().with_term(perturbation_term("pag", "pag", Constant(3.0), "percent window"),
+                                      Branch("pag", perturbation="pag", window="percent window"))
+    resolved = stack.with_windows(lambda window: SigmaWindow(4.0, 1.0) if window == "percent window" else window)
+
+    assert [b.window for b in resolved.branches] == [SigmaWindow(4.0, 1.0)]
+    assert [t.window for t in resolved.terms if t.name == "pag"] == [SigmaWindow(4.0, 1.0)]
+    assert resolved.cfg_term.window is None
+    assert [t.name for t in resolved.terms] == [t.name for t in stack.terms]

@@ -68,17 +68,13 @@ def tiny_model(comfy_host: harness.Host) -> Callable:
     return get
 
 
-# Autoguidance's "bad version": the same architecture with other random weights.
-WEAK_MODEL_SEED = 7
-
-
 @pytest.fixture(scope="session")
 def weak_model_of(comfy_host: harness.Host) -> Callable:
     built: dict[str, object] = {}
 
     def get(family: str):
         if family not in built:
-            built[family] = tiny_models.make_model(family, seed=WEAK_MODEL_SEED)
+            built[family] = tiny_models.make_model(family, seed=tiny_models.WEAK_MODEL_SEED)
         return built[family]
 
     return get

@@ -197,3 +197,58 @@ def run(executor, prompt: dict, recorded: dict) -> Outcome:
 
 
 NAN, INF = math.nan, math.inf
+
+
+def sample_good_prompts_in_a_fresh_process(node_ids: list[str], out_file) -> dict[str, torch.Tensor]:
+    """Each node's good prompt (its widget defaults), sampled in a new Python process that has run nothing else
+    (this file run as a script): the latents a user gets from a freshly started ComfyUI, to compare with what a
+    long-lived one gives after bad prompts. Same seeds, one torch thread, the CPU: equal bit for bit when
+    nothing leaked."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out_file), *node_ids],
+                            capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    assert result.returncode == 0, f"the fresh process failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return load_file(str(out_file))
+
+
+def _main(out_file: str, node_ids: list[str]) -> None:
+    """The fresh process: ComfyUI and the pack loaded as the test session loads them, one new executor per
+    node, the latents written to ``out_file`` (safetensors)."""
+    import harness
+    import tiny_models
+    from safetensors.torch import save_file
+
+    harness.prepare_host_imports()
+    torch.set_num_threads(1)  # as the test session (tests/host/conftest.py): the same kernels, the same bits
+    harness.bootstrap()
+    pack = harness.load_guiders_pack()
+    built: dict[tuple, object] = {}
+
+    def model_of(seed: int) -> Callable:
+        def get(family: str):
+            if (family, seed) not in built:
+                built[family, seed] = tiny_models.make_model(family, seed=seed)
+            return built[family, seed]
+        return get
+
+    recorded: dict = {}
+    latents = {}
+    with registered_stand_ins(model_of(0), model_of(tiny_models.WEAK_MODEL_SEED), recorded):
+        for node_id in node_ids:
+            outcome = run(new_executor(), node_prompt(node_id, pack[node_id]), recorded)
+            if outcome.latent is None:
+                raise SystemExit(f"{node_id}: the good prompt failed in the fresh process: {outcome.error_text}")
+            latents[node_id] = outcome.latent.contiguous()
+    save_file(latents, out_file)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1], sys.argv[2:])

@@ -256,3 +256,37 @@ def test_autoguidance_refuses_a_weak_model_of_another_model_type(sd15_model, tin
     # Before: an SD1.5 weak model for an SDXL model failed inside the UNet. Catches: the input check removed.
     with pytest.raises(Exception, match=r"GuidersAutoguidance: weak_model takes other inputs"):
         run_node("GuidersAutoguidance", model=tiny_model("sdxl"), weak_model=sd15_model, scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A model-sampling node applied after ours: the windows follow the schedule the run uses
+
+
+def _active_steps(model, start: float, end: float, steps: int, scheduler: str) -> list[bool]:
+    sampling = model.get_model_object("model_sampling")
+    sigma_start, sigma_end = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
+    sigmas = scheduler_sigmas(model, steps=steps, scheduler=scheduler)[:-1].tolist()
+    return [sigma_end <= s <= sigma_start for s in sigmas]
+
+
+def test_a_window_follows_a_model_sampling_node_applied_after_ours(sd3_model) -> None:
+    # ModelSamplingSD3 (shift 12) after GuidersSLG changes which steps a percent window holds (on a scheduler
+    # that spaces σ by its own rule, as karras does; the "normal" one spaces them in percent, so any shift keeps
+    # the same steps). The reference is the built-in SkipLayerGuidanceSD3 applied after ModelSamplingSD3, which
+    # converts the percents with the schedule the run uses. Catches: percents turned into σ at our node (with
+    # the input model's shift 3).
+    start, end, steps, scheduler = 0.5, 0.9, 8, "karras"
+    shifted = node("ModelSamplingSD3", model=sd3_model, shift=12.0)
+    active = _active_steps(shifted, start, end, steps, scheduler)
+    assert active != _active_steps(sd3_model, start, end, steps, scheduler)
+    assert any(active) and not all(active), active
+    ours = node("ModelSamplingSD3", model=node("GuidersSLG", model=sd3_model, scale=3.0, layers="1", mode="block",
+                                               start_percent=start, end_percent=end, rescale=0.0), shift=12.0)
+    builtin = node("SkipLayerGuidanceSD3", model=shifted, layers="1", scale=3.0, start_percent=start,
+                   end_percent=end)
+
+    def run(model):
+        return sample_family(model, "sd3", steps=steps, scheduler=scheduler)
+
+    assert_parity(run(ours), run(builtin), run(shifted))
+

@@ -2,7 +2,8 @@
 values through ComfyUI's real validator and executor (whole prompts, tests/host/prompts.py), ends in an error
 that names the input, at that node, before anything is sampled; and a batch of bad prompts leaves nothing
 behind: the good prompt run after them, by the same executor in the same process, samples exactly
-(torch.equal) the latent a fresh executor sampled before them.
+(torch.equal) the latent a fresh Python process sampled (prompts.sample_good_prompts_in_a_fresh_process: a
+ComfyUI just started, its latents handed over in a safetensors file).
 
 Bad numbers are sent through a link from a stand-in source with no range (a primitive or math node wired into
 the widget), which ComfyUI does not range-check, so every one of them (NaN, ±inf, beyond the widget's min or
@@ -27,7 +28,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from node_table import NODE_IDS
-from prompts import SAMPLER, TESTED, new_executor, node_prompt, run, widget_specs
+from prompts import (
+    SAMPLER,
+    TESTED,
+    new_executor,
+    node_prompt,
+    run,
+    sample_good_prompts_in_a_fresh_process,
+    widget_specs,
+)
 
 EXAMPLES = 20  # per input: about 40 inputs, so the file stays near a minute on a busy 2-core machine
 FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -41,18 +50,14 @@ def shared_executor(registry):
 
 
 @pytest.fixture(scope="module")
-def fresh_latents(registry, recorded) -> dict:
-    """Each node's good prompt (its widget defaults), sampled by an executor that has run nothing else."""
-    latents = {}
-
-    def get(node_id: str) -> torch.Tensor:
-        if node_id not in latents:
-            outcome = run(new_executor(), node_prompt(node_id, registry[node_id]), recorded)
-            assert outcome.latent is not None and torch.isfinite(outcome.latent).all(), outcome.error_text
-            latents[node_id] = outcome.latent
-        return latents[node_id]
-
-    return get
+def fresh_latents(registry, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Each node's good prompt (its widget defaults), sampled in a fresh Python process (a ComfyUI just
+    started) before any bad prompt ran here."""
+    out_file = tmp_path_factory.mktemp("fresh") / "latents.safetensors"
+    latents = sample_good_prompts_in_a_fresh_process(list(NODE_IDS), out_file)
+    for node_id, latent in latents.items():
+        assert torch.isfinite(latent).all(), f"{node_id}: the fresh process sampled a non-finite latent"
+    return latents
 
 
 def fuzzed_inputs(class_def: type) -> dict[str, tuple[str, dict]]:
@@ -136,7 +141,7 @@ def fuzz_input(executor, recorded: dict, node_id: str, class_def: type, name: st
 def test_bad_values_are_refused_naming_the_input_and_leave_nothing_behind(
         registry, shared_executor, fresh_latents, recorded, node_id: str) -> None:
     class_def = registry[node_id]
-    fresh = fresh_latents(node_id)
+    fresh = fresh_latents[node_id]
     for name, (kind, info) in fuzzed_inputs(class_def).items():
         ran = fuzz_input(shared_executor, recorded, node_id, class_def, name, kind, info)
         assert ran >= EXAMPLES // 2, f"{node_id}.{name}: only {ran} examples ran"

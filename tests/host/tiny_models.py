@@ -63,6 +63,9 @@ VIDEO_SPECS = {
                                 flux_guidance=6.0, latent_frames=3),
 }
 
+# Autoguidance's "bad version" of a tiny model: the same architecture with other random weights.
+WEAK_MODEL_SEED = 7
+
 # Latent side (in latent pixels) for quick tests and for the medium benchmark models.
 TINY_LATENT_SIZE = 8
 MEDIUM_LATENT_SIZE = 32
