@@ -403,3 +403,16 @@ def assert_window_is_partial(model, start: float, end: float, steps: int) -> Non
     step_sigmas = scheduler_sigmas(model, steps=steps)[:-1].tolist()
     inside = [sigma_end <= s <= sigma_start for s in step_sigmas]
     assert any(inside) and not all(inside), f"window {start}..{end} vs sigmas {step_sigmas}: {inside}"
+
+
+# The cache limits main.py passes by default: no LRU size, no RAM pressure limit. ComfyUI 0.33.0 also reads
+# "ram_inactive" (the RAM cache's limit while idle); 0.8.0 ignores the key.
+DEFAULT_CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}
+
+
+def prompt_executor(server):
+    """A prompt executor with the server's default (classic) cache, as ``main.py`` makes one."""
+    import execution
+
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                    cache_args=dict(DEFAULT_CACHE_ARGS))

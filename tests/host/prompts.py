@@ -168,10 +168,9 @@ def node_prompt(node_id: str, class_def: type, values: dict | None = None, linke
 
 def new_executor():
     """A prompt executor with the server's default (classic) cache, as ``main.py`` makes one."""
-    import execution
+    import harness
 
-    return execution.PromptExecutor(RecordingServer(), cache_type=execution.CacheType.CLASSIC,
-                                    cache_args={"lru": 0, "ram": 0})
+    return harness.prompt_executor(RecordingServer())
 
 
 def run(executor, prompt: dict, recorded: dict) -> Outcome:

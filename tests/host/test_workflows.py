@@ -24,7 +24,7 @@ Host behaviour these tests depend on (ComfyUI 0.8.0):
   serves the folder; that is what the template browser reads.
 - ``execution.PromptExecutor(server, cache_type, cache_args)`` needs from ``server`` only ``client_id``,
   ``last_node_id`` and ``send_sync(event, data, sid)``; with a client id it sends "executing" for every
-  node it runs, and it reads ``cache_args["ram"]`` after each node.
+  node it runs, and it reads ``cache_args["ram"]`` after each node (0.33.0 also ``["ram_inactive"]``).
 - ``execution.validate_prompt`` returns ``(valid, error, good_outputs, node_errors)``.
 """
 
@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import harness
 import pytest
 import tiny_models
 import torch
@@ -211,8 +212,7 @@ def run_prompt(prompt: dict, prompt_id: str,
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     assert valid, f"ComfyUI rejected the prompt: {error}\n{json.dumps(node_errors, indent=1, default=str)}"
     server = RecordingServer()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+    executor = harness.prompt_executor(server)
     recorded.clear()
     executor.execute(prompt, prompt_id, extra_data={"client_id": "guiders-tests"}, execute_outputs=outputs)
     failures = [f"{e['node_type']} (node {e['node_id']}): {e['exception_message']}\n{''.join(e['traceback'])}"
@@ -442,6 +442,46 @@ def test_check_reports_widget_values_that_do_not_fit_the_node(registry: dict) ->
 
     assert any("GuidersPAG" in problem and "widgets_values" in problem for problem in problems), problems
     assert any("no_such_sampler" in problem for problem in problems), problems
+
+
+def test_check_accepts_what_a_later_comfyui_appended_to_a_host_node_and_nothing_else(registry: dict) -> None:
+    # A save from an older ComfyUI lacks a host node's later trailing widgets and outputs; the frontend fills
+    # them in on load (defaults, new slots), so both hosts' checks accept it. Catches: the tolerance applied to
+    # our own nodes too, to a value missing from the middle (too many values), or to outputs that differ.
+    workflow, node = _sd15()
+    ksampler = node["KSampler"]
+    ksampler["widgets_values"] = ksampler["widgets_values"][:-1]  # denoise, the last widget: its default
+    assert not wc.check_workflow(workflow, registry)
+    assert wc.graph_to_prompt(workflow, registry)[str(ksampler["id"])]["inputs"]["denoise"] == 1.0
+
+    ksampler["widgets_values"] = [*ksampler["widgets_values"], 1.0, "extra"]
+    assert any("KSampler" in p and "widgets_values" in p for p in wc.check_workflow(workflow, registry))
+
+    workflow, node = _sd15()
+    node["GuidersPAG"]["outputs"] = []
+    assert any("GuidersPAG" in p and "outputs" in p for p in wc.check_workflow(workflow, registry))
+    workflow, node = _sd15()
+    node["KSampler"]["outputs"][0]["type"] = "IMAGE"
+    assert any("KSampler" in p and "outputs" in p for p in wc.check_workflow(workflow, registry))
+
+
+def test_a_dynamic_combo_takes_its_chosen_options_widgets() -> None:
+    # SaveVideo's ``format`` on ComfyUI 0.33.0: a V3 dynamic combo whose chosen option adds ``format.codec``
+    # after it. Catches: the combo taken for a socket (0.8.0 saves then "lack" it), or the nested widget not
+    # read from the value that follows.
+    class SaveLike:
+        @classmethod
+        def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's name)
+            codec = {"required": {"codec": (["auto", "h264"], {})}}
+            return {"required": {"prefix": ("STRING", {"default": "v"}),
+                                 "format": (wc.DYNAMIC_COMBO, {"options": [{"key": "auto", "inputs": codec},
+                                                                           {"key": "mp4", "inputs": codec}]})},
+                    "optional": {"codec": (wc.DYNAMIC_COMBO, {"hidden": True, "options": []})}}
+
+    node = {"id": 1, "type": "SaveLike", "widgets_values": ["v", "mp4", "h264"]}
+    assert wc.widget_values(node, SaveLike) == {"prefix": "v", "format": "mp4", "format.codec": "h264"}
+    assert [w.name for w in wc.widgets_of(SaveLike)] == ["prefix", "format"]
+    assert wc.sockets_of(SaveLike) == []
 
 
 def test_the_tiny_sdxl_is_an_sdxl_that_samples(model_of: Callable) -> None:

@@ -32,7 +32,14 @@ from typing import Any
 FRONTEND_ONLY_TYPES = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
 MODE_MUTED = 2  # LGraphEventMode.NEVER
 MODE_BYPASSED = 4  # LGraphEventMode.BYPASS
-WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+# A V3 dynamic combo (ComfyUI after 0.8.0: SaveVideo's ``format``): a combo over its options' keys; the chosen
+# option's own inputs follow it as widgets named ``<combo>.<input>`` (comfy_api's finalize_prefix).
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO})
+# The node types whose saved form must match this host's definition exactly: the pack's own, the same on
+# every host. A host node may have gained trailing widgets or outputs in a later ComfyUI; the frontend fills
+# those in when it loads an older save (widget defaults, new output slots), and so do the checks here.
+OWN_PREFIX = "Guiders"
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload")
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
@@ -83,18 +90,36 @@ class DeclaredInput:
 
 def declared_inputs(class_def: type) -> list[DeclaredInput]:
     """The node's inputs in the order the frontend creates them: required, then optional (hidden skipped)."""
-    declared = class_def.INPUT_TYPES()
+    return _inputs_of(class_def.INPUT_TYPES())
+
+
+def _inputs_of(declared: dict, prefix: str = "") -> list[DeclaredInput]:
     inputs = []
     for section in ("required", "optional"):
         for name, spec in declared.get(section, {}).items():
             kind, options = spec[0], dict(spec[1]) if len(spec) > 1 and spec[1] else {}
+            if options.get("hidden"):  # a dynamic combo's nested input, also listed at the top level
+                continue
             choices = None
             if isinstance(kind, (list, tuple)):
                 kind, choices = "COMBO", tuple(kind)
             elif kind == "COMBO":
                 choices = tuple(options.get("options", ()))
-            inputs.append(DeclaredInput(str(name), str(kind), options, section == "optional", choices))
+            elif kind == DYNAMIC_COMBO:
+                choices = tuple(option["key"] for option in options.get("options", ()))
+            inputs.append(DeclaredInput(prefix + str(name), str(kind), options, section == "optional", choices))
     return inputs
+
+
+def nested_widgets(widget: DeclaredInput, value: Any) -> list[DeclaredInput]:
+    """The widgets a dynamic combo's chosen option adds after it (none for any other widget)."""
+    if widget.type != DYNAMIC_COMBO:
+        return []
+    for option in widget.options.get("options", ()):
+        if option["key"] == value:
+            return [spec for spec in _inputs_of(option.get("inputs") or {}, prefix=widget.name + ".")
+                    if spec.is_widget]
+    return []
 
 
 def widgets_of(class_def: type) -> list[DeclaredInput]:
@@ -149,18 +174,22 @@ def widget_values(node: dict, class_def: type, strict: bool = True) -> dict[str,
     values = node.get("widgets_values") or []
     if not isinstance(values, list):
         raise WorkflowError(f"{_label(node)}: widgets_values is not a list")
-    widgets = widgets_of(class_def)
-    expected = sum(1 + widget.frontend_extra_values for widget in widgets)
-    if strict and len(values) != expected:
-        layout = [w.name + " +control" * w.frontend_extra_values for w in widgets]
-        raise WorkflowError(f"{_label(node)}: {len(values)} widgets_values {values} but the node's widgets "
-                            f"are {layout} ({expected} values); re-save the workflow with this version "
-                            "of the node")
     mapped: dict[str, Any] = {}
-    position = 0
-    for widget in widgets:
+    layout = []
+    pending, position = list(widgets_of(class_def)), 0
+    while pending:
+        widget = pending.pop(0)
         mapped[widget.name] = values[position] if position < len(values) else widget.default
+        layout.append(widget.name + " +control" * widget.frontend_extra_values)
         position += 1 + widget.frontend_extra_values
+        pending[:0] = nested_widgets(widget, mapped[widget.name])
+    # An older save of a host node may lack the widgets a later ComfyUI appended (they take their defaults,
+    # as when the frontend loads it); more values than widgets, or fewer for a node of ours, is a wrong save.
+    too_few = len(values) < position and node["type"].startswith(OWN_PREFIX)
+    if strict and (len(values) > position or too_few):
+        raise WorkflowError(f"{_label(node)}: {len(values)} widgets_values {values} but the node's widgets "
+                            f"are {layout} ({position} values); re-save the workflow with this version "
+                            "of the node")
     return mapped
 
 
@@ -249,21 +278,28 @@ def _node_problems(node: dict, class_def: type) -> list[str]:
             problems.append(f"{label}: input {socket['name']!r} is a widget input but lacks widget.name")
     saved_outputs = [(output.get("name"), output.get("type")) for output in node.get("outputs") or []]
     declared_outputs = list(zip(output_names(class_def), output_types(class_def), strict=True))
-    if saved_outputs != declared_outputs:
+    # A host node may have gained outputs after the ComfyUI the workflow was saved with (SaveImage's
+    # ``images``): the frontend adds their slots on load. Ours, and the outputs a save has, must match.
+    appended = not node["type"].startswith(OWN_PREFIX) and saved_outputs == declared_outputs[:len(saved_outputs)]
+    if saved_outputs != declared_outputs and not appended:
         problems.append(f"{label}: outputs {saved_outputs} differ from the node's {declared_outputs}")
     try:
         values = widget_values(node, class_def, strict=True)
     except WorkflowError as error:
         return [*problems, str(error)]
     raw, position = node.get("widgets_values") or [], 0
-    for widget in widgets_of(class_def):
+    pending = list(widgets_of(class_def))
+    while pending:
+        widget = pending.pop(0)
         value, extras = values[widget.name], raw[position + 1: position + 1 + widget.frontend_extra_values]
         position += 1 + widget.frontend_extra_values
+        pending[:0] = nested_widgets(widget, value)
         if widget.type in ("INT", "FLOAT") and extras and extras[0] not in CONTROL_VALUES:
             problems.append(f"{label}: {widget.name}'s control_after_generate value {extras[0]!r} is not "
                             f"one of {CONTROL_VALUES}")
         user_file = isinstance(value, str) and value.endswith(MODEL_FILE_SUFFIXES)  # the user's own models
-        if widget.type == "COMBO" and widget.choices and value not in widget.choices and not user_file:
+        if widget.type in ("COMBO", DYNAMIC_COMBO) and widget.choices and value not in widget.choices \
+                and not user_file:
             problems.append(f"{label}: {widget.name}={value!r} is not one of {list(widget.choices)}")
     return problems
 
