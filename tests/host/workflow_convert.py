@@ -9,6 +9,12 @@ frontend (1.35) adds after some widgets: the "control_after_generate" combo afte
 and a filter-list string after a COMBO with ``control_after_generate``; the upload button after a combo
 with ``image_upload``/``video_upload``/``audio_upload``.
 
+The shipped workflows are saved from ComfyUI 0.8.0 and must load on later hosts too (0.33.0): a host node
+may since have gained trailing widgets (CreateVideo's ``bit_depth``), outputs (SaveImage's ``images``) or V3
+dynamic combos (SaveVideo's ``format`` with its nested ``codec``). The checks accept exactly what the frontend
+fills in when it loads an older save (new widgets at their defaults, new output slots); the pack's own nodes
+must match the running host's definition exactly.
+
 ``graph_to_prompt`` follows the frontend's ``graphToPrompt``: frontend-only nodes (Note, MarkdownNote,
 Reroute, PrimitiveNode) and muted (mode 2) or bypassed (mode 4) nodes are left out; a PrimitiveNode first
 writes its value into the widgets it drives (``applyToGraph``); a link from a Reroute is followed to its
