@@ -12,7 +12,7 @@ from . import families
 from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, mark_ours
 from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, sublayer_modules
-from .routing import ActiveBlock, chunk_perturbations, chunk_rows, no_other_patches
+from .routing import ActiveBlock, chunk_perturbations, chunk_rows, no_other_patches, patch_grid
 from .shared_prefix import once_per_equal_chunk, select_rows
 
 
@@ -20,7 +20,8 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
     """A ``dit`` block replace patch for ``layer`` of a ``family`` model: where the text tokens sit in the
     block's self-attention sequence (its family record's ``text_position``), so only the image tokens are
     perturbed, and which modules are its sublayers (the record's ``sublayers``)."""
-    text_position = families.FAMILY_BY_KEY[family].text_position
+    record = families.FAMILY_BY_KEY[family]
+    text_position = record.text_position
 
     def block_replace(args, extra):
         original = extra["original_block"]
@@ -47,7 +48,11 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
                 text_tokens = text.shape[1] if text is not None else transformer_options.get(TEXT_TOKENS_KEY, 0)
             marked = dict(transformer_options)
             # A fresh call counter per block call: only the block's first attention call is perturbed.
-            marked[ACTIVE_LAYER_KEY] = ActiveBlock(layer, attention_chunks, text_tokens, text_position)
+            grid = None
+            if record.patch_size is not None and text_position != families.TEXT_AFTER_IMAGE:
+                # The image right after the text; reference-image tokens after it (Qwen-Image Edit) stay as they are.
+                grid = patch_grid(transformer_options[STEP_KEY].latent_shape, record.patch_size, text_tokens)
+            marked[ACTIVE_LAYER_KEY] = ActiveBlock(layer, attention_chunks, text_tokens, text_position, grid=grid)
             call_args = dict(args)
             call_args["transformer_options"] = marked
         n = len(chunks)
