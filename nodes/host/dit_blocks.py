@@ -13,7 +13,7 @@ from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, mark_ours
 from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, sublayer_modules
 from .routing import ActiveBlock, chunk_perturbations, chunk_rows, no_other_patches, patch_grid
-from .shared_prefix import once_per_equal_chunk, select_rows
+from .shared_prefix import once_per_equal_chunk, rows_follow_the_batch, select_rows
 
 
 def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
@@ -37,7 +37,8 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
             return original(args) if previous is not None else once_per_equal_chunk(original, args, transformer_options)
         only_skips = all(isinstance(p, BlockSkip) for c in chunks for p in c)
         # Another node's patch may count on every chunk being computed: then the skipped ones are computed too.
-        if only_skips and previous is None and no_other_patches(transformer_options):
+        if only_skips and previous is None and no_other_patches(transformer_options) and rows_follow_the_batch(
+                {key: value for key, value in args.items() if key != "transformer_options"}, args["img"].shape[0]):
             return _without_skipped_chunks(original, args, transformer_options, chunks)
         attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
         call_args = args

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from harness import ForwardCounter, assert_window_is_partial, sample, scheduler_sigmas
+from harness import ForwardCounter, assert_window_is_partial, run_node, sample, scheduler_sigmas
 from node_table import JOINT, EffectCase, effect_params
 from references import (
     attention_override_during_pass,
@@ -48,7 +48,7 @@ from references import (
     perturbed_pass_reference,
 )
 from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
-from tiny_models import make_conditioning, make_latent
+from tiny_models import make_conditioning, make_latent, make_qwen_image
 
 from guidance_core.perturb import smooth_queries
 
@@ -373,3 +373,139 @@ def test_sublayer_skip_matches_its_definition(tiny_model, plain_of, family: str,
     assert counter.per_step() == [[3]] * STEPS
     assert_parity(result, run(reference, family), plain_of(family))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules + [block]), "hooks outlived the run"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Qwen-Image Edit: the reference image's tokens follow the image's and are left as they are
+
+
+def edit_conditioning(reference_side: int) -> tuple[list, list]:
+    """Qwen-Image Edit's conditioning: the prompt plus ``reference_latents`` (what TextEncodeQwenImageEdit and
+    ReferenceLatent put there), one reference latent of ``reference_side`` x ``reference_side``, the same one
+    on both (as the Edit workflows give the negative too)."""
+    positive, negative = make_conditioning("qwen_image", seed=1)
+    reference = torch.randn(1, 16, 1, reference_side, reference_side, generator=torch.Generator().manual_seed(4))
+    return ([[positive[0][0], {**positive[0][1], "reference_latents": [reference]}]],
+            [[negative[0][0], {**negative[0][1], "reference_latents": [reference]}]])
+
+
+@pytest.fixture(scope="module")
+def qwen_image_edit_2511(comfy_host):
+    # Qwen-Image Edit 2511 (model_detection: the __index_timestep_zero__ buffer): its reference tokens get
+    # timestep-0 modulation, the block's modulation then has twice the batch's rows.
+    return make_qwen_image(default_ref_method="index_timestep_zero")
+
+
+EDIT_CASES = [pytest.param("index", 8, id="edit-same-size-reference"),
+              pytest.param("index", 16, id="edit-larger-reference"),
+              pytest.param("index_timestep_zero", 16, id="edit-2511-larger-reference")]
+
+
+@pytest.mark.parametrize(("ref_method", "reference_side"), EDIT_CASES)
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSEG"])
+def test_qwen_image_edit_perturbs_the_image_rows_and_leaves_the_reference_rows(
+        tiny_model, qwen_image_edit_2511, ref_method: str, reference_side: int, node_id: str) -> None:
+    """PAG and SEG on Qwen-Image Edit: in the joint sequence [16 text, 16 image, reference tokens] only the 16
+    image rows are perturbed (identity map, or their queries blurred on the 4x4 grid); the text and the
+    reference image (16 or 64 tokens, conditioning as the text is) keep their attention. Breaks caught: the
+    grid guessed from the sequence length (with a 64-token reference an 8x8 grid fits: image and reference
+    rows perturbed together), the reference rows perturbed too, Edit 2511's doubled modulation rows dropped by
+    the shared prefix."""
+    model = tiny_model("qwen_image") if ref_method == "index" else qwen_image_edit_2511
+    positive, negative = edit_conditioning(reference_side)
+    latent = make_latent("qwen_image", seed=2)
+    image_rows = slice(16, 32)
+    if node_id == "GuidersPAG":
+        ours = node("GuidersPAG", model=model, scale=SCALE, layers="1", start_percent=0.0, end_percent=1.0)
+        perturbed = joint_attention_rows_return_values("double", 1, image_rows)
+    else:
+        ours = node("GuidersSEG", model=model, scale=SCALE, blur_sigma=2.0, layers="1", start_percent=0.0,
+                    end_percent=1.0)
+
+        def override(func, q, k, v, *args, **kwargs):
+            options = kwargs.get("transformer_options") or {}
+            if options.get("block_type") == "double" and options.get("block_index") == 1:
+                q = smooth_queries(q, (4, 4), 2.0, image_token_start=image_rows.start)
+            return func(q, k, v, *args, **kwargs)
+
+        perturbed = attention_override_during_pass(override)
+    reference = perturbed_pass_reference(model, perturbed, SCALE)
+
+    def sampled(m):
+        return sample(m, positive, negative, latent, cfg=CFG, steps=STEPS, seed=3)
+
+    assert_parity(sampled(ours), sampled(reference), sampled(model))
+
+
+@pytest.mark.parametrize("ref_method", ["index", "index_timestep_zero"])
+def test_slg_block_on_qwen_image_edit_matches_skip_layer_guidance_dit(tiny_model, qwen_image_edit_2511,
+                                                                      ref_method: str) -> None:
+    """With a reference image, and on Edit 2511 whose modulation rows are twice the batch (the batch's
+    timesteps, then zeros): the skipped chunk is never computed where rows can be selected, and is where
+    they cannot. Break caught: selecting rows of the doubled modulation (a shape error)."""
+    model = tiny_model("qwen_image") if ref_method == "index" else qwen_image_edit_2511
+    positive, negative = edit_conditioning(16)
+    latent = make_latent("qwen_image", seed=2)
+    ours = node("GuidersSLG", model=model, scale=SCALE, layers="1", mode="block", start_percent=0.0,
+                end_percent=1.0, rescale=0.0)
+    builtin = node("SkipLayerGuidanceDiT", model=model, double_layers="1", single_layers="", scale=SCALE,
+                   start_percent=0.0, end_percent=1.0, rescaling_scale=0.0)
+
+    def sampled(m):
+        return sample(m, positive, negative, latent, cfg=CFG, steps=STEPS, seed=3)
+
+    assert_parity(sampled(ours), sampled(builtin), sampled(model))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward costs, hooks' lifetime, and what is refused
+
+
+@PER_FAMILY
+def test_guiders_pag_with_cfg_is_one_call_of_three_per_step_and_leaves_no_hooks(tiny_model, plain_of, family):
+    model = tiny_model(family)
+    pag_model = node("GuidersPAG", model=model, scale=SCALE)
+
+    with ForwardCounter(model) as counter:
+        out = run(pag_model, family)
+
+    assert counter.per_step() == [[3]] * STEPS
+    for call in counter.calls:
+        indices = sorted(call.cond_or_uncond)
+        assert indices[:2] == [COND, UNCOND] and indices[2] >= 2, call.cond_or_uncond
+    assert relative_error(out, plain_of(family)) > MIN_EFFECT
+    for module in model.model.diffusion_model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, f"a hook outlived the run: {module}"
+
+
+def test_block_hooks_are_removed_when_the_forward_raises(tiny_model) -> None:
+    """A forward that fails inside a hooked block (here: a NaN-checking hook of the test raising) leaves no
+    hook of ours behind on the block or its sublayers."""
+    model = tiny_model("lumina2")
+    block = block_of(model, "lumina2", 1)
+    patched = node("GuidersSLG", model=model, scale=SCALE, layers="1", mode="attention", start_percent=0.0,
+                   end_percent=1.0)
+
+    def fail(module, args, output):
+        raise RuntimeError("inside the block")
+
+    handle = block.feed_forward.register_forward_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="inside the block"):
+            run(patched, "lumina2")
+    finally:
+        handle.remove()
+    assert not block._forward_hooks and not block._forward_pre_hooks
+    assert not block.attention._forward_hooks and not block.feed_forward._forward_hooks
+
+
+@PER_FAMILY
+def test_sag_refuses_joint_models_and_names_the_supported_families(tiny_model, family: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        run_node("GuidersSAG", model=tiny_model(family), scale=0.5, blur_sigma=2.0)
+
+    message = str(raised.value)
+    name = FAMILIES[family].name
+    assert name in message and "supports" in message, message
+    supports_part = message.split("supports", 1)[-1]
+    assert "UNet" in supports_part and name not in supports_part, message
