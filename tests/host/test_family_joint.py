@@ -193,9 +193,10 @@ IDENTITY_CASES = [pytest.param(family, node_id, id=f"{family}-{node_id}")
 @pytest.mark.parametrize(("family", "node_id"), IDENTITY_CASES)
 def test_identity_attention_matches_a_reference_from_the_definition(tiny_model, plain_of, family: str,
                                                                    node_id: str) -> None:
-    """Breaks caught (shown on a scratch copy): the text rows perturbed too (the grid from the token count on
-    Z-Image's padded sequence starts at 0), the wrong block (index + 1), a refiner block perturbed instead of
-    the main layer, the perturbation on the uncond chunk."""
+    """Breaks caught (shown on a scratch copy): the text rows perturbed too (the grid at token 0; Z-Image's
+    caption padding ignored; the grid guessed from the token count, which on Z-Image's padded sequence fits
+    8x8 at token 0), the text rows of Qwen-Image's joint attention perturbed, the wrong block (index + 1),
+    the perturbation on the other chunk."""
     model = tiny_model(family)
     if node_id == "GuidersPAG":
         ours = node("GuidersPAG", model=model, scale=SCALE, layers="1", start_percent=0.0, end_percent=1.0)
@@ -245,8 +246,8 @@ def queries_blurred(family: str, index: int, blur_sigma: float) -> Callable:
 @PER_FAMILY
 def test_seg_blurs_the_image_token_grid_as_a_reference_from_the_definition(tiny_model, plain_of, family: str,
                                                                           blur_sigma: float) -> None:
-    """Breaks caught: the grid starting at token 0 on the joint families (text blurred with the image), the
-    frames not separated on Kandinsky 5 video, the wrong block."""
+    """Breaks caught (shown on a scratch copy): the grid starting at token 0 on the joint families (text blurred
+    with the image), Z-Image's padding ignored, the frames of Kandinsky 5 video blurred as one grid."""
     model = tiny_model(family)
     ours = node("GuidersSEG", model=model, scale=SCALE, blur_sigma=blur_sigma, layers="0", start_percent=0.0,
                 end_percent=1.0)
@@ -270,8 +271,8 @@ HOST_SKIP = pytest.mark.parametrize("family", [f for f in JOINT if FAMILIES[f].h
 def test_slg_block_matches_skip_layer_guidance_dit(tiny_model, plain_of, family, start, end) -> None:
     """Where ComfyUI's SkipLayerGuidanceDiT skips (its patch returns the block's inputs: Qwen-Image, and
     Kandinsky 5, whose forward takes the patch's "x" back), ours equals it; on Kandinsky 5 ours skips through
-    block hooks, not the patch. Breaks caught: the wrong block skipped, the skip on the cond chunk instead of
-    the extra branch, the window ignored."""
+    block hooks, not the patch. Break caught (shown on a scratch copy): the skipped chunk's block output kept
+    instead of its input."""
     model = tiny_model(family)
     assert_window_is_partial(model, start, end, STEPS)
     ours = node("GuidersSLG", model=model, scale=SCALE, layers="1", mode="block", start_percent=start,
@@ -318,8 +319,8 @@ def block_returns_its_input(family: str, index: int, sigma_start: float, sigma_e
 @pytest.mark.parametrize("family", [f for f in JOINT if not FAMILIES[f].host_skip_works])
 def test_slg_block_matches_a_reference_from_the_definition(tiny_model, plain_of, family: str, start, end) -> None:
     """Where the host's own skip does nothing (Lumina 2 / Z-Image: no dit patch is ever called).
-    Breaks caught: the wrong block, the skipped chunk's output kept (its input not passed on), the window
-    ignored."""
+    Breaks caught (shown on a scratch copy): the wrong block hooked, the skipped chunk's output kept (its input
+    not passed on)."""
     model = tiny_model(family)
     assert_window_is_partial(model, start, end, STEPS)
     ours = node("GuidersSLG", model=model, scale=SCALE, layers="1", mode="block", start_percent=start,
@@ -359,7 +360,7 @@ def test_the_hosts_block_patch_does_nothing_on_lumina_and_cannot_call_kandinsky5
 def test_sublayer_skip_matches_its_definition(tiny_model, plain_of, family: str, mode: str) -> None:
     """GuidersSLG ``attention`` / ``feedforward``: the sublayer's modules add nothing for the perturbed branch
     (their outputs zero, so the residual passes through). Breaks caught: the wrong module (the text MLP only
-    on Qwen-Image), the skip on every chunk, hooks left on the module after the run."""
+    on Qwen-Image), the wrong block hooked, block hooks left after the run (all shown on a scratch copy)."""
     model = tiny_model(family)
     block = block_of(model, family, 1)
     modules = [block.get_submodule(name) for name in FAMILIES[family].sublayers[mode]]
@@ -407,10 +408,10 @@ def test_qwen_image_edit_perturbs_the_image_rows_and_leaves_the_reference_rows(
         tiny_model, qwen_image_edit_2511, ref_method: str, reference_side: int, node_id: str) -> None:
     """PAG and SEG on Qwen-Image Edit: in the joint sequence [16 text, 16 image, reference tokens] only the 16
     image rows are perturbed (identity map, or their queries blurred on the 4x4 grid); the text and the
-    reference image (16 or 64 tokens, conditioning as the text is) keep their attention. Breaks caught: the
-    grid guessed from the sequence length (with a 64-token reference an 8x8 grid fits: image and reference
-    rows perturbed together), the reference rows perturbed too, Edit 2511's doubled modulation rows dropped by
-    the shared prefix."""
+    reference image (16 or 64 tokens, conditioning as the text is) keep their attention. Breaks caught (shown
+    on a scratch copy): the grid guessed from the sequence length (with a 64-token reference an 8x8 grid fits:
+    image and reference rows perturbed together), Edit 2511's doubled modulation rows selected as batch rows
+    by the shared prefix (a shape error)."""
     model = tiny_model("qwen_image") if ref_method == "index" else qwen_image_edit_2511
     positive, negative = edit_conditioning(reference_side)
     latent = make_latent("qwen_image", seed=2)
@@ -463,6 +464,7 @@ def test_slg_block_on_qwen_image_edit_matches_skip_layer_guidance_dit(tiny_model
 
 @PER_FAMILY
 def test_guiders_pag_with_cfg_is_one_call_of_three_per_step_and_leaves_no_hooks(tiny_model, plain_of, family):
+    """Break caught (shown on a scratch copy): the wrapper not removing its block hooks."""
     model = tiny_model(family)
     pag_model = node("GuidersPAG", model=model, scale=SCALE)
 
@@ -479,8 +481,10 @@ def test_guiders_pag_with_cfg_is_one_call_of_three_per_step_and_leaves_no_hooks(
 
 
 def test_block_hooks_are_removed_when_the_forward_raises(tiny_model) -> None:
-    """A forward that fails inside a hooked block (here: a NaN-checking hook of the test raising) leaves no
-    hook of ours behind on the block or its sublayers."""
+    """A forward that fails inside a hooked block (a hook of the test raising in its feed-forward) leaves no
+    hook of ours behind on the block or its sublayers. Breaks caught (shown on a scratch copy): the block
+    hooks removed only when the forward returns, the sublayer hooks removed by a hook that does not run on
+    an exception (no ``always_call``)."""
     model = tiny_model("lumina2")
     block = block_of(model, "lumina2", 1)
     patched = node("GuidersSLG", model=model, scale=SCALE, layers="1", mode="attention", start_percent=0.0,
