@@ -137,7 +137,7 @@ NODE_TABLE = (
              "test_node_parity.py::test_slg_rescale_matches_builtin_rescaling_scale",
              "test_video_dits.py::test_slg_block_matches_skip_layer_guidance_dit",
              "test_slg_sublayers.py::test_sublayer_skip_matches_its_definition",
-             "test_family_joint.py::test_slg_block_matches_skip_layer_guidance_dit_on_qwen_image",
+             "test_family_joint.py::test_slg_block_matches_skip_layer_guidance_dit",
              "test_family_joint.py::test_slg_block_matches_a_reference_from_the_definition",
              "test_family_joint.py::test_sublayer_skip_matches_its_definition"),
             effect_cases=(
