@@ -157,6 +157,23 @@ def test_the_joint_families_are_declared_where_this_file_tests_them(guiders_pack
         assert key in module.PAG_FAMILIES and key in module.ATTENTION_FAMILIES and key in module.BLOCK_FAMILIES
 
 
+@PER_FAMILY
+def test_auto_layers_are_the_middle_main_block_and_the_tooltip_says_why(guiders_pack, tiny_model, family) -> None:
+    # No published PAG/SEG/SLG layers for these families (field-2026.md §6): the middle of the main stack
+    # (the refiners and text blocks are not in it). The tiny models have 3 main blocks: block 1.
+    import sys
+
+    host = sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + ".host"]
+    model = tiny_model(family)
+    main_blocks = len(getattr(model.model.diffusion_model, FAMILIES[family].blocks))
+    record = host.families.FAMILY_BY_KEY[host.model_family(model)]
+    for method in ("pag", "seg", "slg"):
+        layers = host.parse_layers("auto", model, "layers", method)
+        assert [str(layer) for layer in layers] == [f"double.{main_blocks // 2}"]
+        assert "middle of the stack" in record.recommended[method].source
+    assert f"{record.display_name}: the middle block" in host.families.recommended_summary("pag")
+
+
 @pytest.mark.parametrize(("case", "family"), effect_params(JOINT))
 def test_node_changes_the_result_on_joint_models_and_stays_finite(tiny_model, weak_model_of, family: str,
                                                                   case: EffectCase) -> None:
