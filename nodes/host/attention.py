@@ -118,7 +118,8 @@ def make_attention_override(previous: Callable | None):
             return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True, **rest)
 
         routing = transformer_options.get(STEP_KEY)
-        grid = grid_for(q4.shape[2], routing.latent_shape, text_tokens, text_position != families.TEXT_AFTER_IMAGE)
+        grid = active.grid if active.grid is not None else grid_for(
+            q4.shape[2], routing.latent_shape, text_tokens, text_position != families.TEXT_AFTER_IMAGE)
 
         def perturb_chunk(perturbation, q_, k_, v_, which):
             return perturbed_attention(perturbation, q_, k_, v_, grid, attend, routing.scratch)

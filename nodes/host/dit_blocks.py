@@ -12,15 +12,16 @@ from . import families
 from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, mark_ours
 from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, sublayer_modules
-from .routing import ActiveBlock, chunk_perturbations, chunk_rows, no_other_patches
-from .shared_prefix import once_per_equal_chunk, select_rows
+from .routing import ActiveBlock, chunk_perturbations, chunk_rows, no_other_patches, patch_grid
+from .shared_prefix import once_per_equal_chunk, rows_follow_the_batch, select_rows
 
 
 def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
     """A ``dit`` block replace patch for ``layer`` of a ``family`` model: where the text tokens sit in the
     block's self-attention sequence (its family record's ``text_position``), so only the image tokens are
     perturbed, and which modules are its sublayers (the record's ``sublayers``)."""
-    text_position = families.FAMILY_BY_KEY[family].text_position
+    record = families.FAMILY_BY_KEY[family]
+    text_position = record.text_position
 
     def block_replace(args, extra):
         original = extra["original_block"]
@@ -36,7 +37,8 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
             return original(args) if previous is not None else once_per_equal_chunk(original, args, transformer_options)
         only_skips = all(isinstance(p, BlockSkip) for c in chunks for p in c)
         # Another node's patch may count on every chunk being computed: then the skipped ones are computed too.
-        if only_skips and previous is None and no_other_patches(transformer_options):
+        if only_skips and previous is None and no_other_patches(transformer_options) and rows_follow_the_batch(
+                {key: value for key, value in args.items() if key != "transformer_options"}, args["img"].shape[0]):
             return _without_skipped_chunks(original, args, transformer_options, chunks)
         attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
         call_args = args
@@ -47,7 +49,11 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
                 text_tokens = text.shape[1] if text is not None else transformer_options.get(TEXT_TOKENS_KEY, 0)
             marked = dict(transformer_options)
             # A fresh call counter per block call: only the block's first attention call is perturbed.
-            marked[ACTIVE_LAYER_KEY] = ActiveBlock(layer, attention_chunks, text_tokens, text_position)
+            grid = None
+            if record.patch_size is not None and text_position != families.TEXT_AFTER_IMAGE:
+                # The image right after the text; reference-image tokens after it (Qwen-Image Edit) stay as they are.
+                grid = patch_grid(transformer_options[STEP_KEY].latent_shape, record.patch_size, text_tokens)
+            marked[ACTIVE_LAYER_KEY] = ActiveBlock(layer, attention_chunks, text_tokens, text_position, grid=grid)
             call_args = dict(args)
             call_args["transformer_options"] = marked
         n = len(chunks)

@@ -22,6 +22,8 @@ ATTN1_REPLACE = "attn1 replace patch"  # UNet transformer blocks: patches_replac
 DIT_BLOCK_REPLACE = "dit block replace patch"  # patches_replace["dit"][("double_block", i)]
 ATTENTION_OVERRIDE = "optimized_attention_override"  # transformer_options: every attention call goes through it
 BLOCK_INDEX = "block_index in transformer_options"
+# No working dit block replace patch: forward hooks on the block modules, alive for one forward (block_hooks.py).
+BLOCK_FORWARD_HOOKS = "forward hooks on the blocks, for one forward"
 
 # Methods, as node modules name them when they ask which families support them.
 PAG, SEG, SLG, SAG = "pag", "seg", "slg", "sag"
@@ -46,6 +48,9 @@ class ModelFamily:
     sublayers: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)  # kind -> sublayer -> modules
     hooks: tuple[str, ...] = ()
     recommended: dict[str, Recommended] = field(default_factory=dict)  # method -> layers
+    # The DiT's patch (frames, height, width) where the image tokens' grid is taken from the latent, not guessed
+    # from the sequence length (padding or reference-image tokens make the length ambiguous).
+    patch_size: tuple[int, int, int] | None = None
 
     @property
     def is_unet(self) -> bool:
@@ -110,6 +115,48 @@ FAMILIES: tuple[ModelFamily, ...] = (
         sublayers={"double": {"attention": ("img_attn.proj", "txt_attn.proj"), "feedforward": ("img_mlp", "txt_mlp")}},
         hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX),
         recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
+    # Qwen-Image and Qwen-Image Edit (comfy/ldm/qwen_image/model.py): one stack of MMDiT blocks whose joint
+    # attention runs on [text tokens, image tokens, reference-image tokens] (Edit appends its reference latents'
+    # tokens after the image's). Only the generated image's tokens are perturbed: the text and the reference
+    # image are conditioning, left as they are (as for Flux Kontext). The dit block patch ("img", "txt") works;
+    # the image grid comes from the latent and the 2x2 patch (process_img), never from the sequence length,
+    # which reference images of any size make ambiguous.
+    ModelFamily(
+        "qwen_image", "Qwen-Image (and Edit)", ("comfy.ldm.qwen_image.model:QwenImageTransformer2DModel",),
+        frozenset({PAG, SEG, SLG}), block_lists={"double": "transformer_blocks"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attn.to_out.0", "attn.to_add_out"),
+                              "feedforward": ("img_mlp", "txt_mlp")}},
+        hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+        patch_size=(1, 2, 2),
+    ),
+    # Lumina Image 2.0 and Z-Image (comfy/ldm/lumina/model.py NextDiT; supported_models.ZImage is a NextDiT
+    # config): a context refiner (caption only) and a noise refiner (image only) run first and are not layers
+    # here; the main ``layers`` run on [caption tokens, image tokens] (Z-Image pads both to a multiple of 32,
+    # its Omni variant puts reference images and their captions before the image): the image is the sequence's
+    # last part, everything before it is left as it is. No dit block patch in 0.8.0 or 0.33.0: forward hooks on
+    # the perturbed main blocks, for one forward (block_hooks.py), and the attention override.
+    ModelFamily(
+        "lumina2", "Lumina 2 / Z-Image (NextDiT)", ("comfy.ldm.lumina.model:NextDiT",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "layers"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attention",), "feedforward": ("feed_forward",)}},
+        hooks=(BLOCK_FORWARD_HOOKS, ATTENTION_OVERRIDE, BLOCK_INDEX),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+        patch_size=(1, 2, 2),
+    ),
+    # Kandinsky 5 video and image (comfy/ldm/kandinsky5/model.py): text blocks first (text only, not layers
+    # here), then visual blocks: self-attention on the video tokens (the text is not in it), cross-attention to
+    # the text, feed-forward. Its dit block patch calls the block with keywords it does not take (0.8.0 and
+    # 0.33.0; block_hooks.kandinsky5_block_patch_works): forward hooks on the perturbed visual blocks, for one
+    # forward, and the attention override.
+    ModelFamily(
+        "kandinsky5", "Kandinsky 5", ("comfy.ldm.kandinsky5.model:Kandinsky5",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "visual_transformer_blocks"},
+        sublayers={"double": {"attention": ("self_attention",), "feedforward": ("feed_forward",)}},
+        hooks=(BLOCK_FORWARD_HOOKS, ATTENTION_OVERRIDE, BLOCK_INDEX),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+        patch_size=(1, 2, 2),
     ),
 )
 

@@ -13,6 +13,7 @@ import comfy.samplers
 
 from ...guidance_core.plan import GuidanceStack
 from .attention import claim_unet_attn1, text_tokens_wrapper
+from .block_hooks import block_hooks_wrapper, uses_block_hooks
 from .dit_blocks import make_dit_block_patch
 from .layers import Layer, model_family, model_layers
 from .marks import SETUP_KEY, WRAPPER_KEY, is_ours
@@ -63,15 +64,16 @@ def _install_hooks(patched, setup: GuidanceSetup) -> None:
         _install_layer_patch(patched, layer)
     if layers and not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):
         dit = any(layer.is_dit for layer in layers)
+        dit_wrapper = block_hooks_wrapper if uses_block_hooks(model_family(patched)) else text_tokens_wrapper
         patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY,
-                                     text_tokens_wrapper if dit else shared_prefix_wrapper)
+                                     dit_wrapper if dit else shared_prefix_wrapper)
 
 
 def _dit_prefix_layers(model, layers: list[Layer]) -> list[Layer]:
     """The DiT blocks before the last perturbed one, in forward order: their patch computes equal chunks
     once (the shared prefix)."""
-    if not any(layer.is_dit for layer in layers):
-        return []
+    if not any(layer.is_dit for layer in layers) or uses_block_hooks(model_family(model)):
+        return []  # block hooks go on the perturbed blocks only: no shared prefix there
     blocks = model_layers(model)  # double (main) blocks, then single blocks: the forward order
     last = max((blocks.index(layer) for layer in layers if layer in blocks), default=0)
     return [block for block in blocks[:last] if block not in layers]
@@ -84,6 +86,8 @@ def _install_layer_patch(patched, layer: Layer) -> None:
         # clone() deep-copied model_options, so these dicts are the clone's own.
         claim_unet_attn1(transformer_options.setdefault("patches_replace", {}).setdefault("attn1", {}), [layer])
         return
+    if uses_block_hooks(model_family(patched)):
+        return  # the block hooks wrapper puts forward hooks on this block for each forward
     previous = transformer_options.get("patches_replace", {}).get(name, {}).get(key)
     if not is_ours(previous):
         patched.set_model_patch_replace(make_dit_block_patch(layer, previous, model_family(patched)), name, *key)

@@ -39,6 +39,7 @@ class ActiveBlock:
     text_tokens: int
     text_position: str
     attention_calls: int = 0
+    grid: TokenGrid | None = None  # the image tokens' grid where the family knows it (record.patch_size)
 
 
 def with_step_info(model_options, routing: ForwardRouting) -> dict:
@@ -90,6 +91,16 @@ def grid_for(tokens: int, latent_shape: tuple, text_tokens: int = 0, text_first:
         if text_tokens + frames * h * w <= tokens:
             return TokenGrid(image_start, h, w, frames)
     return None
+
+
+def patch_grid(latent_shape: tuple, patch_size: tuple[int, int, int], start: int) -> TokenGrid:
+    """The image tokens' grid of a DiT with patches ``patch_size`` (frames, height, width) on a latent of
+    ``latent_shape`` (4-D, or 5-D video), the first image token at ``start``: the host pads the latent to
+    whole patches, so each side is ceil(side / patch)."""
+    frames = latent_shape[-3] if len(latent_shape) >= 5 else 1
+    patch_t, patch_h, patch_w = patch_size
+    return TokenGrid(start, math.ceil(latent_shape[-2] / patch_h), math.ceil(latent_shape[-1] / patch_w),
+                     math.ceil(frames / patch_t))
 
 
 def _chunk_runs(chunks: list[list]) -> list[tuple[int, int, AttentionPerturbation | None]]:

@@ -166,6 +166,8 @@ def once_per_equal_chunk(original, args: dict, transformer_options: dict) -> dic
     if n < 2 or batch % n or STEP_KEY not in transformer_options or not no_other_patches(transformer_options):
         return original(args)
     inputs = {key: value for key, value in args.items() if key != "transformer_options"}
+    if not rows_follow_the_batch(inputs, batch):
+        return original(args)
     kept, source = equal_chunks(list(_batched_tensors(inputs, batch)), n)
     if len(kept) == n:
         return original(args)
@@ -187,6 +189,18 @@ def _batched_tensors(value, batch: int):
     elif isinstance(value, (dict, tuple, list)):
         for item in value.values() if isinstance(value, dict) else value:
             yield from _batched_tensors(item, batch)
+
+
+def rows_follow_the_batch(value, batch: int) -> bool:
+    """Whether no tensor in ``value`` has a multiple of ``batch`` rows other than ``batch``: such a tensor
+    holds the batch in a layout of its own (Qwen-Image Edit 2511's modulation: the batch's timesteps, then
+    zeros for its reference tokens), whose rows ``select_rows`` would not take."""
+    if isinstance(value, torch.Tensor):
+        return not (value.ndim and value.shape[0] > batch and value.shape[0] % batch == 0)
+    if isinstance(value, (dict, tuple, list)):
+        items = value.values() if isinstance(value, dict) else value
+        return all(rows_follow_the_batch(item, batch) for item in items)
+    return True
 
 
 def select_rows(value, rows: torch.Tensor, batch: int):

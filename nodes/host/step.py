@@ -42,6 +42,7 @@ import torch
 from ...guidance_core.plan import CFG_TERM, COND, UNCOND, GuidanceStack, StepContext
 from ...guidance_core.schedules import step_of_sigma
 from .attention import claim_unet_attn1, make_attention_override
+from .block_hooks import hooks_installed
 from .layers import Layer
 from .marks import SETUP_KEY, GuidanceError, is_ours, mark_ours
 from .perturbations import LateBranch, LateCall, patched_layers
@@ -196,10 +197,11 @@ def _reclaim_slots(model_options, setup: GuidanceSetup) -> None:
         replace_patches["attn1"] = dict(replace_patches.get("attn1", {}))
         claim_unet_attn1(replace_patches["attn1"], layers)
     owners = " → ".join(dict.fromkeys(setup.owner_nodes))
+    hooked = hooks_installed(model_options["transformer_options"])  # its DiT blocks carry no patch of ours
     for layer in layers:
         name, key = layer.patch_key
         fn = replace_patches.get(name, {}).get(key)
-        if layer.is_dit and not is_ours(fn):
+        if layer.is_dit and not hooked and not is_ours(fn):
             raise GuidanceError(f"The patch on layer {layer} set by ComfyUI-Guiders ({owners}) was replaced by "
                                 f"{foreign_node_name(fn)}, applied after it. Apply {foreign_node_name(fn)} first.")
 

@@ -331,6 +331,7 @@ def make_model(family: str, seed: int = 0):
         "ltxv": lambda: make_ltxv(seed=seed),
         "hunyuan_video": lambda: make_hunyuan_video(seed=seed),
         "auraflow": lambda: make_auraflow(seed=seed),
+        **{family: (lambda build=build: build(seed=seed)) for family, build in JOINT_BUILDERS.items()},
     }
     return builders[family]()
 
@@ -397,3 +398,125 @@ def make_latent(
     generator = torch.Generator().manual_seed(seed)
     frames = () if spec.latent_frames is None else (spec.latent_frames,)
     return torch.randn(batch, spec.latent_channels, *frames, h, w, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The joint group: Qwen-Image, Lumina 2 / Z-Image (NextDiT), Kandinsky 5 (tests/host/test_family_joint.py)
+
+# Qwen-Image's latent (Wan 2.1's format) is 5-D with one frame, as ComfyUI gives its empty image latents for
+# that format; Kandinsky 5 video takes 3 frames, Kandinsky 5 image a 4-D latent. Lumina 2 / Z-Image: 4-D.
+JOINT_IMAGE_FAMILIES = ("lumina2", "z_image", "kandinsky5_image")
+JOINT_VIDEO_FAMILIES = ("qwen_image", "kandinsky5")
+JOINT_FAMILIES = ("qwen_image", "lumina2", "z_image", "kandinsky5", "kandinsky5_image")
+
+SPECS.update({
+    "lumina2": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
+    "z_image": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
+    "kandinsky5_image": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16,
+                                   flux_guidance=None),
+})
+VIDEO_SPECS.update({
+    "qwen_image": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
+                             flux_guidance=None, latent_frames=1),
+    "kandinsky5": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16,
+                             flux_guidance=None, latent_frames=3),
+})
+
+
+def make_qwen_image(seed: int = 0, default_ref_method: str = "index"):
+    """A Qwen-Image MMDiT (flux-type flow, shift 1.15): 3 joint blocks, 2 heads of 32, patch 2.
+
+    Each block runs one joint attention on [text tokens, image tokens, reference-image tokens] (the text
+    first; Qwen-Image Edit appends its reference latents' tokens after the image's), then separate image and
+    text MLPs. ``default_ref_method="index_timestep_zero"`` is Qwen-Image Edit 2511's (model_detection: the
+    ``__index_timestep_zero__`` buffer): its reference tokens get their own timestep-0 modulation."""
+    spec = VIDEO_SPECS["qwen_image"]
+    unet_config = {
+        "image_model": "qwen_image",
+        "patch_size": 2,
+        "in_channels": spec.latent_channels * 4,
+        "out_channels": spec.latent_channels,
+        "num_layers": 3,
+        "attention_head_dim": 32,
+        "num_attention_heads": 2,
+        "joint_attention_dim": spec.context_dim,
+        "axes_dims_rope": (8, 12, 12),  # sums to the head dim
+        "default_ref_method": default_ref_method,
+    }
+    return _to_patcher(_supported_models().QwenImage(unet_config), seed)
+
+
+def make_lumina2(seed: int = 0):
+    """A Lumina Image 2.0 NextDiT (flow, shift 6): 1 context-refiner and 1 noise-refiner block, then 3 main
+    blocks on the joint [caption tokens, image tokens] sequence; 4 query heads sharing 2 key/value heads
+    (grouped-query attention, as Lumina 2's 24/8), head dim 16, patch 2."""
+    spec = SPECS["lumina2"]
+    unet_config = {
+        "image_model": "lumina2", "patch_size": 2, "in_channels": spec.latent_channels, "dim": 64, "n_layers": 3,
+        "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 16, "ffn_dim_multiplier": 4.0,
+        "qk_norm": True, "cap_feat_dim": spec.context_dim, "axes_dims": [4, 6, 6], "axes_lens": [300, 512, 512],
+        "rope_theta": 10000.0,
+    }
+    return _to_patcher(_supported_models().Lumina2(unet_config), seed)
+
+
+def make_z_image(seed: int = 0):
+    """A Z-Image NextDiT (flow, shift 3; ``supported_models.ZImage``, the class Lumina 2 uses): Z-Image's
+    modulation, time scale and token padding (caption and image tokens each padded to a multiple of 32, as
+    model_detection sets when the checkpoint has pad tokens). 1+1 refiner blocks, 3 main blocks, dim 256 (the
+    smallest its modulation allows: the timestep embedding is 256 wide), 4 heads of 64."""
+    spec = SPECS["z_image"]
+    unet_config = {
+        "image_model": "lumina2", "patch_size": 2, "in_channels": spec.latent_channels, "dim": 256, "n_layers": 3,
+        "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "multiple_of": 16, "ffn_dim_multiplier": 8.0 / 3.0,
+        "qk_norm": True, "cap_feat_dim": spec.context_dim, "axes_dims": [16, 24, 24], "axes_lens": [1536, 512, 512],
+        "rope_theta": 256.0, "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32,
+    }
+    return _to_patcher(_supported_models().ZImage(unet_config), seed)
+
+
+def _kandinsky5_config(spec: FamilySpec, visual_embed_dim: int) -> dict:
+    return {
+        "image_model": "kandinsky5", "in_visual_dim": spec.latent_channels, "out_visual_dim": spec.latent_channels,
+        "in_text_dim": spec.context_dim, "in_text_dim2": spec.pooled_dim, "time_dim": 32, "model_dim": 64,
+        "ff_dim": 128, "visual_embed_dim": visual_embed_dim, "patch_size": (1, 2, 2), "num_text_blocks": 1,
+        "num_visual_blocks": 3, "axes_dims": (8, 12, 12),  # sums to the head dim 32: 2 heads
+    }
+
+
+def _sharpen_kandinsky5_self_attention(patcher, factor: float = 3.0):
+    """Random weights give Kandinsky 5's RMS-normed queries and keys logits of about ±1: a nearly uniform
+    attention map that blurring the queries (SEG) hardly changes. Scaling the norms' gains makes the map as
+    peaked as a trained model's, so the attention methods have something to change."""
+    with torch.no_grad():
+        for block in patcher.model.diffusion_model.visual_transformer_blocks:
+            block.self_attention.query_norm.weight.mul_(factor)
+            block.self_attention.key_norm.weight.mul_(factor)
+    return patcher
+
+
+def make_kandinsky5(seed: int = 0):
+    """A Kandinsky 5 video DiT (flow, shift 10): 1 text block, then 3 visual blocks (self-attention on the
+    video tokens, cross-attention to the text, feed-forward), model dim 64, 2 heads, patches (1, 2, 2). Its
+    input is the latent plus the image-to-video concat (a zero image and the mask channel): 33 channels."""
+    spec = VIDEO_SPECS["kandinsky5"]
+    config = _kandinsky5_config(spec, visual_embed_dim=(2 * spec.latent_channels + 1) * 4)
+    return _sharpen_kandinsky5_self_attention(_to_patcher(_supported_models().Kandinsky5(config), seed))
+
+
+def make_kandinsky5_image(seed: int = 0):
+    """A Kandinsky 5 image DiT (flow, shift 3; ``supported_models.Kandinsky5Image``): the video model's class
+    on a 4-D latent (one frame, no concat), rope scale 1 as model_detection sets for it."""
+    spec = SPECS["kandinsky5_image"]
+    config = _kandinsky5_config(spec, visual_embed_dim=spec.latent_channels * 4)
+    config["rope_scale_factor"] = (1.0, 1.0, 1.0)
+    return _sharpen_kandinsky5_self_attention(_to_patcher(_supported_models().Kandinsky5Image(config), seed))
+
+
+JOINT_BUILDERS = {
+    "qwen_image": make_qwen_image,
+    "lumina2": make_lumina2,
+    "z_image": make_z_image,
+    "kandinsky5": make_kandinsky5,
+    "kandinsky5_image": make_kandinsky5_image,
+}
