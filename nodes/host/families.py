@@ -22,6 +22,11 @@ ATTN1_REPLACE = "attn1 replace patch"  # UNet transformer blocks: patches_replac
 DIT_BLOCK_REPLACE = "dit block replace patch"  # patches_replace["dit"][("double_block", i)]
 ATTENTION_OVERRIDE = "optimized_attention_override"  # transformer_options: every attention call goes through it
 BLOCK_INDEX = "block_index in transformer_options"
+# No block patch in the family's forward: PyTorch forward hooks on the perturbed layer's modules, registered by
+# an APPLY_MODEL wrapper for one forward and always removed (nodes/host/module_hooks.py). With
+# ATTENTION_OVERRIDE too, attention perturbations go through the override while the self-attention module
+# runs; without it, they are recomputed from the module's own q, k, v projections.
+MODULE_FORWARD_HOOKS = "module forward hooks (one forward)"
 
 # Methods, as node modules name them when they ask which families support them.
 PAG, SEG, SLG, SAG = "pag", "seg", "slg", "sag"
@@ -109,6 +114,42 @@ FAMILIES: tuple[ModelFamily, ...] = (
         block_lists={"double": "double_blocks", "single": "single_blocks"}, text_position=TEXT_AFTER_IMAGE,
         sublayers={"double": {"attention": ("img_attn.proj", "txt_attn.proj"), "feedforward": ("img_mlp", "txt_mlp")}},
         hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
+)
+
+# The families whose forward offers neither a dit block patch nor block_index in ComfyUI 0.8.0: module hooks.
+FAMILIES += (
+    ModelFamily(
+        # comfy/ldm/pixart: self-attention (AttentionKVCompress) calls optimized_attention without the options,
+        # so the override never sees it: attention perturbations are recomputed in a hook on the module.
+        "pixart", "PixArt α/Σ", ("comfy.ldm.pixart.pixartms:PixArtMS",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "blocks"},
+        sublayers={"double": {"attention": ("attn",), "feedforward": ("mlp",)}},
+        hooks=(MODULE_FORWARD_HOOKS,),
+        recommended={PAG: Recommended(("1",), "diffusers' PixArtSigmaPAGPipeline: pag_applied_layers blocks.1"),
+                     SEG: Recommended(("1",), "as PAG (diffusers' PixArt-Σ PAG: blocks.1)"),
+                     SLG: Recommended((), _MIDDLE)},
+    ),
+    ModelFamily(
+        # comfy/ldm/hidream/model.py: joint attention of the image tokens then the text tokens (double blocks: two
+        # streams; single blocks: one, the text appended), through optimized_attention with the options.
+        "hidream", "HiDream", ("comfy.ldm.hidream.model:HiDreamImageTransformer2DModel",),
+        frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "double_stream_blocks", "single": "single_stream_blocks"},
+        text_position=TEXT_AFTER_IMAGE,
+        sublayers={"double": {"attention": ("block.attn1",), "feedforward": ("block.ff_i", "block.ff_t")},
+                   "single": {"attention": ("block.attn1",), "feedforward": ("block.ff_i",)}},
+        hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
+    ModelFamily(
+        # comfy/ldm/cosmos/predict2.py (MiniTrainDIT): self-attention on the video tokens, cross-attention to the
+        # text, MLP; attention through optimized_attention with the options.
+        "cosmos_predict2", "Cosmos Predict 2", ("comfy.ldm.cosmos.predict2:MiniTrainDIT",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "blocks"},
+        sublayers={"double": {"attention": ("self_attn",), "feedforward": ("mlp",)}},
+        hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE),
         recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
     ),
 )

@@ -34,6 +34,7 @@ class FamilySpec:
     flux_guidance: float | None  # Flux's distilled-guidance input, set by FluxGuidance in real workflows
     latent_frames: int | None = None  # video families: T of the (B, C, T, H, W) latent
     padded_text_tokens: int | None = None  # LTXV: its T5 pads the prompt and passes an ``attention_mask``
+    llama_layers: int | None = None  # HiDream: Llama hidden states of this many layers (``conditioning_llama3``)
 
 
 SPECS = {
@@ -62,6 +63,16 @@ VIDEO_SPECS = {
     "hunyuan_video": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16,
                                 flux_guidance=6.0, latent_frames=3),
 }
+
+# The families without a block patch in their forward (the pack hooks their modules): PixArt-Σ and HiDream
+# (image latents), Cosmos Predict 2 (video latents, its Wan 2.1 VAE's 16 channels).
+HOOKLESS_FAMILIES = ("pixart", "hidream", "cosmos_predict2")
+SPECS["pixart"] = FamilySpec(latent_channels=4, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None)
+# HiDream: the T5 embedding as context, the pooled CLIP embeddings (``y``), the Llama 3 layers' hidden states.
+SPECS["hidream"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=8, pooled_dim=16, flux_guidance=None,
+                              llama_layers=4)
+VIDEO_SPECS["cosmos_predict2"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
+                                            flux_guidance=None, latent_frames=3)
 
 # Latent side (in latent pixels) for quick tests and for the medium benchmark models.
 TINY_LATENT_SIZE = 8
@@ -305,6 +316,49 @@ def make_hunyuan_video(seed: int = 0):
     return _to_patcher(_supported_models().HunyuanVideo(unet_config), seed)
 
 
+def make_pixart(seed: int = 0):
+    """A PixArt-Σ DiT (``supported_models.PixArtSigma``: EPS, sqrt-linear betas, no micro-conditions): 3 blocks,
+    hidden 64, 2 heads, patch 2. Each block: self-attention (AttentionKVCompress, no KV compression),
+    cross-attention to the projected T5 embedding, MLP, all adaLN-single modulated."""
+    spec = SPECS["pixart"]
+    unet_config = {"image_model": "pixart_sigma", "input_size": 16, "patch_size": 2,
+                   "in_channels": spec.latent_channels,
+                   "hidden_size": 64, "depth": 3, "num_heads": 2, "caption_channels": spec.context_dim,
+                   "model_max_length": spec.context_tokens, "pe_interpolation": 1, "micro_condition": False}
+    return _to_patcher(_supported_models().PixArtSigma(unet_config), seed)
+
+
+def make_hidream(seed: int = 0):
+    """A HiDream-I1 DiT (flow, shift 3): 2 double-stream + 2 single-stream blocks, 2 heads of 32, patch 2, the
+    image FFN a mixture of 4 experts (2 active) as in HiDream. Each block's joint attention takes the image
+    tokens first and the text after them; block i also attends to Llama layer ``llama_layers[i]``."""
+    spec = SPECS["hidream"]
+    unet_config = {"image_model": "hidream", "patch_size": 2, "in_channels": spec.latent_channels,
+                   "out_channels": spec.latent_channels, "num_layers": 2, "num_single_layers": 2,
+                   "attention_head_dim": 32, "num_attention_heads": 2, "caption_channels": [spec.context_dim] * 2,
+                   "text_emb_dim": spec.pooled_dim, "num_routed_experts": 4, "num_activated_experts": 2,
+                   "axes_dims_rope": [8, 12, 12], "max_resolution": [16, 16], "llama_layers": [0, 1, 2, 3]}
+    return _to_patcher(_supported_models().HiDream(unet_config), seed)
+
+
+def make_cosmos_predict2(seed: int = 0):
+    """A Cosmos Predict 2 text-to-image/video DiT (``MiniTrainDIT``, EDM-style flow, σ 0.002..80): 3 blocks,
+    hidden 64, 2 heads, patch (1, 2, 2), adaLN-LoRA as the released models. Each block: self-attention on the
+    video tokens, cross-attention to the T5 embedding, MLP."""
+    spec = VIDEO_SPECS["cosmos_predict2"]
+    unet_config = {"image_model": "cosmos_predict2", "max_img_h": 240, "max_img_w": 240, "max_frames": 128,
+                   "in_channels": spec.latent_channels, "out_channels": spec.latent_channels, "patch_spatial": 2,
+                   "patch_temporal": 1, "concat_padding_mask": True, "model_channels": 64, "num_blocks": 3,
+                   "num_heads": 2, "crossattn_emb_channels": spec.context_dim, "pos_emb_cls": "rope3d",
+                   "pos_emb_learnable": True, "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30,
+                   "use_adaln_lora": True, "adaln_lora_dim": 16, "extra_per_block_abs_pos_emb": False,
+                   "rope_h_extrapolation_ratio": 4.0, "rope_w_extrapolation_ratio": 4.0,
+                   "rope_t_extrapolation_ratio": 1.0, "extra_h_extrapolation_ratio": 1.0,
+                   "extra_w_extrapolation_ratio": 1.0, "extra_t_extrapolation_ratio": 1.0,
+                   "rope_enable_fps_modulation": False}
+    return _to_patcher(_supported_models().CosmosT2IPredict2(unet_config), seed)
+
+
 def make_auraflow(seed: int = 0):
     """An AuraFlow MMDiT (``comfy.ldm.aura.mmdit.MMDiT``, a class named like SD3's): 2 double and 2 single
     layers, hidden 64. The pack refuses it (no family record yet); it must never be taken for SD3."""
@@ -328,6 +382,9 @@ def make_model(family: str, seed: int = 0):
         "ltxv": lambda: make_ltxv(seed=seed),
         "hunyuan_video": lambda: make_hunyuan_video(seed=seed),
         "auraflow": lambda: make_auraflow(seed=seed),
+        "pixart": lambda: make_pixart(seed=seed),
+        "hidream": lambda: make_hidream(seed=seed),
+        "cosmos_predict2": lambda: make_cosmos_predict2(seed=seed),
     }
     return builders[family]()
 
@@ -366,6 +423,9 @@ def _one_conditioning(spec: FamilySpec, batch: int, generator: torch.Generator) 
         mask = torch.ones(batch, spec.context_tokens, dtype=torch.long)
         mask[:, spec.context_tokens - spec.padded_text_tokens:] = 0
         extras["attention_mask"] = mask
+    if spec.llama_layers is not None:  # (B, layers, tokens, channels), as HiDream's Llama encoder stacks them
+        extras["conditioning_llama3"] = torch.randn(batch, spec.llama_layers, spec.context_tokens, spec.context_dim,
+                                                    generator=generator)
     return [[context, extras]]
 
 
