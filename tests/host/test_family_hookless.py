@@ -228,9 +228,9 @@ IDENTITY_CASES = [
 def test_identity_self_attention_matches_a_reference_from_the_definition(
     tiny_model, plain_of, family: str, layers: str, node_id: str
 ) -> None:
-    """Breaks it was shown to catch (on a scratch copy): identity on the text rows too in PAG on HiDream, the
-    hook on block 0 instead of the chosen block, the perturbation applied to the cond chunk instead of the
-    perturbed one, the recomputed PixArt output without its proj."""
+    """Breaks it was shown to catch (on a scratch copy): HiDream's text taken to sit before the image tokens
+    (the identity on the wrong rows), the hooks on block 0 instead of the chosen block, the chunks'
+    perturbations reversed (the wrong chunk perturbed), PixArt's recomputed output without its ``proj``."""
     model = tiny_model(family)
     if node_id == "GuidersPAG":
         ours = node("GuidersPAG", model=model, scale=3.0, layers=layers, start_percent=0.0, end_percent=1.0)
@@ -289,8 +289,8 @@ SEG_CASES = [pytest.param(family, layers, id=f"{family}-{layers}") for family in
 def test_seg_blurs_the_queries_on_the_token_grid_as_a_reference(
     tiny_model, plain_of, family: str, layers: str, blur_sigma: float
 ) -> None:
-    """Breaks it was shown to catch: the grid transposed (PixArt's 16x20 grid as 20x16), the blur applied to
-    HiDream's text rows too (image_token_start past the text), the wrong block."""
+    """Breaks it was shown to catch: PixArt's 16x20 token grid taken as 20x16 (sigma 2), the chunks'
+    perturbations reversed (the wrong chunk blurred)."""
     model = tiny_model(family)
     ours = node("GuidersSEG", model=model, scale=3.0, blur_sigma=blur_sigma, layers=layers, start_percent=0.0,
                 end_percent=1.0)
@@ -337,8 +337,8 @@ BLOCK_CASES = [pytest.param(family, layers, id=f"{family}-{layers}") for family 
 
 @pytest.mark.parametrize(("family", "layers"), BLOCK_CASES)
 def test_slg_block_matches_the_block_replaced_by_the_identity(tiny_model, plain_of, family, layers) -> None:
-    """Breaks it was shown to catch: the skipped chunk's rows taken from the cond chunk's input, the output
-    streams swapped (HiDream double blocks), the next block skipped."""
+    """Breaks it was shown to catch: the skipped chunk's rows taken from another chunk's input, the hooks on
+    block 0 instead of the chosen block, the chunks' perturbations reversed."""
     model = tiny_model(family)
     ours = node("GuidersSLG", model=model, scale=3.0, layers=layers, mode="block", start_percent=0.0,
                 end_percent=1.0, rescale=0.0)
@@ -366,8 +366,8 @@ def _zeros(output):
 @pytest.mark.parametrize("mode", ["attention", "feedforward"])
 @PER_FAMILY
 def test_sublayer_skip_matches_its_definition(tiny_model, plain_of, family: str, mode: str) -> None:
-    """Breaks it was shown to catch: only the image part of HiDream's joint attention zeroed, the rows of the
-    wrong chunk zeroed."""
+    """Breaks it was shown to catch: only the image part of HiDream's joint attention output zeroed (not the
+    text part), the chunks' perturbations reversed (the wrong chunk's rows zeroed)."""
     model = tiny_model(family)
     ours = node("GuidersSLG", model=model, scale=3.0, layers="1", mode=mode, start_percent=0.0, end_percent=1.0,
                 rescale=0.0)
@@ -389,7 +389,7 @@ def test_sublayer_skip_matches_its_definition(tiny_model, plain_of, family: str,
 def test_no_hook_outlives_sampling_or_a_forward_that_raised(tiny_model, family: str) -> None:
     """A forward that raises inside the perturbed block (the final layer's pre-hook here, after every
     block ran) must leave no hook of the pack on any module. Break it was shown to catch: the handles
-    removed after the forward without try/finally."""
+    removed after the forward but not in a ``finally``."""
     model = tiny_model(family)
     patched = node("GuidersPAG", model=model, scale=3.0, layers="1")
     patched = node("GuidersSLG", model=patched, scale=3.0, layers="0", mode="feedforward", start_percent=0.0,
