@@ -222,12 +222,19 @@ def _attention_hooks(diffusion_model, block, site: BlockSite, layer: Layer, chun
 def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer, chunks: list[list],
                   text_position: str, transformer_options: dict, latent_shape: tuple) -> list:
     """While the self-attention module runs, its block is marked for the attention override, as the ``dit``
-    block patch marks a block (only the module's own attention calls see the mark)."""
+    block patch marks a block (only the module's own attention calls see the mark). The mark goes into the
+    options the module is called with, a copy: the forward may have copied its options before the blocks
+    (ComfyUI 0.33.0's Cosmos does when a ``post_input`` patch is set), so the forward's own dict may not be
+    the one the attention call sees."""
     image_tokens = _image_tokens(diffusion_model, site, latent_shape) if site.text_tokens is not None else 0
 
     def mark(module, args, kwargs):
         text_tokens = site.text_tokens(args, kwargs, image_tokens) if site.text_tokens is not None else 0
-        transformer_options[ACTIVE_LAYER_KEY] = ActiveBlock(layer, chunks, text_tokens, text_position)
+        active = ActiveBlock(layer, chunks, text_tokens, text_position)
+        if isinstance(kwargs.get("transformer_options"), dict):
+            return args, {**kwargs, "transformer_options": {**kwargs["transformer_options"], ACTIVE_LAYER_KEY: active}}
+        transformer_options[ACTIVE_LAYER_KEY] = active  # called without its options: the forward's own dict
+        return None
 
     def unmark(module, args, kwargs, output):
         transformer_options.pop(ACTIVE_LAYER_KEY, None)
