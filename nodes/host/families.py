@@ -152,6 +152,16 @@ FAMILIES += (
         hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE),
         recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
     ),
+    ModelFamily(
+        # comfy/ldm/cosmos/model.py (GeneralDIT, Cosmos Predict 1): blocks in a ModuleDict, each "FA-CA-MLP"
+        # (self-attention, cross-attention, MLP) on (T, H, W, B, D) tensors; attention through
+        # optimized_attention with the options.
+        "cosmos", "Cosmos Predict 1", ("comfy.ldm.cosmos.model:GeneralDIT",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "blocks"},
+        sublayers={"double": {"attention": ("blocks.0.block",), "feedforward": ("blocks.2.block",)}},
+        hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
 )
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}

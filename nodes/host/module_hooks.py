@@ -1,5 +1,5 @@
 """PyTorch module hooks for families whose forward offers neither a ``dit`` block replace patch nor
-``block_index`` (PixArt, HiDream, Cosmos Predict 2 in ComfyUI 0.8.0): the hooks a perturbed layer needs
+``block_index`` (PixArt, HiDream, Cosmos Predict 1 and 2 in ComfyUI 0.8.0): the hooks a perturbed layer needs
 are registered on exactly its modules (the block, its self-attention, its sublayers) by an ``APPLY_MODEL``
 wrapper, for one diffusion-model forward, and removed when that forward returns or raises.
 
@@ -52,10 +52,13 @@ class AttentionSite:
 @dataclass(frozen=True)
 class BlockSite:
     """A block kind's hook sites: ``streams`` are the forward arguments the block's output stands for, in
-    the output's order (one: a tensor; several: a tuple), so a skipped block returns them."""
+    the output's order (one: a tensor; several: a tuple), so a skipped block returns them. ``batch_dim``: the
+    batch dimension of those streams and of the sublayers' outputs (Cosmos 1 runs its blocks on
+    (T, H, W, B, D) tensors)."""
 
     streams: tuple[str, ...]
     attention: AttentionSite
+    batch_dim: int = 0
 
 
 def _pixart_qkv(attn, x):
@@ -95,6 +98,8 @@ SITES: dict[str, dict[str, BlockSite]] = {
         "single": BlockSite(("image_tokens",), AttentionSite("block.attn1", _hidream_patch, _hidream_single_text)),
     },
     "cosmos_predict2": {"double": BlockSite(("x_B_T_H_W_D",), AttentionSite("self_attn"))},
+    # GeneralDITTransformerBlock "FA-CA-MLP": blocks.0 self-attention (VideoAttn), blocks.1 cross, blocks.2 MLP.
+    "cosmos": {"double": BlockSite(("x",), AttentionSite("blocks.0.block"), batch_dim=3)},
 }
 
 
@@ -134,10 +139,10 @@ def install(diffusion_model, family: str, transformer_options: dict, latent_shap
             chunks = chunk_perturbations(transformer_options, layer)
             if not any(chunks):
                 continue
-            block = getattr(diffusion_model, record.block_lists[layer.kind])[layer.index]
+            block = block_module(diffusion_model, record, layer)
             site = SITES[family][layer.kind]
             handles += _block_skip_hooks(block, site, chunks)
-            handles += _sublayer_skip_hooks(diffusion_model, family, layer, chunks)
+            handles += _sublayer_skip_hooks(diffusion_model, family, layer, chunks, site.batch_dim)
             attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
             if any(attention_chunks):
                 handles += _attention_hooks(diffusion_model, block, site, layer, attention_chunks, record,
@@ -149,8 +154,20 @@ def install(diffusion_model, family: str, transformer_options: dict, latent_shap
     return handles
 
 
+def block_module(diffusion_model, record, layer: Layer) -> torch.nn.Module:
+    """The layer's block (Cosmos 1 keeps its blocks in a ModuleDict, in forward order)."""
+    blocks = getattr(diffusion_model, record.block_lists[layer.kind])
+    return list(blocks.values())[layer.index] if isinstance(blocks, torch.nn.ModuleDict) else blocks[layer.index]
+
+
 def _rows(j: int, size: int) -> slice:
     return slice(j * size, (j + 1) * size)
+
+
+def _chunk(t: torch.Tensor, dim: int, j: int, n: int) -> torch.Tensor:
+    """Chunk ``j`` of ``n`` of ``t`` along its batch dimension ``dim`` (a view)."""
+    size = t.shape[dim] // n
+    return t.narrow(dim, j * size, size)
 
 
 def _block_skip_hooks(block, site: BlockSite, chunks: list[list]) -> list:
@@ -163,15 +180,14 @@ def _block_skip_hooks(block, site: BlockSite, chunks: list[list]) -> list:
         # Copies taken before the block runs, in case it updates its inputs in place.
         bound = signature.bind(*args, **kwargs).arguments
         kept["streams"] = [bound[name] for name in site.streams]
-        kept["rows"] = [{j: s[_rows(j, s.shape[0] // n)].clone() for j in skipped} for s in kept["streams"]]
+        kept["rows"] = [{j: _chunk(s, site.batch_dim, j, n).clone() for j in skipped} for s in kept["streams"]]
 
     def return_inputs(module, args, kwargs, output):
         outputs = list(output) if isinstance(output, tuple) else [output]
         for i, rows in enumerate(kept.pop("rows")):
             outputs[i] = outputs[i].clone()
-            size = outputs[i].shape[0] // n
             for j, value in rows.items():
-                outputs[i][_rows(j, size)] = value
+                _chunk(outputs[i], site.batch_dim, j, n).copy_(value)
         kept.clear()
         return tuple(outputs) if isinstance(output, tuple) else outputs[0]
 
@@ -179,7 +195,7 @@ def _block_skip_hooks(block, site: BlockSite, chunks: list[list]) -> list:
             block.register_forward_hook(return_inputs, with_kwargs=True)]
 
 
-def _sublayer_skip_hooks(diffusion_model, family: str, layer: Layer, chunks: list[list]) -> list:
+def _sublayer_skip_hooks(diffusion_model, family: str, layer: Layer, chunks: list[list], batch_dim: int) -> list:
     """Hooks that zero the skipped chunks' rows of the sublayer's outputs (each output of a module that
     returns several, as HiDream's joint attention returns the image and text parts)."""
     by_sublayer: dict[str, list[int]] = {}
@@ -191,9 +207,9 @@ def _sublayer_skip_hooks(diffusion_model, family: str, layer: Layer, chunks: lis
     for sublayer, skipped in by_sublayer.items():
         def zero_skipped_rows(module, inputs, output, skipped=skipped):
             def zeroed(t):
-                t, size = t.clone(), t.shape[0] // n
+                t = t.clone()
                 for j in skipped:
-                    t[_rows(j, size)] = 0
+                    _chunk(t, batch_dim, j, n).zero_()
                 return t
 
             return tuple(zeroed(t) for t in output) if isinstance(output, tuple) else zeroed(output)

@@ -1,6 +1,7 @@
-"""The pack on the families whose forward offers no block patch: tiny random-weight PixArt-Σ, HiDream and
-Cosmos Predict 2 models (tiny_models.make_pixart / make_hidream / make_cosmos_predict2) sampled by a real
-KSampler. The pack hooks their modules (nodes/host/module_hooks.py) for one forward at a time.
+"""The pack on the families whose forward offers no block patch: tiny random-weight PixArt-Σ, HiDream,
+Cosmos Predict 2 and Cosmos Predict 1 models (tiny_models.make_pixart / make_hidream / make_cosmos_predict2 /
+make_cosmos) sampled by a real KSampler. The pack hooks their modules (nodes/host/module_hooks.py) for one
+forward at a time.
 
 1. The tiny models: the family's own noise schedule, one forward of cond + uncond per step, finite,
    deterministic results that depend on the prompt.
@@ -9,9 +10,9 @@ KSampler. The pack hooks their modules (nodes/host/module_hooks.py) for one forw
 3. Values against references written here from each method's definition, each perturbing the model in its
    own way (never through the pack's hooks), applied as an extra cond pass after CFG as ComfyUI's
    PerturbedAttentionGuidance applies PAG on UNets:
-   - PAG / SLG attention_scores (Ahn et al. 2024, identity self-attention): PixArt and Cosmos, a forward
-     hook on the block's self-attention module returning its output projection of V (V from the module's
-     own projections, computed here); HiDream's joint attention (image tokens first, text after), an
+   - PAG / SLG attention_scores (Ahn et al. 2024, identity self-attention): PixArt and the Cosmos models, a
+     forward hook on the block's self-attention module returning its output projection of V (V from the
+     module's own projections, computed here); HiDream's joint attention (image tokens first, text after), an
      attention override active only inside the block's ``attn1`` module that gives the image rows V and
      leaves the text rows as they are (attention_scores: every row V).
    - SEG (Hong 2024): the image queries blurred on each frame's token grid (the core's ``smooth_queries``,
@@ -35,9 +36,15 @@ Host behaviour these tests depend on (ComfyUI 0.8.0, comfy/ldm/...):
   return (image, text). No ``dit`` patch, no block_index.
 - ``cosmos/predict2.py``: ``MiniTrainDIT`` calls ``block(x, t_emb, crossattn_emb, **block_kwargs)``; each
   ``Block`` runs ``self_attn`` (``output_proj(attention(q, k, v_norm(v)))``, (B, heads, S, D) with
-  skip_reshape and the transformer_options), ``cross_attn``, ``mlp``. No ``dit`` patch, no block_index.
+  skip_reshape and the transformer_options), ``cross_attn``, ``mlp``. No ``dit`` patch, no block_index
+  (0.33.0 sets block_index, still no patch).
+- ``cosmos/model.py`` + ``blocks.py``: ``GeneralDIT`` keeps its blocks in a ModuleDict (``block0``...) and calls
+  each with x as (T, H, W, B, D) (``block_x_format`` THWBD) after ``x += extra_pos_emb``; a block
+  ("FA-CA-MLP") runs ``blocks.0.block`` (VideoAttn: self-attention, ``to_out`` of the attention of
+  ``to_q``/``to_k``/``to_v`` = Linear then a per-head norm, on (S, B, D) sequences, through
+  ``optimized_attention`` with (B, heads, S, D) and the options), ``blocks.1`` (cross), ``blocks.2.block`` (MLP).
 - ``supported_models.py``: PixArtSigma (EPS, sqrt-linear betas), HiDream (flow, shift 3),
-  CosmosT2IPredict2 (EDM-style flow, σ 0.002..80).
+  CosmosT2IPredict2 (EDM-style flow, σ 0.002..80), CosmosT2V (EDM, σ_data 0.5).
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ FAMILIES = {
                               "double_stream_blocks", "block.attn1", True, "single_stream_blocks"),
     "cosmos_predict2": HooklessFamily("Cosmos Predict 2", "MiniTrainDIT", "ModelSamplingCosmosRFlow", (8, 8), (4, 4),
                                       "blocks", "self_attn", False),
+    "cosmos": HooklessFamily("Cosmos Predict 1", "GeneralDIT", "ModelSamplingContinuousEDM", (8, 8), (4, 4), "blocks",
+                             "blocks.0.block", False),
 }
 PER_FAMILY = pytest.mark.parametrize("family", HOOKLESS_FAMILIES)
 
@@ -116,7 +125,8 @@ def plain_of(tiny_model) -> Callable:
 
 def block_of(dm, family: str, kind: str, index: int):
     facts = FAMILIES[family]
-    return getattr(dm, facts.single_blocks if kind == "single" else facts.block_list)[index]
+    blocks = getattr(dm, facts.single_blocks if kind == "single" else facts.block_list)
+    return blocks[f"block{index}"] if family == "cosmos" else blocks[index]  # Cosmos 1: a ModuleDict
 
 
 def parse(layers: str) -> tuple[str, int]:
@@ -188,6 +198,15 @@ def cosmos_values(attn, x):
     return attn.v_norm(v).flatten(-2)
 
 
+def cosmos1_attention_of_values(video_attn, x):
+    """Cosmos 1's VideoAttn with the identity map: ``to_out`` of V, V = to_v's Linear then its per-head norm, on
+    the (T·H·W, B, D) sequence of the (T, H, W, B, D) input, reshaped back."""
+    attn = video_attn.attn
+    t, h, w, b, d = x.shape
+    v = attn.to_v[0](x.reshape(t * h * w, b, d)).unflatten(-1, (attn.heads, attn.dim_head))
+    return attn.to_out(attn.to_v[1](v).flatten(-2)).reshape(t, h, w, b, -1)
+
+
 def identity_reference(family: str, layers: str, image_rows_only: bool) -> Callable:
     kind, index = parse(layers)
     facts = FAMILIES[family]
@@ -199,6 +218,8 @@ def identity_reference(family: str, layers: str, image_rows_only: bool) -> Calla
         return modules_return(lambda dm: [attention_of(dm)], lambda m, x, out: m.proj(pixart_values(m, x)))
     if family == "cosmos_predict2":
         return modules_return(lambda dm: [attention_of(dm)], lambda m, x, out: m.output_proj(cosmos_values(m, x)))
+    if family == "cosmos":
+        return modules_return(lambda dm: [attention_of(dm)], lambda m, x, out: cosmos1_attention_of_values(m, x))
     # HiDream: joint attention, image tokens first; (B, L, heads·D) in and out.
     image_tokens = facts.grid[0] * facts.grid[1]
     rows = slice(0, image_tokens) if image_rows_only else slice(None)
@@ -274,7 +295,7 @@ def queries_blurred(family: str, layers: str, blur_sigma: float) -> Callable:
 
     inside = {"module": False}
 
-    def override(func, q, k, v, *args, **kwargs):  # HiDream (B, L, heads·D), Cosmos (B, heads, S, D)
+    def override(func, q, k, v, *args, **kwargs):  # HiDream (B, L, heads·D), the Cosmos models (B, heads, S, D)
         return func(blurred(q) if inside["module"] else q, k, v, *args, **kwargs)
 
     return inside_module(attention_of, inside, attention_override_during_pass(override))
@@ -356,6 +377,7 @@ SUBLAYERS = {
     "pixart": {"attention": ["attn"], "feedforward": ["mlp"]},
     "hidream": {"attention": ["block.attn1"], "feedforward": ["block.ff_i", "block.ff_t"]},
     "cosmos_predict2": {"attention": ["self_attn"], "feedforward": ["mlp"]},
+    "cosmos": {"attention": ["blocks.0.block"], "feedforward": ["blocks.2.block"]},
 }
 
 

@@ -66,13 +66,15 @@ VIDEO_SPECS = {
 
 # The families without a block patch in their forward (the pack hooks their modules): PixArt-Σ and HiDream
 # (image latents), Cosmos Predict 2 (video latents, its Wan 2.1 VAE's 16 channels).
-HOOKLESS_FAMILIES = ("pixart", "hidream", "cosmos_predict2")
+HOOKLESS_FAMILIES = ("pixart", "hidream", "cosmos_predict2", "cosmos")
 SPECS["pixart"] = FamilySpec(latent_channels=4, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None)
 # HiDream: the T5 embedding as context, the pooled CLIP embeddings (``y``), the Llama 3 layers' hidden states.
 SPECS["hidream"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=8, pooled_dim=16, flux_guidance=None,
                               llama_layers=4)
 VIDEO_SPECS["cosmos_predict2"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
                                             flux_guidance=None, latent_frames=3)
+VIDEO_SPECS["cosmos"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
+                                   flux_guidance=None, latent_frames=3)
 
 # Latent side (in latent pixels) for quick tests and for the medium benchmark models.
 TINY_LATENT_SIZE = 8
@@ -359,6 +361,23 @@ def make_cosmos_predict2(seed: int = 0):
     return _to_patcher(_supported_models().CosmosT2IPredict2(unet_config), seed)
 
 
+def make_cosmos(seed: int = 0):
+    """A Cosmos Predict 1 text-to-video DiT (``GeneralDIT``, EDM, σ 0.002..80, σ_data 0.5): 3 blocks "FA-CA-MLP"
+    on (T, H, W, B, D) tensors as the released 7B/14B (model_detection's settings), hidden 64, 2 heads,
+    patch (1, 2, 2), adaLN-LoRA, learnable per-block position embeddings."""
+    spec = VIDEO_SPECS["cosmos"]
+    unet_config = {"image_model": "cosmos", "max_img_h": 240, "max_img_w": 240, "max_frames": 128,
+                   "in_channels": spec.latent_channels, "out_channels": spec.latent_channels, "patch_spatial": 2,
+                   "patch_temporal": 1, "model_channels": 64, "block_config": "FA-CA-MLP",
+                   "concat_padding_mask": True, "pos_emb_cls": "rope3d", "pos_emb_learnable": False,
+                   "pos_emb_interpolation": "crop", "block_x_format": "THWBD", "affline_emb_norm": True,
+                   "use_adaln_lora": True, "adaln_lora_dim": 16, "num_blocks": 3, "num_heads": 2,
+                   "crossattn_emb_channels": spec.context_dim, "extra_per_block_abs_pos_emb": True,
+                   "rope_h_extrapolation_ratio": 1.0, "rope_w_extrapolation_ratio": 1.0,
+                   "rope_t_extrapolation_ratio": 2.0, "extra_per_block_abs_pos_emb_type": "learnable"}
+    return _to_patcher(_supported_models().CosmosT2V(unet_config), seed)
+
+
 def make_auraflow(seed: int = 0):
     """An AuraFlow MMDiT (``comfy.ldm.aura.mmdit.MMDiT``, a class named like SD3's): 2 double and 2 single
     layers, hidden 64. The pack refuses it (no family record yet); it must never be taken for SD3."""
@@ -385,6 +404,7 @@ def make_model(family: str, seed: int = 0):
         "pixart": lambda: make_pixart(seed=seed),
         "hidream": lambda: make_hidream(seed=seed),
         "cosmos_predict2": lambda: make_cosmos_predict2(seed=seed),
+        "cosmos": lambda: make_cosmos(seed=seed),
     }
     return builders[family]()
 
