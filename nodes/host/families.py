@@ -153,6 +153,16 @@ FAMILIES += (
         recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
     ),
     ModelFamily(
+        # comfy/ldm/omnigen/omnigen2.py: one stream, the text first, then the reference images, then the image
+        # (the image tokens last; reference images count as text here and are left alone); attention through
+        # optimized_attention_masked (= optimized_attention) with the options. Its refiner layers are not exposed.
+        "omnigen2", "OmniGen 2", ("comfy.ldm.omnigen.omnigen2:OmniGen2Transformer2DModel",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "layers"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attn",), "feedforward": ("feed_forward",)}},
+        hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
+    ModelFamily(
         # comfy/ldm/cosmos/model.py (GeneralDIT, Cosmos Predict 1): blocks in a ModuleDict, each "FA-CA-MLP"
         # (self-attention, cross-attention, MLP) on (T, H, W, B, D) tensors; attention through
         # optimized_attention with the options.

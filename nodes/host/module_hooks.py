@@ -1,5 +1,5 @@
 """PyTorch module hooks for families whose forward offers neither a ``dit`` block replace patch nor
-``block_index`` (PixArt, HiDream, Cosmos Predict 1 and 2 in ComfyUI 0.8.0): the hooks a perturbed layer needs
+``block_index`` (PixArt, HiDream, Cosmos Predict 1 and 2, OmniGen 2 in ComfyUI 0.8.0): the hooks a perturbed layer needs
 are registered on exactly its modules (the block, its self-attention, its sublayers) by an ``APPLY_MODEL``
 wrapper, for one diffusion-model forward, and removed when that forward returns or raises.
 
@@ -77,7 +77,7 @@ def _pixart_project(attn, out):
     return attn.proj(out.transpose(1, 2).reshape(b, n, heads * d))
 
 
-def _hidream_patch(dm):
+def _square_patch(dm):  # HiDream, OmniGen 2: patch_size × patch_size, one frame
     return 1, dm.patch_size, dm.patch_size
 
 
@@ -90,14 +90,19 @@ def _hidream_single_text(args, kwargs, image_tokens):  # one stream: image token
     return args[0].shape[1] - image_tokens
 
 
+def _omnigen2_text(args, kwargs, image_tokens):  # one stream: text, reference images, then the image
+    return args[0].shape[1] - image_tokens
+
+
 SITES: dict[str, dict[str, BlockSite]] = {
     "pixart": {"double": BlockSite(("x",), AttentionSite("attn", qkv=_pixart_qkv, project=_pixart_project))},
     "hidream": {
         "double": BlockSite(("image_tokens", "text_tokens"),
-                            AttentionSite("block.attn1", _hidream_patch, _hidream_double_text)),
-        "single": BlockSite(("image_tokens",), AttentionSite("block.attn1", _hidream_patch, _hidream_single_text)),
+                            AttentionSite("block.attn1", _square_patch, _hidream_double_text)),
+        "single": BlockSite(("image_tokens",), AttentionSite("block.attn1", _square_patch, _hidream_single_text)),
     },
     "cosmos_predict2": {"double": BlockSite(("x_B_T_H_W_D",), AttentionSite("self_attn"))},
+    "omnigen2": {"double": BlockSite(("hidden_states",), AttentionSite("attn", _square_patch, _omnigen2_text))},
     # GeneralDITTransformerBlock "FA-CA-MLP": blocks.0 self-attention (VideoAttn), blocks.1 cross, blocks.2 MLP.
     "cosmos": {"double": BlockSite(("x",), AttentionSite("blocks.0.block"), batch_dim=3)},
 }

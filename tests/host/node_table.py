@@ -22,7 +22,7 @@ UNET_AND_DITS = IMAGE + VIDEO
 BLOCK_DITS = ("sd3", "flux") + VIDEO  # the families with transformer blocks to skip (SLG)
 SINGLE_BLOCKS = ("hunyuan_video",)  # a video DiT with single-stream blocks (Flux has them too; tested elsewhere)
 # The families without a block patch in their forward (module hooks; test_family_hookless).
-HOOKLESS = ("pixart", "hidream", "cosmos_predict2", "cosmos")
+HOOKLESS = ("pixart", "hidream", "omnigen2", "cosmos_predict2", "cosmos")
 UNET_AND_DITS += HOOKLESS
 BLOCK_DITS += HOOKLESS
 SINGLE_BLOCKS += ("hidream",)

@@ -1,7 +1,7 @@
 """The pack on the families whose forward offers no block patch: tiny random-weight PixArt-Σ, HiDream,
-Cosmos Predict 2 and Cosmos Predict 1 models (tiny_models.make_pixart / make_hidream / make_cosmos_predict2 /
-make_cosmos) sampled by a real KSampler. The pack hooks their modules (nodes/host/module_hooks.py) for one
-forward at a time.
+OmniGen 2, Cosmos Predict 2 and Cosmos Predict 1 models (tiny_models.make_pixart / make_hidream /
+make_omnigen2 / make_cosmos_predict2 / make_cosmos) sampled by a real KSampler. The pack hooks their
+modules (nodes/host/module_hooks.py) for one forward at a time.
 
 1. The tiny models: the family's own noise schedule, one forward of cond + uncond per step, finite,
    deterministic results that depend on the prompt.
@@ -12,9 +12,10 @@ forward at a time.
    PerturbedAttentionGuidance applies PAG on UNets:
    - PAG / SLG attention_scores (Ahn et al. 2024, identity self-attention): PixArt and the Cosmos models, a
      forward hook on the block's self-attention module returning its output projection of V (V from the
-     module's own projections, computed here); HiDream's joint attention (image tokens first, text after), an
-     attention override active only inside the block's ``attn1`` module that gives the image rows V and
-     leaves the text rows as they are (attention_scores: every row V).
+     module's own projections, computed here); HiDream's joint attention (image tokens first, text after)
+     and OmniGen 2's (text and reference images first, the image last), an attention override active only
+     inside the block's attention module that gives the image rows V and leaves the text rows as they are
+     (attention_scores: every row V).
    - SEG (Hong 2024): the image queries blurred on each frame's token grid (the core's ``smooth_queries``,
      checked against SEG-SDXL in tests/core); for PixArt, whose attention no override sees, the module's
      attention recomputed here from its own q, k, v with the blurred queries.
@@ -34,6 +35,11 @@ Host behaviour these tests depend on (ComfyUI 0.8.0, comfy/ldm/...):
   sequence image tokens first, then text (single blocks: one stream, image first), and calls
   ``optimized_attention`` with (B, L, heads·D) tensors and the forward's transformer_options; double blocks
   return (image, text). No ``dit`` patch, no block_index.
+- ``omnigen/omnigen2.py``: ``layers[i](hidden_states, mask, rope, temb, transformer_options=...)`` on one
+  stream [text; reference images; image]; ``attn`` (grouped-query: k, v repeated to the query heads) calls
+  ``optimized_attention_masked`` (= optimized_attention) with (B, heads, L, D), skip_reshape and the options;
+  its output and ``feed_forward``'s pass through an RMSNorm before the gated residual (zero stays zero).
+  The forward needs ``num_tokens``, from the conditioning's attention_mask.
 - ``cosmos/predict2.py``: ``MiniTrainDIT`` calls ``block(x, t_emb, crossattn_emb, **block_kwargs)``; each
   ``Block`` runs ``self_attn`` (``output_proj(attention(q, k, v_norm(v)))``, (B, heads, S, D) with
   skip_reshape and the transformer_options), ``cross_attn``, ``mlp``. No ``dit`` patch, no block_index
@@ -87,6 +93,8 @@ FAMILIES = {
                              False),
     "hidream": HooklessFamily("HiDream", "HiDreamImageTransformer2DModel", "ModelSamplingDiscreteFlow", (8, 8), (4, 4),
                               "double_stream_blocks", "block.attn1", True, "single_stream_blocks"),
+    "omnigen2": HooklessFamily("OmniGen 2", "OmniGen2Transformer2DModel", "ModelSamplingDiscreteFlow", (8, 8), (4, 4),
+                               "layers", "attn", True),
     "cosmos_predict2": HooklessFamily("Cosmos Predict 2", "MiniTrainDIT", "ModelSamplingCosmosRFlow", (8, 8), (4, 4),
                                       "blocks", "self_attn", False),
     "cosmos": HooklessFamily("Cosmos Predict 1", "GeneralDIT", "ModelSamplingContinuousEDM", (8, 8), (4, 4), "blocks",
@@ -220,18 +228,21 @@ def identity_reference(family: str, layers: str, image_rows_only: bool) -> Calla
         return modules_return(lambda dm: [attention_of(dm)], lambda m, x, out: m.output_proj(cosmos_values(m, x)))
     if family == "cosmos":
         return modules_return(lambda dm: [attention_of(dm)], lambda m, x, out: cosmos1_attention_of_values(m, x))
-    # HiDream: joint attention, image tokens first; (B, L, heads·D) in and out.
+    # Joint attention. HiDream: image tokens first, (B, L, heads·D) in and out. OmniGen 2: the image tokens
+    # last, (B, heads, L, D) in with skip_reshape, (B, L, heads·D) out.
     image_tokens = facts.grid[0] * facts.grid[1]
-    rows = slice(0, image_tokens) if image_rows_only else slice(None)
     inside = {"module": False}
 
     def override(func, q, k, v, *args, **kwargs):
         out = func(q, k, v, *args, **kwargs)
         if not inside["module"]:
             return out
-        assert v.ndim == 3 and not kwargs.get("skip_reshape")
+        values = v.transpose(1, 2).flatten(2) if kwargs.get("skip_reshape") else v
+        length = values.shape[1]
+        image = slice(0, image_tokens) if family == "hidream" else slice(length - image_tokens, length)
+        rows = image if image_rows_only else slice(None)
         out = out.clone()
-        out[:, rows] = v[:, rows]
+        out[:, rows] = values[:, rows]
         return out
 
     return inside_module(attention_of, inside, attention_override_during_pass(override))
@@ -276,8 +287,9 @@ def queries_blurred(family: str, layers: str, blur_sigma: float) -> Callable:
     facts = FAMILIES[family]
     frames = family_spec(family).latent_frames or 1
 
-    def blurred(q):  # the image tokens come first in every family's self-attention sequence
-        return smooth_queries(q, facts.grid, blur_sigma, image_token_start=0, frames=frames)
+    def blurred(q):  # the image tokens come first, except in OmniGen 2's stream (last)
+        start = q.shape[-2] - frames * facts.grid[0] * facts.grid[1] if family == "omnigen2" else 0
+        return smooth_queries(q, facts.grid, blur_sigma, image_token_start=start, frames=frames)
 
     def attention_of(dm):
         return block_of(dm, family, kind, index).get_submodule(facts.self_attention)
@@ -295,7 +307,7 @@ def queries_blurred(family: str, layers: str, blur_sigma: float) -> Callable:
 
     inside = {"module": False}
 
-    def override(func, q, k, v, *args, **kwargs):  # HiDream (B, L, heads·D), the Cosmos models (B, heads, S, D)
+    def override(func, q, k, v, *args, **kwargs):  # HiDream (B, L, heads·D); the others (B, heads, S, D)
         return func(blurred(q) if inside["module"] else q, k, v, *args, **kwargs)
 
     return inside_module(attention_of, inside, attention_override_during_pass(override))
@@ -376,6 +388,7 @@ def test_slg_block_matches_the_block_replaced_by_the_identity(tiny_model, plain_
 SUBLAYERS = {
     "pixart": {"attention": ["attn"], "feedforward": ["mlp"]},
     "hidream": {"attention": ["block.attn1"], "feedforward": ["block.ff_i", "block.ff_t"]},
+    "omnigen2": {"attention": ["attn"], "feedforward": ["feed_forward"]},
     "cosmos_predict2": {"attention": ["self_attn"], "feedforward": ["mlp"]},
     "cosmos": {"attention": ["blocks.0.block"], "feedforward": ["blocks.2.block"]},
 }
@@ -426,7 +439,7 @@ def test_no_hook_outlives_sampling_or_a_forward_that_raised(tiny_model, family: 
     run(patched, family)
     assert all_hooks(model) == 0, "a hook outlived sampling"
 
-    final = dm.final_layer
+    final = dm.norm_out if family == "omnigen2" else dm.final_layer  # the output layer, after every block
     handle = final.register_forward_pre_hook(raise_after_the_blocks)
     try:
         with pytest.raises(RuntimeError, match="a forward that raised"):

@@ -66,11 +66,15 @@ VIDEO_SPECS = {
 
 # The families without a block patch in their forward (the pack hooks their modules): PixArt-Σ and HiDream
 # (image latents), Cosmos Predict 2 (video latents, its Wan 2.1 VAE's 16 channels).
-HOOKLESS_FAMILIES = ("pixart", "hidream", "cosmos_predict2", "cosmos")
+HOOKLESS_FAMILIES = ("pixart", "hidream", "omnigen2", "cosmos_predict2", "cosmos")
 SPECS["pixart"] = FamilySpec(latent_channels=4, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None)
 # HiDream: the T5 embedding as context, the pooled CLIP embeddings (``y``), the Llama 3 layers' hidden states.
 SPECS["hidream"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=8, pooled_dim=16, flux_guidance=None,
                               llama_layers=4)
+# OmniGen 2: its Qwen2.5-VL embedding and an all-ones attention mask (the model takes the prompt's token count
+# from it, ``num_tokens``).
+SPECS["omnigen2"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=12, pooled_dim=None,
+                               flux_guidance=None, padded_text_tokens=0)
 VIDEO_SPECS["cosmos_predict2"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
                                             flux_guidance=None, latent_frames=3)
 VIDEO_SPECS["cosmos"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
@@ -361,6 +365,19 @@ def make_cosmos_predict2(seed: int = 0):
     return _to_patcher(_supported_models().CosmosT2IPredict2(unet_config), seed)
 
 
+def make_omnigen2(seed: int = 0):
+    """An OmniGen 2 DiT (flow, shift 2.6): 3 layers (and one refiner layer per stream), hidden 64, 2 query heads
+    sharing 1 key/value head (grouped-query attention as the release), patch 2. One stream: text, reference
+    images, image."""
+    spec = SPECS["omnigen2"]
+    unet_config = {"image_model": "omnigen2", "axes_dim_rope": [8, 12, 12], "axes_lens": [64, 64, 64],
+                   "ffn_dim_multiplier": None, "hidden_size": 64, "in_channels": spec.latent_channels,
+                   "multiple_of": 16, "norm_eps": 1e-5, "num_attention_heads": 2, "num_kv_heads": 1, "num_layers": 3,
+                   "num_refiner_layers": 1, "out_channels": None, "patch_size": 2, "text_feat_dim": spec.context_dim,
+                   "timestep_scale": 1000.0}
+    return _to_patcher(_supported_models().Omnigen2(unet_config), seed)
+
+
 def make_cosmos(seed: int = 0):
     """A Cosmos Predict 1 text-to-video DiT (``GeneralDIT``, EDM, σ 0.002..80, σ_data 0.5): 3 blocks "FA-CA-MLP"
     on (T, H, W, B, D) tensors as the released 7B/14B (model_detection's settings), hidden 64, 2 heads,
@@ -405,6 +422,7 @@ def make_model(family: str, seed: int = 0):
         "hidream": lambda: make_hidream(seed=seed),
         "cosmos_predict2": lambda: make_cosmos_predict2(seed=seed),
         "cosmos": lambda: make_cosmos(seed=seed),
+        "omnigen2": lambda: make_omnigen2(seed=seed),
     }
     return builders[family]()
 
