@@ -36,7 +36,8 @@ Host behaviour these tests depend on (ComfyUI 0.8.0, comfy/ldm/...):
   ``optimized_attention`` with (B, L, heads·D) tensors and the forward's transformer_options; double blocks
   return (image, text). No ``dit`` patch, no block_index.
 - ``omnigen/omnigen2.py``: ``layers[i](hidden_states, mask, rope, temb, transformer_options=...)`` on one
-  stream [text; reference images; image]; ``attn`` (grouped-query: k, v repeated to the query heads) calls
+  stream [text; reference images; image]; ``attn`` (grouped-query: k, v repeated to the query heads; 0.33.0
+  passes the fewer k/v heads with ``enable_gqa=True`` instead) calls
   ``optimized_attention_masked`` (= optimized_attention) with (B, heads, L, D), skip_reshape and the options;
   its output and ``feed_forward``'s pass through an RMSNorm before the gated residual (zero stays zero).
   The forward needs ``num_tokens``, from the conditioning's attention_mask.
@@ -237,7 +238,12 @@ def identity_reference(family: str, layers: str, image_rows_only: bool) -> Calla
         out = func(q, k, v, *args, **kwargs)
         if not inside["module"]:
             return out
-        values = v.transpose(1, 2).flatten(2) if kwargs.get("skip_reshape") else v
+        if kwargs.get("skip_reshape"):
+            if v.shape[1] < q.shape[1]:  # grouped-query attention (0.33.0 OmniGen 2): head h reads group h // g
+                v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            values = v.transpose(1, 2).flatten(2)
+        else:
+            values = v
         length = values.shape[1]
         image = slice(0, image_tokens) if family == "hidream" else slice(length - image_tokens, length)
         rows = image if image_rows_only else slice(None)
