@@ -395,6 +395,14 @@ def make_cosmos(seed: int = 0):
     return _to_patcher(_supported_models().CosmosT2V(unet_config), seed)
 
 
+def make_stable_cascade_c(seed: int = 0):
+    """A Stable Cascade stage C (flow, shift 2): 2 levels of hidden 32 (2 heads), one ResBlock, TimestepBlock and
+    AttnBlock per level each way, c_cond 32. The pack refuses it (nodes/host/families.py says why)."""
+    unet_config = {"stable_cascade_stage": "c", "c_in": 16, "c_out": 16, "c_hidden": [32, 32], "nhead": [2, 2],
+                   "blocks": [[1, 1], [1, 1]], "block_repeat": [[1, 1], [1, 1]], "c_cond": 32, "c_r": 16}
+    return _to_patcher(_supported_models().Stable_Cascade_C(unet_config), seed)
+
+
 def make_auraflow(seed: int = 0):
     """An AuraFlow MMDiT (``comfy.ldm.aura.mmdit.MMDiT``, a class named like SD3's): 2 double and 2 single
     layers, hidden 64. The pack refuses it (no family record yet); it must never be taken for SD3."""
@@ -423,6 +431,7 @@ def make_model(family: str, seed: int = 0):
         "cosmos_predict2": lambda: make_cosmos_predict2(seed=seed),
         "cosmos": lambda: make_cosmos(seed=seed),
         "omnigen2": lambda: make_omnigen2(seed=seed),
+        "stable_cascade_c": lambda: make_stable_cascade_c(seed=seed),
     }
     return builders[family]()
 
