@@ -122,6 +122,8 @@ def make_attention_override(previous: Callable | None):
             q4.shape[2], routing.latent_shape, text_tokens, text_position != families.TEXT_AFTER_IMAGE)
 
         def perturb_chunk(perturbation, q_, k_, v_, which):
+            if k_.shape[1] < q_.shape[1]:  # grouped-query attention (enable_gqa): each key/value head serves a group
+                k_, v_ = (t.repeat_interleave(q_.shape[1] // t.shape[1], dim=1) for t in (k_, v_))
             return perturbed_attention(perturbation, q_, k_, v_, grid, attend, routing.scratch)
 
         out = apply_chunked(q4, k4, v4, chunks, attend, perturb_chunk)

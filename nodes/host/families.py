@@ -24,6 +24,11 @@ ATTENTION_OVERRIDE = "optimized_attention_override"  # transformer_options: ever
 BLOCK_INDEX = "block_index in transformer_options"
 # No working dit block replace patch: forward hooks on the block modules, alive for one forward (block_hooks.py).
 BLOCK_FORWARD_HOOKS = "forward hooks on the blocks, for one forward"
+# No block patch in the family's forward: PyTorch forward hooks on the perturbed layer's modules, registered by
+# an APPLY_MODEL wrapper for one forward and always removed (nodes/host/module_hooks.py). With
+# ATTENTION_OVERRIDE too, attention perturbations go through the override while the self-attention module
+# runs; without it, they are recomputed from the module's own q, k, v projections.
+MODULE_FORWARD_HOOKS = "module forward hooks (one forward)"
 
 # Methods, as node modules name them when they ask which families support them.
 PAG, SEG, SLG, SAG = "pag", "seg", "slg", "sag"
@@ -159,6 +164,72 @@ FAMILIES: tuple[ModelFamily, ...] = (
         patch_size=(1, 2, 2),
     ),
 )
+
+# The families whose forward offers neither a dit block patch nor block_index in ComfyUI 0.8.0: module hooks.
+FAMILIES += (
+    ModelFamily(
+        # comfy/ldm/pixart: self-attention (AttentionKVCompress) calls optimized_attention without the options,
+        # so the override never sees it: attention perturbations are recomputed in a hook on the module.
+        "pixart", "PixArt α/Σ", ("comfy.ldm.pixart.pixartms:PixArtMS",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "blocks"},
+        sublayers={"double": {"attention": ("attn",), "feedforward": ("mlp",)}},
+        hooks=(MODULE_FORWARD_HOOKS,),
+        recommended={PAG: Recommended(("1",), "diffusers' PixArtSigmaPAGPipeline: pag_applied_layers blocks.1"),
+                     SEG: Recommended(("1",), "as PAG (diffusers' PixArt-Σ PAG: blocks.1)"),
+                     SLG: Recommended((), _MIDDLE)},
+    ),
+    ModelFamily(
+        # comfy/ldm/hidream/model.py: joint attention of the image tokens then the text tokens (double blocks: two
+        # streams; single blocks: one, the text appended), through optimized_attention with the options.
+        "hidream", "HiDream", ("comfy.ldm.hidream.model:HiDreamImageTransformer2DModel",),
+        frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "double_stream_blocks", "single": "single_stream_blocks"},
+        text_position=TEXT_AFTER_IMAGE,
+        sublayers={"double": {"attention": ("block.attn1",), "feedforward": ("block.ff_i", "block.ff_t")},
+                   "single": {"attention": ("block.attn1",), "feedforward": ("block.ff_i",)}},
+        hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
+    ModelFamily(
+        # comfy/ldm/cosmos/predict2.py (MiniTrainDIT): self-attention on the video tokens, cross-attention to the
+        # text, MLP; attention through optimized_attention with the options.
+        "cosmos_predict2", "Cosmos Predict 2", ("comfy.ldm.cosmos.predict2:MiniTrainDIT",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "blocks"},
+        sublayers={"double": {"attention": ("self_attn",), "feedforward": ("mlp",)}},
+        hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
+    ModelFamily(
+        # comfy/ldm/omnigen/omnigen2.py: one stream, the text first, then the reference images, then the image
+        # (the image tokens last; reference images count as text here and are left alone); attention through
+        # optimized_attention_masked (= optimized_attention) with the options. Its refiner layers are not exposed.
+        "omnigen2", "OmniGen 2", ("comfy.ldm.omnigen.omnigen2:OmniGen2Transformer2DModel",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "layers"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attn",), "feedforward": ("feed_forward",)}},
+        hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
+    ModelFamily(
+        # comfy/ldm/cosmos/model.py (GeneralDIT, Cosmos Predict 1): blocks in a ModuleDict, each "FA-CA-MLP"
+        # (self-attention, cross-attention, MLP) on (T, H, W, B, D) tensors; attention through
+        # optimized_attention with the options.
+        "cosmos", "Cosmos Predict 1", ("comfy.ldm.cosmos.model:GeneralDIT",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "blocks"},
+        sublayers={"double": {"attention": ("blocks.0.block",), "feedforward": ("blocks.2.block",)}},
+        hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE),
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
+)
+
+# Stable Cascade stage C (comfy/ldm/cascade/stage_c.py) is refused for now, not for lack of a definition: PAG there
+# is well defined (its AttnBlock attends from the image tokens to [image tokens; text tokens], so the identity
+# map gives each image query its own image token's value: out_proj(to_v(x)), the text keys weighted 0), and
+# its attention goes through optimized_attention with the options. What the pack lacks is a way to name its
+# layers: its AttnBlocks sit between ResBlocks and TimestepBlocks inside per-level ModuleLists (down_blocks[l],
+# up_blocks[l], the up blocks re-run by block_repeat), not in one block list per kind as ``block_lists``
+# addresses, and its queries and keys differ in length, which the override's self-attention check declines.
+FAMILIES += (ModelFamily("stable_cascade_c", "Stable Cascade (stage C)", ("comfy.ldm.cascade.stage_c:StageC",),
+                         frozenset()),)
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 

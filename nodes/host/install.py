@@ -16,7 +16,8 @@ from .attention import claim_unet_attn1, text_tokens_wrapper
 from .block_hooks import block_hooks_wrapper, uses_block_hooks
 from .dit_blocks import make_dit_block_patch
 from .layers import Layer, model_family, model_layers
-from .marks import SETUP_KEY, WRAPPER_KEY, is_ours
+from .marks import SETUP_KEY, WRAPPER_KEY, GuidanceError, is_ours
+from .module_hooks import make_module_hooks_wrapper, uses_module_hooks
 from .perturbations import patched_layers
 from .shared_prefix import shared_prefix_wrapper
 from .step import (
@@ -60,6 +61,12 @@ def _install_hooks(patched, setup: GuidanceSetup) -> None:
     if not patched.get_wrappers(wrappers.OUTER_SAMPLE, WRAPPER_KEY):
         patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
         patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)
+    family = model_family(patched)
+    if layers and uses_module_hooks(family):
+        # No block patch in this family's forward: module hooks, registered for one forward at a time.
+        if not patched.get_wrappers(wrappers.APPLY_MODEL, WRAPPER_KEY):
+            patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, make_module_hooks_wrapper(family))
+        return
     for layer in layers + _dit_prefix_layers(patched, layers):
         _install_layer_patch(patched, layer)
     if layers and not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):

@@ -52,7 +52,9 @@ def sublayer_modules(diffusion_model, family: str, layer: Layer, sublayer: str) 
     record = families.FAMILY_BY_KEY.get(family)
     names = record.sublayers.get(layer.kind, {}).get(sublayer, ()) if record is not None else ()
     if names:
-        block = getattr(diffusion_model, record.block_lists[layer.kind])[layer.index]
+        blocks = getattr(diffusion_model, record.block_lists[layer.kind])
+        # A ModuleDict of blocks (Cosmos 1) is in forward order too.
+        block = list(blocks.values())[layer.index] if isinstance(blocks, torch.nn.ModuleDict) else blocks[layer.index]
         modules = [block.get_submodule(name) for name in names if _has_submodule(block, name)]
         if modules:
             return modules

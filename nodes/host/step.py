@@ -43,8 +43,9 @@ from ...guidance_core.plan import CFG_TERM, COND, UNCOND, GuidanceStack, StepCon
 from ...guidance_core.schedules import step_of_sigma
 from .attention import claim_unet_attn1, make_attention_override
 from .block_hooks import hooks_installed
-from .layers import Layer
+from .layers import Layer, model_family
 from .marks import SETUP_KEY, GuidanceError, is_ours, mark_ours
+from .module_hooks import uses_module_hooks
 from .perturbations import LateBranch, LateCall, patched_layers
 from .routing import ForwardRouting, with_step_info
 from .windows import resolve_windows
@@ -157,8 +158,8 @@ def predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):  
     setup = _setup_of(model_options)
     if setup is None:
         return executor(x, timestep, model_options, seed)
-    _reclaim_slots(model_options, setup)
     guider = executor.class_obj
+    _reclaim_slots(model_options, setup, uses_module_hooks(model_family(guider.model_patcher)))
     run = _run_for(setup, guider.model_patcher.get_model_object("model_sampling"))
     run.cond_scale = float(getattr(guider, "cfg", 1.0))
     run.batch_calls = 0
@@ -185,11 +186,12 @@ def _bypassing_guider_message(guider, setup: GuidanceSetup) -> str:
             f"{setup.owner_nodes[-1] if setup.owner_nodes else 'the Guiders node'}.")
 
 
-def _reclaim_slots(model_options, setup: GuidanceSetup) -> None:
+def _reclaim_slots(model_options, setup: GuidanceSetup, module_hooks: bool = False) -> None:
     """A node applied after ours may have overwritten one of our slots or patches, or put a patch on a key
     that shadows ours, which would silently drop our guidance. For this run (``model_options`` is the run's
     own copy) ours goes back in and wraps theirs, exactly as when their node comes first. A replaced DiT
-    block patch cannot be composed that way: that is an error naming both."""
+    block patch cannot be composed that way: that is an error naming both. A family hooked through its modules
+    (``module_hooks``) has no block patch to check."""
     layers = patched_layers(setup.stack)
     claim_single_slots(model_options, layers)
     replace_patches = model_options["transformer_options"].setdefault("patches_replace", {})
@@ -201,7 +203,7 @@ def _reclaim_slots(model_options, setup: GuidanceSetup) -> None:
     for layer in layers:
         name, key = layer.patch_key
         fn = replace_patches.get(name, {}).get(key)
-        if layer.is_dit and not hooked and not is_ours(fn):
+        if layer.is_dit and not hooked and not module_hooks and not is_ours(fn):
             raise GuidanceError(f"The patch on layer {layer} set by ComfyUI-Guiders ({owners}) was replaced by "
                                 f"{foreign_node_name(fn)}, applied after it. Apply {foreign_node_name(fn)} first.")
 

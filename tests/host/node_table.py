@@ -25,6 +25,12 @@ SINGLE_BLOCKS = ("hunyuan_video",)  # a video DiT with single-stream blocks (Flu
 JOINT = ("qwen_image", "lumina2", "z_image", "kandinsky5", "kandinsky5_image")
 UNET_AND_DITS += JOINT
 BLOCK_DITS += JOINT
+# The families without a block patch in their forward (module hooks; test_family_hookless).
+HOOKLESS = ("pixart", "hidream", "omnigen2", "cosmos_predict2", "cosmos")
+UNET_AND_DITS += HOOKLESS
+BLOCK_DITS += HOOKLESS
+SINGLE_BLOCKS += ("hidream",)
+SUBLAYER_DITS = VIDEO + JOINT + HOOKLESS  # SLG attention / feedforward
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,8 @@ NODE_TABLE = (
             ("test_node_parity.py::test_pag_matches_builtin_perturbed_attention_guidance",
              "test_node_parity.py::test_identity_attention_on_flux_joint_attention_matches_a_reference_from_the_definition",
              "test_video_dits.py::test_identity_self_attention_matches_a_reference_from_the_definition",
-             "test_family_joint.py::test_identity_attention_matches_a_reference_from_the_definition"),
+             "test_family_joint.py::test_identity_attention_matches_a_reference_from_the_definition",
+             "test_family_hookless.py::test_identity_self_attention_matches_a_reference_from_the_definition"),
             effect_cases=(
                 EffectCase("PAG", lambda m, w: node("GuidersPAG", model=m, scale=3.0), UNET_AND_DITS),
                 EffectCase("PAG-single", lambda m, w: node("GuidersPAG", model=m, scale=3.0, layers="single.1"),
@@ -117,7 +124,8 @@ NODE_TABLE = (
     NodeRow("GuidersSEG", ("sd15",) + VIDEO, "the query blur written in the test (own Gaussian), per frame on video",
             ("test_node_values.py::test_seg_on_a_non_square_unet_latent_blurs_queries_over_the_token_grid",
              "test_video_dits.py::test_seg_blurs_each_frame_as_a_reference_from_the_definition",
-             "test_family_joint.py::test_seg_blurs_the_image_token_grid_as_a_reference_from_the_definition"),
+             "test_family_joint.py::test_seg_blurs_the_image_token_grid_as_a_reference_from_the_definition",
+             "test_family_hookless.py::test_seg_blurs_the_queries_on_the_token_grid_as_a_reference"),
             effect_cases=(
                 EffectCase("SEG-sigma10", lambda m, w: node("GuidersSEG", model=m, scale=3.0, blur_sigma=10.0),
                            UNET_AND_DITS),
@@ -139,13 +147,15 @@ NODE_TABLE = (
              "test_slg_sublayers.py::test_sublayer_skip_matches_its_definition",
              "test_family_joint.py::test_slg_block_matches_skip_layer_guidance_dit",
              "test_family_joint.py::test_slg_block_matches_a_reference_from_the_definition",
-             "test_family_joint.py::test_sublayer_skip_matches_its_definition"),
+             "test_family_joint.py::test_sublayer_skip_matches_its_definition",
+             "test_family_hookless.py::test_slg_block_matches_the_block_replaced_by_the_identity",
+             "test_family_hookless.py::test_sublayer_skip_matches_its_definition"),
             effect_cases=(
                 EffectCase("SLG-block", _slg("block"), BLOCK_DITS),
                 EffectCase("SLG-attention_scores", _slg("attention_scores"), BLOCK_DITS),
-                EffectCase("SLG-attention", _slg("attention"), VIDEO + JOINT),
-                EffectCase("SLG-feedforward", _slg("feedforward"), VIDEO + JOINT),
-                EffectCase("SLG-block-negative_branch", _slg("block", target="negative branch"), VIDEO + JOINT),
+                EffectCase("SLG-attention", _slg("attention"), SUBLAYER_DITS),
+                EffectCase("SLG-feedforward", _slg("feedforward"), SUBLAYER_DITS),
+                EffectCase("SLG-block-negative_branch", _slg("block", target="negative branch"), SUBLAYER_DITS),
                 EffectCase("SLG-block-single", _slg("block", layers="single.1"), SINGLE_BLOCKS),
                 EffectCase("SLG-attention_scores-single", _slg("attention_scores", layers="single.1"), SINGLE_BLOCKS),
             )),
@@ -167,7 +177,7 @@ def _stack(model, weak):
     return node("GuidersRescaleCFG", model=model, multiplier=0.7)
 
 
-CHAIN_CASES = (EffectCase("PAG+SEG+APG+Rescale", _stack, IMAGE),)  # several nodes in one chain
+CHAIN_CASES = (EffectCase("PAG+SEG+APG+Rescale", _stack, IMAGE + HOOKLESS),)  # several nodes in one chain
 
 NODE_IDS = [row.node_id for row in NODE_TABLE]
 

@@ -34,6 +34,7 @@ class FamilySpec:
     flux_guidance: float | None  # Flux's distilled-guidance input, set by FluxGuidance in real workflows
     latent_frames: int | None = None  # video families: T of the (B, C, T, H, W) latent
     padded_text_tokens: int | None = None  # LTXV: its T5 pads the prompt and passes an ``attention_mask``
+    llama_layers: int | None = None  # HiDream: Llama hidden states of this many layers (``conditioning_llama3``)
 
 
 SPECS = {
@@ -65,6 +66,22 @@ VIDEO_SPECS = {
 
 # Autoguidance's "bad version" of a tiny model: the same architecture with other random weights.
 WEAK_MODEL_SEED = 7
+
+# The families without a block patch in their forward (the pack hooks their modules): PixArt-Σ and HiDream
+# (image latents), Cosmos Predict 2 (video latents, its Wan 2.1 VAE's 16 channels).
+HOOKLESS_FAMILIES = ("pixart", "hidream", "omnigen2", "cosmos_predict2", "cosmos")
+SPECS["pixart"] = FamilySpec(latent_channels=4, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None)
+# HiDream: the T5 embedding as context, the pooled CLIP embeddings (``y``), the Llama 3 layers' hidden states.
+SPECS["hidream"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=8, pooled_dim=16, flux_guidance=None,
+                              llama_layers=4)
+# OmniGen 2: its Qwen2.5-VL embedding and an all-ones attention mask (the model takes the prompt's token count
+# from it, ``num_tokens``).
+SPECS["omnigen2"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=12, pooled_dim=None,
+                               flux_guidance=None, padded_text_tokens=0)
+VIDEO_SPECS["cosmos_predict2"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
+                                            flux_guidance=None, latent_frames=3)
+VIDEO_SPECS["cosmos"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
+                                   flux_guidance=None, latent_frames=3)
 
 # Latent side (in latent pixels) for quick tests and for the medium benchmark models.
 TINY_LATENT_SIZE = 8
@@ -308,6 +325,87 @@ def make_hunyuan_video(seed: int = 0):
     return _to_patcher(_supported_models().HunyuanVideo(unet_config), seed)
 
 
+def make_pixart(seed: int = 0):
+    """A PixArt-Σ DiT (``supported_models.PixArtSigma``: EPS, sqrt-linear betas, no micro-conditions): 3 blocks,
+    hidden 64, 2 heads, patch 2. Each block: self-attention (AttentionKVCompress, no KV compression),
+    cross-attention to the projected T5 embedding, MLP, all adaLN-single modulated."""
+    spec = SPECS["pixart"]
+    unet_config = {"image_model": "pixart_sigma", "input_size": 16, "patch_size": 2,
+                   "in_channels": spec.latent_channels,
+                   "hidden_size": 64, "depth": 3, "num_heads": 2, "caption_channels": spec.context_dim,
+                   "model_max_length": spec.context_tokens, "pe_interpolation": 1, "micro_condition": False}
+    return _to_patcher(_supported_models().PixArtSigma(unet_config), seed)
+
+
+def make_hidream(seed: int = 0):
+    """A HiDream-I1 DiT (flow, shift 3): 2 double-stream + 2 single-stream blocks, 2 heads of 32, patch 2, the
+    image FFN a mixture of 4 experts (2 active) as in HiDream. Each block's joint attention takes the image
+    tokens first and the text after them; block i also attends to Llama layer ``llama_layers[i]``."""
+    spec = SPECS["hidream"]
+    unet_config = {"image_model": "hidream", "patch_size": 2, "in_channels": spec.latent_channels,
+                   "out_channels": spec.latent_channels, "num_layers": 2, "num_single_layers": 2,
+                   "attention_head_dim": 32, "num_attention_heads": 2, "caption_channels": [spec.context_dim] * 2,
+                   "text_emb_dim": spec.pooled_dim, "num_routed_experts": 4, "num_activated_experts": 2,
+                   "axes_dims_rope": [8, 12, 12], "max_resolution": [16, 16], "llama_layers": [0, 1, 2, 3]}
+    return _to_patcher(_supported_models().HiDream(unet_config), seed)
+
+
+def make_cosmos_predict2(seed: int = 0):
+    """A Cosmos Predict 2 text-to-image/video DiT (``MiniTrainDIT``, EDM-style flow, σ 0.002..80): 3 blocks,
+    hidden 64, 2 heads, patch (1, 2, 2), adaLN-LoRA as the released models. Each block: self-attention on the
+    video tokens, cross-attention to the T5 embedding, MLP."""
+    spec = VIDEO_SPECS["cosmos_predict2"]
+    unet_config = {"image_model": "cosmos_predict2", "max_img_h": 240, "max_img_w": 240, "max_frames": 128,
+                   "in_channels": spec.latent_channels, "out_channels": spec.latent_channels, "patch_spatial": 2,
+                   "patch_temporal": 1, "concat_padding_mask": True, "model_channels": 64, "num_blocks": 3,
+                   "num_heads": 2, "crossattn_emb_channels": spec.context_dim, "pos_emb_cls": "rope3d",
+                   "pos_emb_learnable": True, "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30,
+                   "use_adaln_lora": True, "adaln_lora_dim": 16, "extra_per_block_abs_pos_emb": False,
+                   "rope_h_extrapolation_ratio": 4.0, "rope_w_extrapolation_ratio": 4.0,
+                   "rope_t_extrapolation_ratio": 1.0, "extra_h_extrapolation_ratio": 1.0,
+                   "extra_w_extrapolation_ratio": 1.0, "extra_t_extrapolation_ratio": 1.0,
+                   "rope_enable_fps_modulation": False}
+    return _to_patcher(_supported_models().CosmosT2IPredict2(unet_config), seed)
+
+
+def make_omnigen2(seed: int = 0):
+    """An OmniGen 2 DiT (flow, shift 2.6): 3 layers (and one refiner layer per stream), hidden 64, 2 query heads
+    sharing 1 key/value head (grouped-query attention as the release), patch 2. One stream: text, reference
+    images, image."""
+    spec = SPECS["omnigen2"]
+    unet_config = {"image_model": "omnigen2", "axes_dim_rope": [8, 12, 12], "axes_lens": [64, 64, 64],
+                   "ffn_dim_multiplier": None, "hidden_size": 64, "in_channels": spec.latent_channels,
+                   "multiple_of": 16, "norm_eps": 1e-5, "num_attention_heads": 2, "num_kv_heads": 1, "num_layers": 3,
+                   "num_refiner_layers": 1, "out_channels": None, "patch_size": 2, "text_feat_dim": spec.context_dim,
+                   "timestep_scale": 1000.0}
+    return _to_patcher(_supported_models().Omnigen2(unet_config), seed)
+
+
+def make_cosmos(seed: int = 0):
+    """A Cosmos Predict 1 text-to-video DiT (``GeneralDIT``, EDM, σ 0.002..80, σ_data 0.5): 3 blocks "FA-CA-MLP"
+    on (T, H, W, B, D) tensors as the released 7B/14B (model_detection's settings), hidden 64, 2 heads,
+    patch (1, 2, 2), adaLN-LoRA, learnable per-block position embeddings."""
+    spec = VIDEO_SPECS["cosmos"]
+    unet_config = {"image_model": "cosmos", "max_img_h": 240, "max_img_w": 240, "max_frames": 128,
+                   "in_channels": spec.latent_channels, "out_channels": spec.latent_channels, "patch_spatial": 2,
+                   "patch_temporal": 1, "model_channels": 64, "block_config": "FA-CA-MLP",
+                   "concat_padding_mask": True, "pos_emb_cls": "rope3d", "pos_emb_learnable": False,
+                   "pos_emb_interpolation": "crop", "block_x_format": "THWBD", "affline_emb_norm": True,
+                   "use_adaln_lora": True, "adaln_lora_dim": 16, "num_blocks": 3, "num_heads": 2,
+                   "crossattn_emb_channels": spec.context_dim, "extra_per_block_abs_pos_emb": True,
+                   "rope_h_extrapolation_ratio": 1.0, "rope_w_extrapolation_ratio": 1.0,
+                   "rope_t_extrapolation_ratio": 2.0, "extra_per_block_abs_pos_emb_type": "learnable"}
+    return _to_patcher(_supported_models().CosmosT2V(unet_config), seed)
+
+
+def make_stable_cascade_c(seed: int = 0):
+    """A Stable Cascade stage C (flow, shift 2): 2 levels of hidden 32 (2 heads), one ResBlock, TimestepBlock and
+    AttnBlock per level each way, c_cond 32. The pack refuses it (nodes/host/families.py says why)."""
+    unet_config = {"stable_cascade_stage": "c", "c_in": 16, "c_out": 16, "c_hidden": [32, 32], "nhead": [2, 2],
+                   "blocks": [[1, 1], [1, 1]], "block_repeat": [[1, 1], [1, 1]], "c_cond": 32, "c_r": 16}
+    return _to_patcher(_supported_models().Stable_Cascade_C(unet_config), seed)
+
+
 def make_auraflow(seed: int = 0):
     """An AuraFlow MMDiT (``comfy.ldm.aura.mmdit.MMDiT``, a class named like SD3's): 2 double and 2 single
     layers, hidden 64. The pack refuses it (no family record yet); it must never be taken for SD3."""
@@ -332,6 +430,12 @@ def make_model(family: str, seed: int = 0):
         "hunyuan_video": lambda: make_hunyuan_video(seed=seed),
         "auraflow": lambda: make_auraflow(seed=seed),
         **{family: (lambda build=build: build(seed=seed)) for family, build in JOINT_BUILDERS.items()},
+        "pixart": lambda: make_pixart(seed=seed),
+        "hidream": lambda: make_hidream(seed=seed),
+        "cosmos_predict2": lambda: make_cosmos_predict2(seed=seed),
+        "cosmos": lambda: make_cosmos(seed=seed),
+        "omnigen2": lambda: make_omnigen2(seed=seed),
+        "stable_cascade_c": lambda: make_stable_cascade_c(seed=seed),
     }
     return builders[family]()
 
@@ -370,6 +474,9 @@ def _one_conditioning(spec: FamilySpec, batch: int, generator: torch.Generator) 
         mask = torch.ones(batch, spec.context_tokens, dtype=torch.long)
         mask[:, spec.context_tokens - spec.padded_text_tokens:] = 0
         extras["attention_mask"] = mask
+    if spec.llama_layers is not None:  # (B, layers, tokens, channels), as HiDream's Llama encoder stacks them
+        extras["conditioning_llama3"] = torch.randn(batch, spec.llama_layers, spec.context_tokens, spec.context_dim,
+                                                    generator=generator)
     return [[context, extras]]
 
 
