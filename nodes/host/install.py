@@ -16,7 +16,7 @@ from .attention import claim_unet_attn1, text_tokens_wrapper
 from .block_hooks import block_hooks_wrapper, uses_block_hooks
 from .dit_blocks import make_dit_block_patch
 from .layers import Layer, model_family, model_layers
-from .marks import SETUP_KEY, WRAPPER_KEY, GuidanceError, is_ours
+from .marks import SETUP_KEY, WRAPPER_KEY, is_ours
 from .module_hooks import make_module_hooks_wrapper, uses_module_hooks
 from .perturbations import patched_layers
 from .shared_prefix import shared_prefix_wrapper
