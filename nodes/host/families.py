@@ -127,6 +127,12 @@ _FLUX_SUBLAYERS = {"double": {"attention": ("img_attn.proj", "txt_attn.proj"), "
 _FLUX_BLOCKS = {"double": "double_blocks", "single": "single_blocks"}
 _FLUX_HOOKS = (DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX)
 _MIDDLE_OF_STACK = {method: Recommended((), _MIDDLE) for method in (PAG, SEG, SLG)}
+# Flux.2's sizes differ in both stacks, so no one block name is the middle of each: "auto" takes the middle of
+# the model's own stack (double and single blocks in order).
+_FLUX_2_MIDDLE = {method: Recommended((), "the middle of the model's own stack (no published value): dev "
+                                          "(8 double + 48 single blocks) single.20, Klein 4B (5 + 20) single.7, "
+                                          "Klein 9B (8 + 24) single.8")
+                  for method in (PAG, SEG, SLG)}
 # Chroma keeps Flux.1's 19 double and 38 single blocks: Flux's choices, for the same reasons.
 _AS_FLUX_1 = {PAG: Recommended(("double.9",), "the middle double block of 19, as for Flux (no published value)"),
               SEG: Recommended(("double.9",), "the middle double block of 19, as for Flux (no published value)"),
@@ -142,7 +148,7 @@ FAMILIES = FAMILIES + (
     ModelFamily(
         "flux2", "Flux.2 (dev, Klein)", ("comfy.ldm.flux.model:Flux",), frozenset({PAG, SEG, SLG}),
         block_lists=_FLUX_BLOCKS, text_position=TEXT_BEFORE_IMAGE, sublayers=_FLUX_SUBLAYERS, hooks=_FLUX_HOOKS,
-        recommended=_MIDDLE_OF_STACK, base_classes=("comfy.model_base:Flux2",),
+        recommended=_FLUX_2_MIDDLE, base_classes=("comfy.model_base:Flux2",),
     ),
     # LongCat-Image (ComfyUI 0.33.0: comfy.model_base.LongCatImage): Flux.1's blocks without guidance or pooled
     # input, 10 double + 20 single blocks; no published layer choice, so the middle of the stack (single.5).

@@ -21,6 +21,10 @@ VIDEO = ("wan", "ltxv", "hunyuan_video")
 UNET_AND_DITS = IMAGE + VIDEO
 BLOCK_DITS = ("sd3", "flux") + VIDEO  # the families with transformer blocks to skip (SLG)
 SINGLE_BLOCKS = ("hunyuan_video",)  # a video DiT with single-stream blocks (Flux has them too; tested elsewhere)
+# The Flux-code families (test_family_flux2.py): Flux.2 dev and Klein, Chroma, Chroma Radiance, LongCat-Image
+# (ComfyUI 0.33.0 only). Each has double and single blocks and every sublayer mode, so every DiT case runs on them.
+FLUX_CODE = ("flux2", "flux2_klein", "chroma", "chroma_radiance", "longcat_image")
+UNET_AND_DITS, BLOCK_DITS, SINGLE_BLOCKS = UNET_AND_DITS + FLUX_CODE, BLOCK_DITS + FLUX_CODE, SINGLE_BLOCKS + FLUX_CODE
 
 
 @dataclass(frozen=True)
@@ -134,9 +138,9 @@ NODE_TABLE = (
             effect_cases=(
                 EffectCase("SLG-block", _slg("block"), BLOCK_DITS),
                 EffectCase("SLG-attention_scores", _slg("attention_scores"), BLOCK_DITS),
-                EffectCase("SLG-attention", _slg("attention"), VIDEO),
-                EffectCase("SLG-feedforward", _slg("feedforward"), VIDEO),
-                EffectCase("SLG-block-negative_branch", _slg("block", target="negative branch"), VIDEO),
+                EffectCase("SLG-attention", _slg("attention"), VIDEO + FLUX_CODE),
+                EffectCase("SLG-feedforward", _slg("feedforward"), VIDEO + FLUX_CODE),
+                EffectCase("SLG-block-negative_branch", _slg("block", target="negative branch"), VIDEO + FLUX_CODE),
                 EffectCase("SLG-block-single", _slg("block", layers="single.1"), SINGLE_BLOCKS),
                 EffectCase("SLG-attention_scores-single", _slg("attention_scores", layers="single.1"), SINGLE_BLOCKS),
             )),
