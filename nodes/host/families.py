@@ -56,6 +56,10 @@ class ModelFamily:
     # The DiT's patch (frames, height, width) where the image tokens' grid is taken from the latent, not guessed
     # from the sequence length (padding or reference-image tokens make the length ambiguous).
     patch_size: tuple[int, int, int] | None = None
+    # "module:ClassName" of the ComfyUI model (comfy.model_base) as well, for a family whose diffusion-model class
+    # another record lists too (Flux.2 and LongCat-Image run comfy.ldm.flux.model.Flux): such a record wins over
+    # the one without base classes when the model's class is one of them (``family_of_model``).
+    base_classes: tuple[str, ...] = ()
 
     @property
     def is_unet(self) -> bool:
@@ -231,6 +235,62 @@ FAMILIES += (
 FAMILIES += (ModelFamily("stable_cascade_c", "Stable Cascade (stage C)", ("comfy.ldm.cascade.stage_c:StageC",),
                          frozenset()),)
 
+# Flux.2, Chroma, Chroma Radiance and LongCat-Image run ComfyUI's Flux blocks (comfy/ldm/flux/layers.py
+# DoubleStreamBlock, SingleStreamBlock): joint attention with the text tokens first, the same sublayer modules,
+# and the forward's dit block replace patches with block_type/block_index set before each block. What differs is
+# what reaches the blocks as ``vec``: Flux.2's modulations are computed once for all blocks (global modulation)
+# and Chroma's by its distilled approximator, both as ModulationOut dataclasses whose tensors carry the batch
+# (shared_prefix.select_rows takes their rows too).
+_FLUX_SUBLAYERS = {"double": {"attention": ("img_attn.proj", "txt_attn.proj"), "feedforward": ("img_mlp", "txt_mlp")}}
+_FLUX_BLOCKS = {"double": "double_blocks", "single": "single_blocks"}
+_FLUX_HOOKS = (DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX)
+_MIDDLE_OF_STACK = {method: Recommended((), _MIDDLE) for method in (PAG, SEG, SLG)}
+# Flux.2's sizes differ in both stacks, so no one block name is the middle of each: "auto" takes the middle of
+# the model's own stack (double and single blocks in order).
+_FLUX_2_MIDDLE = {method: Recommended((), "the middle of the model's own stack (no published value): dev "
+                                          "(8 double + 48 single blocks) single.20, Klein 4B (5 + 20) single.7, "
+                                          "Klein 9B (8 + 24) single.8")
+                  for method in (PAG, SEG, SLG)}
+# Chroma keeps Flux.1's 19 double and 38 single blocks: Flux's choices, for the same reasons.
+_AS_FLUX_1 = {PAG: Recommended(("double.9",), "the middle double block of 19, as for Flux (no published value)"),
+              SEG: Recommended(("double.9",), "the middle double block of 19, as for Flux (no published value)"),
+              SLG: Recommended(("double.7", "double.8", "double.9", "single.7", "single.8", "single.9"),
+                               "ComfyUI's SkipLayerGuidanceDiT defaults: double and single 7, 8, 9")}
+
+FAMILIES = FAMILIES + (
+    # Flux.2 dev (8 double + 48 single blocks) and Flux.2 Klein (4B: 5 + 20, 9B: 8 + 24) are one architecture:
+    # comfy/model_detection.py gives every checkpoint with ``double_stream_modulation_img`` the "flux2" config
+    # (global modulation, SiLU-gated MLPs, patch 1, 4 rope axes); Klein only lacks the guidance embedding. No
+    # published layer choice: "auto" takes the middle of each model's own stack (dev single.20, Klein 4B
+    # single.7, Klein 9B single.8), which Flux.1's double.9 would not be (Flux.2 dev has double blocks 0-7).
+    ModelFamily(
+        "flux2", "Flux.2 (dev, Klein)", ("comfy.ldm.flux.model:Flux",), frozenset({PAG, SEG, SLG}),
+        block_lists=_FLUX_BLOCKS, text_position=TEXT_BEFORE_IMAGE, sublayers=_FLUX_SUBLAYERS, hooks=_FLUX_HOOKS,
+        recommended=_FLUX_2_MIDDLE, base_classes=("comfy.model_base:Flux2",),
+    ),
+    # LongCat-Image (ComfyUI 0.33.0: comfy.model_base.LongCatImage): Flux.1's blocks without guidance or pooled
+    # input, 10 double + 20 single blocks; no published layer choice, so the middle of the stack (single.5).
+    ModelFamily(
+        "longcat_image", "LongCat-Image", ("comfy.ldm.flux.model:Flux",), frozenset({PAG, SEG, SLG}),
+        block_lists=_FLUX_BLOCKS, text_position=TEXT_BEFORE_IMAGE, sublayers=_FLUX_SUBLAYERS, hooks=_FLUX_HOOKS,
+        recommended=_MIDDLE_OF_STACK, base_classes=("comfy.model_base:LongCatImage",),
+    ),
+    # Chroma (comfy/ldm/chroma/model.py): its own model class around Flux's blocks, without per-block modulation
+    # layers (modulation=False): the approximator's vectors are handed to each block as ``vec``.
+    ModelFamily(
+        "chroma", "Chroma", ("comfy.ldm.chroma.model:Chroma",), frozenset({PAG, SEG, SLG}),
+        block_lists=_FLUX_BLOCKS, text_position=TEXT_BEFORE_IMAGE, sublayers=_FLUX_SUBLAYERS, hooks=_FLUX_HOOKS,
+        recommended=_AS_FLUX_1,
+    ),
+    # Chroma Radiance (comfy/ldm/chroma_radiance/model.py, a subclass of Chroma): pixel space, patches embedded by a
+    # convolution and decoded by NeRF blocks after the transformer; the transformer blocks are Chroma's.
+    ModelFamily(
+        "chroma_radiance", "Chroma Radiance", ("comfy.ldm.chroma_radiance.model:ChromaRadiance",),
+        frozenset({PAG, SEG, SLG}), block_lists=_FLUX_BLOCKS, text_position=TEXT_BEFORE_IMAGE,
+        sublayers=_FLUX_SUBLAYERS, hooks=_FLUX_HOOKS, recommended=_AS_FLUX_1,
+    ),
+)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 
@@ -240,6 +300,20 @@ def family_of_class(cls: type) -> ModelFamily | None:
         name = f"{base.__module__}:{base.__qualname__}"
         for family in FAMILIES:
             if name in family.classes:
+                return family
+    return None
+
+
+def family_of_model(base_model, diffusion_model) -> ModelFamily | None:
+    """The record of a ComfyUI model (``base_model``, a comfy.model_base class) running ``diffusion_model``: as
+    ``family_of_class``, where among the records listing the same diffusion-model class one whose
+    ``base_classes`` name a class of ``base_model`` wins over one without base classes."""
+    base_names = {f"{base.__module__}:{base.__qualname__}" for base in type(base_model).__mro__}
+    for cls in type(diffusion_model).__mro__:
+        name = f"{cls.__module__}:{cls.__qualname__}"
+        listing = sorted((f for f in FAMILIES if name in f.classes), key=lambda f: not f.base_classes)
+        for family in listing:
+            if not family.base_classes or base_names.intersection(family.base_classes):
                 return family
     return None
 

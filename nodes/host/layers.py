@@ -14,7 +14,7 @@ from .marks import GuidanceError
 def model_family(model) -> str:
     """The model's family key (a record of host/families.py), or its diffusion model's class name when unknown."""
     diffusion_model = model.get_model_object("diffusion_model")
-    family = families.family_of_class(type(diffusion_model))
+    family = families.family_of_model(getattr(model, "model", None), diffusion_model)
     return family.key if family is not None else type(diffusion_model).__name__
 
 

@@ -10,6 +10,7 @@ chunks by their ``cond_or_uncond`` tag.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -160,7 +161,8 @@ def _unet_forward_shared(unet, plan: SharedPrefix, x, timesteps, context, y, tra
 def once_per_equal_chunk(original, args: dict, transformer_options: dict) -> dict:
     """A DiT block no perturbation acts on: chunks whose inputs are all equal are computed once, and each
     gets a copy of its group's output. The block's batched inputs are the tensors (also inside tuples, as
-    some families pass modulations and rotary embeddings) whose first dimension is the batch."""
+    some families pass modulations and rotary embeddings, and inside dataclasses, as Flux.2 and Chroma pass
+    theirs) whose first dimension is the batch."""
     tags = transformer_options.get("cond_or_uncond") or []
     n, batch = len(tags), args["img"].shape[0]
     if n < 2 or batch % n or STEP_KEY not in transformer_options or not no_other_patches(transformer_options):
@@ -182,13 +184,23 @@ def once_per_equal_chunk(original, args: dict, transformer_options: dict) -> dic
 
 
 def _batched_tensors(value, batch: int):
-    """The tensors in ``value`` (nested dicts, tuples and lists) whose first dimension is ``batch``."""
+    """The tensors in ``value`` (nested dicts, tuples, lists and dataclass instances) whose first dimension is
+    ``batch``."""
     if isinstance(value, torch.Tensor):
         if value.ndim and value.shape[0] == batch:
             yield value
     elif isinstance(value, (dict, tuple, list)):
         for item in value.values() if isinstance(value, dict) else value:
             yield from _batched_tensors(item, batch)
+    elif _is_dataclass_instance(value):
+        for f in dataclasses.fields(value):
+            yield from _batched_tensors(getattr(value, f.name), batch)
+
+
+def _is_dataclass_instance(value) -> bool:
+    # Flux.2's global modulations and Chroma's per-block ones reach the blocks as ModulationOut dataclasses
+    # (shift, scale, gate), each (B, 1, D): the batch is in them too.
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 def rows_follow_the_batch(value, batch: int) -> bool:
@@ -212,5 +224,8 @@ def select_rows(value, rows: torch.Tensor, batch: int):
     if isinstance(value, (tuple, list)):
         items = [select_rows(item, rows, batch) for item in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a namedtuple or not
+    if _is_dataclass_instance(value):
+        return dataclasses.replace(value, **{f.name: select_rows(getattr(value, f.name), rows, batch)
+                                             for f in dataclasses.fields(value) if f.init})
     return value
 

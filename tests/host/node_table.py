@@ -31,6 +31,11 @@ UNET_AND_DITS += HOOKLESS
 BLOCK_DITS += HOOKLESS
 SINGLE_BLOCKS += ("hidream",)
 SUBLAYER_DITS = VIDEO + JOINT + HOOKLESS  # SLG attention / feedforward
+# The Flux-code families (test_family_flux2.py): Flux.2 dev and Klein, Chroma, Chroma Radiance, LongCat-Image
+# (ComfyUI 0.33.0 only). Each has double and single blocks and every sublayer mode, so every DiT case runs on them.
+FLUX_CODE = ("flux2", "flux2_klein", "chroma", "chroma_radiance", "longcat_image")
+UNET_AND_DITS, BLOCK_DITS, SINGLE_BLOCKS = UNET_AND_DITS + FLUX_CODE, BLOCK_DITS + FLUX_CODE, SINGLE_BLOCKS + FLUX_CODE
+SUBLAYER_DITS += FLUX_CODE
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,23 @@ VIDEO_SPECS["cosmos_predict2"] = FamilySpec(latent_channels=16, context_dim=32, 
 VIDEO_SPECS["cosmos"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
                                    flux_guidance=None, latent_frames=3)
 
+# The Flux-code families (tests/host/test_family_flux2.py). Flux.2: 128-channel latents (patch 1), context
+# padded by ComfyUI to 512 tokens, no pooled input (its vector_in is absent; the pooled_output only satisfies
+# Flux's encode_adm and is ignored), the dev model takes a guidance value, Klein none. Chroma: Flux's 16-channel
+# latents, the pooled_output likewise ignored, guidance fed to its approximator (ComfyUI's default 0). Chroma
+# Radiance: 3-channel pixels. LongCat-Image (ComfyUI 0.33.0): no pooled input, no guidance.
+SPECS.update({
+    "flux2": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=4.0),
+    "flux2_klein": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=16,
+                              flux_guidance=None),
+    "chroma": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16, flux_guidance=None),
+    "chroma_radiance": FamilySpec(latent_channels=3, context_dim=32, context_tokens=16, pooled_dim=16,
+                                  flux_guidance=None),
+    "longcat_image": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
+                                flux_guidance=None),
+})
+FLUX_CODE_FAMILIES = ("flux2", "flux2_klein", "chroma", "chroma_radiance", "longcat_image")
+
 # Latent side (in latent pixels) for quick tests and for the medium benchmark models.
 TINY_LATENT_SIZE = 8
 MEDIUM_LATENT_SIZE = 32
@@ -414,6 +431,99 @@ def make_auraflow(seed: int = 0):
     return _to_patcher(_supported_models().AuraFlow(unet_config), seed)
 
 
+def make_flux2(seed: int = 0, klein: bool = False):
+    """A Flux.2 DiT (``supported_models.Flux2``: flux-type flow, shift 2.02) with the config model_detection gives
+    every Flux.2 checkpoint (global modulation: one set of modulations for all double and all single blocks;
+    SiLU-gated MLPs; no biases; patch 1 on 128 channels; 4 rope axes, the text's on axis 3), narrow: 2 double + 2
+    single blocks, hidden 64, 4 heads. ``klein=True``: Flux.2 Klein, which has no guidance embedding, with 3
+    double + 2 single blocks (Klein 4B's stack, 5 + 20, is another shape than dev's 8 + 48; with 2 + 3 blocks
+    the random model's prompt moved the result so little that RescaleCFG's effect fell under MIN_EFFECT)."""
+    spec = SPECS["flux2_klein" if klein else "flux2"]
+    unet_config = {
+        "image_model": "flux2",
+        "in_channels": spec.latent_channels,
+        "out_channels": spec.latent_channels,
+        "vec_in_dim": None,
+        "context_in_dim": spec.context_dim,
+        "hidden_size": 64,
+        "mlp_ratio": 3.0,
+        "num_heads": 4,
+        "depth": 3 if klein else 2,
+        "depth_single_blocks": 2,
+        "axes_dim": [4, 4, 4, 4],  # sums to the head dim 64 / 4
+        "theta": 2000,
+        "patch_size": 1,
+        "qkv_bias": False,
+        "guidance_embed": not klein,
+        "txt_ids_dims": [3],
+        "global_modulation": True,
+        "mlp_silu_act": True,
+        "ops_bias": False,
+        "default_ref_method": "index",
+        "ref_index_scale": 10.0,
+        "yak_mlp": False,
+        "txt_norm": False,
+    }
+    return _to_patcher(_supported_models().Flux2(unet_config), seed)
+
+
+def _host_params(params_class, config: dict) -> dict:
+    """``config`` less the entries the host's params dataclass does not take (ComfyUI 0.33.0's Chroma Radiance
+    adds ``use_sequential_txt_ids``, which 0.8.0's lacks)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(params_class)}
+    return {key: value for key, value in config.items() if key in names or key == "image_model"}
+
+
+def make_chroma(seed: int = 0):
+    """A Chroma DiT (``supported_models.Chroma``: flux-type flow): Flux's blocks without modulation layers, fed
+    by the distilled approximator (2 layers, hidden 32) from timestep and guidance; 2 double + 2 single blocks,
+    hidden 64, 4 heads, patch 2 on 16 channels (in_channels is the patchified 64)."""
+    import comfy.ldm.chroma.model
+
+    unet_config = {
+        "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": SPECS["chroma"].context_dim,
+        "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
+        "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+        "in_dim": 64, "out_dim": 64, "hidden_dim": 32, "n_layers": 2, "txt_ids_dims": [], "vec_in_dim": None,
+    }
+    return _to_patcher(_supported_models().Chroma(_host_params(comfy.ldm.chroma.model.ChromaParams, unet_config)),
+                       seed)
+
+
+def make_chroma_radiance(seed: int = 0):
+    """A Chroma Radiance DiT (pixel space, 3 channels): Chroma's transformer (2 double + 2 single blocks, hidden
+    64) on 2x2-pixel patches (a real one uses 16x16), decoded per patch by 2 NeRF blocks (hidden 16)."""
+    import comfy.ldm.chroma_radiance.model
+
+    unet_config = {
+        "image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3,
+        "context_in_dim": SPECS["chroma_radiance"].context_dim, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4,
+        "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2,
+        "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 32, "n_layers": 2, "txt_ids_dims": [],
+        "vec_in_dim": None, "nerf_hidden_size": 16, "nerf_mlp_ratio": 4, "nerf_depth": 2, "nerf_max_freqs": 8,
+        "nerf_tile_size": 0, "nerf_final_head_type": "conv", "nerf_embedder_dtype": torch.float32, "use_x0": False,
+        "use_sequential_txt_ids": False,
+    }
+    params = _host_params(comfy.ldm.chroma_radiance.model.ChromaRadianceParams, unet_config)
+    return _to_patcher(_supported_models().ChromaRadiance(params), seed)
+
+
+def make_longcat_image(seed: int = 0):
+    """A LongCat-Image DiT (``supported_models.LongCatImage``, ComfyUI 0.33.0 and later; flux-type flow): Flux's
+    model class without guidance embedding or pooled input, text positions on rope axes 1 and 2; 2 double + 2
+    single blocks, hidden 64, 4 heads, patch 2. An AttributeError on a host without LongCat-Image."""
+    spec = SPECS["longcat_image"]
+    unet_config = {
+        "image_model": "flux", "in_channels": spec.latent_channels, "out_channels": spec.latent_channels,
+        "vec_in_dim": None, "context_in_dim": spec.context_dim, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4,
+        "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2,
+        "qkv_bias": True, "guidance_embed": False, "txt_ids_dims": [1, 2], "yak_mlp": False, "txt_norm": False,
+    }
+    return _to_patcher(_supported_models().LongCatImage(unet_config), seed)
+
+
 def make_model(family: str, seed: int = 0):
     """A model by family name: "sd15", "sd15_medium", "sdxl", "sdxl_medium", "sd3", "sd3_medium", "flux", "wan", "ltxv",
     "hunyuan_video", "auraflow" (refused by every method)."""
@@ -436,6 +546,11 @@ def make_model(family: str, seed: int = 0):
         "cosmos": lambda: make_cosmos(seed=seed),
         "omnigen2": lambda: make_omnigen2(seed=seed),
         "stable_cascade_c": lambda: make_stable_cascade_c(seed=seed),
+        "flux2": lambda: make_flux2(seed=seed),
+        "flux2_klein": lambda: make_flux2(seed=seed, klein=True),
+        "chroma": lambda: make_chroma(seed=seed),
+        "chroma_radiance": lambda: make_chroma_radiance(seed=seed),
+        "longcat_image": lambda: make_longcat_image(seed=seed),
     }
     return builders[family]()
 
