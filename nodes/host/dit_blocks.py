@@ -44,9 +44,8 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         call_args = args
         if any(attention_chunks):
             text_tokens = 0
-            if text_position != families.NO_TEXT:  # single blocks carry no "txt": the count the forward began with
-                text = args.get("txt")
-                text_tokens = text.shape[1] if text is not None else transformer_options.get(TEXT_TOKENS_KEY, 0)
+            if text_position != families.NO_TEXT:
+                text_tokens = _text_tokens(args, transformer_options, record)
             marked = dict(transformer_options)
             # A fresh call counter per block call: only the block's first attention call is perturbed.
             grid = None
@@ -78,6 +77,20 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         return out
 
     return mark_ours(block_replace, previous)
+
+
+def _text_tokens(args: dict, transformer_options: dict, record: families.ModelFamily) -> int:
+    """How many text tokens the block's self-attention sequence holds. Its ``txt``, of which Mochi attends
+    to the first ``num_tokens`` only (the prompt without padding); single blocks carry no ``txt``: the count
+    the forward began with, plus the register tokens a family prepends to the text (AuraFlow)."""
+    text = args.get("txt")
+    if text is not None:
+        return min(text.shape[1], args.get("num_tokens", text.shape[1]))
+    tokens = transformer_options.get(TEXT_TOKENS_KEY, 0)
+    if record.register_tokens:
+        registers = getattr(transformer_options[STEP_KEY].diffusion_model, record.register_tokens)
+        tokens += registers.shape[1]
+    return tokens
 
 
 def _without_skipped_chunks(original, args: dict, transformer_options: dict, chunks: list[list]) -> dict:

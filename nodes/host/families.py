@@ -40,6 +40,10 @@ class Recommended:
 
     layers: tuple[str, ...]
     source: str
+    # The smallest number of main (double) blocks this choice is for: a family whose sizes differ in depth
+    # (LTX-Video 2B: 28 blocks, 13B: 48) lists one Recommended per size in ``recommended_by_size``.
+    min_blocks: int = 0
+    size: str = ""  # the model size it is for, as the source names it ("2B", "13B"), for the tooltip
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,21 @@ class ModelFamily:
     # another record lists too (Flux.2 and LongCat-Image run comfy.ldm.flux.model.Flux): such a record wins over
     # the one without base classes when the model's class is one of them (``family_of_model``).
     base_classes: tuple[str, ...] = ()
+    # method -> one Recommended per model size (by ``min_blocks``); where present it replaces ``recommended``.
+    recommended_by_size: dict[str, tuple[Recommended, ...]] = field(default_factory=dict)
+    # How a block's self-attention sequence counts its text tokens, beyond the ``txt`` it is handed:
+    # the diffusion model's attribute whose tokens are prepended to the text (AuraFlow's ``register_tokens``:
+    # its single blocks get ``cat(registers, text, image)`` and no ``txt``), if any.
+    register_tokens: str = ""
+    mechanism: str = ""  # how the pack perturbs this family, where it is not simply the hooks listed
+
+    def recommended_for(self, method: str, blocks: int) -> Recommended | None:
+        """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
+        per-size choice with the largest ``min_blocks`` the model reaches, else the one ``recommended``."""
+        sizes = [r for r in self.recommended_by_size.get(method, ()) if r.min_blocks <= blocks]
+        if sizes:
+            return max(sizes, key=lambda r: r.min_blocks)
+        return self.recommended.get(method)
 
     @property
     def is_unet(self) -> bool:
@@ -67,6 +86,13 @@ class ModelFamily:
 
 
 _MIDDLE = "the middle of the stack (no published value for this family)"
+
+_LTXV_SIZES = (
+    Recommended(("19",), "STGuidance (Hyung et al. 2024), LTXVideo/inference.py: block 19 on LTX-Video 2B",
+                min_blocks=0, size="2B"),
+    Recommended(("28",), "Lightricks' LTX-Video configs/ltxv-13b-0.9.7-dev.yaml: skip_block_list [28] for most "
+                         "of the first pass on 13B", min_blocks=48, size="13B"),
+)
 
 FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
@@ -117,6 +143,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
         recommended={PAG: Recommended(("19",), "LTX-Video's STG: block 19 (2B)"),
                      SEG: Recommended(("19",), "as STG (LTX-Video: block 19)"),
                      SLG: Recommended(("19",), "LTX-Video's STG: block 19 (2B)")},
+        # 2B (0.9.x) has 28 blocks, 13B (0.9.7+) 48: the STG block differs by size.
+        recommended_by_size={method: _LTXV_SIZES for method in (PAG, SEG, SLG)},
     ),
     ModelFamily(
         "hunyuan_video", "HunyuanVideo", ("comfy.ldm.hunyuan_video.model:HunyuanVideo",), frozenset({PAG, SEG, SLG}),
@@ -291,6 +319,33 @@ FAMILIES = FAMILIES + (
     ),
 )
 
+# Families added for issue #11 (each: its record here, a tiny model, tests/host/test_family_blockpatch.py).
+FAMILIES += (
+    # Mochi's asymmetric joint attention: one attention over cat(video, text[:num_tokens]) with separate
+    # projections per stream; the text comes AFTER the video and only its first ``num_tokens`` (the prompt's
+    # unpadded tokens, from the T5 attention mask) take part (``crop_y``). The last block does not update
+    # the text (no ``mlp_y``; ``proj_y`` is an identity).
+    ModelFamily(
+        "mochi", "Mochi", ("comfy.ldm.genmo.joint_model.asymm_models_joint:AsymmDiTJoint",),
+        frozenset({PAG, SEG, SLG}), block_lists={"double": "blocks"}, text_position=TEXT_AFTER_IMAGE,
+        sublayers={"double": {"attention": ("attn.proj_x", "attn.proj_y"), "feedforward": ("mlp_x", "mlp_y")}},
+        hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE),  # its blocks set no block_index
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
+    # AuraFlow's MMDiT (comfy.ldm.aura.mmdit, NOT SD3's class of the same name): double layers with joint
+    # attention over cat(text, image), the text led by 8 learned register tokens; then single layers over
+    # cat(registers, text, image) that carry no ``txt``. Both kinds have separate attention and MLP sublayers.
+    ModelFamily(
+        "auraflow", "AuraFlow", ("comfy.ldm.aura.mmdit:MMDiT",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "double_layers", "single": "single_layers"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attn.w1o", "attn.w2o"), "feedforward": ("mlpC", "mlpX")},
+                   "single": {"attention": ("attn.w1o",), "feedforward": ("mlp",)}},
+        hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE),  # its layers set no block_index
+        register_tokens="register_tokens",
+        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+    ),
+)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 
@@ -332,8 +387,16 @@ def recommended_summary(method: str) -> str:
     """The tooltip's "auto" sentence for ``method``, from the records: each family's layers and source."""
     parts = []
     for family in FAMILIES:
+        sizes = family.recommended_by_size.get(method)
+        if sizes:
+            each = [f"{_layers_text(r)} ({r.size or f'{r.min_blocks}+ blocks'})" for r in sizes]
+            parts.append(f"{family.display_name}: {', '.join(each)}")
+            continue
         recommended = family.recommended.get(method)
         if recommended is not None:
-            layers = ", ".join(recommended.layers) if recommended.layers else "the middle block"
-            parts.append(f"{family.display_name}: {layers}")
+            parts.append(f"{family.display_name}: {_layers_text(recommended)}")
     return "; ".join(parts)
+
+
+def _layers_text(recommended: Recommended) -> str:
+    return ", ".join(recommended.layers) if recommended.layers else "the middle block"

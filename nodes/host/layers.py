@@ -94,7 +94,8 @@ def unet_transformer_count(model, layer: Layer) -> int:
 
 
 def parse_layers(text: str, model, input_name: str, method: str) -> tuple[Layer, ...]:
-    """Layers from a widget: ``auto`` (the family record's recommended layers for ``method``), or a comma
+    """Layers from a widget: ``auto`` (the family record's recommended layers for ``method`` at the model's
+    size, ``ModelFamily.recommended_for``), or a comma
     list. UNet: ``middle``,
     ``input.4``, ``output.1``, ``input.4.1`` (block, index, transformer). DiT: ``7, 8, 9`` (main / joint /
     double blocks), ``double.1``, ``single.2``. Unknown or out-of-range layers list what this model has."""
@@ -105,7 +106,9 @@ def parse_layers(text: str, model, input_name: str, method: str) -> tuple[Layer,
     text = text.strip() or "auto"
     if text.lower() == "auto":
         record = families.FAMILY_BY_KEY.get(family)
-        recommended = record.recommended.get(method) if record is not None else None
+        # The model's size, as the records' per-size choices count it: its main (double) blocks.
+        main_blocks = sum(1 for layer in available if layer.kind == "double")
+        recommended = record.recommended_for(method, main_blocks) if record is not None else None
         chosen = [t for t in (recommended.layers if recommended else ()) if _parse_one(t, family) in available]
         if not chosen:  # a small or unusual model: use its middle layer, as the PAG and SEG papers do
             chosen = [str(available[len(available) // 2])] if family != "unet" else ["middle"]

@@ -63,6 +63,14 @@ VIDEO_SPECS = {
     "hunyuan_video": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=16,
                                 flux_guidance=6.0, latent_frames=3),
 }
+# Families of tests/host/test_family_blockpatch.py (not in FAMILIES / VIDEO_FAMILIES: the shared matrices
+# list them through node_table.BLOCKPATCH). AuraFlow: SDXL's 4-channel latent, an 8-token T5 prompt of
+# width 32. Mochi: 12 channels, 3 frames, its T5 pads the prompt and passes an ``attention_mask`` (the
+# model attends to the unpadded ``num_tokens`` only).
+SPECS["auraflow"] = FamilySpec(latent_channels=4, context_dim=32, context_tokens=16, pooled_dim=None,
+                               flux_guidance=None)
+VIDEO_SPECS["mochi"] = FamilySpec(latent_channels=12, context_dim=32, context_tokens=16, pooled_dim=None,
+                                  flux_guidance=None, latent_frames=3, padded_text_tokens=4)
 
 # Autoguidance's "bad version" of a tiny model: the same architecture with other random weights.
 WEAK_MODEL_SEED = 7
@@ -424,8 +432,9 @@ def make_stable_cascade_c(seed: int = 0):
 
 
 def make_auraflow(seed: int = 0):
-    """An AuraFlow MMDiT (``comfy.ldm.aura.mmdit.MMDiT``, a class named like SD3's): 2 double and 2 single
-    layers, hidden 64. The pack refuses it (no family record yet); it must never be taken for SD3."""
+    """An AuraFlow MMDiT (``comfy.ldm.aura.mmdit.MMDiT``, a class named like SD3's; flow, shift 1.73): 2 double
+    and 2 single layers, hidden 64, 2 heads, patch 2, 8 register tokens before the text. Its own family
+    record (never taken for SD3)."""
     unet_config = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 4,
                    "n_double_layers": 2, "n_heads": 2, "global_conddim": 64, "cond_seq_dim": 32, "max_seq": 16 * 16}
     return _to_patcher(_supported_models().AuraFlow(unet_config), seed)
@@ -524,9 +533,26 @@ def make_longcat_image(seed: int = 0):
     return _to_patcher(_supported_models().LongCatImage(unet_config), seed)
 
 
+def make_mochi(seed: int = 0):
+    """A Genmo Mochi DiT (``AsymmDiTJoint``; flow, shift 6): 3 asymmetric joint blocks, video stream hidden 64
+    in 2 heads of 32, text stream hidden 32, patch 2 (3 frames of 4x4 tokens on the test latent), T5 width 32.
+    ComfyUI's block asserts the video MLP's width is 1536·8 (the real model: hidden 3072, ratio 4): ratio
+    192 keeps that width at hidden 64. The last block does not update the text, as in the real model."""
+    spec = VIDEO_SPECS["mochi"]
+    unet_config = {
+        "image_model": "mochi_preview", "depth": 3, "patch_size": 2, "num_heads": 2, "hidden_size_x": 64,
+        "hidden_size_y": 32, "mlp_ratio_x": 12288 / 64, "mlp_ratio_y": 4.0, "learn_sigma": False,
+        "in_channels": spec.latent_channels, "qk_norm": True, "qkv_bias": False, "out_bias": True,
+        "attn_drop": 0.0, "patch_embed_bias": True, "posenc_preserve_area": True, "timestep_mlp_bias": True,
+        "attend_to_padding": False, "timestep_scale": 1000.0, "use_t5": True, "t5_feat_dim": spec.context_dim,
+        "t5_token_length": spec.context_tokens, "rope_theta": 10000.0,
+    }
+    return _to_patcher(_supported_models().GenmoMochi(unet_config), seed)
+
+
 def make_model(family: str, seed: int = 0):
     """A model by family name: "sd15", "sd15_medium", "sdxl", "sdxl_medium", "sd3", "sd3_medium", "flux", "wan", "ltxv",
-    "hunyuan_video", "auraflow" (refused by every method)."""
+    "hunyuan_video", "auraflow", "mochi"."""
     builders = {
         "sd15": lambda: make_sd15(seed=seed),
         "sd15_medium": lambda: make_sd15(medium=True, seed=seed),
@@ -551,6 +577,7 @@ def make_model(family: str, seed: int = 0):
         "chroma": lambda: make_chroma(seed=seed),
         "chroma_radiance": lambda: make_chroma_radiance(seed=seed),
         "longcat_image": lambda: make_longcat_image(seed=seed),
+        "mochi": lambda: make_mochi(seed=seed),
     }
     return builders[family]()
 
