@@ -16,6 +16,7 @@ from .common import (
     LAYERS_TOOLTIP,
     PAG_FAMILIES,
     branch_mode_input,
+    family_names,
     model_input,
     perturbation_node,
     public_id,
@@ -35,9 +36,9 @@ class GuidersPAG(io.ComfyNode):
             display_name="Perturbed-Attention Guidance (Guiders)",
             category=CATEGORY,
             description="PAG (Ahn et al., ECCV 2024, arXiv:2403.17377): adds s·(cond − perturbed), where the "
-                        "perturbed branch replaces the image tokens' self-attention map by the identity. Works on "
-                        "UNets (SD1.5, SDXL) and DiTs (SD3, Flux, Wan, LTXV, HunyuanVideo; text tokens "
-                        "untouched). Batched with cond and uncond in one forward.",
+                        "perturbed branch replaces the image tokens' self-attention map by the identity (text tokens "
+                        "untouched). Batched with cond and uncond in one forward. Families: "
+                        + family_names(PAG_FAMILIES) + ".",
             inputs=[
                 model_input(),
                 io.Float.Input("scale", default=3.0, min=0.0, max=100.0, step=0.01,
@@ -73,8 +74,8 @@ class GuidersSEG(io.ComfyNode):
             category=CATEGORY,
             description="SEG (Hong, NeurIPS 2024, arXiv:2408.00760): adds s·(cond − perturbed), where the "
                         "perturbed branch Gaussian-blurs the image tokens' attention queries over the token grid "
-                        "(non-square grids and text tokens handled; video frame by frame). UNets and DiTs (SD3, "
-                        "Flux, Wan, LTXV, HunyuanVideo).",
+                        "(non-square grids and text tokens handled; video frame by frame). Families: "
+                        + family_names(ATTENTION_FAMILIES) + ".",
             inputs=[
                 model_input(),
                 io.Float.Input("scale", default=3.0, min=0.0, max=100.0, step=0.01,

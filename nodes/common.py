@@ -39,6 +39,11 @@ BLOCK_FAMILIES = families.families_supporting(families.SLG)
 SAG_FAMILIES = families.families_supporting(families.SAG)
 
 
+def family_names(keys: tuple[str, ...]) -> str:
+    """The families' display names, for a node's description (from the records, so it never drifts)."""
+    return ", ".join(families.display_name(key) for key in keys)
+
+
 LAYERS_TOOLTIP = ("Where to perturb. 'auto' = recommended for the model: " + families.recommended_summary(families.PAG)
                   + ". Or a list: UNet 'middle', 'input.4', 'output.1', 'input.4.1' (block, index, transformer); DiT "
                   "'7, 8, 9' (joint/double/main blocks), 'double.1', 'single.2' (Flux, HunyuanVideo). An unknown "

@@ -16,6 +16,7 @@ from .common import (
     BLOCK_FAMILIES,
     CATEGORY,
     branch_mode_input,
+    family_names,
     model_input,
     perturbation_node,
     public_id,
@@ -38,8 +39,8 @@ class GuidersSLG(io.ComfyNode):
             category=CATEGORY,
             description="SLG (Stability AI, SD3.5) and STG (Hyung et al. 2024, arXiv:2411.18664): adds "
                         "s·(cond − perturbed), where the perturbed branch skips whole DiT blocks (block) or "
-                        "turns their attention into the identity (attention_scores). SD3/3.5, Flux, Wan, LTXV, "
-                        "HunyuanVideo.",
+                        "turns their attention into the identity (attention_scores). Families: "
+                        + family_names(BLOCK_FAMILIES) + ".",
             inputs=[
                 model_input(),
                 io.Float.Input("scale", default=3.0, min=0.0, max=100.0, step=0.01,
