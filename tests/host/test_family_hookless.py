@@ -267,8 +267,10 @@ def test_identity_self_attention_matches_a_reference_from_the_definition(
     tiny_model, plain_of, family: str, layers: str, node_id: str
 ) -> None:
     """Breaks it was shown to catch (on a scratch copy): HiDream's text taken to sit before the image tokens
-    (the identity on the wrong rows), the hooks on block 0 instead of the chosen block, the chunks'
-    perturbations reversed (the wrong chunk perturbed), PixArt's recomputed output without its ``proj``."""
+    (the identity on the wrong rows), OmniGen 2's image tokens taken as the first rows of its stream instead
+    of the last (``module_hooks._omnigen2_text`` returning 0: PAG fails, SLG attention_scores rightly does not,
+    it perturbs every row), the hooks on block 0 instead of the chosen block, the chunks' perturbations
+    reversed (the wrong chunk perturbed), PixArt's recomputed output without its ``proj``."""
     model = tiny_model(family)
     if node_id == "GuidersPAG":
         ours = node("GuidersPAG", model=model, scale=3.0, layers=layers, start_percent=0.0, end_percent=1.0)
@@ -329,7 +331,8 @@ def test_seg_blurs_the_queries_on_the_token_grid_as_a_reference(
     tiny_model, plain_of, family: str, layers: str, blur_sigma: float
 ) -> None:
     """Breaks it was shown to catch: PixArt's 16x20 token grid taken as 20x16 (sigma 2), the chunks'
-    perturbations reversed (the wrong chunk blurred)."""
+    perturbations reversed (the wrong chunk blurred), OmniGen 2's image tokens taken as the first rows of its
+    stream (the text blurred instead: both sigmas)."""
     model = tiny_model(family)
     ours = node("GuidersSEG", model=model, scale=3.0, blur_sigma=blur_sigma, layers=layers, start_percent=0.0,
                 end_percent=1.0)
