@@ -82,6 +82,9 @@ class Term:
     # ``contribution(positive, negative, scale)``: what the term adds to the guided prediction, given directly
     # (perturbation terms: s·(a − b)) instead of through a rule's guided prediction.
     contribution: Callable[..., torch.Tensor] | None = None
+    # The rule also reads where sampling is: ``rule(positive, negative, scale, state, step=StepContext)``
+    # (APG-Mix switches from CFG to APG after a step; its momentum runs on σ-normalised predictions).
+    rule_takes_step: bool = False
 
     def __post_init__(self):
         if self.space not in SPACES:
@@ -114,6 +117,7 @@ class CFGRule:
     neutral_scale: float | None = 1.0
     make_state: Callable[[], Any] | None = None
     zero_init_steps: int = 0
+    takes_step: bool = False  # as Term.rule_takes_step
 
 
 class CFGRuleConflict(ValueError):
@@ -143,6 +147,7 @@ class PostTransform:
     space: str = "noise"
     requires: tuple[str, ...] = (COND,)
     while_term_active: str | None = None  # apply only on steps where this term is active (SLG's rescale)
+    takes_step: bool = False  # ``fn(guided, preds, step=StepContext)``: a strength scheduled over the steps
 
 
 def stateless_rule(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -193,7 +198,8 @@ class GuidanceStack:
     def with_cfg(self, **changes) -> GuidanceStack:
         """The stack with its CFG term's schedule, window or negative branch changed; the other terms stay.
         The rule is changed only as a whole value, with ``with_cfg_rule``."""
-        rule_fields = {"rule", "space", "neutral_scale", "make_state", "zero_init_steps", "rule_owner"} & set(changes)
+        rule_fields = {"rule", "space", "neutral_scale", "make_state", "zero_init_steps", "rule_owner",
+                       "rule_takes_step"} & set(changes)
         if rule_fields:
             raise ValueError(f"with_cfg cannot change {sorted(rule_fields)}: set a CFGRule with with_cfg_rule")
         return self._with_cfg_term(replace(self.cfg_term, **changes))
@@ -209,7 +215,7 @@ class GuidanceStack:
                 "transforms such as rescale or base_norm, schedules and guidance terms stack with either).")
         return self._with_cfg_term(replace(
             current, rule=rule.rule, space=rule.space, neutral_scale=rule.neutral_scale, make_state=rule.make_state,
-            zero_init_steps=rule.zero_init_steps, rule_owner=rule.owner))
+            zero_init_steps=rule.zero_init_steps, rule_owner=rule.owner, rule_takes_step=rule.takes_step))
 
     def with_windows(self, resolve: Callable[[Any], Any]) -> GuidanceStack:
         """The stack with every term's and branch's window replaced by ``resolve(window)`` (windows that are
@@ -337,7 +343,8 @@ class GuidanceStack:
             if term.contribution is not None:
                 contribution = term.contribution(positive, negative, scale)
             else:  # a rule gives a guided prediction: its contribution is what it adds to the positive
-                contribution = term.rule(positive, negative, scale, run_state.get(term.name)) - positive
+                step = {"step": ctx} if term.rule_takes_step else {}
+                contribution = term.rule(positive, negative, scale, run_state.get(term.name), **step) - positive
             guided = guided + (contribution if term.space == "x0" else -contribution)
 
         active_names = {t.name for t in active}
@@ -346,9 +353,10 @@ class GuidanceStack:
                 continue
             if transform.while_term_active is not None and transform.while_term_active not in active_names:
                 continue
+            step = {"step": ctx} if transform.takes_step else {}
             if transform.space == "x0":
-                guided = transform.fn(guided, {k: preds[k] for k in preds})
+                guided = transform.fn(guided, {k: preds[k] for k in preds}, **step)
             else:
-                noise = transform.fn(x - guided, {k: in_space(k, "noise") for k in preds})
+                noise = transform.fn(x - guided, {k: in_space(k, "noise") for k in preds}, **step)
                 guided = x - noise
         return guided
