@@ -47,6 +47,7 @@ BUILTIN_GUIDANCE_EXTRAS = (
     "nodes_video_model.py",  # VideoLinearCFGGuidance, VideoTriangleCFGGuidance
     "nodes_easycache.py",  # EasyCache, LazyCache
     "nodes_context_windows.py",  # ContextWindowsManual
+    "nodes_lumina2.py",  # RenormCFG
 )
 
 

@@ -119,6 +119,24 @@ CASES = [
     Case("Guider", ("GuidersGuider",), _guider, guider=True),
     Case("PAG+SEG+APG", (), _stack, accumulates=True),
 ]
+# Issue #13's CFG rules and corrections (nodes/cfg_rule_nodes.py).
+CASES += [
+    Case("TCFG", ("GuidersTCFG",), lambda m, f, w: node("GuidersTCFG", model=m), accumulates=True),
+    Case("MAMBOG", ("GuidersMAMBOG",), lambda m, f, w: node("GuidersMAMBOG", model=m, alpha=2.0), accumulates=True),
+    Case("FreSca", ("GuidersFreSca",), lambda m, f, w: node("GuidersFreSca", model=m, scale_low=0.8, scale_high=1.5,
+                                                            freq_cutoff=3)),
+    Case("Mahiro", ("GuidersMahiro",), lambda m, f, w: node("GuidersMahiro", model=m), accumulates=True),
+    Case("CFGRenorm", ("GuidersCFGRenorm",), lambda m, f, w: node("GuidersCFGRenorm", model=m, mode="lumina_renorm",
+                                                                  strength=0.8), accumulates=True),
+    Case("DynamicThresholding", ("GuidersDynamicThresholding",), lambda m, f, w: node(
+        "GuidersDynamicThresholding", model=m, mode="mimic_scale", percentile=0.95, max_value=1.0, mimic_scale=2.0,
+        strength=1.0), accumulates=True),
+    Case("FDG", ("GuidersFDG",), lambda m, f, w: node("GuidersFDG", model=m, scales="10, 5", parallel_weights="0.5"),
+         accumulates=True),
+    Case("APGMix", ("GuidersAPGMix",), lambda m, f, w: node("GuidersAPGMix", model=m, apg_scale=6.0, apg_start_step=0,
+                                                            eta=0.3, norm_threshold=10.0, momentum=-0.5),
+         accumulates=True),
+]
 PARAMS = [pytest.param(case, family, id=f"{case.name}-{family}") for case in CASES for family in case.families]
 
 
