@@ -188,19 +188,20 @@ NODE_TABLE += (
     NodeRow("GuidersTCFG", ("sd15", "flux"), "ComfyUI TCFG; diffusers TangentialClassifierFreeGuidance",
             (RULES + "test_tcfg_matches_builtin_tcfg", RULES + "test_tcfg_matches_diffusers_tangential_cfg",
              RULES + "test_tcfg_with_pag_and_a_cfg_schedule_is_damped_uncond_then_scheduled_cfg_plus_pag"),
-            effect_cases=(EffectCase("TCFG", lambda m, w: node("GuidersTCFG", model=m), IMAGE),)),
+            effect_cases=(EffectCase("TCFG", lambda m, w: node("GuidersTCFG", model=m), IMAGE + VIDEO),)),
     NodeRow("GuidersMAMBOG", ("sd15", "flux"), "diffusers MagnitudeAwareGuidance",
             (RULES + "test_mambo_g_matches_diffusers_magnitude_aware_guidance",
              RULES + "test_mambo_g_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_plus_pag",
              RULES + "test_a_second_cfg_rule_raises_naming_both"),
-            effect_cases=(EffectCase("MAMBOG", lambda m, w: node("GuidersMAMBOG", model=m, alpha=2.0), IMAGE),)),
+            effect_cases=(EffectCase("MAMBOG", lambda m, w: node("GuidersMAMBOG", model=m, alpha=2.0),
+                                     IMAGE + VIDEO),)),
     NodeRow("GuidersFreSca", ("sd15", "flux"), "ComfyUI FreSca",
             (RULES + "test_fresca_matches_builtin_fresca",),
             effect_cases=(EffectCase("FreSca", lambda m, w: node("GuidersFreSca", model=m, scale_low=0.8,
-                                                                 scale_high=1.5, freq_cutoff=3), IMAGE),)),
+                                                                 scale_high=1.5, freq_cutoff=3), IMAGE + VIDEO),)),
     NodeRow("GuidersMahiro", ("sd15", "flux"), "ComfyUI Mahiro",
             (RULES + "test_mahiro_matches_builtin_mahiro",),
-            effect_cases=(EffectCase("Mahiro", lambda m, w: node("GuidersMahiro", model=m), IMAGE),)),
+            effect_cases=(EffectCase("Mahiro", lambda m, w: node("GuidersMahiro", model=m), IMAGE + VIDEO),)),
     NodeRow("GuidersCFGRenorm", ("sd15", "flux"), "ComfyUI CFGNorm (and its pre_cfg mode on 0.33.0); ComfyUI "
             "RenormCFG (Lumina 2)",
             (RULES + "test_cfg_renorm_cfg_norm_matches_builtin_cfg_norm",
@@ -209,7 +210,7 @@ NODE_TABLE += (
              RULES + "test_cfg_renorm_after_pag_and_a_cfg_schedule_renorms_the_whole_result",
              RULES + "test_cfg_renorm_strength_schedule_gives_each_step_its_strength"),
             effect_cases=tuple(EffectCase(f"CFGRenorm-{mode}", lambda m, w, mode=mode: node(
-                "GuidersCFGRenorm", model=m, mode=mode, strength=1.0), IMAGE)
+                "GuidersCFGRenorm", model=m, mode=mode, strength=1.0), IMAGE + VIDEO)
                 for mode in ("cfg_norm", "cfg_norm_pre_cfg", "lumina_renorm"))),
     NodeRow("GuidersDynamicThresholding", ("sd15", "flux"), "diffusers DDPMScheduler._threshold_sample; "
             "sd-dynamic-thresholding's mimic scale written in the test",
@@ -218,22 +219,22 @@ NODE_TABLE += (
             effect_cases=(
                 EffectCase("DynamicThresholding-imagen", lambda m, w: node(
                     "GuidersDynamicThresholding", model=m, mode="imagen", percentile=0.9, max_value=1.5,
-                    mimic_scale=7.0, strength=1.0), IMAGE),
+                    mimic_scale=7.0, strength=1.0), IMAGE + VIDEO),
                 EffectCase("DynamicThresholding-mimic", lambda m, w: node(
                     "GuidersDynamicThresholding", model=m, mode="mimic_scale", percentile=1.0, max_value=1.0,
-                    mimic_scale=2.0, strength=1.0), IMAGE),
+                    mimic_scale=2.0, strength=1.0), IMAGE + VIDEO),
             )),
     NodeRow("GuidersFDG", ("sd15", "flux"), "diffusers FrequencyDecoupledGuidance (power-of-two latent); plain CFG "
             "for equal scales on 12x20",
             (RULES + "test_fdg_matches_diffusers_frequency_decoupled_guidance",
              RULES + "test_fdg_keeps_a_non_power_of_two_latent_and_equal_scales_give_plain_cfg"),
             effect_cases=(EffectCase("FDG", lambda m, w: node("GuidersFDG", model=m, scales="10, 5",
-                                                              parallel_weights="0.5"), IMAGE),)),
+                                                              parallel_weights="0.5"), IMAGE + VIDEO),)),
     NodeRow("GuidersAPGMix", ("sd15", "flux"), "diffusers AdaptiveProjectedMixGuidance",
             (RULES + "test_apg_mix_matches_diffusers_adaptive_projected_mix_guidance",),
             effect_cases=(EffectCase("APGMix", lambda m, w: node("GuidersAPGMix", model=m, apg_scale=6.0,
                                                                  apg_start_step=0, eta=0.0, norm_threshold=10.0,
-                                                                 momentum=-0.5), IMAGE),)),
+                                                                 momentum=-0.5), IMAGE + VIDEO),)),
 )
 
 
