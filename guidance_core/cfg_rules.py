@@ -26,7 +26,7 @@ def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
 # --- TCFG ---------------------------------------------------------------------------------------------
 
 def tangential_damping(cond: Tensor, uncond: Tensor) -> Tensor:
-    """TCFG's damped uncond (Kwon et al., CVPR 2025, arXiv:2503.18137, Eq. 9-10): the uncond projected on
+    """TCFG's damped uncond (Kwon et al., CVPR 2025, arXiv:2503.18137): the uncond projected on
     v₁, the top right singular vector of the 2×N score matrix [u; c], per sample: ``(u·v₁) v₁``.
 
     The paper works on scores (noise predictions); ComfyUI's TCFG node passes ``x − x0``. The projection
@@ -59,7 +59,7 @@ def tangential_damping(cond: Tensor, uncond: Tensor) -> Tensor:
 # --- MAMBO-G ------------------------------------------------------------------------------------------
 
 def magnitude_aware_cfg(cond: Tensor, uncond: Tensor, scale: float, alpha: float = 8.0) -> Tensor:
-    """MAMBO-G (arXiv:2508.03442, Eq. 6-7): CFG at a per-sample scale damped by the update's relative size,
+    """MAMBO-G (arXiv:2508.03442): CFG at a per-sample scale damped by the update's relative size,
     ``w' = 1 + (w − 1)·exp(−α·‖c − u‖/‖u‖)``, then ``u + w'(c − u)`` (diffusers' MagnitudeAwareGuidance).
 
     The ratio is scale-free, so ε, σ·ε and v (ComfyUI's ``x − x0`` on EPS and flow models) agree; the paper
@@ -124,9 +124,9 @@ def apg_mix(
     momentum_buffer: MomentumBuffer | None = None,
 ) -> Tensor:
     """APG-Mix (diffusers' AdaptiveProjectedMixGuidance, made for HunyuanImage 2.1): plain CFG
-    ``u + w(c − u)`` on the early steps, then Adaptive Projected Guidance (Sadat et al., arXiv:2410.02416,
-    Alg. 1) in the Imagen form at its own scale s: ``u + s·(Δ⊥ + η·Δ∥)``, with Δ the momentum average of
-    c − u, shortened to ``norm_threshold`` (r > 0) and split along ĉ.
+    ``u + w(c − u)`` on the early steps, then Adaptive Projected Guidance (Sadat et al., arXiv:2410.02416) in
+    the Imagen form at its own scale s: ``u + s·(Δ⊥ + η·Δ∥)``, with Δ the momentum average of c − u, shortened
+    to ``norm_threshold`` (r > 0) and split along ĉ.
 
     The momentum average runs over every step, the CFG ones included (``use_apg`` False), as in diffusers.
     Not scale-free (r, and the average over steps of different σ): diffusers applies it to the model output

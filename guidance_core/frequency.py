@@ -80,10 +80,11 @@ def _as_images(x: Tensor) -> Tensor:
 
 def frequency_decoupled_cfg(cond: Tensor, uncond: Tensor, scales: tuple[float, ...],
                             parallel_weights: tuple[float, ...] | None = None) -> Tensor:
-    """Frequency-Decoupled Guidance (Sadat et al. 2025, arXiv:2506.19713, Alg. 1-2): c and u are split into
-    ``len(scales)`` Laplacian levels (highest frequency first); level k gets CFG ``u_k + w_k·Δ_k`` with its
-    own scale, where Δ_k = c_k − u_k has its component parallel to c_k weighted by ``parallel_weights[k]``
-    (1 = plain CFG shift); the levels are recombined. The sampler's single cfg is replaced by the w_k.
+    """Frequency-Decoupled Guidance (Sadat et al. 2025, arXiv:2506.19713; its Algorithm 2, as diffusers cites
+    it): c and u are split into ``len(scales)`` Laplacian levels (highest frequency first); level k gets CFG
+    ``u_k + w_k·Δ_k`` with its own scale, where Δ_k = c_k − u_k has its component parallel to c_k weighted by
+    ``parallel_weights[k]`` (1 = plain CFG shift); the levels are recombined. The sampler's single cfg is
+    replaced by the w_k.
 
     Linear in (c, u) when every parallel weight is 1, so then any prediction space gives the same result; the
     projection is not, and diffusers applies it to the model output. The pyramid runs in float32 at least,
@@ -117,7 +118,7 @@ def _low_band(length: int, cutoff: int, device) -> Tensor:
 def frequency_scaled(x: Tensor, scale_low: float, scale_high: float, cutoff: int) -> Tensor:
     """``x`` with its 2-D spectrum (last two dims) multiplied by ``scale_low`` inside the centred box of
     half-width ``cutoff`` frequency indices and by ``scale_high`` outside it (FreSca, Huang et al. 2025,
-    arXiv:2504.02154, Eq. 3; ComfyUI core ``Fourier_filter``, comfy_extras/nodes_fresca.py). In float32."""
+    arXiv:2504.02154; ComfyUI core ``Fourier_filter``, comfy_extras/nodes_fresca.py). In float32."""
     work = torch.promote_types(x.dtype, torch.float32)
     spectrum = torch.fft.fftshift(torch.fft.fftn(x.to(work), dim=(-2, -1)), dim=(-2, -1))
     low = _low_band(x.shape[-2], cutoff, x.device)[:, None] & _low_band(x.shape[-1], cutoff, x.device)[None, :]
