@@ -187,7 +187,8 @@ RULES = "test_rule_parity.py::"
 NODE_TABLE += (
     NodeRow("GuidersTCFG", ("sd15", "flux"), "ComfyUI TCFG; diffusers TangentialClassifierFreeGuidance",
             (RULES + "test_tcfg_matches_builtin_tcfg", RULES + "test_tcfg_matches_diffusers_tangential_cfg",
-             RULES + "test_tcfg_with_pag_and_a_cfg_schedule_is_damped_uncond_then_scheduled_cfg_plus_pag"),
+             RULES + "test_tcfg_with_pag_and_a_cfg_schedule_is_damped_uncond_then_scheduled_cfg_plus_pag",
+             RULES + "test_tcfg_then_mambo_g_is_mambo_g_on_the_damped_uncond"),
             effect_cases=(EffectCase("TCFG", lambda m, w: node("GuidersTCFG", model=m), IMAGE + VIDEO),)),
     NodeRow("GuidersMAMBOG", ("sd15", "flux"), "diffusers MagnitudeAwareGuidance",
             (RULES + "test_mambo_g_matches_diffusers_magnitude_aware_guidance",
@@ -215,7 +216,8 @@ NODE_TABLE += (
     NodeRow("GuidersDynamicThresholding", ("sd15", "flux"), "diffusers DDPMScheduler._threshold_sample; "
             "sd-dynamic-thresholding's mimic scale written in the test",
             (RULES + "test_dynamic_thresholding_imagen_matches_diffusers_threshold_sample",
-             RULES + "test_dynamic_thresholding_mimic_matches_sd_dynamic_thresholding"),
+             RULES + "test_dynamic_thresholding_mimic_matches_sd_dynamic_thresholding",
+             RULES + "test_fdg_then_dynamic_thresholding_thresholds_the_fdg_result"),
             effect_cases=(
                 EffectCase("DynamicThresholding-imagen", lambda m, w: node(
                     "GuidersDynamicThresholding", model=m, mode="imagen", percentile=0.9, max_value=1.5,

@@ -401,3 +401,37 @@ def test_apg_mix_matches_diffusers_adaptive_projected_mix_guidance(tiny_model, f
     ours_first = run(ours, family)
     assert_parity(ours_first, reference_out, run(model, family))
     assert torch.equal(run(ours, family), ours_first)  # momentum is per run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One of each kind with a CFG rule: a pre transform before it, a post transform after it
+
+
+def test_tcfg_then_mambo_g_is_mambo_g_on_the_damped_uncond(sd15_model) -> None:
+    """Pre transform + CFG rule: MAMBO-G combines the cond with TCFG's damped uncond. Reference: ComfyUI's TCFG
+    (pre-CFG: the cfg function is handed the damped uncond) and diffusers' MAMBO-G as sampler_cfg_function.
+    Break caught: the plan's pre transforms not applied: 8.2e-2."""
+    ours = node("GuidersMAMBOG", model=node("GuidersTCFG", model=sd15_model), alpha=2.0)
+
+    def mambo(args):
+        return diffusers_mambo(args["cond"], args["uncond"], args["cond_scale"], 2.0)
+
+    reference = node("TCFG", model=with_cfg_function(sd15_model, mambo))
+    assert_parity(run(ours, "sd15"), run(reference, "sd15"), run(sd15_model, "sd15"))
+
+
+def test_fdg_then_dynamic_thresholding_thresholds_the_fdg_result(sd15_model) -> None:
+    """CFG rule + post transform: Imagen's threshold on the x0 of FDG's result. Reference: diffusers' FDG on the
+    noise predictions, then diffusers' ``_threshold_sample`` on its x0. Break caught: the threshold given the
+    cond in place of the guided result (``dynamic_threshold(preds[COND], ...)``): 2.0."""
+    ours = node("GuidersFDG", model=sd15_model, scales="10, 5", parallel_weights="0.5")
+    ours = node("GuidersDynamicThresholding", model=ours, mode="imagen", percentile=0.9, max_value=1.5,
+                mimic_scale=7.0, strength=1.0)
+    guider = FrequencyDecoupledGuidance(guidance_scales=[10.0, 5.0], parallel_weights=[0.5, 0.5])
+
+    def fdg_thresholded(args):
+        x0 = args["input"] - guider.forward(args["cond"], args["uncond"]).pred
+        return args["input"] - diffusers_threshold(x0, 0.9, 1.5)
+
+    assert_parity(run(ours, "sd15"), run(with_cfg_function(sd15_model, fdg_thresholded), "sd15"),
+                  run(sd15_model, "sd15"))
