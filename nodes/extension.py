@@ -2,7 +2,16 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import attention_nodes, autoguidance_nodes, cfg_nodes, nag_nodes, sag_nodes, schedule_nodes, slg_nodes, web_routes
+from . import (
+    attention_nodes,
+    autoguidance_nodes,
+    cfg_nodes,
+    nag_nodes,
+    sag_nodes,
+    schedule_nodes,
+    slg_nodes,
+    web_routes,
+)
 
 
 class GuidersExtension(ComfyExtension):

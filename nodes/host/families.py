@@ -358,9 +358,9 @@ NAG = "nag"
 class NagSite:
     """A family's text cross-attention for NAG.
 
-    ``attribute``, ``modules``: the name and "module:ClassName" of every cross-attention module NAG acts in, each with the index of the
-    ``optimized_attention`` call inside its forward that attends to the text (Wan's I2V module attends to the
-    CLIP image tokens first). ``keys``, ``key_norm``, ``values``: the module's projections of a context into
+    ``attribute``, ``modules``: the name and "module:ClassName" of every cross-attention module NAG acts in,
+    each with the index of the ``optimized_attention`` call inside its forward that attends to the text
+    (Wan's I2V module attends to the CLIP image tokens first). ``keys``, ``key_norm``, ``values``: the module's projections of a context into
     keys and values (``key_norm`` "" = none). ``context_embedding``: the diffusion model's module the context
     goes through before the blocks ("" = the context is attended to as the text encoder gave it). ``source``:
     where this was read."""
@@ -378,7 +378,8 @@ NAG_SITES: dict[str, NagSite] = {
     "unet": NagSite("attn2", {"comfy.ldm.modules.attention:CrossAttention": 0}, keys="to_k", values="to_v",
                     source="comfy/ldm/modules/attention.py BasicTransformerBlock.attn2 (CrossAttention.forward: "
                            "to_k(context), to_v(context), optimized_attention, to_out); ComfyUI-NAG sd/attention.py"),
-    "wan": NagSite("cross_attn", {"comfy.ldm.wan.model:WanT2VCrossAttention": 0, "comfy.ldm.wan.model:WanI2VCrossAttention": 1},
+    "wan": NagSite("cross_attn", {"comfy.ldm.wan.model:WanT2VCrossAttention": 0,
+                                  "comfy.ldm.wan.model:WanI2VCrossAttention": 1},
                    keys="k", key_norm="norm_k", values="v", context_embedding="text_embedding",
                    source="comfy/ldm/wan/model.py WanT2VCrossAttention / WanI2VCrossAttention.forward (norm_k(k(c)), "
                           "v(c), before self.o), WanModel.forward_orig (context = text_embedding(context)); "

@@ -125,8 +125,8 @@ class _ForwardState:
     negative_kv: dict = field(default_factory=dict)
 
 
-def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
-                            **kwargs):  # noqa: B006 (the host's signature)
+def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                            transformer_options={}, **kwargs):  # noqa: B006 (the host's signature)
     setup: NagSetup | None = transformer_options.get(NAG_KEY)
     base_model = executor.class_obj
     sigmas = transformer_options.get("sigmas")
