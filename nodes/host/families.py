@@ -360,7 +360,8 @@ class NagSite:
 
     ``attribute``, ``modules``: the name and "module:ClassName" of every cross-attention module NAG acts in,
     each with the index of the ``optimized_attention`` call inside its forward that attends to the text
-    (Wan's I2V module attends to the CLIP image tokens first). ``keys``, ``key_norm``, ``values``: the module's projections of a context into
+    (Wan's I2V module attends to the CLIP image tokens first). ``keys``, ``key_norm``, ``values``: the module's
+    projections of a context into
     keys and values (``key_norm`` "" = none). ``context_embedding``: the diffusion model's module the context
     goes through before the blocks ("" = the context is attended to as the text encoder gave it). ``source``:
     where this was read."""
