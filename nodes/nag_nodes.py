@@ -17,15 +17,16 @@ NAG_FAMILIES = families.families_supporting(families.NAG)
 
 SCALE_TOOLTIP = ("φ, the paper's scale: Z̃ = Z⁺ + φ(Z⁺ − Z⁻). ComfyUI-NAG's nag_scale is φ + 1 (its 5 is φ 4). "
                  "From the authors' workflows, as φ: SD1.5 at cfg 7: 4; SDXL DMD2 at cfg 1: 2 (SDXL at 20+ steps: "
-                 "5 or more); Wan 2.1 at cfg 8: 5, Wan CausVid/lightx2v at cfg 1: 10. 0 = off.")
+                 "5 or more); Wan 2.1 at cfg 8: 5, Wan CausVid/lightx2v at cfg 1: 10; LTXV: no "
+                 "published value (KJNodes' LTX-2 NAG default nag_scale 11 ≙ φ 10). 0 = off.")
 TAU_TOOLTIP = ("τ: the guided attention output's L1 norm, per token, is capped at τ times the positive's. 2.5 in the "
                "authors' workflows (Wan CausVid: 3.5); lower for image-reference tasks and many-step high-cfg runs, "
                "higher for few-step models.")
 ALPHA_TOOLTIP = ("α: how much of the guided output is blended into the positive one (α·Ẑ + (1 − α)·Z⁺). 0.25 in the "
                  "authors' workflows; SD1.5 0.38, SDXL DMD2 0.5, Wan CausVid 0.5; 0.125 if SDXL quality degrades.")
 LAYERS_TOOLTIP = ("Which cross-attention layers: 'auto' = every layer where the text enters (as the paper). Or a "
-                  "list: UNet 'input.4', 'middle', 'output.1', 'input.4.1' (block, index, transformer); Wan '0, 1, 2' "
-                  "(blocks).")
+                  "list: UNet 'input.4', 'middle', 'output.1', 'input.4.1' (block, index, transformer); Wan, LTXV "
+                  "'0, 1, 2' (blocks).")
 WINDOW_NOTE = ("The authors turn NAG off for the last steps on flow models (nag_sigma_end 0.75, about end_percent "
                "0.25 on Flux/SD3.5-Turbo) and below σ 4 on SD1.5/SDXL.")
 
@@ -71,10 +72,12 @@ class GuidersNAG(io.ComfyNode):
             chosen = host.parse_layers(layers, model, f"{node}: layers", families.NAG)
         context = negative_context(node, negative)
         check_context_width(node, model, family, context)
+        extras = negative[0][1] if len(negative[0]) > 1 and isinstance(negative[0][1], dict) else {}
+        mask = extras.get("attention_mask")
         window = host.percent_window(start_percent, end_percent)
         patched = model.clone()
         install_nag(patched, NagSetup(context, float(scale), float(tau), float(alpha), window, family, schedule,
-                                      chosen, node))
+                                      chosen, node, mask))
         return io.NodeOutput(patched)
 
 

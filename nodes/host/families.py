@@ -372,6 +372,10 @@ class NagSite:
     values: str
     key_norm: str = ""
     context_embedding: str = ""
+    # The diffusion model's method that turns a conditioning's ``attention_mask`` (1 = token, 0 = padding) into
+    # the bias its cross-attention adds ("" = the family takes no text mask): the negative's own mask goes
+    # through it, as the positive's does in the model's forward.
+    attention_mask: str = ""
     source: str = ""
 
 
@@ -385,6 +389,11 @@ NAG_SITES: dict[str, NagSite] = {
                    source="comfy/ldm/wan/model.py WanT2VCrossAttention / WanI2VCrossAttention.forward (norm_k(k(c)), "
                           "v(c), before self.o), WanModel.forward_orig (context = text_embedding(context)); "
                           "ComfyUI-NAG wan/model.py"),
+    "ltxv": NagSite("attn2", {"comfy.ldm.lightricks.model:CrossAttention": 0}, keys="to_k", key_norm="k_norm",
+                    values="to_v", context_embedding="caption_projection", attention_mask="_prepare_attention_mask",
+                    source="comfy/ldm/lightricks/model.py BasicTransformerBlock.attn2 (CrossAttention.forward: "
+                           "k_norm(to_k(c)), to_v(c), attention with the text mask, to_out), "
+                           "LTXVModel._prepare_context (caption_projection) and _prepare_attention_mask; KJNodes LTX2_NAG patches attn2 too"),
 }
 
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in NAG_SITES else family

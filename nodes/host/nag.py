@@ -54,6 +54,7 @@ class NagSetup:
     schedule: Any = None
     layers: tuple[Layer, ...] | None = None  # None: every cross-attention ("auto")
     node: str = "GuidersNAG"
+    negative_mask: torch.Tensor | None = None  # the negative conditioning's attention_mask, if its encoder gave one
 
     def __copy__(self):  # ModelPatcher.clone() deep-copies model_options: the setup is immutable
         return self
@@ -123,6 +124,7 @@ class _ForwardState:
     calls: int = 0
     used: int = 0  # text attention calls guided in this forward (tests read it)
     negative_kv: dict = field(default_factory=dict)
+    negative_bias: torch.Tensor | None = None  # the negative's text mask as the family's attention bias
 
 
 def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
@@ -144,6 +146,9 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
     if site.context_embedding:
         negative = getattr(diffusion_model, site.context_embedding)(negative)
     state = _ForwardState(site, torch.tensor(rows, device=x.device), negative, scale, setup.tau, setup.alpha)
+    if site.attention_mask and setup.negative_mask is not None:
+        mask = _rows_of(setup.negative_mask.to(device=x.device), len(rows))
+        state.negative_bias = getattr(diffusion_model, site.attention_mask)(mask, dtype)
     handles = _mark_modules(diffusion_model, setup, state)
     previous = transformer_options.get("optimized_attention_override")
     transformer_options["optimized_attention_override"] = _make_override(state, previous)
@@ -250,7 +255,9 @@ def _make_override(state: _ForwardState, previous: Callable | None):
         q, heads = args[0], args[3] if len(args) > 3 else kwargs["heads"]
         negative_keys, negative_values = _negative_keys_values(state, module)
         rest = {key: value for key, value in kwargs.items() if key not in ("heads", "mask")}
-        # The negative's keys have their own length: the positive's padding mask does not apply to them.
+        # The negative's keys have their own length: the positive's text mask does not apply to them (its own does).
+        if state.negative_bias is not None:
+            rest["mask"] = state.negative_bias
         z_neg = call(q.index_select(0, state.rows), negative_keys, negative_values, heads, **rest)
         guided = nag_combine(z_pos.index_select(0, state.rows), z_neg, state.scale, state.tau, state.alpha)
         state.used += 1

@@ -1,21 +1,23 @@
 """GuidersNAG (Normalized Attention Guidance, Chen et al. 2025, arXiv:2505.21179) on the cross-attention families,
-through ComfyUI's real KSampler on tiny random-weight models: SD1.5 and SDXL (UNet ``attn2``) and Wan 2.1
-(every block's ``cross_attn``).
+through ComfyUI's real KSampler on tiny random-weight models: SD1.5 and SDXL (UNet ``attn2``), Wan 2.1 (every
+block's ``cross_attn``) and LTXV (every block's ``attn2``, with the T5 text mask).
 
 The reference is written here from the paper's equations and the host's own modules, never through the pack's
 hooks: during a reference pass of the UNPATCHED model, each text cross-attention module's ``forward`` is
 replaced (an instance attribute, removed afterwards) by one that projects q from its input and k, v from the
-positive context and from the negative context (Wan: the negative through the model's own ``text_embedding``)
+positive context and from the negative context (Wan: the negative through the model's own ``text_embedding``;
+LTXV: through ``caption_projection``, its own mask through the model's ``_prepare_attention_mask``)
 with the module's own layers, computes both attentions with a softmax written here, combines them per token in
 float64 by Z̃ = Z⁺ + φ(Z⁺ − Z⁻), r = ‖Z̃‖₁/‖Z⁺‖₁, Ẑ = Z̃·min(r, τ)/r, α·Ẑ + (1 − α)·Z⁺ on the cond rows only
 (``cond_or_uncond`` tag 0; the uncond rows keep Z⁺), and applies the module's output projection.
 
 Breaks tried, each fails ``test_nag_matches_the_paper_through_sampling`` (and the window test where it says):
 - Z⁺ and Z⁻ swapped in nodes/host/nag.py (``nag_combine(z_neg, z_pos, ...)``);
-- the τ cap dropped in guidance_core/nag.py (``ratio.clamp(max=tau)`` → ``ratio``): fails the τ 1.5 cases;
+- the τ cap dropped in guidance_core/nag.py (``ratio.clamp(max=tau)`` → ``ratio``);
 - NAG in self-attention instead of cross-attention (the UNet site's ``attribute`` "attn1");
 - NAG on every row (uncond too): fails the cfg 5 cases;
-- the window ignored (``_in_window`` always true): fails ``test_nag_window_is_respected``.
+- the window ignored (``_in_window`` always true): fails ``test_nag_window_is_respected``;
+- LTXV: the negative's own text mask not applied, or the negative not passed through ``caption_projection``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tiny_models import make_conditioning
 
 GuidanceError = ValueError  # the pack's GuidanceError is a ValueError (nodes/host/marks.py)
 
-NAG_FAMILIES = ("sd15", "sdxl", "wan")
+NAG_FAMILIES = ("sd15", "sdxl", "wan", "ltxv")
 
 
 def negative_of(family: str):
@@ -39,12 +41,14 @@ def negative_of(family: str):
     return make_conditioning(family, seed=11)[0]
 
 
-def softmax_attention(q, k, v, heads):
-    """Scaled dot-product attention per head, written here: (B, L, heads·D) in and out."""
+def softmax_attention(q, k, v, heads, bias=None):
+    """Scaled dot-product attention per head, written here: (B, L, heads·D) in and out; ``bias`` is added to
+    the logits (LTXV's text mask, (B, 1, 1, L))."""
     b, lq, inner = q.shape
     d = inner // heads
     qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2).double() for t in (q, k, v))
-    weights = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    logits = qh @ kh.transpose(-1, -2) / math.sqrt(d)
+    weights = torch.softmax(logits if bias is None else logits + bias.double(), dim=-1)
     return (weights @ vh).transpose(1, 2).reshape(b, lq, inner)
 
 
@@ -94,6 +98,29 @@ def _wan_cross_attention(module, embed, negative_raw, phi, tau, alpha, active):
     return forward
 
 
+def _ltxv_cross_attention(module, dm, negative, phi, tau, alpha, active):
+    """LTXV's attn2: q_norm(to_q(x)), k_norm(to_k(c)), to_v(c), the text mask as a logit bias; the negative
+    through caption_projection, its own mask through the model's _prepare_attention_mask."""
+    heads = module.heads
+    negative_raw, negative_mask = negative[0][0], negative[0][1]["attention_mask"]
+    assert getattr(module, "to_gate_logits", None) is None  # the tiny LTXV has no per-head gates
+
+    def forward(x, context=None, mask=None, pe=None, k_pe=None, transformer_options={}):  # noqa: B006
+        q = module.q_norm(module.to_q(x))
+        k, v = module.k_norm(module.to_k(context)), module.to_v(context)
+        z = softmax_attention(q, k, v, heads, mask)
+        rows = _cond_rows(transformer_options, x.shape[0])
+        if active(transformer_options) and rows:
+            embedded = dm.caption_projection(negative_raw.to(x).expand(len(rows), -1, -1))
+            bias = dm._prepare_attention_mask(negative_mask.expand(len(rows), -1), x.dtype)
+            z_neg = softmax_attention(q[rows], module.k_norm(module.to_k(embedded)), module.to_v(embedded), heads,
+                                      bias)
+            z[rows] = paper_nag(z[rows], z_neg, phi, tau, alpha)
+        return module.to_out(z.to(x.dtype))
+
+    return forward
+
+
 @contextlib.contextmanager
 def reference_nag(model, family, negative, phi, tau, alpha, sigma_window=None):
     """The paper's NAG on ``model`` (unpatched) while the block runs; ``sigma_window`` (σ_end, σ_start) or None."""
@@ -112,6 +139,8 @@ def reference_nag(model, family, negative, phi, tau, alpha, sigma_window=None):
             module.forward = _unet_cross_attention(module, context, phi, tau, alpha, active)
         elif family == "wan" and name.endswith(".cross_attn"):
             module.forward = _wan_cross_attention(module, dm.text_embedding, context, phi, tau, alpha, active)
+        elif family == "ltxv" and name.endswith(".attn2"):
+            module.forward = _ltxv_cross_attention(module, dm, negative, phi, tau, alpha, active)
         else:
             continue
         replaced.append(module)
