@@ -393,7 +393,8 @@ NAG_SITES: dict[str, NagSite] = {
                     values="to_v", context_embedding="caption_projection", attention_mask="_prepare_attention_mask",
                     source="comfy/ldm/lightricks/model.py BasicTransformerBlock.attn2 (CrossAttention.forward: "
                            "k_norm(to_k(c)), to_v(c), attention with the text mask, to_out), "
-                           "LTXVModel._prepare_context (caption_projection) and _prepare_attention_mask; KJNodes LTX2_NAG patches attn2 too"),
+                           "LTXVModel._prepare_context (caption_projection) and _prepare_attention_mask; "
+                           "KJNodes LTX2_NAG patches attn2 too"),
 }
 
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in NAG_SITES else family
