@@ -66,6 +66,7 @@ class GuidersNAG(io.ComfyNode):
         node = public_id(cls)
         check_inputs(cls, scale=scale, tau=tau, alpha=alpha, layers=layers, start_percent=start_percent,
                      end_percent=end_percent)
+        refuse_joint_attention(node, model)
         family = host.require_family(model, node, NAG_FAMILIES)
         chosen = None
         if layers.strip().lower() not in ("", "auto"):
@@ -79,6 +80,18 @@ class GuidersNAG(io.ComfyNode):
         install_nag(patched, NagSetup(context, float(scale), float(tau), float(alpha), window, family, schedule,
                                       chosen, node, mask))
         return io.NodeOutput(patched)
+
+
+def refuse_joint_attention(node: str, model) -> None:
+    """Families whose text shares the self-attention sequence (SD3, Flux, Qwen-Image, ...) are refused with the
+    reason: there the negative's text tokens must run through the model's own text stream block after block
+    (the authors' Flux NAG runs extra text rows through every double block), which this node does not do yet."""
+    record = families.FAMILY_BY_KEY.get(host.model_family(model))
+    if record is not None and families.NAG not in record.methods and record.text_position != families.NO_TEXT:
+        raise host.GuidanceError(
+            f"{node}: {record.display_name} has joint attention (the text is part of the attention sequence), "
+            "where NAG needs the negative prompt's text tokens carried through the model's text stream in every "
+            "block; that is not implemented yet. " + f"{node} supports {family_names(NAG_FAMILIES)}.")
 
 
 def negative_context(node: str, negative):
