@@ -1,6 +1,7 @@
 """GuidersNAG (Normalized Attention Guidance, Chen et al. 2025, arXiv:2505.21179) on the cross-attention families,
 through ComfyUI's real KSampler on tiny random-weight models: SD1.5 and SDXL (UNet ``attn2``), Wan 2.1 (every
-block's ``cross_attn``) and LTXV (every block's ``attn2``, with the T5 text mask).
+block's ``cross_attn``; text-to-video, and image-to-video where it attends to the CLIP image tokens first) and
+LTXV (every block's ``attn2``, with the T5 text mask).
 
 The reference is written here from the paper's equations and the host's own modules, never through the pack's
 hooks: during a reference pass of the UNPATCHED model, each text cross-attention module's ``forward`` is
@@ -17,7 +18,9 @@ Breaks tried, each fails ``test_nag_matches_the_paper_through_sampling`` (and th
 - NAG in self-attention instead of cross-attention (the UNet site's ``attribute`` "attn1");
 - NAG on every row (uncond too): fails the cfg 5 cases;
 - the window ignored (``_in_window`` always true): fails ``test_nag_window_is_respected``;
-- LTXV: the negative's own text mask not applied, or the negative not passed through ``caption_projection``.
+- LTXV: the negative's own text mask not applied, or the negative not passed through ``caption_projection``;
+- Wan I2V: the text call index 0 (NAG on the CLIP image tokens' attention): fails
+  ``test_nag_on_wan_i2v_guides_the_text_attention_only``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import math
 
 import pytest
 import torch
-from harness import ForwardCounter, assert_window_is_partial, run_node
+from harness import ForwardCounter, assert_window_is_partial, run_node, sample
 from support import assert_parity, node, relative_error, sample_family
-from tiny_models import make_conditioning
+from tiny_models import make_conditioning, make_latent, make_wan_i2v, wan_i2v_conditioning
 
 GuidanceError = ValueError  # the pack's GuidanceError is a ValueError (nodes/host/marks.py)
 
@@ -274,6 +277,53 @@ def test_nag_with_pag_batched_equals_sequential(guiders_pack, tiny_model, family
     assert relative_error(sample_family(chain("batched", nag_first=False), family, cfg=5.0), batched) < 1e-5
     pag_only = sample_family(node("GuidersPAG", model=model, scale=2.0), family, cfg=5.0)
     assert relative_error(batched, pag_only) > 1e-2
+
+
+def _wan_i2v_cross_attention(module, embed, negative_raw, phi, tau, alpha):
+    """WanI2VCrossAttention: the CLIP image tokens first (their attention untouched), then the text with NAG."""
+    heads = module.num_heads
+
+    def forward(x, context, context_img_len, transformer_options={}):  # noqa: B006
+        context_img, text = context[:, :context_img_len], context[:, context_img_len:]
+        q = module.norm_q(module.q(x))
+        image_part = softmax_attention(q, module.norm_k_img(module.k_img(context_img)), module.v_img(context_img),
+                                       heads)
+        z = softmax_attention(q, module.norm_k(module.k(text)), module.v(text), heads)
+        rows = _cond_rows(transformer_options, x.shape[0])
+        if rows:
+            negative = embed(negative_raw.to(x).expand(len(rows), -1, -1))
+            z_neg = softmax_attention(q[rows], module.norm_k(module.k(negative)), module.v(negative), heads)
+            z[rows] = paper_nag(z[rows], z_neg, phi, tau, alpha)
+        return module.o((z + image_part).to(x.dtype))
+
+    return forward
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_nag_on_wan_i2v_guides_the_text_attention_only(guiders_pack, comfy_host, cfg):
+    """Wan 2.1 I2V: the module's second attention call (the text; the first attends to the CLIP image tokens)
+    is the one NAG guides. Catches: the text call index 0 (NAG on the image tokens' attention)."""
+    model = make_wan_i2v(seed=0)
+    positive, negative_cfg = wan_i2v_conditioning(seed=1), wan_i2v_conditioning(seed=2)
+    negative = negative_of("wan")
+    latent = make_latent("wan", h=16, w=16, seed=2)
+
+    def run(m):
+        return sample(m, positive, negative_cfg, latent, cfg=cfg, steps=4, seed=3)
+
+    ours = run(nag_model(model, negative))
+    plain = run(model)
+    dm = model.model.diffusion_model
+    replaced = [m for n, m in dm.named_modules() if n.endswith(".cross_attn")]
+    assert replaced and all(type(m).__name__ == "WanI2VCrossAttention" for m in replaced)
+    for module in replaced:
+        module.forward = _wan_i2v_cross_attention(module, dm.text_embedding, negative[0][0], 4.0, 2.5, 0.5)
+    try:
+        reference = run(model)
+    finally:
+        for module in replaced:
+            del module.forward
+    assert_parity(ours, reference, plain)
 
 
 def test_nag_refuses_bad_inputs(guiders_pack, tiny_model):
