@@ -223,6 +223,26 @@ def test_nag_identities(guiders_pack, tiny_model):
     assert relative_error(sample_family(nag_model(model, negative_of("sd15")), "sd15", cfg=1.0), plain) > 1e-2
 
 
+def test_nag_schedule_drives_phi_per_step(guiders_pack, tiny_model):
+    """A schedule replaces the scale widget: constant 4 equals scale 4; a custom list 4, 0, 0, 0 equals the
+    reference applying φ 4 in the first step only (σ window of the first step). Catches: the schedule ignored,
+    or read at the wrong step."""
+    model = tiny_model("sd15")
+    negative = negative_of("sd15")
+    constant = node("GuidersScheduleConstant", value=4.0)
+    by_widget = sample_family(nag_model(model, negative), "sd15", cfg=1.0)
+    by_schedule = sample_family(nag_model(model, negative, scale=0.0, schedule=constant), "sd15", cfg=1.0)
+    assert torch.equal(by_schedule, by_widget)
+    first_only = node("GuidersScheduleCustom", values="4, 0, 0, 0")
+    ours = sample_family(nag_model(model, negative, scale=9.0, schedule=first_only), "sd15", cfg=1.0)
+    plain = sample_family(model, "sd15", cfg=1.0)
+    sigmas = run_node("BasicScheduler", model=model, scheduler="normal", steps=4, denoise=1.0)[0]
+    first = (float(sigmas[1]) * 1.001, float(sigmas[0]) * 1.001)  # only σ₀ lies inside
+    with reference_nag(model, "sd15", negative, 4.0, 2.5, 0.5, sigma_window=first):
+        reference = sample_family(model, "sd15", cfg=1.0)
+    assert_parity(ours, reference, plain)
+
+
 def test_nag_layers_choose_the_cross_attentions(guiders_pack, tiny_model):
     """An explicit layer list guides only those layers: the middle block alone differs from 'auto' and from
     plain, and equals the reference applied in the middle block's cross-attention only."""
