@@ -18,6 +18,20 @@ the cond chunk (``cond_or_uncond`` tag 0) and every branch of this pack computed
 branches: their term then compares like with like); the uncond chunk is never touched, as in ComfyUI-NAG
 (``sd/attention.py`` replaces the last, positive rows only). Because the override is another node's as far as
 the shared prefix knows, a forward with NAG active runs without a shared prefix (same result).
+
+Checked against the authors' ComfyUI-NAG @ef8a641 (read, not copied):
+- ``sd/attention.py`` NAGCrossAttention.forward: Z⁺ for every row with its own context, then one more attention
+  of the positive rows' queries ``q[-B:]`` with the negative's ``to_k``/``to_v``, NAG on those rows, then
+  ``to_out``; ``sd/openaimodel.py``: every module named attn2. ``wan/model.py``: the text attention of every
+  block's cross_attn, before ``self.o``, the negative through ``text_embedding``; in I2V the CLIP image attention
+  gets ``nag(Z⁺, Z⁺)``, the identity, so only the text attention changes, as here.
+- ``utils.py:check_nag_activation``: NAG only in calls whose ``cond_or_uncond`` holds 0 (the positive), so at
+  cfg 1 the cond-only call gets it and an uncond-only call does not, as here.
+- Batching differs, not the result: ComfyUI-NAG appends the negative context as extra rows of ``context``
+  (``utils.cat_context`` tiles the shorter of the two to a common length; Wan strips the padding again). Here
+  the negative's keys and values are computed at the negative's own length, which is the same Z⁻, and the
+  positive context is never tiled (a partial tile would change Z⁺ on UNets).
+- Window: ComfyUI-NAG's ``nag_sigma_end`` (on while σ ≥ it) is ``end_percent`` here (σ_end ≤ σ ≤ σ_start).
 """
 
 from __future__ import annotations

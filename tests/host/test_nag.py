@@ -346,6 +346,19 @@ def test_nag_on_wan_i2v_guides_the_text_attention_only(guiders_pack, comfy_host,
     assert_parity(ours, reference, plain)
 
 
+def test_nag_leaves_no_trace(guiders_pack, tiny_model):
+    """The input model is unchanged (no NAG setup, no wrapper), and after sampling no hook is left on any
+    module and no attention override in any options (they live for one forward)."""
+    model = tiny_model("sd15")
+    before = (dict(model.model_options.get("transformer_options", {})), repr(model.wrappers))
+    patched = nag_model(model, negative_of("sd15"))
+    assert (dict(model.model_options.get("transformer_options", {})), repr(model.wrappers)) == before
+    sample_family(patched, "sd15", cfg=5.0)
+    for module in model.model.diffusion_model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, type(module).__name__
+    assert "optimized_attention_override" not in patched.model_options.get("transformer_options", {})
+
+
 def test_nag_refuses_bad_inputs(guiders_pack, tiny_model):
     sd15, flux = tiny_model("sd15"), tiny_model("flux")
     negative = negative_of("sd15")
