@@ -139,6 +139,7 @@ class _ForwardState:
     used: int = 0  # text attention calls guided in this forward (tests read it)
     negative_kv: dict = field(default_factory=dict)
     negative_bias: torch.Tensor | None = None  # the negative's text mask as the family's attention bias
+    positive_chunks: tuple[int, ...] = ()  # the batch chunks ``rows`` make up, by position in cond_or_uncond
 
 
 def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None,
@@ -160,12 +161,18 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
     if site.context_embedding:
         negative = getattr(diffusion_model, site.context_embedding)(negative)
     state = _ForwardState(site, torch.tensor(rows, device=x.device), negative, scale, setup.tau, setup.alpha)
+    chunk_size = x.shape[0] // len(transformer_options["cond_or_uncond"])
+    state.positive_chunks = tuple(sorted({row // chunk_size for row in rows}))
     if site.attention_mask and setup.negative_mask is not None:
         mask = _rows_of(setup.negative_mask.to(device=x.device), len(rows))
         state.negative_bias = getattr(diffusion_model, site.attention_mask)(mask, dtype)
     handles = _mark_modules(diffusion_model, setup, state)
     previous = transformer_options.get("optimized_attention_override")
     transformer_options["optimized_attention_override"] = _make_override(state, previous)
+    replace_patches = transformer_options.get("patches_replace")
+    if setup.family == "unet" and replace_patches and replace_patches.get("attn2"):
+        transformer_options["patches_replace"] = {**replace_patches, "attn2": _wrap_attn2_replace_patches(
+            replace_patches["attn2"], _modules_by_layer(diffusion_model, setup), state, transformer_options)}
     try:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     finally:
@@ -175,6 +182,45 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
             transformer_options.pop("optimized_attention_override", None)
         else:
             transformer_options["optimized_attention_override"] = previous
+        if replace_patches is not None:
+            transformer_options["patches_replace"] = replace_patches
+
+
+def _modules_by_layer(diffusion_model, setup: NagSetup) -> dict[Layer, torch.nn.Module]:
+    chosen = {id(module) for module, _call in nag_modules(diffusion_model, setup.family, setup.layers)}
+    return {layer_of_module(name, setup.family): module for name, module in diffusion_model.named_modules()
+            if id(module) in chosen}
+
+
+def _wrap_attn2_replace_patches(patches: dict, modules: dict, state: _ForwardState, transformer_options) -> dict:
+    """Another node's UNet attn2 replace patch (IPAdapter-style) makes the host skip the attn2 module's forward:
+    it calls ``to_q``/``to_k``/``to_v``, the patch, then ``to_out`` itself (BasicTransformerBlock.forward), so no
+    module hook sees that layer. There, for this forward, their patch is wrapped: Z⁺ is their output, Z⁻ their
+    patch called on the positive rows' queries with the negative's keys and values (and those rows' options),
+    so whatever else their patch adds (an image prompt's attention) is in both and cancels in Z⁺ − Z⁻."""
+    tags = transformer_options.get("cond_or_uncond") or []
+
+    def wrap(theirs):
+        def nag_attn2_replace(q, k, v, extra_options):
+            z_pos = theirs(q, k, v, extra_options)
+            block = extra_options.get("block")
+            module = modules.get(Layer(block[0], block[1], extra_options.get("block_index", 0))) if block else None
+            if module is None:
+                return z_pos
+            positive_chunks = state.positive_chunks
+            options = dict(extra_options)
+            for key in ("cond_or_uncond", "uuids"):
+                if isinstance(options.get(key), list) and len(options[key]) == len(tags):
+                    options[key] = [options[key][j] for j in positive_chunks]
+            negative_keys, negative_values = _negative_keys_values(state, module)
+            z_neg = theirs(q.index_select(0, state.rows), negative_keys, negative_values, options)
+            guided = nag_combine(z_pos.index_select(0, state.rows), z_neg, state.scale, state.tau, state.alpha)
+            state.used += 1
+            return z_pos.index_copy(0, state.rows, guided)
+
+        return nag_attn2_replace
+
+    return {key: wrap(fn) for key, fn in patches.items()}
 
 
 def layer_of_module(name: str, family: str) -> Layer | None:

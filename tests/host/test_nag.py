@@ -346,6 +346,45 @@ def test_nag_on_wan_i2v_guides_the_text_attention_only(guiders_pack, comfy_host,
     assert_parity(ours, reference, plain)
 
 
+def test_nag_under_another_nodes_attn2_replace_patch(guiders_pack, tiny_model):
+    """An IPAdapter-style attn2 replace patch makes the host skip the attn2 module's forward; NAG wraps it for
+    the forward. With a foreign patch that attends exactly as the host (and records that it ran, with the
+    options of the rows it was given), NAG's result equals NAG without it, at cfg 1 and 5. Catches: the
+    replace patch not wrapped (NAG silently off in those layers); their patch handed the whole batch's options
+    with the cond rows alone."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    model = tiny_model("sd15")
+    negative = negative_of("sd15")
+    seen = []
+
+    def foreign_attn2(q, k, v, extra_options):
+        tags = tuple(extra_options["cond_or_uncond"])
+        assert q.shape[0] % len(tags) == 0, f"{q.shape[0]} rows handed with the options of chunks {tags}"
+        seen.append(tags)
+        return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    foreign = model.clone()
+    dm = model.model.diffusion_model
+    for name, _module in dm.named_modules():
+        if name.endswith(".attn2"):
+            layer = layer_of(name)
+            foreign.set_model_attn2_replace(foreign_attn2, layer[0], layer[1], layer[2])
+    for cfg in (1.0, 5.0):
+        without = sample_family(nag_model(model, negative), "sd15", cfg=cfg)
+        with_foreign = sample_family(nag_model(foreign, negative), "sd15", cfg=cfg)
+        assert relative_error(with_foreign, without) < 1e-5
+    assert (0,) in seen and (1, 0) in seen  # their patch saw the cond rows alone, and the full batch
+
+
+def layer_of(name: str) -> tuple:
+    """("input", 4, 0) for "input_blocks.4.1.transformer_blocks.0.attn2", as set_model_attn2_replace takes it."""
+    parts = name.split(".")
+    kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[parts[0]]
+    index = 0 if kind == "middle" else int(parts[1])
+    return kind, index, int(parts[parts.index("transformer_blocks") + 1])
+
+
 def test_nag_leaves_no_trace(guiders_pack, tiny_model):
     """The input model is unchanged (no NAG setup, no wrapper), and after sampling no hook is left on any
     module and no attention override in any options (they live for one forward)."""
