@@ -71,6 +71,13 @@ OURS = [
     Patch("GuidersSLG", {"scale": 3.0, "layers": "1", "start_percent": 0.0, "end_percent": 1.0}, ("sd3",)),
     Patch("GuidersAutoguidance", build=_autoguidance),
 ]
+
+
+def _nag(model, family, weak):
+    return node("GuidersNAG", model=model, negative=make_conditioning(family, seed=11)[0], scale=4.0, alpha=0.5)
+
+
+OURS += [Patch("GuidersNAG", families=("sd15",), build=_nag)]  # NAG: cross-attention families only
 WINDOW = {"start_percent": 0.0, "end_percent": 1.0}
 CACHE = {"reuse_threshold": 0.5, "start_percent": 0.0, "end_percent": 1.0, "verbose": False}
 THEIRS = [
@@ -113,6 +120,12 @@ SCALE_UNUSED = {
     for theirs in ("VideoLinearCFGGuidance", "VideoTriangleCFGGuidance")
 }
 CACHES = ("EasyCache", "LazyCache")
+# (ours, theirs) -> why ours changes a prediction theirs makes, so the chain differs from ours alone even where
+# theirs alone has no effect; the chain must differ from both.
+OURS_REACHES_THEIRS = {
+    ("GuidersNAG", "PerpNeg"): "PerpNeg's empty-prompt prediction is its own call of the cond kind (cond_or_uncond "
+    "0), so NAG guides it as it guides the prompt (ComfyUI-NAG does the same); the uncond stays unguided",
+}
 
 CASES = [
     pytest.param(ours, theirs, order, family, id=f"{ours.node_id}-{theirs.node_id}-{order}-{family}")
@@ -178,6 +191,9 @@ def test_both_apply_or_an_error_names_both(tiny_model, weak_model_of, alone, our
     assert relative_error(ours_alone, plain) > MIN_EFFECT, f"{ours.node_id} alone has no effect: the test is vacuous"
     if (ours.node_id, theirs.node_id) in SCALE_UNUSED:
         assert relative_error(both, theirs_alone) < PARITY_RTOL
+        return
+    if (ours.node_id, theirs.node_id) in OURS_REACHES_THEIRS:
+        assert relative_error(both, ours_alone) > DROPPED_BELOW and relative_error(both, theirs_alone) > DROPPED_BELOW
         return
     cache_skipped_nothing = theirs.node_id in CACHES and forwards == ours_forwards
     if cache_skipped_nothing or relative_error(theirs_alone, plain) < DROPPED_BELOW:
