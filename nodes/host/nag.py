@@ -14,7 +14,8 @@ In the marked module's text attention call the override computes ``Z⁺`` as the
 ``Z⁻`` = the same attention with the positive rows' queries and the negative's keys and values (the module's
 own projections of the embedded negative, at the negative's own length: no tiling of either context), and
 writes ``nag_combine(Z⁺, Z⁻)`` into the positive rows before the module's output projection. Positive rows are
-the cond chunk (``cond_or_uncond`` tag 0) and every branch of this pack computed from it (PAG, SEG, SLG
+the cond chunk (``cond_or_uncond`` tag 0, whose entry is the sampler's positive: a ``PREDICT_NOISE`` wrapper
+reads their uuids) and every branch of this pack computed from it (PAG, SEG, SLG
 branches: their term then compares like with like); the uncond chunk is never touched, as in ComfyUI-NAG
 (``sd/attention.py`` replaces the last, positive rows only). Because the override is another node's as far as
 the shared prefix knows, a forward with NAG active runs without a shared prefix (same result).
@@ -36,6 +37,7 @@ Checked against the authors' ComfyUI-NAG @ef8a641 (read, not copied):
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +87,23 @@ class NagSetup:
         return float(self.schedule(step_of_sigma(sigma, sigmas), len(sigmas) - 1))
 
 
+# The uuids of the sampler's positive conditioning entries during one predict_noise (None: not known, e.g. a
+# forward outside a guider): a call of the cond kind (cond_or_uncond 0) whose entry is not one of them is
+# another node's own prediction (PerpNeg's empty prompt, SelfAttentionGuidance's re-run uncond) and is left alone.
+_positive_uuids: contextvars.ContextVar[frozenset | None] = contextvars.ContextVar("guiders_nag_positive",
+                                                                                 default=None)
+
+
+def nag_predict_noise_wrapper(executor, *args, **kwargs):
+    positive = (getattr(executor.class_obj, "conds", None) or {}).get("positive")
+    uuids = frozenset(c["uuid"] for c in positive if "uuid" in c) if positive else None
+    token = _positive_uuids.set(uuids or None)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        _positive_uuids.reset(token)
+
+
 def install_nag(patched, setup: NagSetup) -> None:
     """Puts ``setup`` and the wrapper on ``patched`` (a clone); a second NAG on the same model is an error."""
     import comfy.patcher_extension
@@ -96,6 +115,7 @@ def install_nag(patched, setup: NagSetup) -> None:
     transformer_options[NAG_KEY] = setup
     wrappers = comfy.patcher_extension.WrappersMP
     patched.add_wrapper_with_key(wrappers.APPLY_MODEL, NAG_WRAPPER_KEY, nag_apply_model_wrapper)
+    patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, NAG_WRAPPER_KEY, nag_predict_noise_wrapper)
 
 
 def _positive_rows(transformer_options: dict, batch: int) -> list[int]:
@@ -105,10 +125,18 @@ def _positive_rows(transformer_options: dict, batch: int) -> list[int]:
         return []
     size = batch // len(tags)
     guidance = transformer_options.get(SETUP_KEY)
-    from_cond = {0}
+    from_cond = set()
     if guidance is not None:  # branch i of the stack runs as tag i + 2 (step.py _batch_layout)
         from_cond |= {i + 2 for i, branch in enumerate(guidance.stack.branches) if branch.source == COND}
-    return [j * size + r for j, tag in enumerate(tags) if tag in from_cond for r in range(size)]
+    positive, uuids = _positive_uuids.get(), transformer_options.get("uuids")
+    known = positive is not None and isinstance(uuids, list) and len(uuids) == len(tags)
+
+    def guided(j: int, tag: int) -> bool:
+        if tag in from_cond:
+            return True
+        return tag == 0 and (not known or uuids[j] in positive)
+
+    return [j * size + r for j, tag in enumerate(tags) if guided(j, tag) for r in range(size)]
 
 
 def _in_window(setup: NagSetup, sigma: float, model_sampling) -> bool:
