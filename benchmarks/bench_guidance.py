@@ -29,6 +29,9 @@ or ``--only sd3`` runs one of the two parts (timings, floor and table rows of th
    them) and blocks 10-23 on all three = 2·7 + 2·3 + 3·14 = 62. So GuidersSLG / built-in SLG ≈ 62/69 =
    0.90 and GuidersSLG / plain CFG ≈ 62/48 = 1.29 from the blocks alone; batching one call of 3 instead
    of 2 + 1 (the floor below) brings it lower on this narrow model.
+   NAG (``--only nag``): the medium SD1.5 at cfg 1 plain, with GuidersNAG (every cross-attention, one call
+   of batch 1 per step: only the negative's extra attention), and plain CFG at 5 (one call of 2). Targets:
+   GuidersNAG / plain cfg 1 <= 1.3, GuidersNAG at cfg 1 / plain CFG 5 <= 0.7 (the point of NAG).
 2. The batching floor, per model: the bare model (no guidance code, no patches) evaluating cond, uncond and
    cond once as one batch of 3 and once as a batch of 2 and a batch of 1, interleaved the same way. Its
    ratio is what batching alone gives (about 1.0 where the model's work is linear in the batch; the narrow
@@ -80,9 +83,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads, fixed for the whole run (default 1: on a shared 2-core "
                              "machine two threads made runs several times slower and much noisier)")
-    parser.add_argument("--only", choices=("sd15", "sdxl", "sd3", "all"), default="all",
-                        help="time only the SD1.5 UNet (PAG), the SDXL UNet (PAG) or the SD3 MMDiT (SLG) part "
-                             "(default all: SD1.5 and SD3, and SDXL with --size realistic)")
+    parser.add_argument("--only", choices=("sd15", "sdxl", "sd3", "nag", "all"), default="all",
+                        help="time only the SD1.5 UNet (PAG), the SDXL UNet (PAG), the SD3 MMDiT (SLG) or the NAG "
+                             "(SD1.5 UNet at cfg 1) part (default all: SD1.5, SD3 and NAG, and SDXL with --size "
+                             "realistic)")
     parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu",
                         help="where to run (default cpu); cuda or mps exit 0 with a message when absent")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -108,6 +112,7 @@ class Setup:
     family: str
     model: object
     counted: tuple = ()
+    cfg: float = CFG  # the sampler's cfg for this set-up (NAG's point is cfg 1)
 
 
 @dataclass
@@ -197,6 +202,19 @@ def main() -> None:
              ("GuidersSLG / plain CFG (SD3)", "GuidersSLG (SD3)", "plain CFG (SD3)", "62/48 = 1.29"),
              ("built-in SLG / plain CFG (SD3)", "built-in SLG (SD3)", "plain CFG (SD3)", "69/48 = 1.44")]))
 
+    if args.only in ("nag", "all"):
+        medium_nag = tiny_models.make_model("sd15_medium")
+        nag_negative = tiny_models.make_conditioning("sd15_medium", seed=11)[0]
+        (guiders_nag,) = run_node("GuidersNAG", model=medium_nag, negative=nag_negative, scale=4.0)  # every attn2
+        groups.append(Group(
+            "NAG", "medium SD1.5: NAG in every cross-attention at cfg 1, against cfg 1 and CFG 5", "sd15_medium",
+            medium_nag,
+            [Setup("plain cfg 1", "sd15_medium", medium_nag, cfg=1.0),
+             Setup("GuidersNAG cfg 1", "sd15_medium", guiders_nag, cfg=1.0),
+             Setup("plain CFG 5", "sd15_medium", medium_nag)],
+            [("GuidersNAG cfg 1 / plain cfg 1", "GuidersNAG cfg 1", "plain cfg 1", "target <= 1.3"),
+             ("GuidersNAG cfg 1 / plain CFG 5", "GuidersNAG cfg 1", "plain CFG 5", "target <= 0.7")]))
+
     print(f"ComfyUI {host.version} at {host.path}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{os.cpu_count()} CPU(s), load average {load_before:.1f} at start")
     print(f"Device {comfy.model_management.get_torch_device()}"
@@ -205,7 +223,8 @@ def main() -> None:
     for group in groups:
         parameters = sum(p.numel() for p in group.model.model.diffusion_model.parameters()) / 1e6
         channels = tiny_models.SPECS[group.family].latent_channels
-        architecture = {"SD1.5": "SD1.5-architecture UNet", "SDXL": "SDXL-architecture UNet",
+        architecture = {"SD1.5": "SD1.5-architecture UNet", "NAG": "SD1.5-architecture UNet",
+                        "SDXL": "SDXL-architecture UNet",
                         "SD3": "SD3-architecture MMDiT (24 joint blocks)"}
         side = sides[group.family]
         print(f"Model ({group.name}): random-weight {architecture[group.name]}, {parameters:.1f} M parameters; "
@@ -222,7 +241,7 @@ def main() -> None:
             counters = [stack.enter_context(harness.ForwardCounter(m)) for m in models]
             synchronize(args.device)
             wall, cpu = time.perf_counter(), time.process_time()
-            harness.sample(setup.model, positive, negative, latent, cfg=CFG, steps=steps, seed=SEED)
+            harness.sample(setup.model, positive, negative, latent, cfg=setup.cfg, steps=steps, seed=SEED)
             synchronize(args.device)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
@@ -248,7 +267,7 @@ def main() -> None:
         print()
 
     # --- 2. the batching floor: the bare model, batch 3 against batches 2 + 1 ----------------------------
-    for group in groups:
+    for group in [g for g in groups if g.name != "NAG"]:  # NAG's model is the SD1.5 one: same floor
         floor = measure_floor(group.model, inputs[group.family],
                               harness.scheduler_sigmas(group.model, steps=args.steps), args.repeats, args.device)
         print(f"Batching floor ({group.name}): the bare model (no guidance code) evaluating cond, uncond and cond "
@@ -268,7 +287,7 @@ def main() -> None:
         if group.name == "SD1.5":
             weak = tiny_models.make_model("sd15_medium", seed=1)  # same architecture, other weights
             extra = table_setups(run_node, group.model, weak, args.steps)
-        elif group.name == "SDXL":
+        elif group.name in ("SDXL", "NAG"):
             extra = []
         else:
             sd3 = tiny_models.make_model("sd3")

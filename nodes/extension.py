@@ -7,6 +7,7 @@ from . import (
     autoguidance_nodes,
     cfg_nodes,
     cfg_rule_nodes,
+    nag_nodes,
     sag_nodes,
     schedule_nodes,
     slg_nodes,
@@ -19,4 +20,4 @@ class GuidersExtension(ComfyExtension):
         # Here rather than in on_load: ComfyUI 0.8.0's loader calls only get_node_list (once per load).
         web_routes.register()
         return [*schedule_nodes.NODES, *cfg_nodes.NODES, *attention_nodes.NODES, *slg_nodes.NODES, *sag_nodes.NODES,
-                *autoguidance_nodes.NODES, *cfg_rule_nodes.NODES]
+                *autoguidance_nodes.NODES, *cfg_rule_nodes.NODES, *nag_nodes.NODES]

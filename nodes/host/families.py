@@ -10,7 +10,7 @@ is one record here plus its tiny test model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Where the text tokens sit in a DiT block's self-attention sequence: before the image tokens (SD3, Flux joint
 # attention), after them (HunyuanVideo: ``flipped_img_txt``), or not in it at all (Wan, LTXV: the text is
@@ -345,6 +345,60 @@ FAMILIES += (
         recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
     ),
 )
+
+# NAG (Normalized Attention Guidance, arXiv:2505.21179): where the text enters each family by cross-attention,
+# and how the negative context becomes what those modules attend to. Read in the host's modules and in the
+# authors' ComfyUI-NAG @ef8a641 (sd/attention.py: every CrossAttention named attn2, before to_out;
+# wan/model.py: every block's cross_attn, its text attention, before self.o, the negative through the model's
+# own text_embedding). Joint-attention families (text in the same sequence) are not covered by these records.
+NAG = "nag"
+
+
+@dataclass(frozen=True)
+class NagSite:
+    """A family's text cross-attention for NAG.
+
+    ``attribute``, ``modules``: the name and "module:ClassName" of every cross-attention module NAG acts in,
+    each with the index of the ``optimized_attention`` call inside its forward that attends to the text
+    (Wan's I2V module attends to the CLIP image tokens first). ``keys``, ``key_norm``, ``values``: the module's
+    projections of a context into
+    keys and values (``key_norm`` "" = none). ``context_embedding``: the diffusion model's module the context
+    goes through before the blocks ("" = the context is attended to as the text encoder gave it). ``source``:
+    where this was read."""
+
+    attribute: str  # the module's name in its parent block (UNet attn1 is a CrossAttention too: only attn2 is)
+    modules: dict[str, int]
+    keys: str
+    values: str
+    key_norm: str = ""
+    context_embedding: str = ""
+    # The diffusion model's method that turns a conditioning's ``attention_mask`` (1 = token, 0 = padding) into
+    # the bias its cross-attention adds ("" = the family takes no text mask): the negative's own mask goes
+    # through it, as the positive's does in the model's forward.
+    attention_mask: str = ""
+    source: str = ""
+
+
+NAG_SITES: dict[str, NagSite] = {
+    "unet": NagSite("attn2", {"comfy.ldm.modules.attention:CrossAttention": 0}, keys="to_k", values="to_v",
+                    source="comfy/ldm/modules/attention.py BasicTransformerBlock.attn2 (CrossAttention.forward: "
+                           "to_k(context), to_v(context), optimized_attention, to_out); ComfyUI-NAG sd/attention.py"),
+    "wan": NagSite("cross_attn", {"comfy.ldm.wan.model:WanT2VCrossAttention": 0,
+                                  "comfy.ldm.wan.model:WanI2VCrossAttention": 1},
+                   keys="k", key_norm="norm_k", values="v", context_embedding="text_embedding",
+                   source="comfy/ldm/wan/model.py WanT2VCrossAttention / WanI2VCrossAttention.forward (norm_k(k(c)), "
+                          "v(c), before self.o), WanModel.forward_orig (context = text_embedding(context)); "
+                          "ComfyUI-NAG wan/model.py"),
+    "ltxv": NagSite("attn2", {"comfy.ldm.lightricks.model:CrossAttention": 0}, keys="to_k", key_norm="k_norm",
+                    values="to_v", context_embedding="caption_projection", attention_mask="_prepare_attention_mask",
+                    source="comfy/ldm/lightricks/model.py BasicTransformerBlock.attn2 (CrossAttention.forward: "
+                           "k_norm(to_k(c)), to_v(c), attention with the text mask, to_out), "
+                           "LTXVModel._prepare_context (caption_projection) and _prepare_attention_mask; "
+                           "KJNodes LTX2_NAG patches attn2 too"),
+}
+
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in NAG_SITES else family
+                 for family in FAMILIES)
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 

@@ -240,6 +240,33 @@ NODE_TABLE += (
 )
 
 
+def _nag(model, weak):
+    """GuidersNAG with a seeded negative as wide as the model's text input (its cross-attention keys' input, or
+    Wan's text_embedding)."""
+    import torch
+
+    dm = model.get_model_object("diffusion_model")
+    if hasattr(dm, "text_embedding"):  # Wan
+        first = dm.text_embedding[0]
+    elif getattr(dm, "caption_projection", None) is not None:  # LTXV
+        first = dm.caption_projection.linear_1
+    else:  # UNet
+        first = next(m.to_k for name, m in dm.named_modules() if name.endswith(".attn2"))
+    context = torch.randn(1, 12, first.in_features, generator=torch.Generator().manual_seed(11))
+    return node("GuidersNAG", model=model, negative=[[context, {}]], scale=4.0, alpha=0.5)
+
+
+NODE_TABLE += (
+    NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv"),
+            "Chen et al. 2025 (arXiv:2505.21179) §3 written in the test, in the host's own cross-attention modules",
+            ("test_nag.py::test_nag_matches_the_paper_through_sampling",
+             "test_nag.py::test_nag_window_is_respected",
+             "test_nag.py::test_nag_layers_choose_the_cross_attentions"),
+            effect_cases=(EffectCase("NAG", _nag, ("sd15", "wan", "ltxv")),
+                          EffectCase("NAG-cfg1", _nag, ("sd15", "wan", "ltxv"), cfg=1.0))),
+)
+
+
 
 def _stack(model, weak):
     model = node("GuidersPAG", model=model, scale=2.0)

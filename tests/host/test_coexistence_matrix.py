@@ -12,7 +12,8 @@ Catches (each shown by a one-line break): SAG's late branch keeping the uncond's
 / LazyCache); an observer's output not left to another node's patch (GuidersSAG × SelfAttentionGuidance); a
 zero-init step with no forward while another node's post-CFG hook reads what it records (GuidersCFGZeroStar ×
 SelfAttentionGuidance); a per-call block patch of another node shadowed by ours on a transformer key
-(GuidersSAG × PerturbedAttentionGuidance); and any new silent drop anywhere.
+(GuidersSAG × PerturbedAttentionGuidance); NAG guiding another node's own call of the cond kind, PerpNeg's
+empty prompt (GuidersNAG × PerpNeg: it must leave NAG alone unchanged); and any new silent drop anywhere.
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ OURS = [
     Patch("GuidersSLG", {"scale": 3.0, "layers": "1", "start_percent": 0.0, "end_percent": 1.0}, ("sd3",)),
     Patch("GuidersAutoguidance", build=_autoguidance),
 ]
+
+
+def _nag(model, family, weak):
+    return node("GuidersNAG", model=model, negative=make_conditioning(family, seed=11)[0], scale=4.0, alpha=0.5)
+
+
+OURS += [Patch("GuidersNAG", families=("sd15",), build=_nag)]  # NAG: cross-attention families only
 WINDOW = {"start_percent": 0.0, "end_percent": 1.0}
 CACHE = {"reuse_threshold": 0.5, "start_percent": 0.0, "end_percent": 1.0, "verbose": False}
 THEIRS = [

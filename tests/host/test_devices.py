@@ -47,6 +47,10 @@ ALLOWED_HOST_READS = {
     ("nodes/host/step.py", "_step_context"),
     # Which batch chunks are equal decides which rows the shared prefix computes: one read per call.
     ("nodes/host/routing.py", "equal_chunks"),
+    # NAG: σ (and the run's sigmas, for a schedule) decide whether this call is inside NAG's window and its φ,
+    # one read per forward, as step.py's.
+    ("nodes/host/nag.py", "nag_apply_model_wrapper"),
+    ("nodes/host/nag.py", "scale_at"),
 }
 
 
@@ -118,6 +122,9 @@ CASES = [
          lambda m, f, w: node("GuidersAutoguidance", model=m, weak_model=w(f), scale=2.0)),
     Case("Guider", ("GuidersGuider",), _guider, guider=True),
     Case("PAG+SEG+APG", (), _stack, accumulates=True),
+    # NAG's negative: the family's own other prompt (the CFG negative's draw), so its width matches.
+    Case("NAG", ("GuidersNAG",), lambda m, f, w: node("GuidersNAG", model=m, negative=make_conditioning(f, seed=1)[1],
+                                                      scale=4.0), families=("sd15",)),
 ]
 # Issue #13's CFG rules and corrections (nodes/cfg_rule_nodes.py).
 CASES += [
@@ -212,4 +219,5 @@ def test_the_pack_creates_tensors_on_the_latents_device(audited, case: Case, fam
 def test_the_pack_reads_tensors_back_only_for_its_scalar_decisions(audited, case: Case, family: str):
     reads = set(audited(case, family).audit.host_reads)
     assert reads <= ALLOWED_HOST_READS, f"host reads outside the named decisions: {sorted(reads - ALLOWED_HOST_READS)}"
-    assert ("nodes/host/step.py", "_step_context") in reads  # the audit does see the pack's reads
+    # The audit does see the pack's reads: the step driver's, or NAG's (which runs outside the step driver).
+    assert reads & {("nodes/host/step.py", "_step_context"), ("nodes/host/nag.py", "nag_apply_model_wrapper")}

@@ -769,3 +769,34 @@ JOINT_BUILDERS = {
     "kandinsky5": make_kandinsky5,
     "kandinsky5_image": make_kandinsky5_image,
 }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Wan 2.1 image-to-video (GuidersNAG's I2V cross-attention, tests/host/test_nag.py)
+
+WAN_I2V_CLIP_TOKENS = 257  # CLIP-H penultimate tokens, as Wan's img_emb (MLPProj(1280, dim)) takes them
+
+
+def make_wan_i2v(seed: int = 0):
+    """make_wan's tiny Wan 2.1 as image-to-video: ``WanI2VCrossAttention`` in every block (the CLIP image tokens,
+    then the text), ``img_emb`` for the CLIP features, 36 input channels (16 latent + 4 mask + 16 image; the
+    host's concat_cond fills zeros without a start image)."""
+    spec = VIDEO_SPECS["wan"]
+    unet_config = {
+        "image_model": "wan2.1", "model_type": "i2v", "patch_size": (1, 2, 2), "text_len": spec.context_tokens,
+        "in_dim": 36, "out_dim": spec.latent_channels, "dim": 64, "ffn_dim": 128, "freq_dim": 256,
+        "text_dim": spec.context_dim, "num_heads": 2, "num_layers": 3, "window_size": (-1, -1), "qk_norm": True,
+        "cross_attn_norm": True, "eps": 1e-6,
+    }
+    return _to_patcher(_supported_models().WAN21_I2V(unet_config), seed)
+
+
+def wan_i2v_conditioning(seed: int = 0) -> list:
+    """A Wan I2V prompt: make_conditioning("wan")'s text with a seeded ``clip_vision_output`` (an object with
+    ``penultimate_hidden_states`` (1, 257, 1280), the one attribute WAN21.extra_conds reads)."""
+    from types import SimpleNamespace
+
+    positive = make_conditioning("wan", seed=seed)[0]
+    generator = torch.Generator().manual_seed(seed + 100)
+    clip = SimpleNamespace(penultimate_hidden_states=torch.randn(1, WAN_I2V_CLIP_TOKENS, 1280, generator=generator))
+    return [[positive[0][0], {**positive[0][1], "clip_vision_output": clip}]]
