@@ -10,6 +10,7 @@ is one record here plus its tiny test model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 # Where the text tokens sit in a DiT block's self-attention sequence: before the image tokens (SD3, Flux joint
@@ -71,6 +72,9 @@ class ModelFamily:
     # its single blocks get ``cat(registers, text, image)`` and no ``txt``), if any.
     register_tokens: str = ""
     mechanism: str = ""  # how the pack perturbs this family, where it is not simply the hooks listed
+    # The diffusion model's attribute (a module) that, when set, puts reference-image tokens BEFORE the image's in
+    # the blocks' sequence (Wan Fun 1.1's ``ref_conv``): the image grid starts after them.
+    reference_tokens_before: str = ""
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -345,6 +349,19 @@ FAMILIES += (
         recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
     ),
 )
+
+# The Wan variants ComfyUI builds from WanModel (issue #11; tests/host/test_family_wan_variants.py): I2V and
+# Fun / Fun-Control (WanModel), CameraWanModel, VaceWanModel, HumoWanModel, WanModel_S2V, AnimateWanModel, Wan 2.2
+# 5B (WanModel, 48-channel latent) and A14B (two WanModels) all reach the "wan" record through their MRO: every
+# forward_orig calls the dit block patch for each main block with block_index set, and the blocks' self_attn
+# is WanSelfAttention. "Layer i" is main block ``blocks[i]`` on every variant: VACE's vace_blocks (whose
+# hints are added to x after some main blocks), S2V's audio injectors and Animate's face blocks run between
+# main blocks on the whole batch and are not layers. The image grid comes from the latent and the (1, 2, 2)
+# patch, never from the sequence length: reference tokens share the sequence, after the video (HuMo, S2V:
+# reference latent and motion frames) or before it (Fun 1.1's ``ref_conv`` image), and are left as they are.
+FAMILIES = tuple(
+    dataclasses.replace(family, patch_size=(1, 2, 2), reference_tokens_before="ref_conv") if family.key == "wan"
+    else family for family in FAMILIES)
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 

@@ -1,0 +1,281 @@
+"""The pack on every Wan variant ComfyUI builds from WanModel (tiny_models.make_wan_variant: each variant's own
+supported_models config class, shrunk; its conditioning from make_wan_variant_conditioning), sampled by a real
+KSampler, and Wan 2.2 A14B's two experts sampled as users do (two KSamplerAdvanced nodes).
+
+1. The tiny models: the host's class for each variant, the "wan" record, one forward of cond + uncond per step,
+   finite and deterministic results that depend on the prompt; the self-attention sequence holds the video's
+   tokens plus the variant's reference tokens where the host documents them (below).
+2. Every node that declares Wan changes the result (node_table.effect_params(WAN_VARIANTS)).
+3. Parity: SLG ``block`` with ComfyUI's SkipLayerGuidanceDiT; SLG ``attention`` / ``feedforward``, PAG, SLG
+   ``attention_scores`` and SEG against references written here from the definitions (forward hooks on the
+   chosen main block's modules, never the pack's patches), applied post-CFG as ComfyUI's
+   PerturbedAttentionGuidance does on UNets.
+4. Forward costs: the perturbed branch rides in the cond/uncond forward (one call of 3 per step).
+5. Wan 2.2 A14B: each expert patched by our node gets its term only in its own steps, matching
+   SkipLayerGuidanceDiT on both experts; percent windows are σ windows of the model's schedule (the whole
+   denoising run, as ComfyUI's own nodes read them), not fractions of one KSamplerAdvanced's steps.
+
+"Layer i" is main block i (``blocks[i]``) on every variant: VACE's vace_blocks, S2V's audio injectors and
+Animate's face blocks run between main blocks on the whole batch and are not layers. Only the generated
+video's tokens are perturbed by PAG and SEG; reference tokens in the same sequence are conditioning and
+attend as they would (SLG attention_scores makes every row the identity).
+
+Host behaviour these tests depend on (comfy/ldm/wan/model.py, model_animate.py; ComfyUI 0.8.0 and 0.33.0):
+- Every variant's forward_orig calls ``patches_replace["dit"][("double_block", i)]`` for each main block with
+  ``{img, txt, vec, pe, transformer_options}`` and sets ``block_index``; each block's self_attn
+  (WanSelfAttention) is ``o(attention(q, k, v(x)))`` through optimized_attention with the options.
+- WanModel with ``ref_conv`` (Fun 1.1) puts the reference image's tokens BEFORE the video's; HumoWanModel and
+  WanModel_S2V append the reference latent's tokens AFTER them. HuMo's block_wrap hands the block the audio
+  tokens from its closure (not in the patch's args).
+- VaceWanModel adds ``vace_blocks[k]`` hints to x after main blocks 0 and num_layers // vace_layers · k;
+  WanModel_S2V runs its audio injector after its inject layers; AnimateWanModel a face block after every 5th.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from harness import ForwardCounter, sample
+from node_table import WAN_VARIANTS, EffectCase, effect_params
+from references import attention_override_during_pass, inside_module, modules_return, perturbed_pass_reference
+from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
+from tiny_models import make_wan_variant_conditioning, make_wan_variant_latent
+
+from guidance_core.perturb import smooth_queries
+
+COND, UNCOND = 0, 1
+VIDEO_TOKENS = 3 * 4 * 4  # 3 latent frames of 8x8, patches (1, 2, 2)
+GRID = (4, 4)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What the tests need to know of a variant, from the host's code (not from the pack)."""
+
+    diffusion_model: str  # "module:Class"
+    reference_before: int = 0  # reference tokens before the video's in the self-attention sequence
+    reference_after: int = 0  # and after them
+    layer: int = 1  # the main block the parity tests perturb
+
+
+VARIANTS = {
+    "wan_i2v": Variant("comfy.ldm.wan.model:WanModel"),
+    # The reference image (8x8 latent, ref_conv patches of 2x2): 16 tokens before the video.
+    "wan_fun_control": Variant("comfy.ldm.wan.model:WanModel", reference_before=16),
+    "wan_camera": Variant("comfy.ldm.wan.model:CameraWanModel"),
+    # Block 2: a vace hint is added right after it.
+    "wan_vace": Variant("comfy.ldm.wan.model:VaceWanModel", layer=2),
+    "wan_humo": Variant("comfy.ldm.wan.model:HumoWanModel", reference_after=16),
+    # Block 2: the audio is injected right after it.
+    "wan_s2v": Variant("comfy.ldm.wan.model:WanModel_S2V", reference_after=16, layer=2),
+    "wan_animate": Variant("comfy.ldm.wan.model_animate:AnimateWanModel", layer=0),
+    "wan22_5b": Variant("comfy.ldm.wan.model:WanModel"),
+    "wan22_ti2v": Variant("comfy.ldm.wan.model:WanModel"),
+}
+PER_VARIANT = pytest.mark.parametrize("variant", WAN_VARIANTS)
+
+
+def run(model, variant: str, cfg: float = CFG, positive_seed: int = 1) -> torch.Tensor:
+    positive, negative = make_wan_variant_conditioning(variant, seed=positive_seed)
+    return sample(model, positive, negative, make_wan_variant_latent(variant, seed=2), cfg=cfg, steps=STEPS, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def _pack(guiders_pack):
+    return guiders_pack
+
+
+@pytest.fixture(scope="module")
+def plain_of(tiny_model) -> Callable:
+    results: dict[str, torch.Tensor] = {}
+
+    def get(variant: str) -> torch.Tensor:
+        if variant not in results:
+            results[variant] = run(tiny_model(variant), variant)
+        return results[variant]
+
+    return get
+
+
+def pack_module(guiders_pack, name: str):
+    return sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + name]
+
+
+def video_rows(variant: str) -> slice:
+    start = VARIANTS[variant].reference_before
+    return slice(start, start + VIDEO_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny models
+
+
+@PER_VARIANT
+def test_tiny_model_is_the_hosts_class_one_call_per_step_deterministic_with_its_reference_tokens(
+    guiders_pack, tiny_model, variant: str
+) -> None:
+    """Catches conditioning that does not reach the model (no reference tokens, the prompt ignored)."""
+    model = tiny_model(variant)
+    dm = model.model.diffusion_model
+    expected = VARIANTS[variant]
+    lengths = []
+    handle = dm.blocks[0].self_attn.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    try:
+        with ForwardCounter(model) as counter:
+            out = run(model, variant)
+    finally:
+        handle.remove()
+
+    assert f"{type(dm).__module__}:{type(dm).__qualname__}" == expected.diffusion_model
+    assert pack_module(guiders_pack, ".host.layers").model_family(model) == "wan"
+    assert set(lengths) == {expected.reference_before + VIDEO_TOKENS + expected.reference_after}, lengths
+    assert torch.isfinite(out).all() and out.shape == make_wan_variant_latent(variant)["samples"].shape
+    assert counter.per_step() == [[2]] * STEPS
+    assert torch.equal(out, run(model, variant))
+    assert relative_error(out, run(model, variant, cfg=1.0)) > MIN_EFFECT, "the prompt does not matter"
+
+
+def test_the_layers_are_the_main_blocks(guiders_pack, tiny_model) -> None:
+    """VACE's vace_blocks are not layers: "layer i" is blocks[i] on every variant."""
+    layers = pack_module(guiders_pack, ".host.layers")
+    assert [str(layer) for layer in layers.model_layers(tiny_model("wan_vace"))] == [f"double.{i}" for i in range(4)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every node that declares Wan changes the result
+
+
+@pytest.mark.parametrize(("case", "variant"), effect_params(WAN_VARIANTS))
+def test_node_changes_the_result_and_stays_finite(tiny_model, weak_model_of, variant: str, case: EffectCase) -> None:
+    model = tiny_model(variant)
+    patched = case.build(model, weak_model_of(variant))
+
+    assert_effect(run(patched, variant, cfg=case.cfg), run(model, variant, cfg=case.cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity
+
+
+@PER_VARIANT
+def test_slg_block_matches_skip_layer_guidance_dit(tiny_model, plain_of, variant: str) -> None:
+    """Catches skipping another block or chunk, and a chunk-reduced block missing an input the host hands it
+    outside the patch's args (HuMo's audio tokens)."""
+    model = tiny_model(variant)
+    layer = str(VARIANTS[variant].layer)
+    ours = node("GuidersSLG", model=model, scale=3.0, layers=layer, mode="block", start_percent=0.0,
+                end_percent=1.0, rescale=0.0)
+    builtin = node("SkipLayerGuidanceDiT", model=model, double_layers=layer, single_layers="", scale=3.0,
+                   start_percent=0.0, end_percent=1.0, rescaling_scale=0.0)
+
+    assert_parity(run(ours, variant), run(builtin, variant), plain_of(variant))
+
+
+def self_attention_of(variant: str) -> Callable:
+    return lambda dm: [dm.blocks[VARIANTS[variant].layer].self_attn]
+
+
+@pytest.mark.parametrize("mode", ["attention", "feedforward"])
+@PER_VARIANT
+def test_sublayer_skip_matches_its_definition(tiny_model, plain_of, variant: str, mode: str) -> None:
+    """The block's self-attention (``self_attn.o``) or feed-forward (``ffn``) adds nothing for the perturbed
+    branch. Catches zeroing another module or the cond/uncond rows."""
+    model = tiny_model(variant)
+    index = VARIANTS[variant].layer
+    module = "self_attn.o" if mode == "attention" else "ffn"
+    ours = node("GuidersSLG", model=model, scale=3.0, layers=str(index), mode=mode, start_percent=0.0,
+                end_percent=1.0, rescale=0.0)
+    zeroed = modules_return(lambda dm: [dm.blocks[index].get_submodule(module)],
+                            lambda m, x, out: torch.zeros_like(out))
+
+    assert_parity(run(ours, variant), run(perturbed_pass_reference(model, zeroed, 3.0), variant), plain_of(variant))
+
+
+def identity_rows(variant: str, every_row: bool) -> Callable:
+    """PAG (Ahn et al. 2024, arXiv:2403.17377, Eq. 9-10): in the block's self_attn (o(attention(q, k, v(x)))),
+    the attention map's rows of the video tokens are the identity, so those rows of the attention output are
+    their own V and the module returns o(V) there; the reference tokens' rows attend as before.
+    ``every_row``: the whole map is the identity (SLG attention_scores)."""
+
+    def output_of(module, x, out):
+        identity = module.o(module.v(x))
+        rows = slice(None) if every_row else video_rows(variant)
+        out = out.clone()
+        out[:, rows] = identity[:, rows]
+        return out
+
+    return modules_return(self_attention_of(variant), output_of)
+
+
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSLG-attention_scores"])
+@PER_VARIANT
+def test_identity_self_attention_matches_a_reference_from_the_definition(
+    tiny_model, plain_of, variant: str, node_id: str
+) -> None:
+    """Catches perturbing the reference tokens under PAG (Fun's before the video, HuMo's and S2V's after), the
+    wrong block (a vace block, the main block next to it) and the wrong chunk."""
+    model = tiny_model(variant)
+    layer = str(VARIANTS[variant].layer)
+    if node_id == "GuidersPAG":
+        ours = node("GuidersPAG", model=model, scale=3.0, layers=layer, start_percent=0.0, end_percent=1.0)
+    else:
+        ours = node("GuidersSLG", model=model, scale=3.0, layers=layer, mode="attention_scores", start_percent=0.0,
+                    end_percent=1.0, rescale=0.0)
+    reference = perturbed_pass_reference(model, identity_rows(variant, node_id != "GuidersPAG"), 3.0)
+
+    assert_parity(run(ours, variant), run(reference, variant), plain_of(variant))
+
+
+def video_queries_blurred(variant: str, blur_sigma: float) -> Callable:
+    """SEG (Hong 2024, arXiv:2408.00760) on the video tokens, each frame's 4x4 grid as the paper blurs an image
+    (the pack's core ``smooth_queries``, itself checked against SEG-SDXL in tests/core), inside the block's
+    self_attn (its only attention call); the reference tokens' queries unchanged."""
+    inside = {"module": False}
+
+    def override(func, q, k, v, *args, **kwargs):  # q: (B, L, heads·D)
+        if inside["module"]:
+            q = smooth_queries(q, GRID, blur_sigma, image_token_start=video_rows(variant).start, frames=3)
+        return func(q, k, v, *args, **kwargs)
+
+    return inside_module(lambda dm: self_attention_of(variant)(dm)[0], inside, attention_override_during_pass(override))
+
+
+@pytest.mark.parametrize("blur_sigma", [2.0, 99999.0])
+@PER_VARIANT
+def test_seg_blurs_the_video_queries_as_a_reference_from_the_definition(
+    tiny_model, plain_of, variant: str, blur_sigma: float
+) -> None:
+    """Catches a wrong token grid: where the video's tokens start (after Fun's reference tokens), their
+    height, width and frames, or blurring the reference tokens with them."""
+    model = tiny_model(variant)
+    ours = node("GuidersSEG", model=model, scale=3.0, blur_sigma=blur_sigma, layers=str(VARIANTS[variant].layer),
+                start_percent=0.0, end_percent=1.0)
+    reference = perturbed_pass_reference(model, video_queries_blurred(variant, blur_sigma), 3.0)
+
+    assert_parity(run(ours, variant), run(reference, variant), plain_of(variant))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward costs
+
+
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSEG", "GuidersSLG"])
+@PER_VARIANT
+def test_the_perturbed_branch_rides_in_the_one_forward_per_step(tiny_model, plain_of, variant: str, node_id) -> None:
+    inputs = {"layers": str(VARIANTS[variant].layer)}
+    if node_id == "GuidersSLG":
+        inputs["mode"] = "block"
+    patched = node(node_id, model=tiny_model(variant), scale=3.0, start_percent=0.0, end_percent=1.0, **inputs)
+
+    with ForwardCounter(patched) as counter:
+        out = run(patched, variant)
+
+    assert counter.per_step() == [[3]] * STEPS
+    for call in counter.calls:
+        indices = sorted(call.cond_or_uncond)
+        assert indices[:2] == [COND, UNCOND] and indices[2] >= 2, call.cond_or_uncond
+    assert relative_error(out, plain_of(variant)) > MIN_EFFECT
