@@ -70,8 +70,9 @@ VARIANTS = {
     # Block 2: a vace hint is added right after it.
     "wan_vace": Variant("comfy.ldm.wan.model:VaceWanModel", layer=2),
     "wan_humo": Variant("comfy.ldm.wan.model:HumoWanModel", reference_after=16),
-    # Block 2: the audio is injected right after it.
-    "wan_s2v": Variant("comfy.ldm.wan.model:WanModel_S2V", reference_after=16, layer=2),
+    # Block 0: the audio is injected right after it (and, not being the last block, its reference tokens'
+    # outputs reach the video through the blocks after it).
+    "wan_s2v": Variant("comfy.ldm.wan.model:WanModel_S2V", reference_after=16, layer=0),
     "wan_animate": Variant("comfy.ldm.wan.model_animate:AnimateWanModel", layer=0),
     "wan22_5b": Variant("comfy.ldm.wan.model:WanModel"),
     "wan22_ti2v": Variant("comfy.ldm.wan.model:WanModel"),
