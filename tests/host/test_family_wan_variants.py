@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from harness import ForwardCounter, sample
+from harness import ForwardCounter, run_node, sample, scheduler_sigmas
 from node_table import WAN_VARIANTS, EffectCase, effect_params
 from references import attention_override_during_pass, inside_module, modules_return, perturbed_pass_reference
 from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
@@ -280,3 +280,98 @@ def test_the_perturbed_branch_rides_in_the_one_forward_per_step(tiny_model, plai
         indices = sorted(call.cond_or_uncond)
         assert indices[:2] == [COND, UNCOND] and indices[2] >= 2, call.cond_or_uncond
     assert relative_error(out, plain_of(variant)) > MIN_EFFECT
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Wan 2.2 A14B: two experts, two KSamplerAdvanced nodes
+#
+# As ComfyUI's Wan 2.2 template samples it: the high-noise expert runs steps 0..k with
+# return_with_leftover_noise, the low-noise expert steps k..end on that latent without adding noise. Each
+# expert is patched by our node on its own. Percent windows are σ windows of the model's schedule
+# (percent_to_sigma, nodes/host/windows.py), as ComfyUI's SkipLayerGuidanceDiT reads them: they refer to the
+# whole denoising run, so a window 0..0.7 covers the high-noise expert's steps and the low-noise expert's first
+# ones, whichever sampler runs them. (Step-indexed scale schedules, by contrast, count the steps of the
+# sampler they run in: KSamplerAdvanced hands each its own slice of the sigmas.)
+
+EXPERT_STEPS, BOUNDARY = 6, 3
+
+
+def two_experts(high, low) -> tuple[torch.Tensor, list, list]:
+    """The two-sampler run; the σ of each expert's forwards (ForwardCounter on each) and their batch sizes."""
+    positive, negative = make_wan_variant_conditioning("wan", seed=1)
+    latent = {"samples": make_wan_variant_latent("wan", seed=2)["samples"]}
+    common = {"noise_seed": 3, "steps": EXPERT_STEPS, "cfg": CFG, "sampler_name": "euler", "scheduler": "normal",
+              "positive": positive, "negative": negative}
+    with ForwardCounter(high) as high_calls:
+        (leftover,) = run_node("KSamplerAdvanced", model=high, add_noise="enable", latent_image=latent,
+                               start_at_step=0, end_at_step=BOUNDARY, return_with_leftover_noise="enable", **common)
+    with ForwardCounter(low) as low_calls:
+        (out,) = run_node("KSamplerAdvanced", model=low, add_noise="disable", latent_image=leftover,
+                          start_at_step=BOUNDARY, end_at_step=10000, return_with_leftover_noise="disable", **common)
+    return out["samples"], high_calls.calls, low_calls.calls
+
+
+def schedule_steps(calls, sigmas: list[float]) -> list[tuple[int, int]]:
+    """(step of the whole schedule, batch size) of each forward."""
+    return [(min(range(len(sigmas)), key=lambda i: abs(sigmas[i] - call.sigma)), call.batch_size) for call in calls]
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_model):
+    return tiny_model("wan22_high_noise"), tiny_model("wan22_low_noise")
+
+
+def test_two_experts_each_get_their_term_only_in_their_own_steps(experts) -> None:
+    """PAG on the high-noise expert only: its three steps run the perturbed branch, the low-noise expert's
+    run plain; the result equals the reference on the high-noise expert and plain sampling on the other.
+    Catches a term leaking into the other expert's steps (or run state shared between the two samplers)."""
+    high, low = experts
+    sigmas = scheduler_sigmas(high, steps=EXPERT_STEPS).tolist()
+    ours = node("GuidersPAG", model=high, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
+    reference = perturbed_pass_reference(high, identity_rows_of_block(1), 3.0)
+
+    result, high_calls, low_calls = two_experts(ours, low)
+    expected, _, _ = two_experts(reference, low)
+    plain, _, _ = two_experts(high, low)
+
+    assert schedule_steps(high_calls, sigmas) == [(i, 3) for i in range(BOUNDARY)]
+    assert schedule_steps(low_calls, sigmas) == [(i, 2) for i in range(BOUNDARY, EXPERT_STEPS)]
+    assert_parity(result, expected, plain)
+
+
+def identity_rows_of_block(index: int) -> Callable:
+    """PAG on Wan 2.1's block ``index``: its self_attn returns o(V) (every token is a video token)."""
+    return modules_return(lambda dm: [dm.blocks[index].self_attn], lambda m, x, out: m.o(m.v(x)))
+
+
+@pytest.mark.parametrize(("start", "end"), [pytest.param(0.0, 1.0, id="always"),
+                                            pytest.param(0.0, 0.7, id="window-0-0.7")])
+def test_slg_on_both_experts_matches_skip_layer_guidance_dit_with_windows_of_the_whole_schedule(
+    experts, start: float, end: float
+) -> None:
+    """SLG block on both experts, each patched by its own node, against SkipLayerGuidanceDiT on both. With the
+    window 0..0.7 the term runs where σ ≥ percent_to_sigma(0.7) of the whole schedule: all the high-noise
+    expert's steps and only the first of the low-noise expert's. Catches windows read as fractions of one
+    sampler's steps (the low-noise expert's window would then start at its own first step and cover two)."""
+    high, low = experts
+    sigmas = scheduler_sigmas(high, steps=EXPERT_STEPS).tolist()
+    sigma_end = float(high.get_model_object("model_sampling").percent_to_sigma(end))
+    active = [i for i in range(EXPERT_STEPS) if sigmas[i] >= sigma_end]
+
+    def ours(model):
+        return node("GuidersSLG", model=model, scale=3.0, layers="1", mode="block", start_percent=start,
+                    end_percent=end, rescale=0.0)
+
+    def builtin(model):
+        return node("SkipLayerGuidanceDiT", model=model, double_layers="1", single_layers="", scale=3.0,
+                    start_percent=start, end_percent=end, rescaling_scale=0.0)
+
+    result, high_calls, low_calls = two_experts(ours(high), ours(low))
+    expected, _, _ = two_experts(builtin(high), builtin(low))
+    plain, _, _ = two_experts(high, low)
+
+    if end < 1.0:
+        assert active == [0, 1, 2, 3], f"the window should end inside the low-noise expert's steps: {sigmas}"
+    steps = schedule_steps(high_calls, sigmas) + schedule_steps(low_calls, sigmas)
+    assert steps == [(i, 3 if i in active else 2) for i in range(EXPERT_STEPS)]
+    assert_parity(result, expected, plain)
