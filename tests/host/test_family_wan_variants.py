@@ -5,7 +5,7 @@ KSampler, and Wan 2.2 A14B's two experts sampled as users do (two KSamplerAdvanc
 1. The tiny models: the host's class for each variant, the "wan" record, one forward of cond + uncond per step,
    finite and deterministic results that depend on the prompt; the self-attention sequence holds the video's
    tokens plus the variant's reference tokens where the host documents them (below).
-2. Every node that declares Wan changes the result (node_table.effect_params(WAN_VARIANTS)).
+2. Every node that declares Wan changes the result (node_table.effect_params(ALL_VARIANTS)).
 3. Parity: SLG ``block`` with ComfyUI's SkipLayerGuidanceDiT; SLG ``attention`` / ``feedforward``, PAG, SLG
    ``attention_scores`` and SEG against references written here from the definitions (forward hooks on the
    chosen main block's modules, never the pack's patches), applied post-CFG as ComfyUI's
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from harness import ForwardCounter, run_node, sample, scheduler_sigmas
-from node_table import WAN_VARIANTS, EffectCase, effect_params
+from node_table import WAN_VARIANTS, WAN_VARIANTS_0_33, EffectCase, effect_params
 from references import attention_override_during_pass, inside_module, modules_return, perturbed_pass_reference
 from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
 from tiny_models import make_wan_variant_conditioning, make_wan_variant_latent
@@ -76,8 +76,25 @@ VARIANTS = {
     "wan_animate": Variant("comfy.ldm.wan.model_animate:AnimateWanModel", layer=0),
     "wan22_5b": Variant("comfy.ldm.wan.model:WanModel"),
     "wan22_ti2v": Variant("comfy.ldm.wan.model:WanModel"),
+    # ComfyUI 0.33.0: music injected after blocks 0 and 2 (the tiny model's inject layers).
+    "wan_dancer": Variant("comfy.ldm.wan.model_wandancer:WanDancerModel", layer=0),
 }
-PER_VARIANT = pytest.mark.parametrize("variant", WAN_VARIANTS)
+ALL_VARIANTS = WAN_VARIANTS + WAN_VARIANTS_0_33
+# The config class of each variant a host may lack (comfy/supported_models.py).
+HOST_CONFIG = {"wan_dancer": "WAN22_WanDancer"}
+PER_VARIANT = pytest.mark.parametrize("variant", ALL_VARIANTS)
+
+
+@pytest.fixture(autouse=True)
+def _host_has_the_variant(request) -> None:
+    """Skips a test of a variant whose config class the host does not have (WanDancer on ComfyUI 0.8.0)."""
+    import comfy.supported_models
+    import comfyui_version
+
+    variant = request.node.callspec.params.get("variant") if hasattr(request.node, "callspec") else None
+    config = HOST_CONFIG.get(variant)
+    if config is not None and not hasattr(comfy.supported_models, config):
+        pytest.skip(f"ComfyUI {comfyui_version.__version__} has no {config} ({variant})")
 
 
 def run(model, variant: str, cfg: float = CFG, positive_seed: int = 1) -> torch.Tensor:
@@ -150,7 +167,7 @@ def test_the_layers_are_the_main_blocks(guiders_pack, tiny_model) -> None:
 # Every node that declares Wan changes the result
 
 
-@pytest.mark.parametrize(("case", "variant"), effect_params(WAN_VARIANTS))
+@pytest.mark.parametrize(("case", "variant"), effect_params(ALL_VARIANTS))
 def test_node_changes_the_result_and_stays_finite(tiny_model, weak_model_of, variant: str, case: EffectCase) -> None:
     model = tiny_model(variant)
     patched = case.build(model, weak_model_of(variant))
@@ -375,3 +392,44 @@ def test_slg_on_both_experts_matches_skip_layer_guidance_dit_with_windows_of_the
     steps = schedule_steps(high_calls, sigmas) + schedule_steps(low_calls, sigmas)
     assert steps == [(i, 3 if i in active else 2) for i in range(EXPERT_STEPS)]
     assert_parity(result, expected, plain)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Wan variants of ComfyUI 0.33.0 the pack refuses (nodes/host/families.py says why for each)
+
+REFUSED = {
+    "comfy.ldm.wan.ar_model:CausalWanModel": "Wan 2.1 causal (autoregressive)",
+    "comfy.ldm.wan.model_animate2:WanAnimate2Model": "Wan Animate 2",
+    "comfy.ldm.wan.model:SCAILWanModel": "Wan SCAIL",
+    "comfy.ldm.wan.model:SCAIL2WanModel": "Wan SCAIL",
+}
+
+
+@pytest.mark.parametrize("class_name", list(REFUSED))
+def test_refused_variants_have_their_own_record_never_wans(guiders_pack, class_name: str) -> None:
+    """Their MRO reaches WanModel: without their own record they would be taken for Wan and perturbed wrongly
+    (or not at all: the causal model's autoregressive forward calls no block patch)."""
+    import importlib
+
+    module_name, _, name = class_name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"this ComfyUI has no {class_name}")
+    families = pack_module(guiders_pack, ".host.families")
+    record = families.family_of_class(cls)
+
+    assert record.display_name == REFUSED[class_name] and not record.methods
+
+
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSEG", "GuidersSLG"])
+def test_the_nodes_refuse_the_causal_wan_model_and_name_it(node_id: str) -> None:
+    import comfy.supported_models
+
+    if not hasattr(comfy.supported_models, "WAN21_CausalAR_T2V"):
+        pytest.skip("this ComfyUI has no WAN21_CausalAR_T2V")
+    from tiny_models import _to_patcher, _wan_config
+
+    model = _to_patcher(comfy.supported_models.WAN21_CausalAR_T2V(_wan_config(causal_ar=True)), seed=0)
+    with pytest.raises(ValueError, match=rf"{node_id}: .*\(Wan 2\.1 causal \(autoregressive\)\) is not supported"):
+        node(node_id, model=model, scale=3.0)

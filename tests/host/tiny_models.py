@@ -578,7 +578,8 @@ def make_model(family: str, seed: int = 0):
         "chroma_radiance": lambda: make_chroma_radiance(seed=seed),
         "longcat_image": lambda: make_longcat_image(seed=seed),
         "mochi": lambda: make_mochi(seed=seed),
-        **{variant: (lambda variant=variant: make_wan_variant(variant, seed=seed)) for variant in WAN_VARIANTS},
+        **{variant: (lambda variant=variant: make_wan_variant(variant, seed=seed))
+           for variant in WAN_VARIANTS + WAN_VARIANTS_0_33},
         # Wan 2.2 A14B's two experts: WanModels of the 2.1 layout (model_detection gives them WAN21_T2V).
         "wan22_high_noise": lambda: make_wan(seed=seed + 21),
         "wan22_low_noise": lambda: make_wan(seed=seed + 11),
@@ -782,7 +783,10 @@ JOINT_BUILDERS = {
 
 WAN_VARIANTS = ("wan_i2v", "wan_fun_control", "wan_camera", "wan_vace", "wan_humo", "wan_s2v", "wan_animate",
                 "wan22_5b", "wan22_ti2v")
-VIDEO_SPECS.update({variant: VIDEO_SPECS["wan"] for variant in WAN_VARIANTS + ("wan22_high_noise", "wan22_low_noise")})
+# The variants of ComfyUI 0.33.0 only: WanDancer (WAN22_WanDancer, music-driven I2V).
+WAN_VARIANTS_0_33 = ("wan_dancer",)
+VIDEO_SPECS.update({variant: VIDEO_SPECS["wan"]
+                    for variant in WAN_VARIANTS + WAN_VARIANTS_0_33 + ("wan22_high_noise", "wan22_low_noise")})
 VIDEO_SPECS["wan22_5b"] = VIDEO_SPECS["wan22_ti2v"] = FamilySpec(
     latent_channels=48, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None, latent_frames=3)
 # CLIP vision tokens of the tiny I2V conditioning (the real ViT-H gives 257 of width 1280; the width is fixed
@@ -834,6 +838,9 @@ def make_wan_variant(variant: str, seed: int = 0):
         "wan_animate": lambda: supported.WAN22_Animate(_wan_config(model_type="animate", in_dim=36, num_layers=5)),
         "wan22_5b": lambda: supported.WAN22_T2V(_wan_config(in_dim=48, out_dim=48)),
         "wan22_ti2v": lambda: supported.WAN22_T2V(_wan_config(in_dim=48, out_dim=48)),
+        # ComfyUI 0.33.0 and later (an AttributeError on 0.8.0).
+        "wan_dancer": lambda: supported.WAN22_WanDancer(
+            _wan_config(model_type="wandancer", in_dim=36, audio_inject_layers=[0, 2])),
     }
     patcher = _to_patcher(builders[variant](), seed)
     if variant == "wan_animate":
@@ -864,11 +871,11 @@ def make_wan_variant_conditioning(variant: str, seed: int = 0) -> tuple[list, li
         return torch.randn(*shape, generator=generator)
 
     extras: dict = {}
-    if variant in ("wan_i2v", "wan_animate"):
+    if variant in ("wan_i2v", "wan_animate", "wan_dancer"):
         mask = torch.ones(1, 1, frames, side, side)
         mask[:, :, 0] = 0.0  # the start frame is given, the rest generated
         extras.update(concat_latent_image=randn(1, 16, frames, side, side), concat_mask=mask)
-    if variant in ("wan_i2v", "wan_animate", "wan_camera"):
+    if variant in ("wan_i2v", "wan_animate", "wan_camera", "wan_dancer"):
         clip = comfy.clip_vision.Output()
         clip.penultimate_hidden_states = randn(1, WAN_CLIP_VISION_TOKENS, 1280)
         extras["clip_vision_output"] = clip
@@ -887,6 +894,8 @@ def make_wan_variant_conditioning(variant: str, seed: int = 0) -> tuple[list, li
         extras.update(audio_embed=randn(1, frames, 8, 5, 1280), reference_latents=[randn(1, 16, 1, side, side)])
     if variant == "wan_s2v":  # audio: (B, 25 wav2vec layers, audio_dim, 4 per latent frame)
         extras.update(audio_embed=randn(1, 25, 32, frames * 4), reference_latents=[randn(1, 16, 1, side, side)])
+    if variant == "wan_dancer":  # WanDancerToVideo: the music features, 35 per video frame (9 frames)
+        extras["audio_embed"] = randn(1, 9, 35)
     if variant == "wan_animate":
         extras["pose_video_latent"] = randn(1, 16, frames, side, side)
     for conditioning in (positive, negative):
