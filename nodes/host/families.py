@@ -352,7 +352,8 @@ FAMILIES += (
 
 # The Wan variants ComfyUI builds from WanModel (issue #11; tests/host/test_family_wan_variants.py): I2V and
 # Fun / Fun-Control (WanModel), CameraWanModel, VaceWanModel, HumoWanModel, WanModel_S2V, AnimateWanModel, Wan 2.2
-# 5B (WanModel, 48-channel latent) and A14B (two WanModels) all reach the "wan" record through their MRO: every
+# 5B (WanModel, 48-channel latent) and A14B (two WanModels), and on ComfyUI 0.33.0 WanDancerModel and FlowRVS
+# (WanModel under the image-to-image flow) all reach the "wan" record through their MRO: every
 # forward_orig calls the dit block patch for each main block with block_index set, and the blocks' self_attn
 # is WanSelfAttention. "Layer i" is main block ``blocks[i]`` on every variant: VACE's vace_blocks (whose
 # hints are added to x after some main blocks), S2V's audio injectors and Animate's face blocks run between

@@ -1,6 +1,9 @@
 """The pack on every Wan variant ComfyUI builds from WanModel (tiny_models.make_wan_variant: each variant's own
 supported_models config class, shrunk; its conditioning from make_wan_variant_conditioning), sampled by a real
-KSampler, and Wan 2.2 A14B's two experts sampled as users do (two KSamplerAdvanced nodes).
+KSampler, and Wan 2.2 A14B's two experts sampled as users do (two KSamplerAdvanced nodes). ComfyUI 0.8.0 and
+0.33.0: I2V, Fun-Control (with Fun 1.1's reference image), Camera, VACE, HuMo, S2V, Animate, Wan 2.2 5B T2V and
+TI2V, A14B; 0.33.0 only (skipped on 0.8.0): WanDancer, FlowRVS. Refused on 0.33.0 (6.): the causal
+autoregressive model, Animate 2, SCAIL and SCAIL 2.
 
 1. The tiny models: the host's class for each variant, the "wan" record, one forward of cond + uncond per step,
    finite and deterministic results that depend on the prompt; the self-attention sequence holds the video's
@@ -78,10 +81,11 @@ VARIANTS = {
     "wan22_ti2v": Variant("comfy.ldm.wan.model:WanModel"),
     # ComfyUI 0.33.0: music injected after blocks 0 and 2 (the tiny model's inject layers).
     "wan_dancer": Variant("comfy.ldm.wan.model_wandancer:WanDancerModel", layer=0),
+    "wan_flow_rvs": Variant("comfy.ldm.wan.model:WanModel"),
 }
 ALL_VARIANTS = WAN_VARIANTS + WAN_VARIANTS_0_33
 # The config class of each variant a host may lack (comfy/supported_models.py).
-HOST_CONFIG = {"wan_dancer": "WAN22_WanDancer"}
+HOST_CONFIG = {"wan_dancer": "WAN22_WanDancer", "wan_flow_rvs": "WAN21_FlowRVS"}
 PER_VARIANT = pytest.mark.parametrize("variant", ALL_VARIANTS)
 
 

@@ -783,8 +783,8 @@ JOINT_BUILDERS = {
 
 WAN_VARIANTS = ("wan_i2v", "wan_fun_control", "wan_camera", "wan_vace", "wan_humo", "wan_s2v", "wan_animate",
                 "wan22_5b", "wan22_ti2v")
-# The variants of ComfyUI 0.33.0 only: WanDancer (WAN22_WanDancer, music-driven I2V).
-WAN_VARIANTS_0_33 = ("wan_dancer",)
+# The variants of ComfyUI 0.33.0 only: WanDancer (WAN22_WanDancer, music-driven I2V), FlowRVS (WAN21_FlowRVS).
+WAN_VARIANTS_0_33 = ("wan_dancer", "wan_flow_rvs")
 VIDEO_SPECS.update({variant: VIDEO_SPECS["wan"]
                     for variant in WAN_VARIANTS + WAN_VARIANTS_0_33 + ("wan22_high_noise", "wan22_low_noise")})
 VIDEO_SPECS["wan22_5b"] = VIDEO_SPECS["wan22_ti2v"] = FamilySpec(
@@ -841,6 +841,8 @@ def make_wan_variant(variant: str, seed: int = 0):
         # ComfyUI 0.33.0 and later (an AttributeError on 0.8.0).
         "wan_dancer": lambda: supported.WAN22_WanDancer(
             _wan_config(model_type="wandancer", in_dim=36, audio_inject_layers=[0, 2])),
+        # FlowRVS: WanModel's T2V forward under the image-to-image flow (ModelType.IMG_TO_IMG_FLOW).
+        "wan_flow_rvs": lambda: supported.WAN21_FlowRVS(_wan_config(model_type="flow_rvs")),
     }
     patcher = _to_patcher(builders[variant](), seed)
     if variant == "wan_animate":
