@@ -28,8 +28,8 @@ Host behaviour these tests depend on (comfy/ldm/wan/model.py, model_animate.py; 
   ``{img, txt, vec, pe, transformer_options}`` and sets ``block_index``; each block's self_attn
   (WanSelfAttention) is ``o(attention(q, k, v(x)))`` through optimized_attention with the options.
 - WanModel with ``ref_conv`` (Fun 1.1) puts the reference image's tokens BEFORE the video's; HumoWanModel and
-  WanModel_S2V append the reference latent's tokens AFTER them. HuMo's block_wrap hands the block the audio
-  tokens from its closure (not in the patch's args).
+  WanModel_S2V append the reference latent's tokens AFTER them (S2V then its packed motion frames'). HuMo's
+  block_wrap hands the block the audio tokens from its closure (not in the patch's args).
 - VaceWanModel adds ``vace_blocks[k]`` hints to x after main blocks 0 and num_layers // vace_layers · k;
   WanModel_S2V runs its audio injector after its inject layers; AnimateWanModel a face block after every 5th.
 """
@@ -75,7 +75,9 @@ VARIANTS = {
     "wan_humo": Variant("comfy.ldm.wan.model:HumoWanModel", reference_after=16),
     # Block 0: the audio is injected right after it (and, not being the last block, its reference tokens'
     # outputs reach the video through the blocks after it).
-    "wan_s2v": Variant("comfy.ldm.wan.model:WanModel_S2V", reference_after=16, layer=0),
+    # After the video: the reference latent's 16 tokens, then the packed motion frames' 24 (FramePackMotioner:
+    # 1 frame at patch 2, 2 frames at (2, 4, 4), 16 frames at (4, 8, 8) on the 8x8 latent: 16 + 4 + 4).
+    "wan_s2v": Variant("comfy.ldm.wan.model:WanModel_S2V", reference_after=16 + 24, layer=0),
     "wan_animate": Variant("comfy.ldm.wan.model_animate:AnimateWanModel", layer=0),
     "wan22_5b": Variant("comfy.ldm.wan.model:WanModel"),
     "wan22_ti2v": Variant("comfy.ldm.wan.model:WanModel"),

@@ -895,7 +895,8 @@ def make_wan_variant_conditioning(variant: str, seed: int = 0) -> tuple[list, li
     if variant == "wan_humo":  # audio: (B, frames, window 8, 5 whisper layers, 1280)
         extras.update(audio_embed=randn(1, frames, 8, 5, 1280), reference_latents=[randn(1, 16, 1, side, side)])
     if variant == "wan_s2v":  # audio: (B, 25 wav2vec layers, audio_dim, 4 per latent frame)
-        extras.update(audio_embed=randn(1, 25, 32, frames * 4), reference_latents=[randn(1, 16, 1, side, side)])
+        extras.update(audio_embed=randn(1, 25, 32, frames * 4), reference_latents=[randn(1, 16, 1, side, side)],
+                      reference_motion=randn(1, 16, 19, side, side))  # the motion frames FramePackMotioner packs
     if variant == "wan_dancer":  # WanDancerToVideo: the music features, 35 per video frame (9 frames)
         extras["audio_embed"] = randn(1, 9, 35)
     if variant == "wan_animate":
