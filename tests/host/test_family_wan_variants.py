@@ -199,6 +199,24 @@ def test_slg_block_matches_skip_layer_guidance_dit(tiny_model, plain_of, variant
     assert_parity(run(ours, variant), run(builtin, variant), plain_of(variant))
 
 
+@PER_VARIANT
+def test_slg_on_the_negative_branch_matches_skip_layer_guidance_dit_simple(tiny_model, plain_of, variant: str) -> None:
+    """The uncond run with the block skipped (ComfyUI's SkipLayerGuidanceDiTSimple), as one forward of 2 per step.
+    Catches skipping the block on the cond chunk instead."""
+    model = tiny_model(variant)
+    layer = str(VARIANTS[variant].layer)
+    ours = node("GuidersSLG", model=model, scale=3.0, layers=layer, mode="block", start_percent=0.0,
+                end_percent=1.0, rescale=0.0, target="negative branch")
+    builtin = node("SkipLayerGuidanceDiTSimple", model=model, double_layers=layer, single_layers="",
+                   start_percent=0.0, end_percent=1.0)
+
+    with ForwardCounter(model) as counter:
+        result = run(ours, variant)
+
+    assert counter.per_step() == [[2]] * STEPS
+    assert_parity(result, run(builtin, variant), plain_of(variant))
+
+
 def self_attention_of(variant: str) -> Callable:
     return lambda dm: [dm.blocks[VARIANTS[variant].layer].self_attn]
 
