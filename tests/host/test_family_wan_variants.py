@@ -201,8 +201,8 @@ def test_slg_block_matches_skip_layer_guidance_dit(tiny_model, plain_of, variant
 
 @PER_VARIANT
 def test_slg_on_the_negative_branch_matches_skip_layer_guidance_dit_simple(tiny_model, plain_of, variant: str) -> None:
-    """The uncond run with the block skipped (ComfyUI's SkipLayerGuidanceDiTSimple), as one forward of 2 per step.
-    Catches skipping the block on the cond chunk instead."""
+    """The uncond run with the block skipped (ComfyUI's SkipLayerGuidanceDiTSimple), as one forward of 2 per step
+    (the cond and the skipped uncond; the plain uncond is not evaluated)."""
     model = tiny_model(variant)
     layer = str(VARIANTS[variant].layer)
     ours = node("GuidersSLG", model=model, scale=3.0, layers=layer, mode="block", start_percent=0.0,
