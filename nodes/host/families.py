@@ -364,6 +364,24 @@ FAMILIES = tuple(
     dataclasses.replace(family, patch_size=(1, 2, 2), reference_tokens_before="ref_conv") if family.key == "wan"
     else family for family in FAMILIES)
 
+# Wan variants of ComfyUI 0.33.0 the pack refuses for now (issue #11), each its own record so family_of_class
+# finds it before the "wan" record its MRO also reaches:
+# - CausalWanModel (comfy/ldm/wan/ar_model.py, WAN21_CausalAR): the ar_video sampler runs it through
+#   forward_block, which calls its blocks directly (no dit block patch, no block_index) with KV caches sized for
+#   the latent batch: a perturbed branch would silently do nothing or break the caches.
+# - WanAnimate2Model (model_animate2.py): its self-attention makes one attention call per frame against the pose
+#   branch's keys (WanAnimate2SelfAttention.forward_gen), so "the block's first attention call" is not the
+#   video's self-attention, and its pose branch runs the same blocks first.
+# - SCAILWanModel and SCAIL2WanModel (model.py): the reference latent's frames are concatenated BEFORE the video
+#   along time and the pose tokens after it; the block patch sees neither count, so the video's token grid
+#   cannot be placed.
+FAMILIES += (
+    ModelFamily("wan_causal_ar", "Wan 2.1 causal (autoregressive)", ("comfy.ldm.wan.ar_model:CausalWanModel",),
+                frozenset()),
+    ModelFamily("wan_animate2", "Wan Animate 2", ("comfy.ldm.wan.model_animate2:WanAnimate2Model",), frozenset()),
+    ModelFamily("wan_scail", "Wan SCAIL", ("comfy.ldm.wan.model:SCAILWanModel",), frozenset()),
+)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 
@@ -419,21 +437,3 @@ def recommended_summary(method: str) -> str:
 def _layers_text(recommended: Recommended) -> str:
     return ", ".join(recommended.layers) if recommended.layers else "the middle block"
 
-# Wan variants of ComfyUI 0.33.0 the pack refuses for now (issue #11), each its own record so family_of_class
-# finds it before the "wan" record its MRO also reaches:
-# - CausalWanModel (comfy/ldm/wan/ar_model.py, WAN21_CausalAR): the ar_video sampler runs it through
-#   forward_block, which calls its blocks directly (no dit block patch, no block_index) with KV caches sized for
-#   the latent batch: a perturbed branch would silently do nothing or break the caches.
-# - WanAnimate2Model (model_animate2.py): its self-attention makes one attention call per frame against the pose
-#   branch's keys (WanAnimate2SelfAttention.forward_gen), so "the block's first attention call" is not the
-#   video's self-attention, and its pose branch runs the same blocks first.
-# - SCAILWanModel and SCAIL2WanModel (model.py): the reference latent's frames are concatenated BEFORE the video
-#   along time and the pose tokens after it; the block patch sees neither count, so the video's token grid
-#   cannot be placed.
-FAMILIES += (
-    ModelFamily("wan_causal_ar", "Wan 2.1 causal (autoregressive)", ("comfy.ldm.wan.ar_model:CausalWanModel",),
-                frozenset()),
-    ModelFamily("wan_animate2", "Wan Animate 2", ("comfy.ldm.wan.model_animate2:WanAnimate2Model",), frozenset()),
-    ModelFamily("wan_scail", "Wan SCAIL", ("comfy.ldm.wan.model:SCAILWanModel",), frozenset()),
-)
-FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
