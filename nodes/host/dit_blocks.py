@@ -4,6 +4,7 @@ alive for one block call, and marking the block for the attention override.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -13,7 +14,7 @@ from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, mark_ours
 from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, sublayer_modules
 from .routing import ActiveBlock, chunk_perturbations, chunk_rows, no_other_patches, patch_grid
-from .shared_prefix import once_per_equal_chunk, rows_follow_the_batch, select_rows
+from .shared_prefix import closure_holds_batch, once_per_equal_chunk, rows_follow_the_batch, select_rows
 
 
 def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
@@ -37,8 +38,10 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
             return original(args) if previous is not None else once_per_equal_chunk(original, args, transformer_options)
         only_skips = all(isinstance(p, BlockSkip) for c in chunks for p in c)
         # Another node's patch may count on every chunk being computed: then the skipped ones are computed too.
+        batch = args["img"].shape[0]
         if only_skips and previous is None and no_other_patches(transformer_options) and rows_follow_the_batch(
-                {key: value for key, value in args.items() if key != "transformer_options"}, args["img"].shape[0]):
+                {key: value for key, value in args.items() if key != "transformer_options"}, batch) and (
+                not closure_holds_batch(original, batch)):
             return _without_skipped_chunks(original, args, transformer_options, chunks)
         attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
         call_args = args
@@ -52,6 +55,7 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
             if record.patch_size is not None and text_position != families.TEXT_AFTER_IMAGE:
                 # The image right after the text; reference-image tokens after it (Qwen-Image Edit) stay as they are.
                 grid = patch_grid(transformer_options[STEP_KEY].latent_shape, record.patch_size, text_tokens)
+                grid = _after_reference_tokens(grid, args, transformer_options, record)
             marked[ACTIVE_LAYER_KEY] = ActiveBlock(layer, attention_chunks, text_tokens, text_position, grid=grid)
             call_args = dict(args)
             call_args["transformer_options"] = marked
@@ -77,6 +81,17 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         return out
 
     return mark_ours(block_replace, previous)
+
+
+def _after_reference_tokens(grid, args: dict, transformer_options: dict, record: families.ModelFamily):
+    """``grid`` moved past the reference-image tokens a family puts before the image's (the record's
+    ``reference_tokens_before``: Wan Fun 1.1's ``ref_conv`` tokens, comfy/ldm/wan/model.py forward_orig): the
+    sequence's tokens beyond the text and the image's own are those."""
+    module = record.reference_tokens_before
+    if not module or getattr(transformer_options[STEP_KEY].diffusion_model, module, None) is None:
+        return grid
+    extra = args["img"].shape[1] - grid.start - grid.frames * grid.height * grid.width
+    return dataclasses.replace(grid, start=grid.start + extra) if extra > 0 else grid
 
 
 def _text_tokens(args: dict, transformer_options: dict, record: families.ModelFamily) -> int:

@@ -10,6 +10,7 @@ is one record here plus its tiny test model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 
 # Where the text tokens sit in a DiT block's self-attention sequence: before the image tokens (SD3, Flux joint
@@ -71,6 +72,9 @@ class ModelFamily:
     # its single blocks get ``cat(registers, text, image)`` and no ``txt``), if any.
     register_tokens: str = ""
     mechanism: str = ""  # how the pack perturbs this family, where it is not simply the hooks listed
+    # The diffusion model's attribute (a module) that, when set, puts reference-image tokens BEFORE the image's in
+    # the blocks' sequence (Wan Fun 1.1's ``ref_conv``): the image grid starts after them.
+    reference_tokens_before: str = ""
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -399,6 +403,37 @@ NAG_SITES: dict[str, NagSite] = {
 
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in NAG_SITES else family
                  for family in FAMILIES)
+# The Wan variants ComfyUI builds from WanModel (issue #11; tests/host/test_family_wan_variants.py): I2V and
+# Fun / Fun-Control (WanModel), CameraWanModel, VaceWanModel, HumoWanModel, WanModel_S2V, AnimateWanModel, Wan 2.2
+# 5B (WanModel, 48-channel latent) and A14B (two WanModels), and on ComfyUI 0.33.0 WanDancerModel and FlowRVS
+# (WanModel under the image-to-image flow) all reach the "wan" record through their MRO: every
+# forward_orig calls the dit block patch for each main block with block_index set, and the blocks' self_attn
+# is WanSelfAttention. "Layer i" is main block ``blocks[i]`` on every variant: VACE's vace_blocks (whose
+# hints are added to x after some main blocks), S2V's audio injectors and Animate's face blocks run between
+# main blocks on the whole batch and are not layers. The image grid comes from the latent and the (1, 2, 2)
+# patch, never from the sequence length: reference tokens share the sequence, after the video (HuMo, S2V:
+# reference latent and motion frames) or before it (Fun 1.1's ``ref_conv`` image), and are left as they are.
+FAMILIES = tuple(
+    dataclasses.replace(family, patch_size=(1, 2, 2), reference_tokens_before="ref_conv") if family.key == "wan"
+    else family for family in FAMILIES)
+
+# Wan variants of ComfyUI 0.33.0 the pack refuses for now (issue #11), each its own record so family_of_class
+# finds it before the "wan" record its MRO also reaches:
+# - CausalWanModel (comfy/ldm/wan/ar_model.py, WAN21_CausalAR): the ar_video sampler runs it through
+#   forward_block, which calls its blocks directly (no dit block patch, no block_index) with KV caches sized for
+#   the latent batch: a perturbed branch would silently do nothing or break the caches.
+# - WanAnimate2Model (model_animate2.py): its self-attention makes one attention call per frame against the pose
+#   branch's keys (WanAnimate2SelfAttention.forward_gen), so "the block's first attention call" is not the
+#   video's self-attention, and its pose branch runs the same blocks first.
+# - SCAILWanModel and SCAIL2WanModel (model.py): the reference latent's frames are concatenated BEFORE the video
+#   along time and the pose tokens after it; the block patch sees neither count, so the video's token grid
+#   cannot be placed.
+FAMILIES += (
+    ModelFamily("wan_causal_ar", "Wan 2.1 causal (autoregressive)", ("comfy.ldm.wan.ar_model:CausalWanModel",),
+                frozenset()),
+    ModelFamily("wan_animate2", "Wan Animate 2", ("comfy.ldm.wan.model_animate2:WanAnimate2Model",), frozenset()),
+    ModelFamily("wan_scail", "Wan SCAIL", ("comfy.ldm.wan.model:SCAILWanModel",), frozenset()),
+)
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
@@ -454,3 +489,4 @@ def recommended_summary(method: str) -> str:
 
 def _layers_text(recommended: Recommended) -> str:
     return ", ".join(recommended.layers) if recommended.layers else "the middle block"
+

@@ -168,7 +168,7 @@ def once_per_equal_chunk(original, args: dict, transformer_options: dict) -> dic
     if n < 2 or batch % n or STEP_KEY not in transformer_options or not no_other_patches(transformer_options):
         return original(args)
     inputs = {key: value for key, value in args.items() if key != "transformer_options"}
-    if not rows_follow_the_batch(inputs, batch):
+    if not rows_follow_the_batch(inputs, batch) or closure_holds_batch(original, batch):
         return original(args)
     kept, source = equal_chunks(list(_batched_tensors(inputs, batch)), n)
     if len(kept) == n:
@@ -201,6 +201,21 @@ def _is_dataclass_instance(value) -> bool:
     # Flux.2's global modulations and Chroma's per-block ones reach the blocks as ModulationOut dataclasses
     # (shift, scale, gate), each (B, 1, D): the batch is in them too.
     return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def closure_holds_batch(block_function, batch: int) -> bool:
+    """Whether the host's block function (the patch's ``original_block``) holds a tensor of the batch in its
+    closure: the block then gets an input the patch's args do not carry (HuMo's ``block_wrap`` hands its blocks
+    the audio tokens that way, comfy/ldm/wan/model.py HumoWanModel.forward_orig), so it cannot run on a subset
+    of the chunks, whose rows ``select_rows`` could take from the args only."""
+    for cell in getattr(block_function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+        if next(_batched_tensors(value, batch), None) is not None or not rows_follow_the_batch(value, batch):
+            return True
+    return False
 
 
 def rows_follow_the_batch(value, batch: int) -> bool:

@@ -44,6 +44,14 @@ BLOCK_DITS += BLOCKPATCH
 SINGLE_BLOCKS += ("auraflow",)
 DIT_SUBLAYERS = VIDEO + BLOCKPATCH  # the DiTs whose blocks have attention and feed-forward sublayers tested here
 SUBLAYER_DITS += BLOCKPATCH
+# tests/host/test_family_wan_variants.py: the Wan variants ComfyUI builds from WanModel (I2V, Fun-Control, Camera,
+# VACE, HuMo, S2V, Animate, Wan 2.2 5B T2V and TI2V), all on the "wan" record, main blocks only.
+WAN_VARIANTS = ("wan_i2v", "wan_fun_control", "wan_camera", "wan_vace", "wan_humo", "wan_s2v", "wan_animate",
+                "wan22_5b", "wan22_ti2v")
+WAN_VARIANTS_0_33 = ("wan_dancer", "wan_flow_rvs")  # ComfyUI 0.33.0 and later (skipped on 0.8.0)
+UNET_AND_DITS += WAN_VARIANTS + WAN_VARIANTS_0_33
+BLOCK_DITS += WAN_VARIANTS + WAN_VARIANTS_0_33
+SUBLAYER_DITS += WAN_VARIANTS + WAN_VARIANTS_0_33
 
 
 @dataclass(frozen=True)

@@ -578,6 +578,11 @@ def make_model(family: str, seed: int = 0):
         "chroma_radiance": lambda: make_chroma_radiance(seed=seed),
         "longcat_image": lambda: make_longcat_image(seed=seed),
         "mochi": lambda: make_mochi(seed=seed),
+        **{variant: (lambda variant=variant: make_wan_variant(variant, seed=seed))
+           for variant in WAN_VARIANTS + WAN_VARIANTS_0_33},
+        # Wan 2.2 A14B's two experts: WanModels of the 2.1 layout (model_detection gives them WAN21_T2V).
+        "wan22_high_noise": lambda: make_wan(seed=seed + 21),
+        "wan22_low_noise": lambda: make_wan(seed=seed + 11),
     }
     return builders[family]()
 
@@ -800,3 +805,143 @@ def wan_i2v_conditioning(seed: int = 0) -> list:
     generator = torch.Generator().manual_seed(seed + 100)
     clip = SimpleNamespace(penultimate_hidden_states=torch.randn(1, WAN_I2V_CLIP_TOKENS, 1280, generator=generator))
     return [[positive[0][0], {**positive[0][1], "clip_vision_output": clip}]]
+
+# The Wan variants ComfyUI builds from WanModel (tests/host/test_family_wan_variants.py). Each is its
+# supported_models config class with the tiny Wan 2.1's width (hidden 64, 2 heads, patch (1, 2, 2)), and its
+# conditioning carries what that config's model_base.extra_conds needs (make_wan_variant_conditioning).
+
+WAN_VARIANTS = ("wan_i2v", "wan_fun_control", "wan_camera", "wan_vace", "wan_humo", "wan_s2v", "wan_animate",
+                "wan22_5b", "wan22_ti2v")
+# The variants of ComfyUI 0.33.0 only: WanDancer (WAN22_WanDancer, music-driven I2V), FlowRVS (WAN21_FlowRVS).
+WAN_VARIANTS_0_33 = ("wan_dancer", "wan_flow_rvs")
+VIDEO_SPECS.update({variant: VIDEO_SPECS["wan"]
+                    for variant in WAN_VARIANTS + WAN_VARIANTS_0_33 + ("wan22_high_noise", "wan22_low_noise")})
+VIDEO_SPECS["wan22_5b"] = VIDEO_SPECS["wan22_ti2v"] = FamilySpec(
+    latent_channels=48, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None, latent_frames=3)
+# CLIP vision tokens of the tiny I2V conditioning (the real ViT-H gives 257 of width 1280; the width is fixed
+# by WanModel's img_emb, the count is not).
+WAN_CLIP_VISION_TOKENS = 4
+
+
+def _wan_config(**overrides) -> dict:
+    spec = VIDEO_SPECS["wan"]
+    config = {
+        "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": spec.context_tokens,
+        "in_dim": spec.latent_channels, "out_dim": spec.latent_channels, "dim": 64, "ffn_dim": 128, "freq_dim": 256,
+        "text_dim": spec.context_dim, "num_heads": 2, "num_layers": 3, "window_size": (-1, -1), "qk_norm": True,
+        "cross_attn_norm": True, "eps": 1e-6,
+    }
+    config.update(overrides)
+    return config
+
+
+def make_wan_variant(variant: str, seed: int = 0):
+    """A tiny model of a Wan variant, from the config class ComfyUI detects for it (comfy/model_detection.py):
+
+    - wan_i2v: WAN21_I2V (model_type i2v: img_emb for the CLIP vision features, 36 input channels: the noise, a
+      4-channel mask and the start image's latent).
+    - wan_fun_control: WAN21_FunControl2V (48 channels: noise + the control video and start image latents) with
+      ``in_dim_ref_conv`` (Fun 1.1): the reference image's tokens come BEFORE the video's in every block.
+    - wan_camera: WAN21_Camera (CameraWanModel; its control adapter adds the camera embedding to the patches).
+    - wan_vace: WAN21_Vace (VaceWanModel, 4 main blocks and 2 vace blocks whose hints are added after main
+      blocks 0 and 2).
+    - wan_humo: WAN21_HuMo (HumoWanModel, the 1.7B layout: 16 channels, reference tokens after the video, an
+      audio cross-attention in every block fed from the block's closure).
+    - wan_s2v: WAN22_S2V (WanModel_S2V: reference tokens after the video, audio injected after blocks 0 and 2).
+    - wan_animate: WAN22_Animate (AnimateWanModel, 5 main blocks: a face block after block 0; pose latents
+      added to the patches).
+    - wan22_5b / wan22_ti2v: WAN22_T2V (the 5B's 48-channel latent; TI2V runs it with a noise mask, per-frame
+      timesteps).
+    """
+    supported = _supported_models()
+    builders = {
+        "wan_i2v": lambda: supported.WAN21_I2V(_wan_config(model_type="i2v", in_dim=36)),
+        "wan_fun_control": lambda: supported.WAN21_FunControl2V(
+            _wan_config(model_type="i2v", in_dim=48, in_dim_ref_conv=16)),
+        "wan_camera": lambda: supported.WAN21_Camera(_wan_config(model_type="camera", in_dim=32)),
+        "wan_vace": lambda: supported.WAN21_Vace(
+            _wan_config(model_type="vace", num_layers=4, vace_layers=2, vace_in_dim=96)),
+        "wan_humo": lambda: supported.WAN21_HuMo(_wan_config(model_type="humo")),
+        "wan_s2v": lambda: supported.WAN22_S2V(
+            _wan_config(model_type="s2v", audio_dim=32, num_audio_token=4, audio_inject_layers=[0, 2])),
+        "wan_animate": lambda: supported.WAN22_Animate(_wan_config(model_type="animate", in_dim=36, num_layers=5)),
+        "wan22_5b": lambda: supported.WAN22_T2V(_wan_config(in_dim=48, out_dim=48)),
+        "wan22_ti2v": lambda: supported.WAN22_T2V(_wan_config(in_dim=48, out_dim=48)),
+        # ComfyUI 0.33.0 and later (an AttributeError on 0.8.0).
+        "wan_dancer": lambda: supported.WAN22_WanDancer(
+            _wan_config(model_type="wandancer", in_dim=36, audio_inject_layers=[0, 2])),
+        # FlowRVS: WanModel's T2V forward under the image-to-image flow (ModelType.IMG_TO_IMG_FLOW).
+        "wan_flow_rvs": lambda: supported.WAN21_FlowRVS(_wan_config(model_type="flow_rvs")),
+    }
+    patcher = _to_patcher(builders[variant](), seed)
+    if variant == "wan_animate":
+        # Its random weights give a nearly uniform attention map in the middle block ("auto"), which SEG's blur
+        # hardly changes (max|Δ| 0.99 % of the result): sharpened as Kandinsky 5's, a trained model's map is peaked.
+        with torch.no_grad():
+            for block in patcher.model.diffusion_model.blocks:
+                block.self_attn.norm_q.weight.mul_(2.0)
+                block.self_attn.norm_k.weight.mul_(2.0)
+    return patcher
+
+
+def make_wan_variant_conditioning(variant: str, seed: int = 0) -> tuple[list, list]:
+    """(positive, negative) for a Wan variant: the text embedding plus what ComfyUI's node for it sets on both
+    (WanImageToVideo: concat_latent_image, concat_mask, clip_vision_output; WanFunControlToVideo: the 32-channel
+    concat latent, and reference_latents for Fun 1.1; WanCameraImageToVideo: camera_conditions; WanVaceToVideo:
+    vace_frames, vace_mask, vace_strength; WanHuMoImageToVideo: audio_embed and reference_latents;
+    WanSoundImageToVideo: audio_embed and reference_latents; WanAnimateToVideo: pose_video_latent,
+    clip_vision_output and the concat latent). Random tensors of the shapes those nodes give."""
+    import comfy.clip_vision
+
+    base = variant if variant in VIDEO_SPECS else "wan"
+    positive, negative = make_conditioning(base, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    frames, side = VIDEO_SPECS["wan"].latent_frames, TINY_LATENT_SIZE
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    extras: dict = {}
+    if variant in ("wan_i2v", "wan_animate", "wan_dancer"):
+        mask = torch.ones(1, 1, frames, side, side)
+        mask[:, :, 0] = 0.0  # the start frame is given, the rest generated
+        extras.update(concat_latent_image=randn(1, 16, frames, side, side), concat_mask=mask)
+    if variant in ("wan_i2v", "wan_animate", "wan_camera", "wan_dancer"):
+        clip = comfy.clip_vision.Output()
+        clip.penultimate_hidden_states = randn(1, WAN_CLIP_VISION_TOKENS, 1280)
+        extras["clip_vision_output"] = clip
+    if variant == "wan_fun_control":
+        extras.update(concat_latent_image=randn(1, 32, frames, side, side),
+                      reference_latents=[randn(1, 16, 1, side, side)])
+    if variant == "wan_camera":
+        # WanCamAdapter pixel-unshuffles by 8, then patches by 2: the conditions are 8x the latent's side.
+        extras.update(concat_latent_image=randn(1, 16, frames, side, side),
+                      camera_conditions=randn(1, 24, frames, side * 8, side * 8))
+    if variant == "wan_vace":
+        extras.update(vace_frames=[randn(1, 32, frames, side, side)], vace_mask=[torch.rand(1, 64, frames, side, side,
+                                                                                             generator=generator)],
+                      vace_strength=[1.0])
+    if variant == "wan_humo":  # audio: (B, frames, window 8, 5 whisper layers, 1280)
+        extras.update(audio_embed=randn(1, frames, 8, 5, 1280), reference_latents=[randn(1, 16, 1, side, side)])
+    if variant == "wan_s2v":  # audio: (B, 25 wav2vec layers, audio_dim, 4 per latent frame)
+        extras.update(audio_embed=randn(1, 25, 32, frames * 4), reference_latents=[randn(1, 16, 1, side, side)],
+                      reference_motion=randn(1, 16, 19, side, side))  # the motion frames FramePackMotioner packs
+    if variant == "wan_dancer":  # WanDancerToVideo: the music features, 35 per video frame (9 frames)
+        extras["audio_embed"] = randn(1, 9, 35)
+    if variant == "wan_animate":
+        extras["pose_video_latent"] = randn(1, 16, frames, side, side)
+    for conditioning in (positive, negative):
+        conditioning[0][1].update(extras)
+    return positive, negative
+
+
+def make_wan_variant_latent(variant: str, seed: int = 0) -> dict:
+    """The latent dict KSampler gets: Wan 2.2 TI2V's carries the noise mask Wan22ImageToVideoLatent sets (0 on
+    the start frame, which is given, 1 on the frames to generate)."""
+    base = variant if variant in VIDEO_SPECS else "wan"
+    latent = {"samples": make_latent(base, seed=seed)}
+    if variant == "wan22_ti2v":
+        mask = torch.ones(1, 1, VIDEO_SPECS[base].latent_frames, TINY_LATENT_SIZE, TINY_LATENT_SIZE)
+        mask[:, :, 0] = 0.0
+        latent["noise_mask"] = mask
+    return latent
