@@ -22,13 +22,14 @@ ATTN1_REPLACE = "attn1 replace patch"  # UNet transformer blocks: patches_replac
 DIT_BLOCK_REPLACE = "dit block replace patch"  # patches_replace["dit"][("double_block", i)]
 ATTENTION_OVERRIDE = "optimized_attention_override"  # transformer_options: every attention call goes through it
 BLOCK_INDEX = "block_index in transformer_options"
-# No working dit block replace patch: forward hooks on the block modules, alive for one forward (block_hooks.py).
-BLOCK_FORWARD_HOOKS = "forward hooks on the blocks, for one forward"
-# No block patch in the family's forward: PyTorch forward hooks on the perturbed layer's modules, registered by
-# an APPLY_MODEL wrapper for one forward and always removed (nodes/host/module_hooks.py). With
-# ATTENTION_OVERRIDE too, attention perturbations go through the override while the self-attention module
-# runs; without it, they are recomputed from the module's own q, k, v projections.
-MODULE_FORWARD_HOOKS = "module forward hooks (one forward)"
+# No working dit block replace patch in the family's forward: PyTorch hooks on the perturbed layer's modules (the
+# block, its self-attention, its sublayers), registered by an APPLY_MODEL wrapper for one forward and always
+# removed (nodes/host/module_hooks.py; where the modules sit: its ``SITES``, else the whole block). With
+# ATTENTION_OVERRIDE too, attention perturbations go through the override while the attention module runs;
+# without it, they are recomputed from the module's own q, k, v projections. One mechanism: the two names
+# records use for it (hooks on whole blocks, hooks on a layer's modules) are the same constant.
+FORWARD_HOOKS = "forward hooks on a layer's modules, for one forward"
+BLOCK_FORWARD_HOOKS = MODULE_FORWARD_HOOKS = FORWARD_HOOKS
 
 # Methods, as node modules name them when they ask which families support them.
 PAG, SEG, SLG, SAG = "pag", "seg", "slg", "sag"
@@ -173,7 +174,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     # here; the main ``layers`` run on [caption tokens, image tokens] (Z-Image pads both to a multiple of 32,
     # its Omni variant puts reference images and their captions before the image): the image is the sequence's
     # last part, everything before it is left as it is. No dit block patch in 0.8.0 or 0.33.0: forward hooks on
-    # the perturbed main blocks, for one forward (block_hooks.py), and the attention override.
+    # the perturbed main blocks, for one forward (module_hooks.py), and the attention override.
     ModelFamily(
         "lumina2", "Lumina 2 / Z-Image (NextDiT)", ("comfy.ldm.lumina.model:NextDiT",), frozenset({PAG, SEG, SLG}),
         block_lists={"double": "layers"}, text_position=TEXT_BEFORE_IMAGE,
@@ -185,7 +186,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     # Kandinsky 5 video and image (comfy/ldm/kandinsky5/model.py): text blocks first (text only, not layers
     # here), then visual blocks: self-attention on the video tokens (the text is not in it), cross-attention to
     # the text, feed-forward. Its dit block patch calls the block with keywords it does not take (0.8.0 and
-    # 0.33.0; block_hooks.kandinsky5_block_patch_works): forward hooks on the perturbed visual blocks, for one
+    # 0.33.0; module_hooks.kandinsky5_block_patch_works): forward hooks on the perturbed visual blocks, for one
     # forward, and the attention override.
     ModelFamily(
         "kandinsky5", "Kandinsky 5", ("comfy.ldm.kandinsky5.model:Kandinsky5",), frozenset({PAG, SEG, SLG}),
