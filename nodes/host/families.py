@@ -347,6 +347,26 @@ FAMILIES += (
     ),
 )
 
+# HunyuanDiT 1.0-1.2 (comfy/ldm/hydit/models.py HunYuanDiT, supported_models.HunyuanDiT and HunyuanDiT1): one list
+# of ``blocks``, each self-attention on the image tokens alone (``attn1``), cross-attention to the CLIP+mT5 text
+# (``attn2``), MLP; blocks past the middle first mix in a long skip from an earlier block (``skip_linear``).
+# Layer i is ``blocks[i]`` in forward order; skipping it passes its input on (the skip it would have mixed in is
+# dropped; the skip it would have given a later block is its input), as ComfyUI's SkipLayerGuidanceDiT does with
+# the forward's ``dit`` patch. That patch gets no transformer_options (no way to tell the batch chunks apart),
+# and ``attn1`` calls optimized_attention without them (no override sees it): forward hooks, the attention
+# recomputed from the module's own Wqkv, q/k norms, RoPE and out_proj (module_hooks.SITES).
+FAMILIES += (
+    ModelFamily(
+        "hunyuan_dit", "HunyuanDiT", ("comfy.ldm.hydit.models:HunYuanDiT",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "blocks"},
+        sublayers={"double": {"attention": ("attn1",), "feedforward": ("mlp",)}},
+        hooks=(FORWARD_HOOKS,),
+        recommended={PAG: Recommended(("1",), "diffusers' HunyuanDiTPAGPipeline: pag_applied_layers blocks.1"),
+                     SEG: Recommended(("1",), "as PAG (diffusers' HunyuanDiT PAG: blocks.1)"),
+                     SLG: Recommended((), _MIDDLE)},
+    ),
+)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 

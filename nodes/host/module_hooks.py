@@ -109,6 +109,23 @@ def _omnigen2_text(args, kwargs, image_tokens):  # one stream: text, reference i
     return args[0].shape[1] - image_tokens
 
 
+def _hydit_qkv(attn, x, freqs_cis_img=None):
+    """hydit/attn_layers.py Attention.forward up to its attention call: Wqkv, the per-head q/k norms, RoPE."""
+    from comfy.ldm.hydit.attn_layers import apply_rotary_emb
+
+    b, n, _ = x.shape
+    q, k, v = attn.Wqkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if freqs_cis_img is not None:
+        q, k = apply_rotary_emb(q, k, freqs_cis_img, head_first=True)
+    return q, k, v
+
+
+def _hydit_project(attn, out):
+    b, heads, n, d = out.shape
+    return attn.proj_drop(attn.out_proj(out.transpose(1, 2).reshape(b, n, heads * d)))
+
+
 SITES: dict[str, dict[str, BlockSite]] = {
     "pixart": {"double": BlockSite(("x",), AttentionSite("attn", qkv=_pixart_qkv, project=_pixart_project))},
     "hidream": {
@@ -120,6 +137,7 @@ SITES: dict[str, dict[str, BlockSite]] = {
     "omnigen2": {"double": BlockSite(("hidden_states",), AttentionSite("attn", _square_patch, _omnigen2_text))},
     # GeneralDITTransformerBlock "FA-CA-MLP": blocks.0 self-attention (VideoAttn), blocks.1 cross, blocks.2 MLP.
     "cosmos": {"double": BlockSite(("x",), AttentionSite("blocks.0.block"), batch_dim=3)},
+    "hunyuan_dit": {"double": BlockSite(("x",), AttentionSite("attn1", qkv=_hydit_qkv, project=_hydit_project))},
 }
 
 
@@ -323,7 +341,8 @@ def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_optio
         computed = output[0] if isinstance(output, tuple) else output
 
         def attend(q_, k_, v_, which=None):
-            return comfy_attention.optimized_attention(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True)
+            return comfy_attention.optimized_attention(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True,
+                                                       attn_precision=getattr(module, "attn_precision", None))
 
         grid = grid_for(q.shape[2], routing.latent_shape)
 

@@ -44,6 +44,9 @@ BLOCK_DITS += BLOCKPATCH
 SINGLE_BLOCKS += ("auraflow",)
 DIT_SUBLAYERS = VIDEO + BLOCKPATCH  # the DiTs whose blocks have attention and feed-forward sublayers tested here
 SUBLAYER_DITS += BLOCKPATCH
+# tests/host/test_family_hydit_cascade.py: HunyuanDiT (image; forward hooks, attention recomputed in its module).
+HYDIT = ("hunyuan_dit",)
+UNET_AND_DITS, BLOCK_DITS, SUBLAYER_DITS = UNET_AND_DITS + HYDIT, BLOCK_DITS + HYDIT, SUBLAYER_DITS + HYDIT
 
 
 @dataclass(frozen=True)

@@ -769,3 +769,48 @@ JOINT_BUILDERS = {
     "kandinsky5": make_kandinsky5,
     "kandinsky5_image": make_kandinsky5_image,
 }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HunyuanDiT and Stable Cascade stage C (tests/host/test_family_hydit_cascade.py)
+
+# HunyuanDiT: SDXL's 4-channel latent; its two text encoders' outputs as the model takes them (model_base.
+# HunyuanDiT.extra_conds): the CLIP (Bert) embedding as the context with its ``attention_mask``, the mT5 one as
+# ``conditioning_mt5xl`` with ``attention_mask_mt5xl``. The masks' last 2 tokens are padding (replaced by the
+# model's learned ``text_embedding_padding``).
+SPECS["hunyuan_dit"] = FamilySpec(latent_channels=4, context_dim=32, context_tokens=8, pooled_dim=None,
+                                  flux_guidance=None)
+HYDIT_PADDING_TOKENS = 2
+
+
+def make_hunyuan_dit(seed: int = 0):
+    """A HunyuanDiT (``supported_models.HunyuanDiT``: V-prediction, linear betas 0.00085..0.018): 6 blocks,
+    hidden 64, 2 heads of 32, patch 2, q/k norms, both text widths 32 (8 tokens each), no size or style
+    conditions (HunyuanDiT 1.0's are ``HunyuanDiT1``). Blocks 4 and 5 mix in the long skips of blocks 1 and 0
+    (``skip=layer > depth // 2``); the depth is even, as the forward's skip list needs."""
+    spec = SPECS["hunyuan_dit"]
+    unet_config = {"image_model": "hydit", "input_size": 16, "patch_size": 2, "in_channels": spec.latent_channels,
+                   "hidden_size": 64, "depth": 6, "num_heads": 2, "mlp_ratio": 4.0,
+                   "text_states_dim": spec.context_dim, "text_states_dim_t5": spec.context_dim,
+                   "text_len": spec.context_tokens, "text_len_t5": spec.context_tokens, "qk_norm": True,
+                   "size_cond": False, "use_style_cond": False, "learn_sigma": True}
+    return _to_patcher(_supported_models().HunyuanDiT(unet_config), seed)
+
+
+def make_hunyuan_dit_conditioning(batch: int = 1, seed: int = 0) -> tuple[list, list]:
+    """(positive, negative) for HunyuanDiT: ``[[clip_context, {attention_mask, conditioning_mt5xl,
+    attention_mask_mt5xl}]]``, the two prompts' own draws."""
+    spec = SPECS["hunyuan_dit"]
+    generator = torch.Generator().manual_seed(seed)
+
+    def one():
+        mask = torch.ones(batch, spec.context_tokens, dtype=torch.long)
+        mask[:, spec.context_tokens - HYDIT_PADDING_TOKENS:] = 0
+        context = torch.randn(batch, spec.context_tokens, spec.context_dim, generator=generator)
+        t5 = torch.randn(batch, spec.context_tokens, spec.context_dim, generator=generator)
+        return [[context, {"attention_mask": mask, "conditioning_mt5xl": t5, "attention_mask_mt5xl": mask.clone()}]]
+
+    return one(), one()
+
+
+JOINT_BUILDERS["hunyuan_dit"] = make_hunyuan_dit  # make_model's table of the later families
