@@ -202,8 +202,8 @@ def attn1_with_blurred_queries(blur_sigma: float) -> Callable:
 
 @pytest.mark.parametrize("blur_sigma", [2.0, 99999.0])
 def test_seg_blurs_the_queries_on_the_token_grid_as_a_reference(model, plain, blur_sigma: float) -> None:
-    """Breaks it was shown to catch: the 4 x 6 token grid taken as 6 x 4 (sigma 2), the queries blurred
-    before RoPE instead of after it, the chunks' perturbations reversed."""
+    """Breaks it was shown to catch: the 4 x 6 token grid taken as 6 x 4 (sigma 2), RoPE left out of the
+    recomputed queries, the chunks' perturbations reversed."""
     ours = node("GuidersSEG", model=model, scale=SCALE, blur_sigma=blur_sigma, layers="1", start_percent=0.0,
                 end_percent=1.0)
     seg_attention = attn1_with_blurred_queries(blur_sigma)
@@ -230,9 +230,8 @@ def test_seg_blurs_the_queries_on_the_token_grid_as_a_reference(model, plain, bl
 def test_slg_block_matches_skip_layer_guidance_dit(model, plain, index: int, start: float, end: float) -> None:
     """ComfyUI's SkipLayerGuidanceDiT replaces ``blocks[i]`` by its input through the forward's ``dit`` patch:
     ours, through forward hooks, gives the same. Block 4 mixes in block 1's long skip (dropped when skipped);
-    block 0's output is itself a long skip for block 5. Breaks it was shown to catch: the skipped chunk's
-    rows taken from another chunk's input, the hooks on block 0 instead of the chosen block, the window
-    ignored (the partial window), the chunks' perturbations reversed."""
+    block 0's output is itself a long skip for block 5. Breaks it was shown to catch: the hooks on block 0
+    instead of the chosen block, the chunks' perturbations reversed."""
     ours = node("GuidersSLG", model=model, scale=SCALE, layers=str(index), mode="block", start_percent=start,
                 end_percent=end, rescale=0.0)
     builtin = node("SkipLayerGuidanceDiT", model=model, double_layers=str(index), single_layers="", scale=SCALE,
