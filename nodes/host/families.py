@@ -72,6 +72,10 @@ class ModelFamily:
     # its single blocks get ``cat(registers, text, image)`` and no ``txt``), if any.
     register_tokens: str = ""
     mechanism: str = ""  # how the pack perturbs this family, where it is not simply the hooks listed
+    # "module:ClassName" of the blocks that are layers inside each level of a ``block_lists`` attribute that is a
+    # list of levels, each a list of mixed blocks (Stable Cascade: the AttnBlocks among ResBlocks and
+    # TimestepBlocks): layer "kind.L.i" is the i-th such block of level L. Empty: each attribute lists the layers.
+    level_layers: str = ""
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -254,15 +258,27 @@ FAMILIES += (
     ),
 )
 
-# Stable Cascade stage C (comfy/ldm/cascade/stage_c.py) is refused for now, not for lack of a definition: PAG there
-# is well defined (its AttnBlock attends from the image tokens to [image tokens; text tokens], so the identity
-# map gives each image query its own image token's value: out_proj(to_v(x)), the text keys weighted 0), and
-# its attention goes through optimized_attention with the options. What the pack lacks is a way to name its
-# layers: its AttnBlocks sit between ResBlocks and TimestepBlocks inside per-level ModuleLists (down_blocks[l],
-# up_blocks[l], the up blocks re-run by block_repeat), not in one block list per kind as ``block_lists``
-# addresses, and its queries and keys differ in length, which the override's self-attention check declines.
-FAMILIES += (ModelFamily("stable_cascade_c", "Stable Cascade (stage C)", ("comfy.ldm.cascade.stage_c:StageC",),
-                         frozenset()),)
+# Stable Cascade stage C (comfy/ldm/cascade/stage_c.py StageC): a UNet-like stack of levels, each a list of mixed
+# blocks ('CTA': ResBlock, TimestepBlock, AttnBlock), down_blocks then up_blocks (up_blocks[0] the deepest level;
+# stage C's levels keep one resolution, switch_level False). Its layers are the AttnBlocks, "down.L.i" / "up.L.i":
+# the i-th AttnBlock of down_blocks[L] / up_blocks[L] (``level_layers``). An AttnBlock attends from the image
+# tokens to [image tokens; text tokens] (Attention2D with self_attn: kv = cat(x, kv_mapper(clip))): PAG's
+# identity map gives each image query its own image token's value (the text keys weight 0), SEG blurs the image
+# queries and attends to every key, SLG skips the AttnBlock (x + attention(...) -> x; attention is its only
+# sublayer, so there are no sublayer modes). Its attention calls optimized_attention with the options, but its
+# queries and keys differ in length, which the override takes for cross-attention: the perturbed chunks' rows
+# are recomputed from the module's own to_q / to_k / to_v and out_proj (module_hooks.SITES), in forward hooks
+# for one forward (the forward has no block patch).
+FAMILIES += (
+    ModelFamily(
+        "stable_cascade_c", "Stable Cascade (stage C)", ("comfy.ldm.cascade.stage_c:StageC",),
+        frozenset({PAG, SEG, SLG}), block_lists={"down": "down_blocks", "up": "up_blocks"},
+        level_layers="comfy.ldm.cascade.common:AttnBlock", hooks=(FORWARD_HOOKS,),
+        recommended={method: Recommended((), "the middle AttnBlock of the stack, in forward order (no published "
+                                             "value): the first of the deepest up level on stage C")
+                     for method in (PAG, SEG, SLG)},
+    ),
+)
 
 # Flux.2, Chroma, Chroma Radiance and LongCat-Image run ComfyUI's Flux blocks (comfy/ldm/flux/layers.py
 # DoubleStreamBlock, SingleStreamBlock): joint attention with the text tokens first, the same sublayer modules,

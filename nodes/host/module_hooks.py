@@ -1,7 +1,7 @@
 """Hooks for one forward: the one mechanism for every family whose forward offers no working ``dit`` block
 replace patch (its record lists ``families.FORWARD_HOOKS``, also spelt ``BLOCK_FORWARD_HOOKS`` and
 ``MODULE_FORWARD_HOOKS``): Lumina 2 / Z-Image, Kandinsky 5, PixArt, HiDream, Cosmos Predict 1 and 2,
-OmniGen 2, HunyuanDiT.
+OmniGen 2, HunyuanDiT, Stable Cascade stage C.
 
 An ``APPLY_MODEL`` wrapper registers PyTorch hooks on exactly the modules a perturbed layer needs (the block,
 its self-attention, its sublayers) for one diffusion-model forward, and removes them when that forward
@@ -16,9 +16,9 @@ block patch does):
   patch marks a block (its first attention call is its self or joint attention), and the override perturbs
   the image tokens' rows of the perturbed chunks.
 - AttentionPerturbation where it does not (PixArt and HunyuanDiT call ``optimized_attention`` without the
-  options): the perturbed chunks' rows of the self-attention module's output are recomputed from that
-  module's own q, k, v projections (``AttentionSite.qkv``) with the perturbed attention, then its output
-  projection.
+  options; Stable Cascade's queries and keys differ in length, which the override declines): the perturbed
+  chunks' rows of the self-attention module's output are recomputed from that module's own q, k, v
+  projections (``AttentionSite.qkv``) with the perturbed attention, then its output projection.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ...guidance_core.tokens import TokenGrid
 from . import families
 from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, STEP_KEY, GuidanceError
-from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, sublayer_modules
+from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, block_module, sublayer_modules
 from .routing import ActiveBlock, apply_chunked, chunk_perturbations, grid_for, patch_grid, perturbed_attention
 
 
@@ -126,6 +126,24 @@ def _hydit_project(attn, out):
     return attn.proj_drop(attn.out_proj(out.transpose(1, 2).reshape(b, n, heads * d)))
 
 
+def _cascade_qkv(attn, x, kv, _v=None, transformer_options=None):
+    """cascade/common.py OptimizedAttention.forward up to its attention call: to_q of the image tokens x,
+    to_k and to_v of [image tokens; text tokens] (Attention2D passes that concatenation as k and v)."""
+    def heads(t):
+        b, n, c = t.shape
+        return t.reshape(b, n, attn.heads, c // attn.heads).transpose(1, 2)
+
+    return heads(attn.to_q(x)), heads(attn.to_k(kv)), heads(attn.to_v(kv))
+
+
+def _cascade_project(attn, out):
+    b, heads, n, d = out.shape
+    return attn.out_proj(out.transpose(1, 2).reshape(b, n, heads * d))
+
+
+_CASCADE_ATTN_BLOCK = BlockSite(("x",), AttentionSite("attention.attn", qkv=_cascade_qkv, project=_cascade_project))
+
+
 SITES: dict[str, dict[str, BlockSite]] = {
     "pixart": {"double": BlockSite(("x",), AttentionSite("attn", qkv=_pixart_qkv, project=_pixart_project))},
     "hidream": {
@@ -138,6 +156,7 @@ SITES: dict[str, dict[str, BlockSite]] = {
     # GeneralDITTransformerBlock "FA-CA-MLP": blocks.0 self-attention (VideoAttn), blocks.1 cross, blocks.2 MLP.
     "cosmos": {"double": BlockSite(("x",), AttentionSite("blocks.0.block"), batch_dim=3)},
     "hunyuan_dit": {"double": BlockSite(("x",), AttentionSite("attn1", qkv=_hydit_qkv, project=_hydit_project))},
+    "stable_cascade_c": {"down": _CASCADE_ATTN_BLOCK, "up": _CASCADE_ATTN_BLOCK},
 }
 
 
@@ -209,12 +228,6 @@ def install(diffusion_model, family: str, transformer_options: dict) -> list:
             handle.remove()
         raise
     return handles
-
-
-def block_module(diffusion_model, record, layer: Layer) -> torch.nn.Module:
-    """The layer's block (Cosmos 1 keeps its blocks in a ModuleDict, in forward order)."""
-    blocks = getattr(diffusion_model, record.block_lists[layer.kind])
-    return list(blocks.values())[layer.index] if isinstance(blocks, torch.nn.ModuleDict) else blocks[layer.index]
 
 
 def _chunk(t: torch.Tensor, dim: int, j: int, n: int) -> torch.Tensor:

@@ -44,10 +44,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from harness import ForwardCounter, run_node, sample, scheduler_sigmas
-from node_table import HYDIT, EffectCase, effect_params
+from node_table import CASCADE_FAMILIES, HYDIT, EffectCase, effect_params
 from references import modules_return, perturbed_pass_reference
 from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
-from tiny_models import make_hunyuan_dit_conditioning, make_latent
+from tiny_models import make_conditioning, make_hunyuan_dit_conditioning, make_latent
 
 from guidance_core.perturb import smooth_queries
 
@@ -296,3 +296,181 @@ def test_sag_refuses_it_and_names_the_supported_families(model) -> None:
     message = str(raised.value)
     assert "HunyuanDiT" in message and "supports" in message, message
     assert "HunyuanDiT" not in message.split("supports", 1)[-1], message
+
+
+# =========================================================================================================
+# Stable Cascade stage C
+#
+# Host behaviour (comfy/ldm/cascade/stage_c.py and common.py, the same in ComfyUI 0.8.0 and 0.33.0):
+# - ``StageC._down_encode`` / ``_up_decode`` run each level's blocks in order; an AttnBlock is called as
+#   ``block(x, clip, transformer_options=...)`` and returns ``x + attention(norm(x), kv_mapper(clip), self_attn)``.
+# - ``Attention2D.forward`` flattens x to (B, H·W, C) tokens and, with ``self_attn``, passes k = v =
+#   cat(x, kv) to ``OptimizedAttention``: ``out_proj(optimized_attention(to_q(q), to_k(k), to_v(v), heads,
+#   transformer_options=...))``, (B, L, heads·D) in and out; H·W queries, H·W + text keys.
+# - stage C's levels keep one resolution (``switch_level`` False): every AttnBlock sees the latent's H x W grid.
+# - ``model_base.StableCascade_C``: StableCascadeSampling (cosine schedule, shift 2); ``pooled_output`` is
+#   required, ``clip_img`` zeros by default.
+# The pack's layer "down.L.i" / "up.L.i" is the i-th AttnBlock of ``down_blocks[L]`` / ``up_blocks[L]``.
+
+CASCADE = "stable_cascade_c"
+CASCADE_HW = (8, 12)  # a non-square grid: a transposed blur fails
+
+
+def run_cascade(model, cfg: float = CFG, positive=None) -> torch.Tensor:
+    default_positive, negative = make_conditioning(CASCADE, seed=1)
+    latent = make_latent(CASCADE, h=CASCADE_HW[0], w=CASCADE_HW[1], seed=2)
+    return sample(model, positive or default_positive, negative, latent, cfg=cfg, steps=STEPS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def cascade(tiny_model):
+    return tiny_model(CASCADE)
+
+
+@pytest.fixture(scope="module")
+def cascade_plain(cascade) -> torch.Tensor:
+    return run_cascade(cascade)
+
+
+def attn_block(dm, layer: str):
+    """The host's AttnBlock a layer name means: the i-th AttnBlock of the level, counted here."""
+    import comfy.ldm.cascade.common as cascade_common
+
+    kind, level, i = layer.split(".")
+    blocks = getattr(dm, f"{kind}_blocks")[int(level)]
+    return [b for b in blocks if isinstance(b, cascade_common.AttnBlock)][int(i)]
+
+
+CASCADE_LAYERS = ["down.0.0", "down.1.1", "up.0.1", "up.1.0"]
+
+
+def test_cascade_tiny_model_is_the_real_stage_c_and_one_call_of_two_per_step(cascade) -> None:
+    import comfy.model_sampling
+
+    with ForwardCounter(cascade) as counter:
+        out = run_cascade(cascade)
+    other_prompt, _ = make_conditioning(CASCADE, seed=9)
+
+    assert type(cascade.model.diffusion_model).__name__ == "StageC"
+    sampling = cascade.get_model_object("model_sampling")
+    assert isinstance(sampling, comfy.model_sampling.StableCascadeSampling) and sampling.shift == 2.0
+    assert torch.isfinite(out).all() and out.std() > 0.1
+    assert counter.per_step() == [[2]] * STEPS
+    assert torch.equal(out, run_cascade(cascade))
+    assert relative_error(out, run_cascade(cascade, cfg=1.0)) > MIN_EFFECT
+    assert relative_error(out, run_cascade(cascade, positive=other_prompt)) > MIN_EFFECT
+
+
+def test_cascade_layers_are_named_by_level_and_attn_block(cascade) -> None:
+    """Every AttnBlock is a layer, by level and position; an unknown name lists them all."""
+    with pytest.raises(ValueError) as raised:
+        node("GuidersPAG", model=cascade, scale=SCALE, layers="down.0.1")
+    message = str(raised.value)
+    assert "down.0.0, down.1.0, down.1.1, up.0.0, up.0.1, up.1.0" in message, message
+
+
+@pytest.mark.parametrize(("case", "family"), effect_params(CASCADE_FAMILIES))
+def test_node_changes_the_result_on_cascade_and_stays_finite(tiny_model, weak_model_of, family: str,
+                                                             case: EffectCase) -> None:
+    model = tiny_model(family)
+    patched = case.build(model, weak_model_of(family))
+
+    assert_effect(run_cascade(patched, cfg=case.cfg), run_cascade(model, cfg=case.cfg))
+    assert all_hooks(model) == 0, "a hook outlived sampling"
+
+
+def own_values(attention, x, kv, *_rest, **_options):
+    """PAG's identity map on an AttnBlock: each image query attends to its own image token only (the text keys
+    weight 0), so the attention returns ``out_proj(to_v(x))``."""
+    return attention.out_proj(attention.to_v(x))
+
+
+@pytest.mark.parametrize("layer", CASCADE_LAYERS)
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSLG-attention_scores"])
+def test_cascade_identity_attention_matches_a_reference_from_the_definition(cascade, cascade_plain, node_id,
+                                                                            layer) -> None:
+    """Breaks it was shown to catch (on a scratch copy): the text tokens' values taken for the image rows (the
+    identity over the last keys), the hooks on the level's first AttnBlock instead of the named one, the chunks'
+    perturbations reversed."""
+    if node_id == "GuidersPAG":
+        ours = node("GuidersPAG", model=cascade, scale=SCALE, layers=layer, start_percent=0.0, end_percent=1.0)
+    else:
+        ours = node("GuidersSLG", model=cascade, scale=SCALE, layers=layer, mode="attention_scores",
+                    start_percent=0.0, end_percent=1.0, rescale=0.0)
+
+    @contextlib.contextmanager
+    def perturbed(dm, model_options):
+        handle = attn_block(dm, layer).attention.attn.register_forward_hook(
+            lambda module, args, kwargs, output: own_values(module, *args), with_kwargs=True)
+        try:
+            yield model_options
+        finally:
+            handle.remove()
+
+    with ForwardCounter(cascade) as counter:
+        result = run_cascade(ours)
+
+    assert counter.per_step() == [[3]] * STEPS, "the perturbed branch should ride in the cond/uncond forward"
+    assert_parity(result, run_cascade(perturbed_pass_reference(cascade, perturbed, SCALE)), cascade_plain)
+
+
+@pytest.mark.parametrize("blur_sigma", [2.0, 99999.0])
+@pytest.mark.parametrize("layer", ["down.1.1", "up.0.0"])
+def test_cascade_seg_blurs_the_image_queries_on_the_token_grid(cascade, cascade_plain, layer, blur_sigma) -> None:
+    """SEG on an AttnBlock: the image tokens' queries blurred over the 8 x 12 grid, attending to every key
+    (image and text). Breaks it was shown to catch: the grid taken as 12 x 8 (sigma 2), the chunks'
+    perturbations reversed."""
+    ours = node("GuidersSEG", model=cascade, scale=SCALE, blur_sigma=blur_sigma, layers=layer, start_percent=0.0,
+                end_percent=1.0)
+
+    def seg_attention(attention, x, kv, *_rest, **_options):
+        def heads(t):
+            return t.reshape(t.shape[0], t.shape[1], attention.heads, -1).transpose(1, 2)
+
+        q, k, v = heads(attention.to_q(x)), heads(attention.to_k(kv)), heads(attention.to_v(kv))
+        blurred = smooth_queries(q, CASCADE_HW, blur_sigma, image_token_start=0, frames=1)
+        attended = torch.nn.functional.scaled_dot_product_attention(blurred, k, v)
+        return attention.out_proj(attended.transpose(1, 2).flatten(2))
+
+    @contextlib.contextmanager
+    def perturbed(dm, model_options):
+        handle = attn_block(dm, layer).attention.attn.register_forward_hook(
+            lambda module, args, kwargs, output: seg_attention(module, *args), with_kwargs=True)
+        try:
+            yield model_options
+        finally:
+            handle.remove()
+
+    assert_parity(run_cascade(ours), run_cascade(perturbed_pass_reference(cascade, perturbed, SCALE)), cascade_plain)
+
+
+@pytest.mark.parametrize("layer", CASCADE_LAYERS)
+def test_cascade_slg_block_matches_the_attn_block_replaced_by_the_identity(cascade, cascade_plain, layer) -> None:
+    """Breaks it was shown to catch: the hooks on the level's first AttnBlock instead of the named one, the
+    chunks' perturbations reversed."""
+    ours = node("GuidersSLG", model=cascade, scale=SCALE, layers=layer, mode="block", start_percent=0.0,
+                end_percent=1.0, rescale=0.0)
+
+    @contextlib.contextmanager
+    def perturbed(dm, model_options):
+        block = attn_block(dm, layer)
+        block.forward = lambda x, *args, **kwargs: x  # an instance attribute shadows the class's forward
+        try:
+            yield model_options
+        finally:
+            del block.forward
+
+    with ForwardCounter(cascade) as counter:
+        result = run_cascade(ours)
+
+    assert counter.per_step() == [[3]] * STEPS
+    assert_parity(result, run_cascade(perturbed_pass_reference(cascade, perturbed, SCALE)), cascade_plain)
+
+
+@pytest.mark.parametrize("mode", ["attention", "feedforward"])
+def test_cascade_sublayer_modes_are_refused_pointing_to_block(cascade, mode: str) -> None:
+    """An AttnBlock's only sublayer is its attention (skipping it is mode 'block'); it has no feed-forward."""
+    with pytest.raises(ValueError, match=f"mode '{mode}' cannot skip part of block down.1.0.*use mode 'block'"):
+        run_cascade(node("GuidersSLG", model=cascade, scale=SCALE, layers="down.1.0", mode=mode, start_percent=0.0,
+                         end_percent=1.0, rescale=0.0))
+    assert all_hooks(cascade) == 0

@@ -424,11 +424,23 @@ def make_cosmos(seed: int = 0):
 
 
 def make_stable_cascade_c(seed: int = 0):
-    """A Stable Cascade stage C (flow, shift 2): 2 levels of hidden 32 (2 heads), one ResBlock, TimestepBlock and
-    AttnBlock per level each way, c_cond 32. The pack refuses it (nodes/host/families.py says why)."""
+    """A Stable Cascade stage C (flow, shift 2): 2 levels of hidden 32 (2 heads), c_cond 32, the CLIP text and
+    pooled widths 32; down level 0 has one ResBlock-TimestepBlock-AttnBlock group, down level 1 two, and the up
+    levels mirror them (so its layers are down.0.0, down.1.0, down.1.1, up.0.0, up.0.1, up.1.0); one block
+    repeat each way, no resolution switch between levels, as the released stage C."""
     unet_config = {"stable_cascade_stage": "c", "c_in": 16, "c_out": 16, "c_hidden": [32, 32], "nhead": [2, 2],
-                   "blocks": [[1, 1], [1, 1]], "block_repeat": [[1, 1], [1, 1]], "c_cond": 32, "c_r": 16}
-    return _to_patcher(_supported_models().Stable_Cascade_C(unet_config), seed)
+                   "blocks": [[1, 2], [2, 1]], "block_repeat": [[1, 1], [1, 1]], "c_cond": 32, "c_r": 16,
+                   "c_clip_text": 32, "c_clip_text_pooled": 32}
+    patcher = _to_patcher(_supported_models().Stable_Cascade_C(unet_config), seed)
+    # With random weights the 16 text keys of an AttnBlock hardly compete with its 96 image keys: the prompt
+    # moves the result by 7% (cfg 5 vs 1) and the CFG rules by less than MIN_EFFECT. Scaling the text's key
+    # and value mapping gives the prompt a trained model's weight (73%).
+    with torch.no_grad():
+        for level in [*patcher.model.diffusion_model.down_blocks, *patcher.model.diffusion_model.up_blocks]:
+            for block in level:
+                if hasattr(block, "kv_mapper"):
+                    block.kv_mapper[1].weight.mul_(4.0)
+    return patcher
 
 
 def make_auraflow(seed: int = 0):
@@ -814,3 +826,8 @@ def make_hunyuan_dit_conditioning(batch: int = 1, seed: int = 0) -> tuple[list, 
 
 
 JOINT_BUILDERS["hunyuan_dit"] = make_hunyuan_dit  # make_model's table of the later families
+
+# Stable Cascade stage C: its prior latent's 16 channels; the CLIP-G text embedding as the context and its pooled
+# embedding (``pooled_output``, required by model_base.StableCascade_C); no image prompt (zeros, the host's default).
+SPECS["stable_cascade_c"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=8, pooled_dim=32,
+                                       flux_guidance=None)
