@@ -474,3 +474,11 @@ def test_cascade_sublayer_modes_are_refused_pointing_to_block(cascade, mode: str
         run_cascade(node("GuidersSLG", model=cascade, scale=SCALE, layers="down.1.0", mode=mode, start_percent=0.0,
                          end_percent=1.0, rescale=0.0))
     assert all_hooks(cascade) == 0
+
+
+def test_cascade_sag_is_refused_naming_the_supported_families(cascade) -> None:
+    with pytest.raises(ValueError) as raised:
+        run_node("GuidersSAG", model=cascade, scale=0.5, blur_sigma=2.0)
+    message = str(raised.value)
+    assert "Stable Cascade (stage C)" in message and "supports" in message, message
+    assert "Stable Cascade" not in message.split("supports", 1)[-1], message
