@@ -87,6 +87,21 @@ def attn1_of(dm, index: int):
     return dm.blocks[index].attn1
 
 
+def module_recomputed(module_of: Callable, output_of: Callable) -> Callable:
+    """While the pass runs, the module ``module_of(diffusion_model)`` returns ``output_of(module, *inputs)``
+    (references.modules_return hands over the first input only; these attentions need all of theirs)."""
+
+    @contextlib.contextmanager
+    def perturbed(dm, model_options):
+        handle = module_of(dm).register_forward_hook(lambda module, args, output: output_of(module, *args))
+        try:
+            yield model_options
+        finally:
+            handle.remove()
+
+    return perturbed
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The tiny model and the host facts
 
@@ -206,18 +221,7 @@ def test_seg_blurs_the_queries_on_the_token_grid_as_a_reference(model, plain, bl
     recomputed queries, the chunks' perturbations reversed."""
     ours = node("GuidersSEG", model=model, scale=SCALE, blur_sigma=blur_sigma, layers="1", start_percent=0.0,
                 end_percent=1.0)
-    seg_attention = attn1_with_blurred_queries(blur_sigma)
-
-    @contextlib.contextmanager
-    def perturbed(dm, model_options):
-        def replace_output(module, args, output):
-            return seg_attention(module, *args)
-
-        handle = attn1_of(dm, 1).register_forward_hook(replace_output)
-        try:
-            yield model_options
-        finally:
-            handle.remove()
+    perturbed = module_recomputed(lambda dm: attn1_of(dm, 1), attn1_with_blurred_queries(blur_sigma))
 
     assert_parity(run(ours), run(perturbed_pass_reference(model, perturbed, SCALE)), plain)
 
@@ -397,15 +401,7 @@ def test_cascade_identity_attention_matches_a_reference_from_the_definition(casc
     else:
         ours = node("GuidersSLG", model=cascade, scale=SCALE, layers=layer, mode="attention_scores",
                     start_percent=0.0, end_percent=1.0, rescale=0.0)
-
-    @contextlib.contextmanager
-    def perturbed(dm, model_options):
-        handle = attn_block(dm, layer).attention.attn.register_forward_hook(
-            lambda module, args, kwargs, output: own_values(module, *args), with_kwargs=True)
-        try:
-            yield model_options
-        finally:
-            handle.remove()
+    perturbed = module_recomputed(lambda dm: attn_block(dm, layer).attention.attn, own_values)
 
     with ForwardCounter(cascade) as counter:
         result = run_cascade(ours)
@@ -432,15 +428,7 @@ def test_cascade_seg_blurs_the_image_queries_on_the_token_grid(cascade, cascade_
         attended = torch.nn.functional.scaled_dot_product_attention(blurred, k, v)
         return attention.out_proj(attended.transpose(1, 2).flatten(2))
 
-    @contextlib.contextmanager
-    def perturbed(dm, model_options):
-        handle = attn_block(dm, layer).attention.attn.register_forward_hook(
-            lambda module, args, kwargs, output: seg_attention(module, *args), with_kwargs=True)
-        try:
-            yield model_options
-        finally:
-            handle.remove()
-
+    perturbed = module_recomputed(lambda dm: attn_block(dm, layer).attention.attn, seg_attention)
     assert_parity(run_cascade(ours), run_cascade(perturbed_pass_reference(cascade, perturbed, SCALE)), cascade_plain)
 
 
