@@ -256,13 +256,21 @@ def _require_grid(grid, method: str, tokens: int):
                          "attention call; choose another layer.")
 
 
+def _own_tokens(q, k, v):
+    """k, v cut to the queries' own tokens. A self-attention whose keys are the queries' tokens followed by
+    others (Stable Cascade's AttnBlock attends from its image tokens to [image tokens; text tokens]) has as
+    identity map the one that gives those other keys weight 0: each query attends to its own token only."""
+    return k[..., : q.shape[-2], :], v[..., : q.shape[-2], :]
+
+
 def identity_image_attention(q, k, v, grid, attend):
     """PAG's perturbation on the image tokens (Ahn et al. 2024, arXiv:2403.17377, Eq. 9-10: the perturbed
     self-attention map is I, so the output is V): the image rows of the output are their own V; text tokens
-    of joint attention keep their normal attention (their rows of the map are untouched)."""
+    of joint attention keep their normal attention (their rows of the map are untouched). Keys after the
+    queries' own tokens weigh 0 (``_own_tokens``)."""
     _require_grid(grid, "PAG", q.shape[-2])
     if grid.start == 0 and grid.image_slice.stop == q.shape[-2]:
-        return identity_attention(q, k, v)
+        return identity_attention(q, *_own_tokens(q, k, v))
     out = attend(q, k, v).clone()
     out[..., grid.image_slice, :] = v[..., grid.image_slice, :]
     return out
@@ -279,8 +287,9 @@ def smoothed_energy_attention(q, k, v, grid, attend, blur_sigma: float):
 
 
 def identity_all_attention(q, k, v, grid, attend):
-    """SLG's ``attention_scores`` mode (diffusers' skip_attention_scores): attention returns V."""
-    return identity_attention(q, k, v)
+    """SLG's ``attention_scores`` mode (diffusers' skip_attention_scores): attention returns V (of the queries'
+    own tokens, ``_own_tokens``)."""
+    return identity_attention(q, *_own_tokens(q, k, v))
 
 
 def record_attention(q, k, v, grid, attend):

@@ -12,7 +12,8 @@ import torch
 from . import families
 from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, mark_ours
-from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, sublayer_modules
+from .module_hooks import sublayer_skip_hooks
+from .perturbations import AttentionPerturbation, BlockSkip
 from .routing import ActiveBlock, chunk_perturbations, chunk_rows, no_other_patches, patch_grid
 from .shared_prefix import closure_holds_batch, once_per_equal_chunk, rows_follow_the_batch, select_rows
 
@@ -64,7 +65,7 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         # Copies, taken before the call: some blocks (Flux) update their inputs in place.
         kept_inputs = {key: {j: args[key].chunk(n)[j].clone() for j in skipped}
                        for key in ("img", "txt") if args.get(key) is not None}
-        hooks = _sublayer_skip_hooks(transformer_options, family, layer, chunks)
+        hooks = sublayer_skip_hooks(transformer_options[STEP_KEY].diffusion_model, family, layer, chunks)
         try:
             out = original(call_args)
         finally:
@@ -130,29 +131,3 @@ def _without_skipped_chunks(original, args: dict, transformer_options: dict, chu
             result[key] = kept.clone()
             result[key][rows] = out[key]
     return result
-
-
-def _sublayer_skip_hooks(transformer_options, family: str, layer: Layer, chunks: list[list]) -> list:
-    """Forward hooks, alive for one block call, that zero the skipped chunks' rows of the sublayer outputs."""
-    by_sublayer: dict[str, list[int]] = {}
-    for j, chunk in enumerate(chunks):
-        for p in chunk:
-            if isinstance(p, SublayerSkip):
-                by_sublayer.setdefault(p.sublayer, []).append(j)
-    if not by_sublayer:
-        return []
-    diffusion_model = transformer_options[STEP_KEY].diffusion_model
-    n = len(chunks)
-    handles = []
-    for sublayer, skipped in by_sublayer.items():
-        def zero_skipped_rows(module, inputs, output, skipped=skipped):
-            size = output.shape[0] // n
-            output = output.clone()
-            for j in skipped:
-                output[j * size:(j + 1) * size] = 0
-            return output
-
-        for module in sublayer_modules(diffusion_model, family, layer, sublayer):
-            handles.append(module.register_forward_hook(zero_skipped_rows))
-    return handles
-

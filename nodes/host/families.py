@@ -23,13 +23,14 @@ ATTN1_REPLACE = "attn1 replace patch"  # UNet transformer blocks: patches_replac
 DIT_BLOCK_REPLACE = "dit block replace patch"  # patches_replace["dit"][("double_block", i)]
 ATTENTION_OVERRIDE = "optimized_attention_override"  # transformer_options: every attention call goes through it
 BLOCK_INDEX = "block_index in transformer_options"
-# No working dit block replace patch: forward hooks on the block modules, alive for one forward (block_hooks.py).
-BLOCK_FORWARD_HOOKS = "forward hooks on the blocks, for one forward"
-# No block patch in the family's forward: PyTorch forward hooks on the perturbed layer's modules, registered by
-# an APPLY_MODEL wrapper for one forward and always removed (nodes/host/module_hooks.py). With
-# ATTENTION_OVERRIDE too, attention perturbations go through the override while the self-attention module
-# runs; without it, they are recomputed from the module's own q, k, v projections.
-MODULE_FORWARD_HOOKS = "module forward hooks (one forward)"
+# No working dit block replace patch in the family's forward: PyTorch hooks on the perturbed layer's modules (the
+# block, its self-attention, its sublayers), registered by an APPLY_MODEL wrapper for one forward and always
+# removed (nodes/host/module_hooks.py; where the modules sit: its ``SITES``, else the whole block). With
+# ATTENTION_OVERRIDE too, attention perturbations go through the override while the attention module runs;
+# without it, they are recomputed from the module's own q, k, v projections. One mechanism: the two names
+# records use for it (hooks on whole blocks, hooks on a layer's modules) are the same constant.
+FORWARD_HOOKS = "forward hooks on a layer's modules, for one forward"
+BLOCK_FORWARD_HOOKS = MODULE_FORWARD_HOOKS = FORWARD_HOOKS
 
 # Methods, as node modules name them when they ask which families support them.
 PAG, SEG, SLG, SAG = "pag", "seg", "slg", "sag"
@@ -75,6 +76,10 @@ class ModelFamily:
     # The diffusion model's attribute (a module) that, when set, puts reference-image tokens BEFORE the image's in
     # the blocks' sequence (Wan Fun 1.1's ``ref_conv``): the image grid starts after them.
     reference_tokens_before: str = ""
+    # "module:ClassName" of the blocks that are layers inside each level of a ``block_lists`` attribute that is a
+    # list of levels, each a list of mixed blocks (Stable Cascade: the AttnBlocks among ResBlocks and
+    # TimestepBlocks): layer "kind.L.i" is the i-th such block of level L. Empty: each attribute lists the layers.
+    level_layers: str = ""
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -177,7 +182,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     # here; the main ``layers`` run on [caption tokens, image tokens] (Z-Image pads both to a multiple of 32,
     # its Omni variant puts reference images and their captions before the image): the image is the sequence's
     # last part, everything before it is left as it is. No dit block patch in 0.8.0 or 0.33.0: forward hooks on
-    # the perturbed main blocks, for one forward (block_hooks.py), and the attention override.
+    # the perturbed main blocks, for one forward (module_hooks.py), and the attention override.
     ModelFamily(
         "lumina2", "Lumina 2 / Z-Image (NextDiT)", ("comfy.ldm.lumina.model:NextDiT",), frozenset({PAG, SEG, SLG}),
         block_lists={"double": "layers"}, text_position=TEXT_BEFORE_IMAGE,
@@ -189,7 +194,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     # Kandinsky 5 video and image (comfy/ldm/kandinsky5/model.py): text blocks first (text only, not layers
     # here), then visual blocks: self-attention on the video tokens (the text is not in it), cross-attention to
     # the text, feed-forward. Its dit block patch calls the block with keywords it does not take (0.8.0 and
-    # 0.33.0; block_hooks.kandinsky5_block_patch_works): forward hooks on the perturbed visual blocks, for one
+    # 0.33.0; module_hooks.kandinsky5_block_patch_works): forward hooks on the perturbed visual blocks, for one
     # forward, and the attention override.
     ModelFamily(
         "kandinsky5", "Kandinsky 5", ("comfy.ldm.kandinsky5.model:Kandinsky5",), frozenset({PAG, SEG, SLG}),
@@ -257,15 +262,27 @@ FAMILIES += (
     ),
 )
 
-# Stable Cascade stage C (comfy/ldm/cascade/stage_c.py) is refused for now, not for lack of a definition: PAG there
-# is well defined (its AttnBlock attends from the image tokens to [image tokens; text tokens], so the identity
-# map gives each image query its own image token's value: out_proj(to_v(x)), the text keys weighted 0), and
-# its attention goes through optimized_attention with the options. What the pack lacks is a way to name its
-# layers: its AttnBlocks sit between ResBlocks and TimestepBlocks inside per-level ModuleLists (down_blocks[l],
-# up_blocks[l], the up blocks re-run by block_repeat), not in one block list per kind as ``block_lists``
-# addresses, and its queries and keys differ in length, which the override's self-attention check declines.
-FAMILIES += (ModelFamily("stable_cascade_c", "Stable Cascade (stage C)", ("comfy.ldm.cascade.stage_c:StageC",),
-                         frozenset()),)
+# Stable Cascade stage C (comfy/ldm/cascade/stage_c.py StageC): a UNet-like stack of levels, each a list of mixed
+# blocks ('CTA': ResBlock, TimestepBlock, AttnBlock), down_blocks then up_blocks (up_blocks[0] the deepest level;
+# stage C's levels keep one resolution, switch_level False). Its layers are the AttnBlocks, "down.L.i" / "up.L.i":
+# the i-th AttnBlock of down_blocks[L] / up_blocks[L] (``level_layers``). An AttnBlock attends from the image
+# tokens to [image tokens; text tokens] (Attention2D with self_attn: kv = cat(x, kv_mapper(clip))): PAG's
+# identity map gives each image query its own image token's value (the text keys weight 0), SEG blurs the image
+# queries and attends to every key, SLG skips the AttnBlock (x + attention(...) -> x; attention is its only
+# sublayer, so there are no sublayer modes). Its attention calls optimized_attention with the options, but its
+# queries and keys differ in length, which the override takes for cross-attention: the perturbed chunks' rows
+# are recomputed from the module's own to_q / to_k / to_v and out_proj (module_hooks.SITES), in forward hooks
+# for one forward (the forward has no block patch).
+FAMILIES += (
+    ModelFamily(
+        "stable_cascade_c", "Stable Cascade (stage C)", ("comfy.ldm.cascade.stage_c:StageC",),
+        frozenset({PAG, SEG, SLG}), block_lists={"down": "down_blocks", "up": "up_blocks"},
+        level_layers="comfy.ldm.cascade.common:AttnBlock", hooks=(FORWARD_HOOKS,),
+        recommended={method: Recommended((), "the middle AttnBlock of the stack, in forward order (no published "
+                                             "value): the first of the deepest up level on stage C")
+                     for method in (PAG, SEG, SLG)},
+    ),
+)
 
 # Flux.2, Chroma, Chroma Radiance and LongCat-Image run ComfyUI's Flux blocks (comfy/ldm/flux/layers.py
 # DoubleStreamBlock, SingleStreamBlock): joint attention with the text tokens first, the same sublayer modules,
@@ -433,6 +450,26 @@ FAMILIES += (
                 frozenset()),
     ModelFamily("wan_animate2", "Wan Animate 2", ("comfy.ldm.wan.model_animate2:WanAnimate2Model",), frozenset()),
     ModelFamily("wan_scail", "Wan SCAIL", ("comfy.ldm.wan.model:SCAILWanModel",), frozenset()),
+)
+
+# HunyuanDiT 1.0-1.2 (comfy/ldm/hydit/models.py HunYuanDiT, supported_models.HunyuanDiT and HunyuanDiT1): one list
+# of ``blocks``, each self-attention on the image tokens alone (``attn1``), cross-attention to the CLIP+mT5 text
+# (``attn2``), MLP; blocks past the middle first mix in a long skip from an earlier block (``skip_linear``).
+# Layer i is ``blocks[i]`` in forward order; skipping it passes its input on (the skip it would have mixed in is
+# dropped; the skip it would have given a later block is its input), as ComfyUI's SkipLayerGuidanceDiT does with
+# the forward's ``dit`` patch. That patch gets no transformer_options (no way to tell the batch chunks apart),
+# and ``attn1`` calls optimized_attention without them (no override sees it): forward hooks, the attention
+# recomputed from the module's own Wqkv, q/k norms, RoPE and out_proj (module_hooks.SITES).
+FAMILIES += (
+    ModelFamily(
+        "hunyuan_dit", "HunyuanDiT", ("comfy.ldm.hydit.models:HunYuanDiT",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "blocks"},
+        sublayers={"double": {"attention": ("attn1",), "feedforward": ("mlp",)}},
+        hooks=(FORWARD_HOOKS,),
+        recommended={PAG: Recommended(("1",), "diffusers' HunyuanDiTPAGPipeline: pag_applied_layers blocks.1"),
+                     SEG: Recommended(("1",), "as PAG (diffusers' HunyuanDiT PAG: blocks.1)"),
+                     SLG: Recommended((), _MIDDLE)},
+    ),
 )
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}

@@ -13,11 +13,10 @@ import comfy.samplers
 
 from ...guidance_core.plan import GuidanceStack
 from .attention import claim_unet_attn1, text_tokens_wrapper
-from .block_hooks import block_hooks_wrapper, uses_block_hooks
 from .dit_blocks import make_dit_block_patch
 from .layers import Layer, model_family, model_layers
 from .marks import SETUP_KEY, WRAPPER_KEY, is_ours
-from .module_hooks import make_module_hooks_wrapper, uses_module_hooks
+from .module_hooks import make_module_hooks_wrapper, uses_forward_hooks
 from .perturbations import patched_layers
 from .shared_prefix import shared_prefix_wrapper
 from .step import (
@@ -62,8 +61,8 @@ def _install_hooks(patched, setup: GuidanceSetup) -> None:
         patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
         patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)
     family = model_family(patched)
-    if layers and uses_module_hooks(family):
-        # No block patch in this family's forward: module hooks, registered for one forward at a time.
+    if layers and uses_forward_hooks(family):
+        # No working block patch in this family's forward: hooks on its modules, registered for one forward at a time.
         if not patched.get_wrappers(wrappers.APPLY_MODEL, WRAPPER_KEY):
             patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, make_module_hooks_wrapper(family))
         return
@@ -71,16 +70,15 @@ def _install_hooks(patched, setup: GuidanceSetup) -> None:
         _install_layer_patch(patched, layer)
     if layers and not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):
         dit = any(layer.is_dit for layer in layers)
-        dit_wrapper = block_hooks_wrapper if uses_block_hooks(model_family(patched)) else text_tokens_wrapper
         patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY,
-                                     dit_wrapper if dit else shared_prefix_wrapper)
+                                     text_tokens_wrapper if dit else shared_prefix_wrapper)
 
 
 def _dit_prefix_layers(model, layers: list[Layer]) -> list[Layer]:
     """The DiT blocks before the last perturbed one, in forward order: their patch computes equal chunks
     once (the shared prefix)."""
-    if not any(layer.is_dit for layer in layers) or uses_block_hooks(model_family(model)):
-        return []  # block hooks go on the perturbed blocks only: no shared prefix there
+    if not any(layer.is_dit for layer in layers):
+        return []
     blocks = model_layers(model)  # double (main) blocks, then single blocks: the forward order
     last = max((blocks.index(layer) for layer in layers if layer in blocks), default=0)
     return [block for block in blocks[:last] if block not in layers]
@@ -93,8 +91,6 @@ def _install_layer_patch(patched, layer: Layer) -> None:
         # clone() deep-copied model_options, so these dicts are the clone's own.
         claim_unet_attn1(transformer_options.setdefault("patches_replace", {}).setdefault("attn1", {}), [layer])
         return
-    if uses_block_hooks(model_family(patched)):
-        return  # the block hooks wrapper puts forward hooks on this block for each forward
     previous = transformer_options.get("patches_replace", {}).get(name, {}).get(key)
     if not is_ours(previous):
         patched.set_model_patch_replace(make_dit_block_patch(layer, previous, model_family(patched)), name, *key)

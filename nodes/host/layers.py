@@ -42,6 +42,9 @@ def require_family(model, node: str, supported: tuple[str, ...]) -> str:
     return family
 
 
+UNET_KINDS = ("input", "middle", "output")
+
+
 @dataclass(frozen=True)
 class Layer:
     """A place a perturbation acts: a UNet transformer block (``input``/``middle``/``output`` + index, with
@@ -60,7 +63,8 @@ class Layer:
 
     @property
     def is_dit(self) -> bool:
-        return self.kind in ("double", "single")
+        """A transformer block of a DiT (double, single; Stable Cascade's down, up), not a UNet's."""
+        return self.kind not in UNET_KINDS
 
     @property
     def patch_key(self) -> tuple[str, tuple]:
@@ -81,8 +85,19 @@ def model_layers(model) -> list[Layer]:
                 if any(type(m).__name__ == "SpatialTransformer" for m in block.modules()):
                     layers.append(Layer(kind, index))
         return layers
-    block_lists = families.FAMILY_BY_KEY[family].block_lists if family in families.FAMILY_BY_KEY else {}
+    record = families.FAMILY_BY_KEY.get(family)
+    if record is not None and record.level_layers:
+        return [Layer(kind, level, i) for kind, attribute in record.block_lists.items()
+                for level, blocks in enumerate(getattr(dm, attribute))
+                for i in range(len(level_layer_blocks(record, blocks)))]
+    block_lists = record.block_lists if record is not None else {}
     return [Layer(kind, i) for kind, attribute in block_lists.items() for i in range(len(getattr(dm, attribute)))]
+
+
+def level_layer_blocks(record: families.ModelFamily, level_blocks) -> list:
+    """The blocks of one level that are layers (``record.level_layers``), in forward order."""
+    return [block for block in level_blocks if any(f"{cls.__module__}:{cls.__qualname__}" == record.level_layers
+                                                   for cls in type(block).__mro__)]
 
 
 def unet_transformer_count(model, layer: Layer) -> int:
@@ -101,11 +116,12 @@ def parse_layers(text: str, model, input_name: str, method: str) -> tuple[Layer,
     double blocks), ``double.1``, ``single.2``. Unknown or out-of-range layers list what this model has."""
     family = model_family(model)
     available = model_layers(model)
+    record = families.FAMILY_BY_KEY.get(family)
+    by_level = record is not None and bool(record.level_layers)  # "kind.L.i": the index of a level's layer
     if not available:
         raise GuidanceError(f"{input_name}: this model's architecture ({family}) has no layers this pack can patch.")
     text = text.strip() or "auto"
     if text.lower() == "auto":
-        record = families.FAMILY_BY_KEY.get(family)
         # The model's size, as the records' per-size choices count it: its main (double) blocks.
         main_blocks = sum(1 for layer in available if layer.kind == "double")
         recommended = record.recommended_for(method, main_blocks) if record is not None else None
@@ -116,13 +132,13 @@ def parse_layers(text: str, model, input_name: str, method: str) -> tuple[Layer,
     layers = []
     for token in [t for t in re.split(r"[,\s]+", text) if t]:
         layer = _parse_one(token, family)
-        base = Layer(layer.kind, layer.index) if layer is not None else None
+        base = Layer(layer.kind, layer.index) if layer is not None and not by_level else layer
         if base is None or base not in available:
             listing = ", ".join(str(a) for a in available)
             raise GuidanceError(f"{input_name}: unknown layer {token!r} for this {families.display_name(family)} "
                                 f"model. Its layers are: {listing} (or 'auto').")
-        count = unet_transformer_count(model, base) if layer.sub is not None else 0
-        if layer.sub is not None and not 0 <= layer.sub < count:
+        count = unet_transformer_count(model, base) if layer.sub is not None and not by_level else 0
+        if layer.sub is not None and not by_level and not 0 <= layer.sub < count:
             raise GuidanceError(f"{input_name}: {token!r}: block {base} has {count} transformers (0..{count - 1}).")
         layers.append(layer)
     if not layers:  # only separators: perturbing nothing would run plain CFG plus a wasted branch
@@ -143,6 +159,10 @@ def _parse_one(token: str, family: str) -> Layer | None:
             return None
         sub = m.group(3) if kind != "middle" else (m.group(3) or (m.group(2) if m.group(2) else None))
         return Layer(kind, index, int(sub) if sub is not None else None)
+    record = families.FAMILY_BY_KEY.get(family)
+    if record is not None and record.level_layers:  # Stable Cascade: "down.1.3", the 4th layer of down level 1
+        m = re.fullmatch(r"([a-z]+)\.(\d+)\.(\d+)", token)
+        return Layer(m.group(1), int(m.group(2)), int(m.group(3))) if m and m.group(1) in record.block_lists else None
     m = re.fullmatch(r"(?:(double|single|joint|block)\.)?(\d+)", token)
     if not m:
         return None

@@ -1,17 +1,23 @@
-"""PyTorch module hooks for families whose forward offers neither a ``dit`` block replace patch nor
-``block_index`` (PixArt, HiDream, Cosmos Predict 1 and 2, OmniGen 2 in ComfyUI 0.8.0): the hooks a perturbed layer needs
-are registered on exactly its modules (the block, its self-attention, its sublayers) by an ``APPLY_MODEL``
-wrapper, for one diffusion-model forward, and removed when that forward returns or raises.
+"""Hooks for one forward: the one mechanism for every family whose forward offers no working ``dit`` block
+replace patch (its record lists ``families.FORWARD_HOOKS``, also spelt ``BLOCK_FORWARD_HOOKS`` and
+``MODULE_FORWARD_HOOKS``): Lumina 2 / Z-Image, Kandinsky 5, PixArt, HiDream, Cosmos Predict 1 and 2,
+OmniGen 2, HunyuanDiT, Stable Cascade stage C.
 
-Each hook applies each batch chunk's perturbations to that chunk's rows only (``chunk_perturbations``, as
-the ``dit`` block patch does):
+An ``APPLY_MODEL`` wrapper registers PyTorch hooks on exactly the modules a perturbed layer needs (the block,
+its self-attention, its sublayers) for one diffusion-model forward, and removes them when that forward
+returns or raises; the host's code is left as it is. Where those modules sit and how their tensors are laid
+out is the family's ``BlockSite`` (``SITES``; a family without an entry uses ``WHOLE_BLOCK``). Each hook
+applies each batch chunk's perturbations to that chunk's rows only (``chunk_perturbations``, as the ``dit``
+block patch does):
 - BlockSkip: the block returns its inputs (the streams its output stands for) for the skipped chunks' rows.
 - SublayerSkip: the sublayer's output rows are zero for the skipped chunks (its residual contribution).
 - AttentionPerturbation, where the family's attention goes through ``optimized_attention_override``: while
-  the block's self-attention module runs, the block is marked for the override (ACTIVE_LAYER_KEY) exactly as
-  the ``dit`` patch marks it, and the override perturbs the image tokens' rows of the perturbed chunks.
-- AttentionPerturbation where it does not (PixArt calls ``optimized_attention`` without the options): the
-  perturbed chunks' rows of the self-attention module's output are recomputed from that module's own q, k, v
+  the site's attention module runs, it is marked for the override (ACTIVE_LAYER_KEY) exactly as the ``dit``
+  patch marks a block (its first attention call is its self or joint attention), and the override perturbs
+  the image tokens' rows of the perturbed chunks.
+- AttentionPerturbation where it does not (PixArt and HunyuanDiT call ``optimized_attention`` without the
+  options; Stable Cascade's queries and keys differ in length, which the override declines): the perturbed
+  chunks' rows of the self-attention module's output are recomputed from that module's own q, k, v
   projections (``AttentionSite.qkv``) with the perturbed attention, then its output projection.
 """
 
@@ -25,24 +31,28 @@ from dataclasses import dataclass
 import comfy.ldm.modules.attention as comfy_attention
 import torch
 
+from ...guidance_core.tokens import TokenGrid
 from . import families
 from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, STEP_KEY, GuidanceError
-from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, sublayer_modules
-from .routing import ActiveBlock, apply_chunked, chunk_perturbations, grid_for, perturbed_attention
+from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, block_module, sublayer_modules
+from .routing import ActiveBlock, apply_chunked, chunk_perturbations, grid_for, patch_grid, perturbed_attention
 
 
 @dataclass(frozen=True)
 class AttentionSite:
     """Where a block's self-attention is and how its image tokens are found.
 
-    ``module``: its path inside the block. ``patch``: the diffusion model's (frames, height, width) patch
-    size, for the image token count. ``text_tokens(args, kwargs, image_tokens)``: how many text tokens its
-    sequence holds (joint attention), from the module's inputs. ``qkv(module, x)`` and ``project(module,
-    out)``: for attention the override does not see, the module's own q, k, v as (B, heads, L, D) and its
-    output projection of an attention output (B, heads, L, D)."""
+    ``module``: its path inside the block; ``""``: the block itself, whose first attention call is its self
+    or joint attention (the override counts the calls, ``ActiveBlock.attention_calls``). ``patch``: the
+    diffusion model's (frames, height, width) patch size, for the image token count. ``text_tokens(args,
+    kwargs, image_tokens)``: how many text tokens its sequence holds (joint attention), from the module's
+    inputs. A family whose record has a ``patch_size`` needs neither: its image grid comes from the latent
+    and that patch (``image_grid``). ``qkv(module, *inputs)`` and ``project(module, out)``: for attention the
+    override does not see, the module's own q, k, v as (B, heads, L, D) from its inputs, and its output
+    projection of an attention output (B, heads, L, D)."""
 
-    module: str
+    module: str = ""
     patch: Callable[[torch.nn.Module], tuple[int, int, int]] | None = None
     text_tokens: Callable[..., int] | None = None
     qkv: Callable | None = None
@@ -52,16 +62,21 @@ class AttentionSite:
 @dataclass(frozen=True)
 class BlockSite:
     """A block kind's hook sites: ``streams`` are the forward arguments the block's output stands for, in
-    the output's order (one: a tensor; several: a tuple), so a skipped block returns them. ``batch_dim``: the
-    batch dimension of those streams and of the sublayers' outputs (Cosmos 1 runs its blocks on
-    (T, H, W, B, D) tensors)."""
+    the output's order (one: a tensor; several: a tuple), so a skipped block returns them; ``()``: its first
+    argument. ``batch_dim``: the batch dimension of those streams and of the sublayers' outputs (Cosmos 1
+    runs its blocks on (T, H, W, B, D) tensors)."""
 
-    streams: tuple[str, ...]
-    attention: AttentionSite
+    streams: tuple[str, ...] = ()
+    attention: AttentionSite = AttentionSite()
     batch_dim: int = 0
 
 
-def _pixart_qkv(attn, x):
+# A block that takes its stream first and returns it, and whose first attention call is its self-attention
+# (Lumina 2's JointTransformerBlock, Kandinsky 5's TransformerDecoderBlock).
+WHOLE_BLOCK = BlockSite()
+
+
+def _pixart_qkv(attn, x, *inputs, **kw_inputs):
     """AttentionKVCompress.forward up to its attention call (without KV compression): qkv, then q/k norms."""
     if attn.sr_ratio > 1:
         raise GuidanceError("PixArt blocks with KV compression have fewer keys than queries: identity attention is "
@@ -94,6 +109,41 @@ def _omnigen2_text(args, kwargs, image_tokens):  # one stream: text, reference i
     return args[0].shape[1] - image_tokens
 
 
+def _hydit_qkv(attn, x, freqs_cis_img=None):
+    """hydit/attn_layers.py Attention.forward up to its attention call: Wqkv, the per-head q/k norms, RoPE."""
+    from comfy.ldm.hydit.attn_layers import apply_rotary_emb
+
+    b, n, _ = x.shape
+    q, k, v = attn.Wqkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if freqs_cis_img is not None:
+        q, k = apply_rotary_emb(q, k, freqs_cis_img, head_first=True)
+    return q, k, v
+
+
+def _hydit_project(attn, out):
+    b, heads, n, d = out.shape
+    return attn.proj_drop(attn.out_proj(out.transpose(1, 2).reshape(b, n, heads * d)))
+
+
+def _cascade_qkv(attn, x, kv, _v=None, transformer_options=None):
+    """cascade/common.py OptimizedAttention.forward up to its attention call: to_q of the image tokens x,
+    to_k and to_v of [image tokens; text tokens] (Attention2D passes that concatenation as k and v)."""
+    def heads(t):
+        b, n, c = t.shape
+        return t.reshape(b, n, attn.heads, c // attn.heads).transpose(1, 2)
+
+    return heads(attn.to_q(x)), heads(attn.to_k(kv)), heads(attn.to_v(kv))
+
+
+def _cascade_project(attn, out):
+    b, heads, n, d = out.shape
+    return attn.out_proj(out.transpose(1, 2).reshape(b, n, heads * d))
+
+
+_CASCADE_ATTN_BLOCK = BlockSite(("x",), AttentionSite("attention.attn", qkv=_cascade_qkv, project=_cascade_project))
+
+
 SITES: dict[str, dict[str, BlockSite]] = {
     "pixart": {"double": BlockSite(("x",), AttentionSite("attn", qkv=_pixart_qkv, project=_pixart_project))},
     "hidream": {
@@ -105,12 +155,33 @@ SITES: dict[str, dict[str, BlockSite]] = {
     "omnigen2": {"double": BlockSite(("hidden_states",), AttentionSite("attn", _square_patch, _omnigen2_text))},
     # GeneralDITTransformerBlock "FA-CA-MLP": blocks.0 self-attention (VideoAttn), blocks.1 cross, blocks.2 MLP.
     "cosmos": {"double": BlockSite(("x",), AttentionSite("blocks.0.block"), batch_dim=3)},
+    "hunyuan_dit": {"double": BlockSite(("x",), AttentionSite("attn1", qkv=_hydit_qkv, project=_hydit_project))},
+    "stable_cascade_c": {"down": _CASCADE_ATTN_BLOCK, "up": _CASCADE_ATTN_BLOCK},
 }
 
 
-def uses_module_hooks(family: str) -> bool:
+def site_of(family: str, kind: str) -> BlockSite:
+    """The hook sites of a ``kind`` block of a ``family`` model: its entry in ``SITES``, else ``WHOLE_BLOCK``."""
+    return SITES.get(family, {}).get(kind, WHOLE_BLOCK)
+
+
+def uses_forward_hooks(family: str) -> bool:
+    """Whether the family's layers are perturbed through hooks for one forward (its record says so)."""
     record = families.FAMILY_BY_KEY.get(family)
-    return record is not None and families.MODULE_FORWARD_HOOKS in record.hooks
+    return record is not None and families.FORWARD_HOOKS in record.hooks
+
+
+uses_module_hooks = uses_block_hooks = uses_forward_hooks  # the names the two former mechanisms had
+
+
+def kandinsky5_block_patch_works() -> bool:
+    """Whether the host's Kandinsky 5 ``dit`` block patch could call its block: ``forward_orig``'s
+    ``block_wrap`` calls ``block(x=, context=, time_embed=, freqs=)``, and in ComfyUI 0.8.0 and 0.33.0
+    ``TransformerDecoderBlock.forward`` takes ``visual_embed`` and ``text_embed`` instead (a TypeError)."""
+    import comfy.ldm.kandinsky5.model as kandinsky5
+
+    parameters = inspect.signature(kandinsky5.TransformerDecoderBlock.forward).parameters
+    return {"x", "context", "time_embed", "freqs"} <= parameters.keys()
 
 
 def make_module_hooks_wrapper(family: str):
@@ -121,7 +192,7 @@ def make_module_hooks_wrapper(family: str):
                              transformer_options={}, **kwargs):  # noqa: B006 (the host's signature)
         handles = []
         try:
-            handles = install(executor.class_obj.diffusion_model, family, transformer_options, tuple(x.shape))
+            handles = install(executor.class_obj.diffusion_model, family, transformer_options)
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
             for handle in handles:
@@ -131,7 +202,7 @@ def make_module_hooks_wrapper(family: str):
     return module_hooks_wrapper
 
 
-def install(diffusion_model, family: str, transformer_options: dict, latent_shape: tuple) -> list:
+def install(diffusion_model, family: str, transformer_options: dict) -> list:
     """Registers the hooks of every layer a perturbation acts on in this forward; returns their handles."""
     routing = transformer_options.get(STEP_KEY)
     if routing is None:
@@ -145,28 +216,18 @@ def install(diffusion_model, family: str, transformer_options: dict, latent_shap
             if not any(chunks):
                 continue
             block = block_module(diffusion_model, record, layer)
-            site = SITES[family][layer.kind]
+            site = site_of(family, layer.kind)
             handles += _block_skip_hooks(block, site, chunks)
-            handles += _sublayer_skip_hooks(diffusion_model, family, layer, chunks, site.batch_dim)
+            handles += sublayer_skip_hooks(diffusion_model, family, layer, chunks, site.batch_dim)
             attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
             if any(attention_chunks):
                 handles += _attention_hooks(diffusion_model, block, site, layer, attention_chunks, record,
-                                            transformer_options, latent_shape)
+                                            transformer_options)
     except BaseException:
         for handle in handles:
             handle.remove()
         raise
     return handles
-
-
-def block_module(diffusion_model, record, layer: Layer) -> torch.nn.Module:
-    """The layer's block (Cosmos 1 keeps its blocks in a ModuleDict, in forward order)."""
-    blocks = getattr(diffusion_model, record.block_lists[layer.kind])
-    return list(blocks.values())[layer.index] if isinstance(blocks, torch.nn.ModuleDict) else blocks[layer.index]
-
-
-def _rows(j: int, size: int) -> slice:
-    return slice(j * size, (j + 1) * size)
 
 
 def _chunk(t: torch.Tensor, dim: int, j: int, n: int) -> torch.Tensor:
@@ -180,12 +241,12 @@ def _block_skip_hooks(block, site: BlockSite, chunks: list[list]) -> list:
     if not skipped:
         return []
     n, signature, kept = len(chunks), inspect.signature(block.forward), {}
+    streams = site.streams or (next(iter(signature.parameters)),)
 
     def keep_inputs(module, args, kwargs):
         # Copies taken before the block runs, in case it updates its inputs in place.
         bound = signature.bind(*args, **kwargs).arguments
-        kept["streams"] = [bound[name] for name in site.streams]
-        kept["rows"] = [{j: _chunk(s, site.batch_dim, j, n).clone() for j in skipped} for s in kept["streams"]]
+        kept["rows"] = [{j: _chunk(bound[name], site.batch_dim, j, n).clone() for j in skipped} for name in streams]
 
     def return_inputs(module, args, kwargs, output):
         outputs = list(output) if isinstance(output, tuple) else [output]
@@ -193,16 +254,16 @@ def _block_skip_hooks(block, site: BlockSite, chunks: list[list]) -> list:
             outputs[i] = outputs[i].clone()
             for j, value in rows.items():
                 _chunk(outputs[i], site.batch_dim, j, n).copy_(value)
-        kept.clear()
         return tuple(outputs) if isinstance(output, tuple) else outputs[0]
 
     return [block.register_forward_pre_hook(keep_inputs, with_kwargs=True),
             block.register_forward_hook(return_inputs, with_kwargs=True)]
 
 
-def _sublayer_skip_hooks(diffusion_model, family: str, layer: Layer, chunks: list[list], batch_dim: int) -> list:
+def sublayer_skip_hooks(diffusion_model, family: str, layer: Layer, chunks: list[list], batch_dim: int = 0) -> list:
     """Hooks that zero the skipped chunks' rows of the sublayer's outputs (each output of a module that
-    returns several, as HiDream's joint attention returns the image and text parts)."""
+    returns several, as HiDream's joint attention returns the image and text parts). The ``dit`` block
+    patch registers them for one block call, the forward hooks for one forward."""
     by_sublayer: dict[str, list[int]] = {}
     for j, chunk in enumerate(chunks):
         for p in chunk:
@@ -230,28 +291,45 @@ def _image_tokens(diffusion_model, site: AttentionSite, latent_shape: tuple) -> 
     return t * math.ceil(latent_shape[-2] / height) * math.ceil(latent_shape[-1] / width)
 
 
+def image_grid(record: families.ModelFamily, diffusion_model, tokens: int, latent_shape: tuple) -> TokenGrid:
+    """The image tokens of a self-attention sequence of ``tokens`` tokens, from the latent and the family's
+    patch (``record.patch_size``), never guessed from the token count: a NextDiT pads the image tokens to its
+    ``pad_tokens_multiple`` (Z-Image: 32), and its sequence ends with the image (Z-Image Omni puts reference
+    images and their captions before it), so everything before it is text."""
+    grid = patch_grid(latent_shape, record.patch_size, 0)
+    if record.text_position == families.NO_TEXT:
+        return grid
+    multiple = getattr(diffusion_model, "pad_tokens_multiple", None) or 1
+    padded = math.ceil(grid.frames * grid.height * grid.width / multiple) * multiple
+    return TokenGrid(tokens - padded, grid.height, grid.width, grid.frames)
+
+
 def _attention_hooks(diffusion_model, block, site: BlockSite, layer: Layer, chunks: list[list], record,
-                     transformer_options: dict, latent_shape: tuple) -> list:
+                     transformer_options: dict) -> list:
     attention = block.get_submodule(site.attention.module)
     if families.ATTENTION_OVERRIDE in record.hooks:
-        return _marker_hooks(diffusion_model, attention, site.attention, layer, chunks, record.text_position,
-                             transformer_options, latent_shape)
+        return _marker_hooks(diffusion_model, attention, site.attention, layer, chunks, record, transformer_options)
     return [attention.register_forward_hook(_recomputing_hook(site.attention, chunks, transformer_options),
                                             with_kwargs=True)]
 
 
-def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer, chunks: list[list],
-                  text_position: str, transformer_options: dict, latent_shape: tuple) -> list:
-    """While the self-attention module runs, its block is marked for the attention override, as the ``dit``
-    block patch marks a block (only the module's own attention calls see the mark). The mark goes into the
-    options the module is called with, a copy: the forward may have copied its options before the blocks
-    (ComfyUI 0.33.0's Cosmos does when a ``post_input`` patch is set), so the forward's own dict may not be
-    the one the attention call sees."""
+def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer, chunks: list[list], record,
+                  transformer_options: dict) -> list:
+    """While the attention module runs, it is marked for the attention override, as the ``dit`` block patch
+    marks a block (only the module's own attention calls see the mark). The mark goes into the options the
+    module is called with, a copy: the forward may have copied its options before the blocks (ComfyUI
+    0.33.0's Cosmos does when a ``post_input`` patch is set), so the forward's own dict may not be the one
+    the attention call sees."""
+    latent_shape = transformer_options[STEP_KEY].latent_shape
     image_tokens = _image_tokens(diffusion_model, site, latent_shape) if site.text_tokens is not None else 0
 
     def mark(module, args, kwargs):
-        text_tokens = site.text_tokens(args, kwargs, image_tokens) if site.text_tokens is not None else 0
-        active = ActiveBlock(layer, chunks, text_tokens, text_position)
+        if record.patch_size is not None:
+            grid = image_grid(record, diffusion_model, args[0].shape[1], latent_shape)
+            active = ActiveBlock(layer, chunks, grid.start, record.text_position, grid=grid)
+        else:
+            text_tokens = site.text_tokens(args, kwargs, image_tokens) if site.text_tokens is not None else 0
+            active = ActiveBlock(layer, chunks, text_tokens, record.text_position)
         if isinstance(kwargs.get("transformer_options"), dict):
             return args, {**kwargs, "transformer_options": {**kwargs["transformer_options"], ACTIVE_LAYER_KEY: active}}
         transformer_options[ACTIVE_LAYER_KEY] = active  # called without its options: the forward's own dict
@@ -266,16 +344,18 @@ def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer,
 
 def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_options: dict):
     """A self-attention module whose attention the override does not see: the perturbed chunks' output rows
-    are its output projection of the perturbed attention of its own q, k, v."""
+    are its output projection of the perturbed attention of its own q, k, v. A module that returns a tuple
+    (HunyuanDiT's ``(out,)``) has its first element recomputed."""
     routing = transformer_options[STEP_KEY]
 
     def recompute(module, args, kwargs, output):
-        x = args[0] if args else kwargs["x"]
-        q, k, v = site.qkv(module, x)
+        q, k, v = site.qkv(module, *args, **kwargs)
         heads = q.shape[1]
+        computed = output[0] if isinstance(output, tuple) else output
 
         def attend(q_, k_, v_, which=None):
-            return comfy_attention.optimized_attention(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True)
+            return comfy_attention.optimized_attention(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True,
+                                                       attn_precision=getattr(module, "attn_precision", None))
 
         grid = grid_for(q.shape[2], routing.latent_shape)
 
@@ -283,10 +363,10 @@ def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_optio
             return site.project(module, perturbed_attention(perturbation, q_, k_, v_, grid, attend, routing.scratch))
 
         def untouched(q_, k_, v_, which):
-            rows = slice(which.start * size, which.stop * size)
-            return output[rows]
+            return computed[which.start * size:which.stop * size]
 
-        size = output.shape[0] // len(chunks)
-        return apply_chunked(q, k, v, chunks, untouched, perturb_chunk)
+        size = computed.shape[0] // len(chunks)
+        out = apply_chunked(q, k, v, chunks, untouched, perturb_chunk)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
 
     return recompute

@@ -12,7 +12,7 @@ import torch
 
 from ...guidance_core.plan import UNCOND, GuidanceStack
 from . import families
-from .layers import Layer
+from .layers import Layer, level_layer_blocks
 from .marks import GuidanceError
 
 
@@ -52,14 +52,22 @@ def sublayer_modules(diffusion_model, family: str, layer: Layer, sublayer: str) 
     record = families.FAMILY_BY_KEY.get(family)
     names = record.sublayers.get(layer.kind, {}).get(sublayer, ()) if record is not None else ()
     if names:
-        blocks = getattr(diffusion_model, record.block_lists[layer.kind])
-        # A ModuleDict of blocks (Cosmos 1) is in forward order too.
-        block = list(blocks.values())[layer.index] if isinstance(blocks, torch.nn.ModuleDict) else blocks[layer.index]
+        block = block_module(diffusion_model, record, layer)
         modules = [block.get_submodule(name) for name in names if _has_submodule(block, name)]
         if modules:
             return modules
     raise GuidanceError(f"mode '{sublayer}' cannot skip part of block {layer} of this model "
                         f"({type(diffusion_model).__name__}); use mode 'block' there.")
+
+
+def block_module(diffusion_model, record: families.ModelFamily, layer: Layer) -> torch.nn.Module:
+    """The layer's block: ``index`` in the record's block list of its kind (Cosmos 1 keeps its blocks in a
+    ModuleDict, in forward order), or, where the list holds levels (``record.level_layers``), the ``sub``-th
+    layer block of level ``index``."""
+    blocks = getattr(diffusion_model, record.block_lists[layer.kind])
+    if record.level_layers:
+        return level_layer_blocks(record, blocks[layer.index])[layer.sub]
+    return list(blocks.values())[layer.index] if isinstance(blocks, torch.nn.ModuleDict) else blocks[layer.index]
 
 
 def _has_submodule(module: torch.nn.Module, name: str) -> bool:

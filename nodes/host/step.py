@@ -42,10 +42,9 @@ import torch
 from ...guidance_core.plan import CFG_TERM, COND, UNCOND, GuidanceStack, StepContext
 from ...guidance_core.schedules import step_of_sigma
 from .attention import claim_unet_attn1, make_attention_override
-from .block_hooks import hooks_installed
 from .layers import Layer, model_family
 from .marks import SETUP_KEY, GuidanceError, is_ours, mark_ours
-from .module_hooks import uses_module_hooks
+from .module_hooks import uses_forward_hooks
 from .perturbations import LateBranch, LateCall, patched_layers
 from .routing import ForwardRouting, with_step_info
 from .windows import resolve_windows
@@ -159,7 +158,7 @@ def predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):  
     if setup is None:
         return executor(x, timestep, model_options, seed)
     guider = executor.class_obj
-    _reclaim_slots(model_options, setup, uses_module_hooks(model_family(guider.model_patcher)))
+    _reclaim_slots(model_options, setup, uses_forward_hooks(model_family(guider.model_patcher)))
     run = _run_for(setup, guider.model_patcher.get_model_object("model_sampling"))
     run.cond_scale = float(getattr(guider, "cfg", 1.0))
     run.batch_calls = 0
@@ -186,12 +185,12 @@ def _bypassing_guider_message(guider, setup: GuidanceSetup) -> str:
             f"{setup.owner_nodes[-1] if setup.owner_nodes else 'the Guiders node'}.")
 
 
-def _reclaim_slots(model_options, setup: GuidanceSetup, module_hooks: bool = False) -> None:
+def _reclaim_slots(model_options, setup: GuidanceSetup, forward_hooks: bool = False) -> None:
     """A node applied after ours may have overwritten one of our slots or patches, or put a patch on a key
     that shadows ours, which would silently drop our guidance. For this run (``model_options`` is the run's
     own copy) ours goes back in and wraps theirs, exactly as when their node comes first. A replaced DiT
     block patch cannot be composed that way: that is an error naming both. A family hooked through its modules
-    (``module_hooks``) has no block patch to check."""
+    for one forward (``forward_hooks``) has no block patch to check."""
     layers = patched_layers(setup.stack)
     claim_single_slots(model_options, layers)
     replace_patches = model_options["transformer_options"].setdefault("patches_replace", {})
@@ -199,11 +198,10 @@ def _reclaim_slots(model_options, setup: GuidanceSetup, module_hooks: bool = Fal
         replace_patches["attn1"] = dict(replace_patches.get("attn1", {}))
         claim_unet_attn1(replace_patches["attn1"], layers)
     owners = " → ".join(dict.fromkeys(setup.owner_nodes))
-    hooked = hooks_installed(model_options["transformer_options"])  # its DiT blocks carry no patch of ours
     for layer in layers:
         name, key = layer.patch_key
         fn = replace_patches.get(name, {}).get(key)
-        if layer.is_dit and not hooked and not module_hooks and not is_ours(fn):
+        if layer.is_dit and not forward_hooks and not is_ours(fn):
             raise GuidanceError(f"The patch on layer {layer} set by ComfyUI-Guiders ({owners}) was replaced by "
                                 f"{foreign_node_name(fn)}, applied after it. Apply {foreign_node_name(fn)} first.")
 

@@ -98,6 +98,19 @@ def test_pag_on_pure_self_attention_and_slg_attention_scores_return_v():
     torch.testing.assert_close(identity_all_attention(q, k, v, None, softmax_attention), v)
 
 
+def test_identity_gives_keys_after_the_queries_own_tokens_weight_zero():
+    """Stable Cascade's AttnBlock: 15 image queries attend to [15 image tokens; 4 text tokens]. The identity
+    map returns each query its own token's value (the text's values never reach the output), as a softmax
+    whose text scores are -inf and whose image scores are a very sharp diagonal does."""
+    q, k, v = qkv(19, seed=4)
+    q = q[..., :15, :]
+    sharp = torch.full((15, 19), -1e9)
+    sharp[range(15), range(15)] = 0.0
+    expected = torch.matmul(torch.softmax(sharp, dim=-1), v)
+    torch.testing.assert_close(identity_image_attention(q, k, v, TokenGrid(0, 3, 5), softmax_attention), expected)
+    torch.testing.assert_close(identity_all_attention(q, k, v, None, softmax_attention), expected)
+
+
 def test_a_missing_grid_is_an_error_naming_the_method():
     q, k, v = qkv(15)
     with pytest.raises(ValueError, match="PAG: could not find the image tokens"):

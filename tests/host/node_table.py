@@ -52,6 +52,13 @@ WAN_VARIANTS_0_33 = ("wan_dancer", "wan_flow_rvs")  # ComfyUI 0.33.0 and later (
 UNET_AND_DITS += WAN_VARIANTS + WAN_VARIANTS_0_33
 BLOCK_DITS += WAN_VARIANTS + WAN_VARIANTS_0_33
 SUBLAYER_DITS += WAN_VARIANTS + WAN_VARIANTS_0_33
+# tests/host/test_family_hydit_cascade.py: HunyuanDiT (image; forward hooks, attention recomputed in its module).
+HYDIT = ("hunyuan_dit",)
+UNET_AND_DITS, BLOCK_DITS, SUBLAYER_DITS = UNET_AND_DITS + HYDIT, BLOCK_DITS + HYDIT, SUBLAYER_DITS + HYDIT
+# Stable Cascade stage C (the same file): its AttnBlocks are the layers; no sublayer modes (attention is the only one).
+# Its layers are named by level ("down.1.1"), so the SLG cases on layer "1" do not apply: its own, after CHAIN_CASES.
+CASCADE_FAMILIES = ("stable_cascade_c",)
+UNET_AND_DITS += CASCADE_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -284,6 +291,9 @@ def _stack(model, weak):
 
 
 CHAIN_CASES = (EffectCase("PAG+SEG+APG+Rescale", _stack, IMAGE + HOOKLESS),)  # several nodes in one chain
+# The SLG cases of Stable Cascade stage C, on a layer it has (the DiT cases name layer "1").
+CHAIN_CASES += (EffectCase("SLG-block-down.1.1", _slg("block", layers="down.1.1"), CASCADE_FAMILIES),
+                EffectCase("SLG-attention_scores-up.0.0", _slg("attention_scores", layers="up.0.0"), CASCADE_FAMILIES))
 
 NODE_IDS = [row.node_id for row in NODE_TABLE]
 

@@ -359,12 +359,12 @@ def test_the_hosts_block_patch_does_nothing_on_lumina_and_cannot_call_kandinsky5
     test fails: then Kandinsky 5's record can use the dit block patch."""
     import sys
 
-    block_hooks = sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + ".host.block_hooks"]
+    forward_hooks = sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + ".host.module_hooks"]
     for family in ("lumina2", "z_image"):
         builtin = node("SkipLayerGuidanceDiT", model=tiny_model(family), double_layers="1", single_layers="",
                        scale=SCALE, start_percent=0.0, end_percent=1.0, rescaling_scale=0.0)
         assert relative_error(run(builtin, family), plain_of(family)) < 1e-5
-    assert not block_hooks.kandinsky5_block_patch_works()
+    assert not forward_hooks.kandinsky5_block_patch_works()
     for family in ("kandinsky5", "kandinsky5_image"):
         calling = tiny_model(family).clone()
         calling.set_model_patch_replace(lambda args, extra: extra["original_block"](args), "dit", "double_block", 1)

@@ -424,11 +424,23 @@ def make_cosmos(seed: int = 0):
 
 
 def make_stable_cascade_c(seed: int = 0):
-    """A Stable Cascade stage C (flow, shift 2): 2 levels of hidden 32 (2 heads), one ResBlock, TimestepBlock and
-    AttnBlock per level each way, c_cond 32. The pack refuses it (nodes/host/families.py says why)."""
+    """A Stable Cascade stage C (flow, shift 2): 2 levels of hidden 32 (2 heads), c_cond 32, the CLIP text and
+    pooled widths 32; down level 0 has one ResBlock-TimestepBlock-AttnBlock group, down level 1 two, and the up
+    levels mirror them (so its layers are down.0.0, down.1.0, down.1.1, up.0.0, up.0.1, up.1.0); one block
+    repeat each way, no resolution switch between levels, as the released stage C."""
     unet_config = {"stable_cascade_stage": "c", "c_in": 16, "c_out": 16, "c_hidden": [32, 32], "nhead": [2, 2],
-                   "blocks": [[1, 1], [1, 1]], "block_repeat": [[1, 1], [1, 1]], "c_cond": 32, "c_r": 16}
-    return _to_patcher(_supported_models().Stable_Cascade_C(unet_config), seed)
+                   "blocks": [[1, 2], [2, 1]], "block_repeat": [[1, 1], [1, 1]], "c_cond": 32, "c_r": 16,
+                   "c_clip_text": 32, "c_clip_text_pooled": 32}
+    patcher = _to_patcher(_supported_models().Stable_Cascade_C(unet_config), seed)
+    # With random weights the 16 text keys of an AttnBlock hardly compete with its 96 image keys: the prompt
+    # moves the result by 7% (cfg 5 vs 1) and the CFG rules by less than MIN_EFFECT. Scaling the text's key
+    # and value mapping gives the prompt a trained model's weight (73%).
+    with torch.no_grad():
+        for level in [*patcher.model.diffusion_model.down_blocks, *patcher.model.diffusion_model.up_blocks]:
+            for block in level:
+                if hasattr(block, "kv_mapper"):
+                    block.kv_mapper[1].weight.mul_(4.0)
+    return patcher
 
 
 def make_auraflow(seed: int = 0):
@@ -945,3 +957,53 @@ def make_wan_variant_latent(variant: str, seed: int = 0) -> dict:
         mask[:, :, 0] = 0.0
         latent["noise_mask"] = mask
     return latent
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HunyuanDiT and Stable Cascade stage C (tests/host/test_family_hydit_cascade.py)
+
+# HunyuanDiT: SDXL's 4-channel latent; its two text encoders' outputs as the model takes them (model_base.
+# HunyuanDiT.extra_conds): the CLIP (Bert) embedding as the context with its ``attention_mask``, the mT5 one as
+# ``conditioning_mt5xl`` with ``attention_mask_mt5xl``. The masks' last 2 tokens are padding (replaced by the
+# model's learned ``text_embedding_padding``).
+SPECS["hunyuan_dit"] = FamilySpec(latent_channels=4, context_dim=32, context_tokens=8, pooled_dim=None,
+                                  flux_guidance=None)
+HYDIT_PADDING_TOKENS = 2
+
+
+def make_hunyuan_dit(seed: int = 0):
+    """A HunyuanDiT (``supported_models.HunyuanDiT``: V-prediction, linear betas 0.00085..0.018): 6 blocks,
+    hidden 64, 2 heads of 32, patch 2, q/k norms, both text widths 32 (8 tokens each), no size or style
+    conditions (HunyuanDiT 1.0's are ``HunyuanDiT1``). Blocks 4 and 5 mix in the long skips of blocks 1 and 0
+    (``skip=layer > depth // 2``); the depth is even, as the forward's skip list needs."""
+    spec = SPECS["hunyuan_dit"]
+    unet_config = {"image_model": "hydit", "input_size": 16, "patch_size": 2, "in_channels": spec.latent_channels,
+                   "hidden_size": 64, "depth": 6, "num_heads": 2, "mlp_ratio": 4.0,
+                   "text_states_dim": spec.context_dim, "text_states_dim_t5": spec.context_dim,
+                   "text_len": spec.context_tokens, "text_len_t5": spec.context_tokens, "qk_norm": True,
+                   "size_cond": False, "use_style_cond": False, "learn_sigma": True}
+    return _to_patcher(_supported_models().HunyuanDiT(unet_config), seed)
+
+
+def make_hunyuan_dit_conditioning(batch: int = 1, seed: int = 0) -> tuple[list, list]:
+    """(positive, negative) for HunyuanDiT: ``[[clip_context, {attention_mask, conditioning_mt5xl,
+    attention_mask_mt5xl}]]``, the two prompts' own draws."""
+    spec = SPECS["hunyuan_dit"]
+    generator = torch.Generator().manual_seed(seed)
+
+    def one():
+        mask = torch.ones(batch, spec.context_tokens, dtype=torch.long)
+        mask[:, spec.context_tokens - HYDIT_PADDING_TOKENS:] = 0
+        context = torch.randn(batch, spec.context_tokens, spec.context_dim, generator=generator)
+        t5 = torch.randn(batch, spec.context_tokens, spec.context_dim, generator=generator)
+        return [[context, {"attention_mask": mask, "conditioning_mt5xl": t5, "attention_mask_mt5xl": mask.clone()}]]
+
+    return one(), one()
+
+
+JOINT_BUILDERS["hunyuan_dit"] = make_hunyuan_dit  # make_model's table of the later families
+
+# Stable Cascade stage C: its prior latent's 16 channels; the CLIP-G text embedding as the context and its pooled
+# embedding (``pooled_output``, required by model_base.StableCascade_C); no image prompt (zeros, the host's default).
+SPECS["stable_cascade_c"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=8, pooled_dim=32,
+                                       flux_guidance=None)
