@@ -277,7 +277,7 @@ NODE_TABLE += (
             ("test_nag.py::test_nag_matches_the_paper_through_sampling",
              "test_nag.py::test_nag_window_is_respected",
              "test_nag.py::test_nag_layers_choose_the_cross_attentions"),
-            effect_cases=(EffectCase("NAG", _nag, ("sd15", "wan", "ltxv")),
+            effect_cases=(EffectCase("NAG", _nag, ("sd15", "wan", "ltxv") + WAN_VARIANTS + WAN_VARIANTS_0_33),
                           EffectCase("NAG-cfg1", _nag, ("sd15", "wan", "ltxv"), cfg=1.0))),
 )
 
