@@ -51,6 +51,9 @@ class Branch:
     source: str = COND
     perturbation: Any = None
     window: Any = None
+    # A conditioning of its own (Perp-Neg's empty prompt), opaque to the core: the host runs the branch on it
+    # instead of on ``source``'s.
+    conditioning: Any = None
 
     def perturbed_at(self, sigma: float) -> bool:
         return self.perturbation is not None and (self.window is None or self.window.contains(sigma))
@@ -82,6 +85,12 @@ class Term:
     # ``contribution(positive, negative, scale)``: what the term adds to the guided prediction, given directly
     # (perturbation terms: s·(a − b)) instead of through a rule's guided prediction.
     contribution: Callable[..., torch.Tensor] | None = None
+    # ``stopped(state)``: True once the term is off for the rest of the run (adaptive guidance's cut-off), read
+    # from its run state before each step; then its branches are not evaluated.
+    stopped: Callable[[Any], bool] | None = None
+    # Further branches the rule reads (Perp-Neg's empty prompt), passed after the state:
+    # ``rule(positive, negative, scale, state, *reads)``.
+    reads: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.space not in SPACES:
@@ -94,8 +103,10 @@ class Term:
             return float(ctx.cond_scale)
         return float(self.schedule(ctx.step, ctx.num_steps))
 
-    def is_active(self, ctx: StepContext) -> bool:
+    def is_active(self, ctx: StepContext, state: Any = None) -> bool:
         if self.window is not None and not self.window.contains(ctx.sigma):
+            return False
+        if self.stopped is not None and state is not None and self.stopped(state):
             return False
         scale = self.scale_at(ctx)
         return self.neutral_scale is None or not math.isclose(scale, self.neutral_scale, abs_tol=1e-9)
@@ -114,6 +125,8 @@ class CFGRule:
     neutral_scale: float | None = 1.0
     make_state: Callable[[], Any] | None = None
     zero_init_steps: int = 0
+    stopped: Callable[[Any], bool] | None = None  # as Term.stopped
+    reads: tuple[str, ...] = ()  # as Term.reads
 
 
 class CFGRuleConflict(ValueError):
@@ -193,7 +206,8 @@ class GuidanceStack:
     def with_cfg(self, **changes) -> GuidanceStack:
         """The stack with its CFG term's schedule, window or negative branch changed; the other terms stay.
         The rule is changed only as a whole value, with ``with_cfg_rule``."""
-        rule_fields = {"rule", "space", "neutral_scale", "make_state", "zero_init_steps", "rule_owner"} & set(changes)
+        rule_fields = {"rule", "space", "neutral_scale", "make_state", "zero_init_steps", "rule_owner", "stopped",
+                       "reads"} & set(changes)
         if rule_fields:
             raise ValueError(f"with_cfg cannot change {sorted(rule_fields)}: set a CFGRule with with_cfg_rule")
         return self._with_cfg_term(replace(self.cfg_term, **changes))
@@ -209,7 +223,7 @@ class GuidanceStack:
                 "transforms such as rescale or base_norm, schedules and guidance terms stack with either).")
         return self._with_cfg_term(replace(
             current, rule=rule.rule, space=rule.space, neutral_scale=rule.neutral_scale, make_state=rule.make_state,
-            zero_init_steps=rule.zero_init_steps, rule_owner=rule.owner))
+            zero_init_steps=rule.zero_init_steps, rule_owner=rule.owner, stopped=rule.stopped, reads=rule.reads))
 
     def with_windows(self, resolve: Callable[[Any], Any]) -> GuidanceStack:
         """The stack with every term's and branch's window replaced by ``resolve(window)`` (windows that are
@@ -267,21 +281,23 @@ class GuidanceStack:
     def all_terms(self) -> tuple[Term, ...]:
         return self.terms if any(t.name == CFG_TERM for t in self.terms) else (default_cfg_term(),) + self.terms
 
-    def active_terms(self, ctx: StepContext) -> list[Term]:
-        return [t for t in self.all_terms() if t.is_active(ctx)]
+    def active_terms(self, ctx: StepContext, run_state: Mapping | None = None) -> list[Term]:
+        """The terms on at this step; ``run_state`` (from ``new_run_state``) lets a stopped term be off."""
+        run_state = run_state or {}
+        return [t for t in self.all_terms() if t.is_active(ctx, run_state.get(t.name))]
 
     def zero_init(self, ctx: StepContext) -> bool:
         """True on a step where a term asks for zero noise (CFG-Zero*'s first steps): no forward at all."""
         return any(ctx.step < t.zero_init_steps for t in self.all_terms())
 
-    def needed_branches(self, ctx: StepContext) -> list[str]:
+    def needed_branches(self, ctx: StepContext, run_state: Mapping | None = None) -> list[str]:
         """The branches this step evaluates, in a stable order: cond, uncond, then the stack's branches.
-        Empty on a zero-init step."""
+        Empty on a zero-init step. ``run_state``: the run's state, for terms that stop during a run."""
         if self.zero_init(ctx):
             return []
         needed = {COND}
-        for term in self.active_terms(ctx):
-            needed.update((term.positive, term.negative))
+        for term in self.active_terms(ctx, run_state):
+            needed.update((term.positive, term.negative, *term.reads))
         order = [COND, UNCOND] + [b.name for b in self.branches]
         return [name for name in order if name in needed]
 
@@ -326,7 +342,7 @@ class GuidanceStack:
             return noise_preds[name]
 
         guided = preds[COND]
-        active = self.active_terms(ctx)  # once per step: schedules are evaluated here and nowhere else
+        active = self.active_terms(ctx, run_state)  # once per step: schedules are evaluated here and nowhere else
         for term in active:
             if cfg_result is not None and term.name == CFG_TERM:
                 guided = guided + (cfg_result - preds[COND])
@@ -337,7 +353,8 @@ class GuidanceStack:
             if term.contribution is not None:
                 contribution = term.contribution(positive, negative, scale)
             else:  # a rule gives a guided prediction: its contribution is what it adds to the positive
-                contribution = term.rule(positive, negative, scale, run_state.get(term.name)) - positive
+                reads = [in_space(name, term.space) for name in term.reads]
+                contribution = term.rule(positive, negative, scale, run_state.get(term.name), *reads) - positive
             guided = guided + (contribution if term.space == "x0" else -contribution)
 
         active_names = {t.name for t in active}

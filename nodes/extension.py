@@ -2,7 +2,16 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import attention_nodes, autoguidance_nodes, cfg_nodes, sag_nodes, schedule_nodes, slg_nodes, web_routes
+from . import (
+    attention_nodes,
+    autoguidance_nodes,
+    branch_rule_nodes,
+    cfg_nodes,
+    sag_nodes,
+    schedule_nodes,
+    slg_nodes,
+    web_routes,
+)
 
 
 class GuidersExtension(ComfyExtension):
@@ -10,4 +19,4 @@ class GuidersExtension(ComfyExtension):
         # Here rather than in on_load: ComfyUI 0.8.0's loader calls only get_node_list (once per load).
         web_routes.register()
         return [*schedule_nodes.NODES, *cfg_nodes.NODES, *attention_nodes.NODES, *slg_nodes.NODES, *sag_nodes.NODES,
-                *autoguidance_nodes.NODES]
+                *autoguidance_nodes.NODES, *branch_rule_nodes.NODES]

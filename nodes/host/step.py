@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import comfy.patcher_extension
+import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
@@ -105,6 +106,7 @@ class RunState:
     last_sigma: float | None = None
     preds: dict = field(default_factory=dict)
     scratch: dict = field(default_factory=dict)
+    own_conds: dict = field(default_factory=dict)  # branches with a conditioning of their own, processed once
 
 
 def _run_for(setup: GuidanceSetup, model_sampling) -> RunState:
@@ -247,11 +249,12 @@ def _make_calc_cond_batch(previous: Callable | None):
                 evaluate_conds(previous, args["model"], conds, x, args["sigma"], model_options)
             run.preds = {COND: x, UNCOND: x}
             return [x, x]
-        needed = stack.needed_branches(ctx)
+        needed = stack.needed_branches(ctx, run.rule_state)
         if conds[1] is not None and UNCOND not in needed and _uncond_required_by_others(model_options):
             needed = needed + [UNCOND]
         sources = {COND: conds[0], UNCOND: conds[1]}
         sigma, model = args["sigma"], args["model"]
+        sources.update(_own_conditionings(run, stack, needed, model, x))
 
         layout = _batch_layout(stack, needed, sources, ctx.sigma)
         run.scratch = {}
@@ -280,6 +283,22 @@ def _make_calc_cond_batch(previous: Callable | None):
         return [outputs[0], preds[negative] if negative else torch.zeros_like(x)]
 
     return mark_ours(calc_cond_batch)
+
+
+def _own_conditionings(run: RunState, stack: GuidanceStack, needed: list[str], model, x) -> dict:
+    """The needed branches that run on a conditioning of their own (Perp-Neg's empty prompt), keyed by branch
+    name, processed once per run as ComfyUI's PerpNeg processes its empty prompt (convert_cond, then
+    encode_model_conds with the model's extra_conds, as a negative prompt)."""
+    own = {}
+    for branch in stack.branches:
+        if branch.conditioning is None or branch.name not in needed:
+            continue
+        if branch.name not in run.own_conds:
+            converted = comfy.sampler_helpers.convert_cond(branch.conditioning)
+            run.own_conds[branch.name] = comfy.samplers.encode_model_conds(model.extra_conds, converted, x, x.device,
+                                                                           "negative")
+        own[branch.source] = run.own_conds[branch.name]
+    return own
 
 
 @dataclass
