@@ -223,7 +223,8 @@ NODE_TABLE += (
                                                                       sigma_high=5.42, sigma_low=0.28), IMAGE),)),
     NodeRow("GuidersAdaptiveCutoff", ("sd15", "sd3"), "Castillo et al. 2023 Alg. 1 written in the test (per sample)",
             ("test_branch_rules.py::test_adaptive_cutoff_matches_the_paper",
-             "test_branch_rules.py::test_adaptive_cutoff_is_per_image_in_a_batch"),
+             "test_branch_rules.py::test_adaptive_cutoff_is_per_image_in_a_batch",
+             "test_branch_rules.py::test_adaptive_cutoff_with_a_schedule_and_pag_equals_the_documented_composition"),
             # 0.5: below the tiny DiTs' cos(cond, uncond) (about 0.7), so guidance is cut after the first step.
             effect_cases=(EffectCase("AdaptiveCutoff", lambda m, w: node("GuidersAdaptiveCutoff", model=m,
                                                                          threshold=0.5), IMAGE),)),

@@ -162,7 +162,7 @@ CUTOFF_THRESHOLD = {"sd15": 0.9, DIT: 0.695}
 CUTOFF_STEP = {"sd15": 0, DIT: 1}
 
 
-def adaptive_reference(model, threshold: float, log: list | None = None):
+def adaptive_reference(model, threshold: float, log: list | None = None, schedule=None):
     """Castillo et al. 2023, Alg. 1, per sample on the noise predictions: CFG while not truncated; a step whose
     cos(ε_c, ε_u) exceeds the threshold truncates guidance from the next step of the run on."""
     truncated: dict[int, bool] = {}
@@ -172,13 +172,14 @@ def adaptive_reference(model, threshold: float, log: list | None = None):
         if step == 0:
             truncated.clear()  # a new run
         cond, uncond = args["cond"], args["uncond"]
+        scale = args["cond_scale"] if schedule is None else schedule(*step_index(args))
         out = []
         for i in range(cond.shape[0]):
             c, u = cond[i].double().flatten(), uncond[i].double().flatten()
             if truncated.get(i):
                 out.append(cond[i])
                 continue
-            out.append(uncond[i] + args["cond_scale"] * (cond[i] - uncond[i]))
+            out.append(uncond[i] + scale * (cond[i] - uncond[i]))
             if float(c @ u / (c.norm() * u.norm())) > threshold:
                 truncated[i] = True
         if log is not None:
@@ -240,6 +241,26 @@ def test_adaptive_cutoff_is_per_image_in_a_batch(sd15_model) -> None:
     assert log[0] == {1: True} and log[1] == {0: True, 1: True, 2: True}, log
     assert_parity(got, want, plain)
     assert chunks_per_step(counter) == [[(0, 1)], [(0, 1)], [(0,)], [(0,)]]
+
+
+@FAMILIES
+def test_adaptive_cutoff_with_a_schedule_and_pag_equals_the_documented_composition(tiny_model, family: str) -> None:
+    """guided = cond + [until the cut-off: (w_k − 1)(cond − uncond)] + s·(cond − perturbed); the PAG term keeps
+    running after the cut-off. References as in the interval's stacking test."""
+    model = tiny_model(family)
+    schedule = node("GuidersScheduleLinear", start_value=8.0, end_value=2.0)
+    layers = "middle" if family == "sd15" else "auto"
+    threshold = CUTOFF_THRESHOLD[family]
+    ours = node("GuidersPAG", model=model, scale=3.0, layers=layers)
+    ours = node("GuidersAdaptiveCutoff", model=ours, threshold=threshold, schedule=schedule)
+    if family == "sd15":
+        reference = node("PerturbedAttentionGuidance", model=adaptive_reference(model, threshold, schedule=schedule),
+                         scale=3.0)
+    else:
+        reference = adaptive_reference(node("GuidersPAG", model=model, scale=3.0), threshold, schedule=schedule)
+    plain_pag = node("GuidersPAG", model=model, scale=3.0, layers=layers)
+
+    assert_parity(run(ours, family), run(reference, family), run(plain_pag, family))
 
 
 # ---------------------------------------------------------------------------------------------------------
