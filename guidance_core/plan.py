@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,7 +28,11 @@ from .rules import cfg
 COND = "cond"
 UNCOND = "uncond"
 CFG_TERM = "cfg"
-SPACES = ("x0", "noise")
+SPACES = ("x0", "noise", "velocity")
+# "velocity" is (x − x0)/σ: the flow velocity ε − x0 on flow models (x = (1 − σ)x0 + σε), ε on EPS and v models
+# (x = x0 + σε). For rules and post transforms whose papers work on it with magnitudes or across steps (SMC-CFG,
+# momentum guidance), where σ·v (the noise space) would not do.
+PRE_SPACES = ("x0", "noise")
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,12 @@ class PostTransform:
     space: str = "noise"
     requires: tuple[str, ...] = (COND,)
     while_term_active: str | None = None  # apply only on steps where this term is active (SLG's rescale)
+    # Per-run state (momentum guidance's running average): then ``fn(guided, preds, state, ctx)``.
+    make_state: Callable[[], Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"post:{self.name}"
 
 
 def stateless_rule(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -240,8 +251,8 @@ class GuidanceStack:
         return replace(self, terms=(cfg_term,) + others)
 
     def with_pre(self, transform: PreTransform) -> GuidanceStack:
-        if transform.space not in SPACES:
-            raise ValueError(f"PreTransform {transform.name!r}: space {transform.space!r} is not one of {SPACES}")
+        if transform.space not in PRE_SPACES:
+            raise ValueError(f"PreTransform {transform.name!r}: space {transform.space!r} is not one of {PRE_SPACES}")
         return replace(self, pre=self.pre + (transform,))
 
     def with_term(self, term: Term, *branches: Branch) -> GuidanceStack:
@@ -302,8 +313,10 @@ class GuidanceStack:
         return [name for name in order if name in needed]
 
     def new_run_state(self) -> dict[str, Any]:
-        """Fresh per-run state for every stateful term (nothing is kept between runs)."""
-        return {t.name: t.make_state() for t in self.all_terms() if t.make_state is not None}
+        """Fresh per-run state for every stateful term and post transform (nothing is kept between runs)."""
+        state = {t.name: t.make_state() for t in self.all_terms() if t.make_state is not None}
+        state.update({p.state_key: p.make_state() for p in self.post if p.make_state is not None})
+        return state
 
     def pre_transformed(self, preds: Mapping[str, torch.Tensor], x: torch.Tensor) -> Mapping[str, torch.Tensor]:
         """``preds`` after every pre transform whose required branches are there, in order (x0 predictions)."""
@@ -339,7 +352,7 @@ class GuidanceStack:
                 return preds[name]
             if name not in noise_preds:
                 noise_preds[name] = x - preds[name]
-            return noise_preds[name]
+            return noise_preds[name] if space == "noise" else noise_preds[name] / ctx.sigma
 
         guided = preds[COND]
         active = self.active_terms(ctx, run_state)  # once per step: schedules are evaluated here and nowhere else
@@ -355,7 +368,7 @@ class GuidanceStack:
             else:  # a rule gives a guided prediction: its contribution is what it adds to the positive
                 reads = [in_space(name, term.space) for name in term.reads]
                 contribution = term.rule(positive, negative, scale, run_state.get(term.name), *reads) - positive
-            guided = guided + (contribution if term.space == "x0" else -contribution)
+            guided = guided + _to_x0_difference(contribution, term.space, ctx.sigma)
 
         active_names = {t.name for t in active}
         for transform in self.post:
@@ -363,9 +376,27 @@ class GuidanceStack:
                 continue
             if transform.while_term_active is not None and transform.while_term_active not in active_names:
                 continue
-            if transform.space == "x0":
-                guided = transform.fn(guided, {k: preds[k] for k in preds})
+            if transform.make_state is not None:
+                fn = partial(_call_with_state, transform.fn, state=run_state.get(transform.state_key), ctx=ctx)
             else:
-                noise = transform.fn(x - guided, {k: in_space(k, "noise") for k in preds})
+                fn = transform.fn
+            if transform.space == "x0":
+                guided = fn(guided, {k: preds[k] for k in preds})
+            elif transform.space == "velocity":
+                velocity = fn((x - guided) / ctx.sigma, {k: in_space(k, "velocity") for k in preds})
+                guided = x - ctx.sigma * velocity
+            else:
+                noise = fn(x - guided, {k: in_space(k, "noise") for k in preds})
                 guided = x - noise
         return guided
+
+
+def _to_x0_difference(difference: torch.Tensor, space: str, sigma: float) -> torch.Tensor:
+    """A difference of predictions in ``space`` as the difference of x0 it makes: x0 = x − noise = x − σ·velocity."""
+    if space == "x0":
+        return difference
+    return -difference if space == "noise" else -sigma * difference
+
+
+def _call_with_state(fn, guided, preds, state, ctx):
+    return fn(guided, preds, state, ctx)

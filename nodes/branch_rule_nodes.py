@@ -1,6 +1,7 @@
 """CFG rules that change which branches a step evaluates: the guidance interval (no uncond outside it),
-adaptive guidance (no uncond once cond and uncond agree) and Perp-Neg (the empty prompt joins the batch).
-The math is in guidance_core/branch_rules; each node here sets the CFG term's window or rule, one value.
+adaptive guidance (no uncond once cond and uncond agree) and Perp-Neg (the empty prompt joins the batch); and
+the rules that remember the run's trajectory: momentum guidance (a post transform) and SMC-CFG (a CFG rule).
+The math is in guidance_core/branch_rules and trajectory_rules; each node sets one window, rule or transform.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from functools import partial
 
 from comfy_api.latest import io
 
-from ..guidance_core import branch_rules
-from ..guidance_core.plan import Branch, CFGRule
+from ..guidance_core import branch_rules, trajectory_rules
+from ..guidance_core.plan import Branch, CFGRule, PostTransform
 from . import host
 from .common import CATEGORY, model_input, public_id, with_cfg_rule, with_cfg_schedule
 from .host.windows import NoiseRatioInterval
@@ -184,3 +185,95 @@ def stateless_empty_rule(fn):
 
 
 NODES = [GuidersCFGInterval, GuidersAdaptiveCutoff, GuidersPerpNeg]
+
+
+# --- rules that remember the trajectory (guidance_core/trajectory_rules) --------------------------------
+
+TRAJECTORY_SPACES = {"velocity (the paper)": "velocity", "x0 (sd-perturbed-attention)": "x0"}
+
+
+def trajectory_space_input(what: str) -> io.Input:
+    return io.Combo.Input("space", options=list(TRAJECTORY_SPACES), default="velocity (the paper)", optional=True,
+                          tooltip=f"velocity: {what} on (x − x0)/σ, the flow velocity (ε on SD1.5/SDXL), as the paper. "
+                                  "x0: on the denoised prediction, as pamparamm/sd-perturbed-attention's node.")
+
+
+class GuidersMomentumGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidersMomentumGuidance",
+            display_name="Momentum Guidance (Guiders)",
+            category=CATEGORY,
+            description="Momentum guidance (Liao et al. 2026, arXiv:2602.20360): each step's guided velocity is "
+                        "pushed away from the running average of the previous steps' (v + α(v − m)), with no extra "
+                        "model call. Acts on the whole guided result (CFG and every term), after the post transforms "
+                        "added before it. Made for flow models (SD3, Flux); works on every family.",
+            inputs=[
+                model_input(),
+                io.Float.Input("momentum", default=0.5, min=0.0, max=100.0, step=0.01,
+                               tooltip="α: 0 = off. 0.5 with CFG, as the reference node recommends; larger without "
+                                       "CFG (cfg 1)."),
+                io.Float.Input("ema", default=0.6, min=0.0, max=0.999, step=0.01,
+                               tooltip="β of the running average m ← β·m + (1 − β)·v: higher remembers more steps."),
+                trajectory_space_input("the average and extrapolation"),
+                Schedule.Input("schedule", optional=True, tooltip="Optional: α per step (overrides momentum)."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, momentum, ema, space="velocity (the paper)", schedule=None) -> io.NodeOutput:
+        node = public_id(cls)
+        check_inputs(cls, momentum=momentum, ema=ema, space=space)
+
+        def momentum_step(guided, preds, state, ctx):
+            alpha = momentum if schedule is None else float(schedule(ctx.step, ctx.num_steps))
+            return trajectory_rules.momentum_guidance(guided, state, alpha, ema)
+
+        def update(stack):
+            name = stack.unique_name("momentum_guidance")
+            return stack.with_post(PostTransform(name, momentum_step, space=TRAJECTORY_SPACES[space],
+                                                 make_state=trajectory_rules.MomentumGuidanceState))
+
+        return io.NodeOutput(host.add_guidance(model, node, update))
+
+
+class GuidersSMCCFG(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidersSMCCFG",
+            display_name="SMC-CFG (Guiders)",
+            category=CATEGORY,
+            description="Sliding Mode Control CFG (Wang et al., CVPR 2026, arXiv:2603.03281): the guidance error "
+                        "c − u is corrected each step toward a sliding surface over its history (ê = e − k·sign(s), "
+                        "s = (e − e_prev) + λ·e_prev), then u + w·ê. Steadier at high cfg. Sets the CFG rule.",
+            inputs=[
+                model_input(),
+                io.Float.Input("sliding_lambda", default=6.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="λ, the sliding surface's shape. The paper uses 2-8 (SD3.5, Flux, Qwen-Image)."),
+                io.Float.Input("k", default=0.1, min=0.0, max=2.0, step=0.01,
+                               tooltip="Switching gain toward the surface; 0 = plain CFG. The paper uses 0.01-0.8; "
+                                       "lower keeps more realism, higher more prompt alignment."),
+                trajectory_space_input("the error and its correction"),
+                cfg_schedule_input(),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, sliding_lambda, k, space="velocity (the paper)", schedule=None) -> io.NodeOutput:
+        node = public_id(cls)
+        check_inputs(cls, sliding_lambda=sliding_lambda, k=k, space=space)
+
+        def sliding_mode_rule(cond, uncond, scale, state):
+            return trajectory_rules.smc_cfg(cond, uncond, scale, state, sliding_lambda, k)
+
+        rule = CFGRule(node, sliding_mode_rule, space=TRAJECTORY_SPACES[space],
+                       make_state=trajectory_rules.SlidingModeState)
+        return io.NodeOutput(host.add_guidance(
+            model, node, lambda s: _with_optional_schedule(with_cfg_rule(s, rule), cls, schedule)))
+
+
+NODES += [GuidersMomentumGuidance, GuidersSMCCFG]

@@ -239,3 +239,19 @@ NODE_TABLE += (
                                      IMAGE),)),
 )
 NODE_IDS = [row.node_id for row in NODE_TABLE]
+
+# Rules that remember the run's trajectory (tests/host/test_trajectory_rules.py).
+NODE_TABLE += (
+    NodeRow("GuidersMomentumGuidance", ("sd15", "sd3"), "Liao et al. 2026 Alg. 1 written in the test (velocity and "
+            "x0 spaces)",
+            ("test_trajectory_rules.py::test_momentum_guidance_matches_the_paper",
+             "test_trajectory_rules.py::test_momentum_guidance_with_a_schedule_and_pag_equals_the_documented_composition"),
+            effect_cases=(EffectCase("MomentumGuidance", lambda m, w: node("GuidersMomentumGuidance", model=m,
+                                                                           momentum=2.0, ema=0.6), IMAGE),)),
+    NodeRow("GuidersSMCCFG", ("sd15", "sd3"), "Wang et al. 2026 §3.4 written in the test (velocity and x0 spaces)",
+            ("test_trajectory_rules.py::test_smc_cfg_matches_the_paper",
+             "test_trajectory_rules.py::test_smc_cfg_with_a_schedule_and_pag_equals_the_documented_composition"),
+            effect_cases=(EffectCase("SMCCFG", lambda m, w: node("GuidersSMCCFG", model=m, sliding_lambda=6.0, k=1.0),
+                                     IMAGE),)),
+)
+NODE_IDS = [row.node_id for row in NODE_TABLE]
