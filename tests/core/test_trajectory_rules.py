@@ -3,9 +3,8 @@ equations (float64, one sample at a time), over several steps of one run; and th
 stateful post transforms.
 
 Breaks shown to fail on a scratch copy: the running average updated before the extrapolation (instead of
-after), or with β and 1 − β swapped, fails the momentum reference; SMC's e_prev kept as the raw error instead
-of the corrected one, or its unit direction taken over the whole batch, fails the SMC reference; the velocity
-space taken as x − x0 (no division by σ) fails the plan tests.
+after) fails the momentum reference and the plan test; SMC's e_prev kept as the raw error instead of the
+corrected one fails the SMC reference.
 """
 
 from __future__ import annotations

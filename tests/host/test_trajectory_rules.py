@@ -7,9 +7,11 @@ Host behaviour these tests depend on (ComfyUI 0.8.0 and 0.33.0, comfy/samplers.p
 the order they were set, each getting the previous one's ``denoised`` (x0), with ``input`` x and ``sigma``;
 PerturbedAttentionGuidance is such a post-CFG function (s·(cond − perturbed) added to the CFG result).
 
-Breaks each test was shown to catch on a scratch copy: the state kept between runs (the second run then
-differs); momentum's average updated before the extrapolation; the velocity space replaced by the noise space
-(x − x0, no division by σ); SMC's schedule ignored; the PAG term dropped from the stack.
+Breaks each test was shown to catch on a scratch copy: momentum's state kept between runs (the parity tests'
+second run then differs); momentum's average updated before the extrapolation; SMC's e_prev kept as the raw
+error; the velocity space replaced by the noise space (x − x0, no division by σ) for rules and for post
+transforms; either schedule ignored; the PAG term dropped from the stack (by the CFG rule, or by a post
+transform).
 """
 
 from __future__ import annotations
