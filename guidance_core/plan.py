@@ -169,6 +169,22 @@ class PostTransform:
         return f"post:{self.name}"
 
 
+@dataclass(frozen=True)
+class ConditioningTransform:
+    """A change of the conditioning embedding some branches run on, before the forward (CADS):
+    ``fn(embedding, t, state, ctx) -> embedding`` with t the diffusion time in [0, 1] (1 = pure noise), for the
+    branches whose source is in ``sources`` (a perturbed copy of the cond sees the same change as the cond)."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    sources: tuple[str, ...] = (COND,)
+    make_state: Callable[[], Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"conditioning:{self.name}"
+
+
 def stateless_rule(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Adapts ``fn(positive, negative, scale)`` to the rule signature, which also passes the run state."""
 
@@ -205,6 +221,7 @@ class GuidanceStack:
     post: tuple[PostTransform, ...] = ()
     sequential: bool = False
     pre: tuple[PreTransform, ...] = ()
+    conditioning: tuple[ConditioningTransform, ...] = ()  # applied by the host to the branches' conditionings
 
     # -- building -----------------------------------------------------------------------------------
     @property
@@ -269,6 +286,9 @@ class GuidanceStack:
             raise ValueError(f"a branch named {branch.name!r} is already in the stack")
         return replace(self, branches=self.branches + (branch,))
 
+    def with_conditioning(self, transform: ConditioningTransform) -> GuidanceStack:
+        return replace(self, conditioning=self.conditioning + (transform,))
+
     def with_post(self, transform: PostTransform) -> GuidanceStack:
         return replace(self, post=self.post + (transform,))
 
@@ -316,6 +336,7 @@ class GuidanceStack:
         """Fresh per-run state for every stateful term and post transform (nothing is kept between runs)."""
         state = {t.name: t.make_state() for t in self.all_terms() if t.make_state is not None}
         state.update({p.state_key: p.make_state() for p in self.post if p.make_state is not None})
+        state.update({c.state_key: c.make_state() for c in self.conditioning if c.make_state is not None})
         return state
 
     def pre_transformed(self, preds: Mapping[str, torch.Tensor], x: torch.Tensor) -> Mapping[str, torch.Tensor]:

@@ -11,8 +11,8 @@ from functools import partial
 
 from comfy_api.latest import io
 
-from ..guidance_core import branch_rules, trajectory_rules
-from ..guidance_core.plan import Branch, CFGRule, PostTransform
+from ..guidance_core import branch_rules, condition_annealing, trajectory_rules
+from ..guidance_core.plan import COND, UNCOND, Branch, CFGRule, ConditioningTransform, PostTransform
 from . import host
 from .common import CATEGORY, model_input, public_id, with_cfg_rule, with_cfg_schedule
 from .host.windows import NoiseRatioInterval
@@ -277,3 +277,62 @@ class GuidersSMCCFG(io.ComfyNode):
 
 
 NODES += [GuidersMomentumGuidance, GuidersSMCCFG]
+
+
+# --- CADS: noise on the conditioning (guidance_core/condition_annealing) ----------------------------------
+
+CADS_SOURCES = {"cond": (COND,), "cond and uncond": (COND, UNCOND)}
+
+
+class GuidersCADS(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidersCADS",
+            display_name="CADS Condition Annealing (Guiders)",
+            category=CATEGORY,
+            description="CADS (Sadat et al., ICLR 2024, arXiv:2310.17347): Gaussian noise on the text embedding, "
+                        "full early in sampling and annealed away between tau2 and tau1 (γ(t), Eq. 3), for more "
+                        "diverse images at high cfg. Changes the model's input, so it stacks with every rule and term.",
+            inputs=[
+                model_input(),
+                io.Float.Input("noise_scale", default=0.25, min=0.0, max=5.0, step=0.01,
+                               tooltip="s: the noise's size next to the embedding. The paper: 0.025-0.25; 0 = off."),
+                io.Float.Input("tau1", default=0.6, min=0.0, max=1.0, step=0.01,
+                               tooltip="τ1: below this diffusion time (1 = pure noise) the embedding is clean."),
+                io.Float.Input("tau2", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="τ2: above this diffusion time the embedding is all noise (γ = 0)."),
+                io.Float.Input("psi", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="ψ: mix of the noised embedding rescaled to the clean one's mean and std "
+                                       "(Eq. 4); 1 = fully rescaled (avoids divergence at large s), 0 = no rescale."),
+                io.Combo.Input("apply_to", options=list(CADS_SOURCES), default="cond", optional=True,
+                               tooltip="Which prompts get the noise: the positive only, or both."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
+                             tooltip="Seed of the embedding noise (the same seed gives the same images)."),
+                Schedule.Input("schedule", optional=True, tooltip="Optional: s per step (overrides noise_scale)."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, noise_scale, tau1, tau2, psi, apply_to="cond", seed=0, schedule=None) -> io.NodeOutput:
+        node = public_id(cls)
+        check_inputs(cls, noise_scale=noise_scale, tau1=tau1, tau2=tau2, psi=psi, apply_to=apply_to, seed=seed)
+        if not tau1 < tau2:
+            raise host.GuidanceError(f"{node}: tau1 ({tau1}) must be below tau2 ({tau2}).")
+
+        def noised_embedding(embedding, t, state, ctx):
+            scale = noise_scale if schedule is None else float(schedule(ctx.step, ctx.num_steps))
+            gamma = condition_annealing.cads_gamma(t, tau1, tau2)
+            return condition_annealing.cads_condition(embedding, gamma, state.draw(embedding), scale, psi)
+
+        def update(stack):
+            name = stack.unique_name("cads")
+            return stack.with_conditioning(ConditioningTransform(
+                name, noised_embedding, sources=CADS_SOURCES[apply_to],
+                make_state=lambda: condition_annealing.ConditionNoiseState(seed)))
+
+        return io.NodeOutput(host.add_guidance(model, node, update))
+
+
+NODES += [GuidersCADS]

@@ -255,6 +255,7 @@ def _make_calc_cond_batch(previous: Callable | None):
         sources = {COND: conds[0], UNCOND: conds[1]}
         sigma, model = args["sigma"], args["model"]
         sources.update(_own_conditionings(run, stack, needed, model, x))
+        sources = _transformed_conditionings(stack, sources, run.rule_state, model.model_sampling, ctx)
 
         layout = _batch_layout(stack, needed, sources, ctx.sigma)
         run.scratch = {}
@@ -299,6 +300,37 @@ def _own_conditionings(run: RunState, stack: GuidanceStack, needed: list[str], m
                                                                            "negative")
         own[branch.source] = run.own_conds[branch.name]
     return own
+
+
+# The model_conds key of the text embedding, the same on every family ComfyUI has (CONDCrossAttn).
+TEXT_EMBEDDING_KEY = "c_crossattn"
+
+
+def _transformed_conditionings(stack: GuidanceStack, sources: dict, run_state: dict, model_sampling,
+                               ctx: StepContext) -> dict:
+    """``sources`` with each conditioning transform (CADS) applied to the text embedding of the sources it
+    names, at the diffusion time t = timestep(σ) / timestep(σ_max) (999ths on discrete models, σ on flow models;
+    ComfyUI-CADS reads t the same way). A perturbed branch copies its source afterwards, so it sees the change."""
+    if not stack.conditioning:
+        return sources
+    sigma_tensor = torch.tensor([ctx.sigma])
+    max_timestep = model_sampling.timestep(torch.as_tensor(model_sampling.sigma_max).reshape(1))[0]
+    t = float(model_sampling.timestep(sigma_tensor)[0] / max_timestep)
+    changed = dict(sources)
+    for transform in stack.conditioning:
+        state = run_state.get(transform.state_key)
+        for name in transform.sources:
+            if changed.get(name) is None:
+                continue
+            entries = []
+            for entry in changed[name]:
+                model_conds = dict(entry["model_conds"])
+                embedding = model_conds.get(TEXT_EMBEDDING_KEY)
+                if embedding is not None:
+                    model_conds[TEXT_EMBEDDING_KEY] = embedding._copy_with(transform.fn(embedding.cond, t, state, ctx))
+                entries.append({**entry, "model_conds": model_conds})
+            changed[name] = entries
+    return changed
 
 
 @dataclass

@@ -255,3 +255,14 @@ NODE_TABLE += (
                                      IMAGE),)),
 )
 NODE_IDS = [row.node_id for row in NODE_TABLE]
+
+# Noise on the conditioning (tests/host/test_condition_annealing.py).
+NODE_TABLE += (
+    NodeRow("GuidersCADS", ("sd15", "sd3"), "Sadat et al. 2024 Eqs. 2-4 written in the test (a model wrapper noising "
+            "the same draws)",
+            ("test_condition_annealing.py::test_cads_matches_the_paper",
+             "test_condition_annealing.py::test_cads_with_a_schedule_and_pag_equals_the_documented_composition"),
+            effect_cases=(EffectCase("CADS", lambda m, w: node("GuidersCADS", model=m, noise_scale=0.5, tau1=0.3,
+                                                               tau2=0.95, psi=1.0), IMAGE),)),
+)
+NODE_IDS = [row.node_id for row in NODE_TABLE]
