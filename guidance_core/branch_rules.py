@@ -31,7 +31,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class GuidanceInterval:
-    """The σ interval ``(sigma_low, sigma_high]`` of Kynkäänniemi et al. 2024 (arXiv:2404.07724, Eq. 3): the
+    """The σ interval ``(sigma_low, sigma_high]`` of Kynkäänniemi et al. 2024 (arXiv:2404.07724): the
     guidance weight is w inside it and 1 (the cond alone) outside. Used as the CFG term's window: outside it the
     CFG term is inactive, so the uncond is not evaluated. Open at ``sigma_low``, closed at ``sigma_high``, as
     the paper writes it."""
@@ -50,7 +50,7 @@ class GuidanceInterval:
 
 def guidance_interval_cfg(cond: Tensor, uncond: Tensor, scale: float, sigma: float, sigma_high: float,
                           sigma_low: float) -> Tensor:
-    """Kynkäänniemi et al. 2024 (arXiv:2404.07724), Eq. 3: ``u + w(σ)(c − u)`` with ``w(σ) = w`` for
+    """Kynkäänniemi et al. 2024 (arXiv:2404.07724), the guided prediction: ``u + w(σ)(c − u)`` with ``w(σ) = w`` for
     ``σ ∈ (σ_lo, σ_hi]`` and 1 elsewhere, so ``c`` outside the interval. Affine, so any prediction space.
     The plan does not call this: it makes the CFG term's window a ``GuidanceInterval`` (no uncond outside);
     this is the definition the tests compare the plan with."""
@@ -90,7 +90,7 @@ class AdaptiveCutoffState:
 
 def adaptive_cutoff_cfg(cond: Tensor, uncond: Tensor, scale: float, state: AdaptiveCutoffState,
                         threshold: float = 0.99) -> Tensor:
-    """Adaptive guidance (Castillo et al. 2023, arXiv:2312.12487, §4 and Alg. 1), on noise predictions
+    """Adaptive guidance (Castillo et al. 2023, arXiv:2312.12487, the AG policy), on noise predictions
     (ε; in ComfyUI's noise space σ·ε or σ·v, which has the same cosine similarity per sample).
 
     While a sample's ``γ = cos(ε_c, ε_u)`` has not exceeded ``threshold`` it gets CFG, ``u + w(c − u)``;
@@ -117,7 +117,7 @@ def adaptive_cutoff_cfg(cond: Tensor, uncond: Tensor, scale: float, state: Adapt
 
 def perp_neg(cond: Tensor, uncond: Tensor, empty: Tensor, scale: float, neg_scale: float = 1.0,
              per_sample: bool = True) -> Tensor:
-    """Perp-Neg (Armandpour et al. 2023, arXiv:2304.04968, Eq. 6 with one negative prompt, its weight written
+    """Perp-Neg (Armandpour et al. 2023, arXiv:2304.04968, with one negative prompt, its weight written
     ``w·s`` as ComfyUI's PerpNeg does):
 
         ε = ε_∅ + w·(ε_+ − ε_∅ − s·(ε_− − ε_∅)^⊥),

@@ -16,7 +16,7 @@ __all__ = ["ConditionNoiseState", "cads_condition", "cads_gamma"]
 
 
 def cads_gamma(t: float, tau1: float = 0.6, tau2: float = 0.9) -> float:
-    """The annealing schedule γ(t) of Eq. 3: 1 for t ≤ τ1, 0 for t ≥ τ2, linear in between; t ∈ [0, 1] is the
+    """The paper's annealing schedule γ(t): 1 for t ≤ τ1, 0 for t ≥ τ2, linear in between; t ∈ [0, 1] is the
     diffusion time (1 = pure noise), so the noise is full at the start and gone after t falls below τ1."""
     if t <= tau1:
         return 1.0
@@ -37,10 +37,10 @@ class ConditionNoiseState:
 
 def cads_condition(embedding: Tensor, gamma: float, noise: Tensor, noise_scale: float = 0.25,
                    psi: float = 1.0) -> Tensor:
-    """Eq. 2: ``ŷ = √γ·y + s·√(1 − γ)·n``; then Eq. 4: ``ŷ_rescaled = (ŷ − mean(ŷ)) / std(ŷ) · std(y) + mean(y)``
-    and ``ψ·ŷ_rescaled + (1 − ψ)·ŷ`` (ψ = 0: no rescale). ``s`` is ``noise_scale``, ``n`` standard normal noise
-    of the embedding's shape. Mean and std per sample (one prompt's embedding), in the accumulation dtype; a
-    constant ŷ (std 0) is left as it is."""
+    """The noised condition ``ŷ = √γ·y + s·√(1 − γ)·n``; then its rescale
+    ``ŷ_rescaled = (ŷ − mean(ŷ)) / std(ŷ) · std(y) + mean(y)`` and ``ψ·ŷ_rescaled + (1 − ψ)·ŷ`` (ψ = 0: no
+    rescale). ``s`` is ``noise_scale``, ``n`` standard normal noise of the embedding's shape. Mean and std per
+    sample (one prompt's embedding), in the accumulation dtype; a constant ŷ (std 0) is left as it is."""
     wide = accumulation_dtype(embedding)
     y = embedding.to(wide)
     noised = math.sqrt(gamma) * y + noise_scale * math.sqrt(1.0 - gamma) * noise.to(wide)

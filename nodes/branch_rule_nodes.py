@@ -292,7 +292,7 @@ class GuidersCADS(io.ComfyNode):
             display_name="CADS Condition Annealing (Guiders)",
             category=CATEGORY,
             description="CADS (Sadat et al., ICLR 2024, arXiv:2310.17347): Gaussian noise on the text embedding, "
-                        "full early in sampling and annealed away between tau2 and tau1 (γ(t), Eq. 3), for more "
+                        "full early in sampling and annealed away between tau2 and tau1 (the paper's γ(t)), for more "
                         "diverse images at high cfg. Changes the model's input, so it stacks with every rule and term.",
             inputs=[
                 model_input(),
@@ -304,7 +304,7 @@ class GuidersCADS(io.ComfyNode):
                                tooltip="τ2: above this diffusion time the embedding is all noise (γ = 0)."),
                 io.Float.Input("psi", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="ψ: mix of the noised embedding rescaled to the clean one's mean and std "
-                                       "(Eq. 4); 1 = fully rescaled (avoids divergence at large s), 0 = no rescale."),
+                                       "(§3); 1 = fully rescaled (avoids divergence at large s), 0 = no rescale."),
                 io.Combo.Input("apply_to", options=list(CADS_SOURCES), default="cond", optional=True,
                                tooltip="Which prompts get the noise: the positive only, or both."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,

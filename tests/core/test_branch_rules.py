@@ -73,7 +73,7 @@ def reference_cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 
 def reference_adaptive_guidance(steps: list[tuple[torch.Tensor, torch.Tensor]], scale: float, threshold: float):
-    """Castillo et al. 2023, Alg. 1, one sample at a time: CFG while not truncated; a step whose γ exceeds
+    """Castillo et al. 2023, the AG policy, one sample at a time: CFG while not truncated; a step whose γ exceeds
     γ̄ truncates guidance from the next step on."""
     results = []
     truncated = [False] * steps[0][0].shape[0]
@@ -168,7 +168,7 @@ def test_plan_stops_evaluating_the_uncond_once_every_sample_stopped():
 # --- Perp-Neg ------------------------------------------------------------------------------------------
 
 def reference_perp_neg(cond, uncond, empty, scale, neg_scale, per_sample):
-    """Armandpour et al. 2023 Eq. 6 with one negative (weight scale·neg_scale), in float64; whole batch as
+    """Armandpour et al. 2023 with one negative (weight scale·neg_scale), in float64; whole batch as
     ComfyUI's perp_neg (one dot product and norm over the whole tensor)."""
     c, u, e = cond.double(), uncond.double(), empty.double()
     if not per_sample:

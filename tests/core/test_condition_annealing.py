@@ -1,5 +1,5 @@
 """guidance_core.condition_annealing (CADS) against the paper's equations written here (Sadat et al., ICLR 2024,
-arXiv:2310.17347, Eqs. 2-4), in float64 one sample at a time.
+arXiv:2310.17347, §3), in float64 one sample at a time.
 
 Breaks shown to fail on a scratch copy: γ's ramp reversed ((t − τ1)/(τ2 − τ1)), the noise scaled by (1 − γ)
 instead of √(1 − γ), the rescale's mean and std taken over the whole batch instead of per sample.
@@ -38,7 +38,7 @@ def test_gamma_is_the_papers_piecewise_linear_schedule():
 
 @pytest.mark.parametrize("shape", EMBEDDING_SHAPES)
 @pytest.mark.parametrize(("gamma", "psi"), [(0.0, 1.0), (0.3, 1.0), (0.3, 0.5), (0.7, 0.0), (1.0, 1.0)])
-def test_cads_condition_matches_equations_2_to_4(shape, gamma, psi):
+def test_cads_condition_matches_the_papers_noised_and_rescaled_condition(shape, gamma, psi):
     g = torch.Generator().manual_seed(1)
     y, noise = 2.0 + 3.0 * torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     got = cads_condition(y, gamma, noise, 0.25, psi)

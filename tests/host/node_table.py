@@ -214,14 +214,15 @@ def _empty_conditioning_for(model) -> list:
 
 
 NODE_TABLE += (
-    NodeRow("GuidersCFGInterval", ("sd15", "sd3"), "Kynkäänniemi et al. 2024 Eq. 3 written in the test "
+    NodeRow("GuidersCFGInterval", ("sd15", "sd3"), "Kynkäänniemi et al. 2024 written in the test "
             "(σ as noise-to-signal ratio, t/(1 − t) on flow models); ComfyUI's percent windows",
             ("test_branch_rules.py::test_cfg_interval_matches_the_paper_in_sigma",
              "test_branch_rules.py::test_cfg_interval_in_percent_matches_comfyui_percent_windows",
              "test_branch_rules.py::test_cfg_interval_with_a_schedule_and_pag_equals_the_documented_composition"),
             effect_cases=(EffectCase("CFGInterval", lambda m, w: node("GuidersCFGInterval", model=m, mode="sigma",
                                                                       sigma_high=5.42, sigma_low=0.28), IMAGE),)),
-    NodeRow("GuidersAdaptiveCutoff", ("sd15", "sd3"), "Castillo et al. 2023 Alg. 1 written in the test (per sample)",
+    NodeRow("GuidersAdaptiveCutoff", ("sd15", "sd3"), "Castillo et al. 2023 (the AG policy) written in the test, "
+            "per sample",
             ("test_branch_rules.py::test_adaptive_cutoff_matches_the_paper",
              "test_branch_rules.py::test_adaptive_cutoff_is_per_image_in_a_batch",
              "test_branch_rules.py::test_adaptive_cutoff_with_a_schedule_and_pag_equals_the_documented_composition"),
@@ -229,7 +230,7 @@ NODE_TABLE += (
             effect_cases=(EffectCase("AdaptiveCutoff", lambda m, w: node("GuidersAdaptiveCutoff", model=m,
                                                                          threshold=0.5), IMAGE),)),
     NodeRow("GuidersPerpNeg", ("sd15", "sd3"), "ComfyUI PerpNeg / PerpNegGuider (whole batch); Armandpour et al. "
-            "2023 Eq. 6 written in the test (per image)",
+            "2023 written in the test (per image)",
             ("test_branch_rules.py::test_perp_neg_whole_batch_equals_comfyui_perp_neg",
              "test_branch_rules.py::test_perp_neg_whole_batch_equals_perp_neg_guider",
              "test_branch_rules.py::test_perp_neg_per_image_matches_the_paper_and_differs_from_the_whole_batch",
@@ -258,7 +259,7 @@ NODE_IDS = [row.node_id for row in NODE_TABLE]
 
 # Noise on the conditioning (tests/host/test_condition_annealing.py).
 NODE_TABLE += (
-    NodeRow("GuidersCADS", ("sd15", "sd3"), "Sadat et al. 2024 Eqs. 2-4 written in the test (a model wrapper noising "
+    NodeRow("GuidersCADS", ("sd15", "sd3"), "Sadat et al. 2024 §3 written in the test (a model wrapper noising "
             "the same draws)",
             ("test_condition_annealing.py::test_cads_matches_the_paper",
              "test_condition_annealing.py::test_cads_with_a_schedule_and_pag_equals_the_documented_composition"),

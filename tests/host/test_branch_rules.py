@@ -81,7 +81,7 @@ def chunks_per_step(counter: ForwardCounter) -> list[list[tuple[int, ...]]]:
 
 
 def interval_reference(model, sigma_high: float, sigma_low: float, schedule=None):
-    """Kynkäänniemi et al. 2024, Eq. 3: u + w(c − u) for σ in (σ_lo, σ_hi], c elsewhere; σ the noise-to-signal
+    """Kynkäänniemi et al. 2024: u + w(c − u) for σ in (σ_lo, σ_hi], c elsewhere; σ the noise-to-signal
     ratio, which on a flow model (x = (1 − t)x0 + tε) is t / (1 − t)."""
     flow = is_flow(model)
 
@@ -163,7 +163,7 @@ CUTOFF_STEP = {"sd15": 0, DIT: 1}
 
 
 def adaptive_reference(model, threshold: float, log: list | None = None, schedule=None):
-    """Castillo et al. 2023, Alg. 1, per sample on the noise predictions: CFG while not truncated; a step whose
+    """Castillo et al. 2023, the AG policy, per sample on the noise predictions: CFG while not truncated; a step whose
     cos(ε_c, ε_u) exceeds the threshold truncates guidance from the next step of the run on."""
     truncated: dict[int, bool] = {}
 
@@ -273,7 +273,7 @@ def empty_conditioning(family: str) -> list:
 
 
 def perp_neg_reference(model, empty: list, neg_scale: float, schedule=None):
-    """Armandpour et al. 2023, Eq. 6, per image, on x0: the empty prompt evaluated as ComfyUI's PerpNeg does
+    """Armandpour et al. 2023, per image, on x0: the empty prompt evaluated as ComfyUI's PerpNeg does
     (converted once, encoded per step as a negative prompt, its own calc_cond_batch call)."""
     converted = comfy.sampler_helpers.convert_cond(empty)
 

@@ -1,5 +1,5 @@
 """GuidersCADS through ComfyUI's real sampling on tiny SD1.5 and SD3 (a DiT), against a reference written here from
-the paper (Sadat et al., ICLR 2024, arXiv:2310.17347, Eqs. 2-4): a plain model clone whose
+the paper (Sadat et al., ICLR 2024, arXiv:2310.17347, §3): a plain model clone whose
 ``model_function_wrapper`` noises the text-embedding rows of the chosen chunks with the same seeded draws (one
 standard-normal draw of the conditioning's shape per prompt per step, the positive first), at
 t = timestep(σ)/999 on the discrete SD1.5 and t = σ on the flow SD3.
