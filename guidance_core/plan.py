@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,7 +28,11 @@ from .rules import cfg
 COND = "cond"
 UNCOND = "uncond"
 CFG_TERM = "cfg"
-SPACES = ("x0", "noise")
+SPACES = ("x0", "noise", "velocity")
+# "velocity" is (x − x0)/σ: the flow velocity ε − x0 on flow models (x = (1 − σ)x0 + σε), ε on EPS and v models
+# (x = x0 + σε). For rules and post transforms whose papers work on it with magnitudes or across steps (SMC-CFG,
+# momentum guidance), where σ·v (the noise space) would not do.
+PRE_SPACES = ("x0", "noise")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class Branch:
     source: str = COND
     perturbation: Any = None
     window: Any = None
+    # A conditioning of its own (Perp-Neg's empty prompt), opaque to the core: the host runs the branch on it
+    # instead of on ``source``'s.
+    conditioning: Any = None
 
     def perturbed_at(self, sigma: float) -> bool:
         return self.perturbation is not None and (self.window is None or self.window.contains(sigma))
@@ -85,6 +93,12 @@ class Term:
     # The rule also reads where sampling is: ``rule(positive, negative, scale, state, step=StepContext)``
     # (APG-Mix switches from CFG to APG after a step; its momentum runs on σ-normalised predictions).
     rule_takes_step: bool = False
+    # ``stopped(state)``: True once the term is off for the rest of the run (adaptive guidance's cut-off), read
+    # from its run state before each step; then its branches are not evaluated.
+    stopped: Callable[[Any], bool] | None = None
+    # Further branches the rule reads (Perp-Neg's empty prompt), passed after the state:
+    # ``rule(positive, negative, scale, state, *reads)``.
+    reads: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.space not in SPACES:
@@ -97,8 +111,10 @@ class Term:
             return float(ctx.cond_scale)
         return float(self.schedule(ctx.step, ctx.num_steps))
 
-    def is_active(self, ctx: StepContext) -> bool:
+    def is_active(self, ctx: StepContext, state: Any = None) -> bool:
         if self.window is not None and not self.window.contains(ctx.sigma):
+            return False
+        if self.stopped is not None and state is not None and self.stopped(state):
             return False
         scale = self.scale_at(ctx)
         return self.neutral_scale is None or not math.isclose(scale, self.neutral_scale, abs_tol=1e-9)
@@ -118,6 +134,8 @@ class CFGRule:
     make_state: Callable[[], Any] | None = None
     zero_init_steps: int = 0
     takes_step: bool = False  # as Term.rule_takes_step
+    stopped: Callable[[Any], bool] | None = None  # as Term.stopped
+    reads: tuple[str, ...] = ()  # as Term.reads
 
 
 class CFGRuleConflict(ValueError):
@@ -148,6 +166,28 @@ class PostTransform:
     requires: tuple[str, ...] = (COND,)
     while_term_active: str | None = None  # apply only on steps where this term is active (SLG's rescale)
     takes_step: bool = False  # ``fn(guided, preds, step=StepContext)``: a strength scheduled over the steps
+    # Per-run state (momentum guidance's running average): then ``fn(guided, preds, state, ctx)``.
+    make_state: Callable[[], Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"post:{self.name}"
+
+
+@dataclass(frozen=True)
+class ConditioningTransform:
+    """A change of the conditioning embedding some branches run on, before the forward (CADS):
+    ``fn(embedding, t, state, ctx) -> embedding`` with t the diffusion time in [0, 1] (1 = pure noise), for the
+    branches whose source is in ``sources`` (a perturbed copy of the cond sees the same change as the cond)."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    sources: tuple[str, ...] = (COND,)
+    make_state: Callable[[], Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"conditioning:{self.name}"
 
 
 def stateless_rule(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -186,6 +226,7 @@ class GuidanceStack:
     post: tuple[PostTransform, ...] = ()
     sequential: bool = False
     pre: tuple[PreTransform, ...] = ()
+    conditioning: tuple[ConditioningTransform, ...] = ()  # applied by the host to the branches' conditionings
 
     # -- building -----------------------------------------------------------------------------------
     @property
@@ -199,7 +240,7 @@ class GuidanceStack:
         """The stack with its CFG term's schedule, window or negative branch changed; the other terms stay.
         The rule is changed only as a whole value, with ``with_cfg_rule``."""
         rule_fields = {"rule", "space", "neutral_scale", "make_state", "zero_init_steps", "rule_owner",
-                       "rule_takes_step"} & set(changes)
+                       "rule_takes_step", "stopped", "reads"} & set(changes)
         if rule_fields:
             raise ValueError(f"with_cfg cannot change {sorted(rule_fields)}: set a CFGRule with with_cfg_rule")
         return self._with_cfg_term(replace(self.cfg_term, **changes))
@@ -215,7 +256,8 @@ class GuidanceStack:
                 "transforms such as rescale or base_norm, schedules and guidance terms stack with either).")
         return self._with_cfg_term(replace(
             current, rule=rule.rule, space=rule.space, neutral_scale=rule.neutral_scale, make_state=rule.make_state,
-            zero_init_steps=rule.zero_init_steps, rule_owner=rule.owner, rule_takes_step=rule.takes_step))
+            zero_init_steps=rule.zero_init_steps, rule_owner=rule.owner, rule_takes_step=rule.takes_step,
+            stopped=rule.stopped, reads=rule.reads))
 
     def with_windows(self, resolve: Callable[[Any], Any]) -> GuidanceStack:
         """The stack with every term's and branch's window replaced by ``resolve(window)`` (windows that are
@@ -232,8 +274,8 @@ class GuidanceStack:
         return replace(self, terms=(cfg_term,) + others)
 
     def with_pre(self, transform: PreTransform) -> GuidanceStack:
-        if transform.space not in SPACES:
-            raise ValueError(f"PreTransform {transform.name!r}: space {transform.space!r} is not one of {SPACES}")
+        if transform.space not in PRE_SPACES:
+            raise ValueError(f"PreTransform {transform.name!r}: space {transform.space!r} is not one of {PRE_SPACES}")
         return replace(self, pre=self.pre + (transform,))
 
     def with_term(self, term: Term, *branches: Branch) -> GuidanceStack:
@@ -249,6 +291,9 @@ class GuidanceStack:
         if any(b.name == branch.name for b in self.branches) or branch.name in (COND, UNCOND):
             raise ValueError(f"a branch named {branch.name!r} is already in the stack")
         return replace(self, branches=self.branches + (branch,))
+
+    def with_conditioning(self, transform: ConditioningTransform) -> GuidanceStack:
+        return replace(self, conditioning=self.conditioning + (transform,))
 
     def with_post(self, transform: PostTransform) -> GuidanceStack:
         return replace(self, post=self.post + (transform,))
@@ -273,27 +318,32 @@ class GuidanceStack:
     def all_terms(self) -> tuple[Term, ...]:
         return self.terms if any(t.name == CFG_TERM for t in self.terms) else (default_cfg_term(),) + self.terms
 
-    def active_terms(self, ctx: StepContext) -> list[Term]:
-        return [t for t in self.all_terms() if t.is_active(ctx)]
+    def active_terms(self, ctx: StepContext, run_state: Mapping | None = None) -> list[Term]:
+        """The terms on at this step; ``run_state`` (from ``new_run_state``) lets a stopped term be off."""
+        run_state = run_state or {}
+        return [t for t in self.all_terms() if t.is_active(ctx, run_state.get(t.name))]
 
     def zero_init(self, ctx: StepContext) -> bool:
         """True on a step where a term asks for zero noise (CFG-Zero*'s first steps): no forward at all."""
         return any(ctx.step < t.zero_init_steps for t in self.all_terms())
 
-    def needed_branches(self, ctx: StepContext) -> list[str]:
+    def needed_branches(self, ctx: StepContext, run_state: Mapping | None = None) -> list[str]:
         """The branches this step evaluates, in a stable order: cond, uncond, then the stack's branches.
-        Empty on a zero-init step."""
+        Empty on a zero-init step. ``run_state``: the run's state, for terms that stop during a run."""
         if self.zero_init(ctx):
             return []
         needed = {COND}
-        for term in self.active_terms(ctx):
-            needed.update((term.positive, term.negative))
+        for term in self.active_terms(ctx, run_state):
+            needed.update((term.positive, term.negative, *term.reads))
         order = [COND, UNCOND] + [b.name for b in self.branches]
         return [name for name in order if name in needed]
 
     def new_run_state(self) -> dict[str, Any]:
-        """Fresh per-run state for every stateful term (nothing is kept between runs)."""
-        return {t.name: t.make_state() for t in self.all_terms() if t.make_state is not None}
+        """Fresh per-run state for every stateful term and post transform (nothing is kept between runs)."""
+        state = {t.name: t.make_state() for t in self.all_terms() if t.make_state is not None}
+        state.update({p.state_key: p.make_state() for p in self.post if p.make_state is not None})
+        state.update({c.state_key: c.make_state() for c in self.conditioning if c.make_state is not None})
+        return state
 
     def pre_transformed(self, preds: Mapping[str, torch.Tensor], x: torch.Tensor) -> Mapping[str, torch.Tensor]:
         """``preds`` after every pre transform whose required branches are there, in order (x0 predictions)."""
@@ -329,10 +379,10 @@ class GuidanceStack:
                 return preds[name]
             if name not in noise_preds:
                 noise_preds[name] = x - preds[name]
-            return noise_preds[name]
+            return noise_preds[name] if space == "noise" else noise_preds[name] / ctx.sigma
 
         guided = preds[COND]
-        active = self.active_terms(ctx)  # once per step: schedules are evaluated here and nowhere else
+        active = self.active_terms(ctx, run_state)  # once per step: schedules are evaluated here and nowhere else
         for term in active:
             if cfg_result is not None and term.name == CFG_TERM:
                 guided = guided + (cfg_result - preds[COND])
@@ -344,8 +394,9 @@ class GuidanceStack:
                 contribution = term.contribution(positive, negative, scale)
             else:  # a rule gives a guided prediction: its contribution is what it adds to the positive
                 step = {"step": ctx} if term.rule_takes_step else {}
-                contribution = term.rule(positive, negative, scale, run_state.get(term.name), **step) - positive
-            guided = guided + (contribution if term.space == "x0" else -contribution)
+                reads = [in_space(name, term.space) for name in term.reads]
+                contribution = term.rule(positive, negative, scale, run_state.get(term.name), *reads, **step) - positive
+            guided = guided + _to_x0_difference(contribution, term.space, ctx.sigma)
 
         active_names = {t.name for t in active}
         for transform in self.post:
@@ -353,10 +404,29 @@ class GuidanceStack:
                 continue
             if transform.while_term_active is not None and transform.while_term_active not in active_names:
                 continue
-            step = {"step": ctx} if transform.takes_step else {}
-            if transform.space == "x0":
-                guided = transform.fn(guided, {k: preds[k] for k in preds}, **step)
+            if transform.make_state is not None:
+                fn = partial(_call_with_state, transform.fn, state=run_state.get(transform.state_key), ctx=ctx)
+            elif transform.takes_step:
+                fn = partial(transform.fn, step=ctx)
             else:
-                noise = transform.fn(x - guided, {k: in_space(k, "noise") for k in preds}, **step)
+                fn = transform.fn
+            if transform.space == "x0":
+                guided = fn(guided, {k: preds[k] for k in preds})
+            elif transform.space == "velocity":
+                velocity = fn((x - guided) / ctx.sigma, {k: in_space(k, "velocity") for k in preds})
+                guided = x - ctx.sigma * velocity
+            else:
+                noise = fn(x - guided, {k: in_space(k, "noise") for k in preds})
                 guided = x - noise
         return guided
+
+
+def _to_x0_difference(difference: torch.Tensor, space: str, sigma: float) -> torch.Tensor:
+    """A difference of predictions in ``space`` as the difference of x0 it makes: x0 = x − noise = x − σ·velocity."""
+    if space == "x0":
+        return difference
+    return -difference if space == "noise" else -sigma * difference
+
+
+def _call_with_state(fn, guided, preds, state, ctx):
+    return fn(guided, preds, state, ctx)

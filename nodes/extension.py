@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import (
     attention_nodes,
     autoguidance_nodes,
+    branch_rule_nodes,
     cfg_nodes,
     cfg_rule_nodes,
     nag_nodes,
@@ -20,4 +21,5 @@ class GuidersExtension(ComfyExtension):
         # Here rather than in on_load: ComfyUI 0.8.0's loader calls only get_node_list (once per load).
         web_routes.register()
         return [*schedule_nodes.NODES, *cfg_nodes.NODES, *attention_nodes.NODES, *slg_nodes.NODES, *sag_nodes.NODES,
-                *autoguidance_nodes.NODES, *cfg_rule_nodes.NODES, *nag_nodes.NODES]
+                *autoguidance_nodes.NODES, *cfg_rule_nodes.NODES, *nag_nodes.NODES,
+                *branch_rule_nodes.NODES]

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import comfy.patcher_extension
+import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
@@ -104,6 +105,7 @@ class RunState:
     last_sigma: float | None = None
     preds: dict = field(default_factory=dict)
     scratch: dict = field(default_factory=dict)
+    own_conds: dict = field(default_factory=dict)  # branches with a conditioning of their own, processed once
 
 
 def _run_for(setup: GuidanceSetup, model_sampling) -> RunState:
@@ -245,11 +247,13 @@ def _make_calc_cond_batch(previous: Callable | None):
                 evaluate_conds(previous, args["model"], conds, x, args["sigma"], model_options)
             run.preds = {COND: x, UNCOND: x}
             return [x, x]
-        needed = stack.needed_branches(ctx)
+        needed = stack.needed_branches(ctx, run.rule_state)
         if conds[1] is not None and UNCOND not in needed and _uncond_required_by_others(model_options):
             needed = needed + [UNCOND]
         sources = {COND: conds[0], UNCOND: conds[1]}
         sigma, model = args["sigma"], args["model"]
+        sources.update(_own_conditionings(run, stack, needed, model, x))
+        sources = _transformed_conditionings(stack, sources, run.rule_state, model.model_sampling, ctx)
 
         layout = _batch_layout(stack, needed, sources, ctx.sigma)
         run.scratch = {}
@@ -278,6 +282,53 @@ def _make_calc_cond_batch(previous: Callable | None):
         return [outputs[0], preds[negative] if negative else torch.zeros_like(x)]
 
     return mark_ours(calc_cond_batch)
+
+
+def _own_conditionings(run: RunState, stack: GuidanceStack, needed: list[str], model, x) -> dict:
+    """The needed branches that run on a conditioning of their own (Perp-Neg's empty prompt), keyed by branch
+    name, processed once per run as ComfyUI's PerpNeg processes its empty prompt (convert_cond, then
+    encode_model_conds with the model's extra_conds, as a negative prompt)."""
+    own = {}
+    for branch in stack.branches:
+        if branch.conditioning is None or branch.name not in needed:
+            continue
+        if branch.name not in run.own_conds:
+            converted = comfy.sampler_helpers.convert_cond(branch.conditioning)
+            run.own_conds[branch.name] = comfy.samplers.encode_model_conds(model.extra_conds, converted, x, x.device,
+                                                                           "negative")
+        own[branch.source] = run.own_conds[branch.name]
+    return own
+
+
+# The model_conds key of the text embedding, the same on every family ComfyUI has (CONDCrossAttn).
+TEXT_EMBEDDING_KEY = "c_crossattn"
+
+
+def _transformed_conditionings(stack: GuidanceStack, sources: dict, run_state: dict, model_sampling,
+                               ctx: StepContext) -> dict:
+    """``sources`` with each conditioning transform (CADS) applied to the text embedding of the sources it
+    names, at the diffusion time t = timestep(σ) / timestep(σ_max) (999ths on discrete models, σ on flow models;
+    ComfyUI-CADS reads t the same way). A perturbed branch copies its source afterwards, so it sees the change."""
+    if not stack.conditioning:
+        return sources
+    sigma_tensor = torch.tensor([ctx.sigma])
+    max_timestep = model_sampling.timestep(torch.as_tensor(model_sampling.sigma_max).reshape(1))[0]
+    t = float(model_sampling.timestep(sigma_tensor)[0] / max_timestep)
+    changed = dict(sources)
+    for transform in stack.conditioning:
+        state = run_state.get(transform.state_key)
+        for name in transform.sources:
+            if changed.get(name) is None:
+                continue
+            entries = []
+            for entry in changed[name]:
+                model_conds = dict(entry["model_conds"])
+                embedding = model_conds.get(TEXT_EMBEDDING_KEY)
+                if embedding is not None:
+                    model_conds[TEXT_EMBEDDING_KEY] = embedding._copy_with(transform.fn(embedding.cond, t, state, ctx))
+                entries.append({**entry, "model_conds": model_conds})
+            changed[name] = entries
+    return changed
 
 
 @dataclass

@@ -8,8 +8,12 @@ silently cover other steps than the percents say.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import comfy.model_sampling
+
+from ...guidance_core.branch_rules import GuidanceInterval
 from ...guidance_core.schedules import SigmaWindow
 from .marks import GuidanceError
 
@@ -43,4 +47,31 @@ def percent_window(start_percent: float, end_percent: float, input_prefix: str =
 
 def resolve_windows(stack, model_sampling):
     """``stack`` with its percent windows as σ windows of ``model_sampling`` (σ windows stay as they are)."""
-    return stack.with_windows(lambda w: w.sigma_window(model_sampling) if isinstance(w, PercentWindow) else w)
+    # Any window that needs the run's model sampling has a ``sigma_window`` (PercentWindow, NoiseRatioInterval).
+    return stack.with_windows(lambda w: w.sigma_window(model_sampling) if hasattr(w, "sigma_window") else w)
+
+
+@dataclass(frozen=True)
+class NoiseRatioInterval:
+    """A guidance interval ``(sigma_low, sigma_high]`` given in the σ of Karras et al.'s EDM, the noise-to-signal
+    ratio √((1 − ᾱ)/ᾱ), as Kynkäänniemi et al. 2024 give theirs (SDXL: (0.28, 5.42]). ComfyUI's EPS, v and EDM
+    model samplings use that σ; a flow model's (``comfy.model_sampling.CONST``: x = (1 − t)·x0 + t·ε) is t, whose
+    noise-to-signal ratio is t / (1 − t), so the interval becomes (lo/(1 + lo), hi/(1 + hi)] in t: the same
+    noise levels, whatever the family or shift."""
+
+    sigma_high: float
+    sigma_low: float
+
+    def sigma_window(self, model_sampling) -> GuidanceInterval:
+        if isinstance(model_sampling, comfy.model_sampling.CONST):
+            return GuidanceInterval(_flow_time(self.sigma_high), _flow_time(self.sigma_low))
+        return GuidanceInterval(self.sigma_high, self.sigma_low)
+
+    def contains(self, sigma: float) -> bool:
+        raise RuntimeError("NoiseRatioInterval.contains: the interval must first be resolved with the run's model "
+                           "sampling (step.py resolves every window when a run starts)")
+
+
+def _flow_time(noise_ratio: float) -> float:
+    """The flow time t whose noise-to-signal ratio t / (1 − t) is ``noise_ratio`` (an infinite ratio is t = 1)."""
+    return 1.0 if math.isinf(noise_ratio) else noise_ratio / (1.0 + noise_ratio)

@@ -137,6 +137,7 @@ def node_prompt(node_id: str, class_def: type, values: dict | None = None, linke
         inputs[name] = [f"src_{name}", 0]
     declared = {**class_def.INPUT_TYPES().get("required", {}), **class_def.INPUT_TYPES().get("optional", {})}
     links = {"model": ["model", 0], "weak_model": ["weak", 0], "positive": ["pos", 0], "negative": ["neg", 0]}
+    links["empty_conditioning"] = ["neg", 0]  # GuidersPerpNeg: any conditioning of the family
     inputs.update({name: link for name, link in links.items() if name in declared})
     if "schedule" in class_def.INPUT_TYPES().get("required", {}):  # GuidersScheduledCFG: a CFG from 8 to 2
         prompt["sched"] = {"class_type": "GuidersScheduleLinear", "inputs": {"start_value": 8.0, "end_value": 2.0}}
