@@ -307,7 +307,7 @@ def effect_params(families: tuple[str, ...]) -> list:
             for case in cases for family in case.families if family in families]
 
 
-# CFG rules that change which branches a step evaluates (tests/host/test_branch_rules.py).
+# CFG rules that change which branches a step evaluates (tests/host/test_branch_rule_nodes.py).
 def _empty_conditioning_for(model) -> list:
     """A third conditioning of the image family's shapes, standing in for Perp-Neg's empty prompt."""
     from tiny_models import make_conditioning
@@ -319,53 +319,53 @@ def _empty_conditioning_for(model) -> list:
 NODE_TABLE += (
     NodeRow("GuidersCFGInterval", ("sd15", "sd3"), "Kynkäänniemi et al. 2024 written in the test "
             "(σ as noise-to-signal ratio, t/(1 − t) on flow models); ComfyUI's percent windows",
-            ("test_branch_rules.py::test_cfg_interval_matches_the_paper_in_sigma",
-             "test_branch_rules.py::test_cfg_interval_in_percent_matches_comfyui_percent_windows",
-             "test_branch_rules.py::test_cfg_interval_with_a_schedule_and_pag_equals_the_documented_composition"),
+            ("test_branch_rule_nodes.py::test_cfg_interval_matches_the_paper_in_sigma",
+             "test_branch_rule_nodes.py::test_cfg_interval_in_percent_matches_comfyui_percent_windows",
+             "test_branch_rule_nodes.py::test_cfg_interval_with_a_schedule_and_pag_equals_the_documented_composition"),
             effect_cases=(EffectCase("CFGInterval", lambda m, w: node("GuidersCFGInterval", model=m, mode="sigma",
                                                                       sigma_high=5.42, sigma_low=0.28), IMAGE),)),
     NodeRow("GuidersAdaptiveCutoff", ("sd15", "sd3"), "Castillo et al. 2023 (the AG policy) written in the test, "
             "per sample",
-            ("test_branch_rules.py::test_adaptive_cutoff_matches_the_paper",
-             "test_branch_rules.py::test_adaptive_cutoff_is_per_image_in_a_batch",
-             "test_branch_rules.py::test_adaptive_cutoff_with_a_schedule_and_pag_equals_the_documented_composition"),
+            ("test_branch_rule_nodes.py::test_adaptive_cutoff_matches_the_paper",
+             "test_branch_rule_nodes.py::test_adaptive_cutoff_is_per_image_in_a_batch",
+             "test_branch_rule_nodes.py::test_adaptive_cutoff_with_a_schedule_and_pag_equals_the_documented_composition"),
             # 0.5: below the tiny DiTs' cos(cond, uncond) (about 0.7), so guidance is cut after the first step.
             effect_cases=(EffectCase("AdaptiveCutoff", lambda m, w: node("GuidersAdaptiveCutoff", model=m,
                                                                          threshold=0.5), IMAGE),)),
     NodeRow("GuidersPerpNeg", ("sd15", "sd3"), "ComfyUI PerpNeg / PerpNegGuider (whole batch); Armandpour et al. "
             "2023 written in the test (per image)",
-            ("test_branch_rules.py::test_perp_neg_whole_batch_equals_comfyui_perp_neg",
-             "test_branch_rules.py::test_perp_neg_whole_batch_equals_perp_neg_guider",
-             "test_branch_rules.py::test_perp_neg_per_image_matches_the_paper_and_differs_from_the_whole_batch",
-             "test_branch_rules.py::test_perp_neg_with_a_schedule_and_pag_equals_the_documented_composition"),
+            ("test_branch_rule_nodes.py::test_perp_neg_whole_batch_equals_comfyui_perp_neg",
+             "test_branch_rule_nodes.py::test_perp_neg_whole_batch_equals_perp_neg_guider",
+             "test_branch_rule_nodes.py::test_perp_neg_per_image_matches_the_paper_and_differs_from_the_whole_batch",
+             "test_branch_rule_nodes.py::test_perp_neg_with_a_schedule_and_pag_equals_the_documented_composition"),
             effect_cases=(EffectCase("PerpNeg", lambda m, w: node("GuidersPerpNeg", model=m, neg_scale=1.0,
                                                                   empty_conditioning=_empty_conditioning_for(m)),
                                      IMAGE),)),
 )
 NODE_IDS = [row.node_id for row in NODE_TABLE]
 
-# Rules that remember the run's trajectory (tests/host/test_trajectory_rules.py).
+# Rules that remember the run's trajectory (tests/host/test_trajectory_rule_nodes.py).
 NODE_TABLE += (
     NodeRow("GuidersMomentumGuidance", ("sd15", "sd3"), "Liao et al. 2026 Alg. 1 written in the test (velocity and "
             "x0 spaces)",
-            ("test_trajectory_rules.py::test_momentum_guidance_matches_the_paper",
-             "test_trajectory_rules.py::test_momentum_guidance_with_a_schedule_and_pag_equals_the_documented_composition"),
+            ("test_trajectory_rule_nodes.py::test_momentum_guidance_matches_the_paper",
+             "test_trajectory_rule_nodes.py::test_momentum_guidance_with_a_schedule_and_pag_equals_the_documented_composition"),
             effect_cases=(EffectCase("MomentumGuidance", lambda m, w: node("GuidersMomentumGuidance", model=m,
                                                                            momentum=2.0, ema=0.6), IMAGE),)),
     NodeRow("GuidersSMCCFG", ("sd15", "sd3"), "Wang et al. 2026 §3.4 written in the test (velocity and x0 spaces)",
-            ("test_trajectory_rules.py::test_smc_cfg_matches_the_paper",
-             "test_trajectory_rules.py::test_smc_cfg_with_a_schedule_and_pag_equals_the_documented_composition"),
+            ("test_trajectory_rule_nodes.py::test_smc_cfg_matches_the_paper",
+             "test_trajectory_rule_nodes.py::test_smc_cfg_with_a_schedule_and_pag_equals_the_documented_composition"),
             effect_cases=(EffectCase("SMCCFG", lambda m, w: node("GuidersSMCCFG", model=m, sliding_lambda=6.0, k=1.0),
                                      IMAGE),)),
 )
 NODE_IDS = [row.node_id for row in NODE_TABLE]
 
-# Noise on the conditioning (tests/host/test_condition_annealing.py).
+# Noise on the conditioning (tests/host/test_condition_annealing_nodes.py).
 NODE_TABLE += (
     NodeRow("GuidersCADS", ("sd15", "sd3"), "Sadat et al. 2024 §3 written in the test (a model wrapper noising "
             "the same draws)",
-            ("test_condition_annealing.py::test_cads_matches_the_paper",
-             "test_condition_annealing.py::test_cads_with_a_schedule_and_pag_equals_the_documented_composition"),
+            ("test_condition_annealing_nodes.py::test_cads_matches_the_paper",
+             "test_condition_annealing_nodes.py::test_cads_with_a_schedule_and_pag_equals_the_documented_composition"),
             effect_cases=(EffectCase("CADS", lambda m, w: node("GuidersCADS", model=m, noise_scale=0.5, tau1=0.3,
                                                                tau2=0.95, psi=1.0), IMAGE),)),
 )

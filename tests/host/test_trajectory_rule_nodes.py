@@ -20,7 +20,7 @@ import pytest
 import torch
 from support import assert_parity, node
 from support import sample_family as run
-from test_branch_rules import step_index, with_cfg_function
+from test_branch_rule_nodes import step_index, with_cfg_function
 
 FAMILIES = pytest.mark.parametrize("family", ["sd15", "sd3"])
 SPACES = pytest.mark.parametrize("space", ["velocity (the paper)", "x0 (sd-perturbed-attention)"])
