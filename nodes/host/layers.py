@@ -109,8 +109,10 @@ def parse_layers(text: str, model, input_name: str, method: str) -> tuple[Layer,
         # The model's size, as the records' per-size choices count it: its main (double) blocks.
         main_blocks = sum(1 for layer in available if layer.kind == "double")
         recommended = record.recommended_for(method, main_blocks) if record is not None else None
-        chosen = [t for t in (recommended.layers if recommended else ()) if _parse_one(t, family) in available]
-        if not chosen:  # a small or unusual model: use its middle layer, as the PAG and SEG papers do
+        chosen = list(recommended.layers) if recommended else []
+        # A published choice is all of its blocks or none (families.MISSING_BLOCK_FALLBACK): a model without
+        # one of them (a shallower one) takes its middle layer, as the PAG and SEG papers do.
+        if not chosen or any(_parse_one(t, family) not in available for t in chosen):
             chosen = [str(available[len(available) // 2])] if family != "unet" else ["middle"]
         text = ", ".join(chosen)
     layers = []
