@@ -44,6 +44,10 @@ BLOCK_DITS += BLOCKPATCH
 SINGLE_BLOCKS += ("auraflow",)
 DIT_SUBLAYERS = VIDEO + BLOCKPATCH  # the DiTs whose blocks have attention and feed-forward sublayers tested here
 SUBLAYER_DITS += BLOCKPATCH
+# tests/host/test_family_ltx2.py: LTX-2, the audio-video model, and its LTX-2.3 checkpoint config (cross-attention
+# AdaLN and gated attention: ComfyUI 0.33.0 only). Every method acts on its video stream; block and sublayer modes.
+LTX2 = ("ltxav", "ltxav_2_3")
+UNET_AND_DITS, BLOCK_DITS, SUBLAYER_DITS = UNET_AND_DITS + LTX2, BLOCK_DITS + LTX2, SUBLAYER_DITS + LTX2
 
 
 @dataclass(frozen=True)
