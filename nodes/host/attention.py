@@ -11,8 +11,8 @@ import torch
 
 from . import families
 from .layers import Layer
-from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, is_ours, mark_ours
-from .routing import apply_chunked, chunk_perturbations, grid_for, perturbed_attention
+from .marks import ACTIVE_LAYER_KEY, IMAGE_LATENT_SHAPE_KEY, STEP_KEY, TEXT_TOKENS_KEY, is_ours, mark_ours
+from .routing import apply_chunked, chunk_perturbations, grid_for, image_latent_shape, perturbed_attention
 
 
 def make_unet_attn1_patch(previous: Callable | None):
@@ -85,11 +85,17 @@ def _from_heads(t: torch.Tensor) -> torch.Tensor:
 
 def text_tokens_wrapper(executor, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: records the text token count, which Flux's single blocks (text and image
-    tokens in one stream) do not carry, so their image tokens can be found."""
+    tokens in one stream) do not carry, so their image tokens can be found; and, where the model is handed
+    a list of latents (the sampler's packed latent unpacked: LTX-2's video and audio), the first one's shape,
+    which the packed latent's does not give."""
     context = args[2] if len(args) > 2 else kwargs.get("context")
+    latents = args[0] if args else kwargs.get("x")
     for value in list(args) + list(kwargs.values()):
-        if isinstance(value, dict) and "cond_or_uncond" in value and context is not None:
-            value[TEXT_TOKENS_KEY] = context.shape[1]
+        if isinstance(value, dict) and "cond_or_uncond" in value:
+            if context is not None:
+                value[TEXT_TOKENS_KEY] = context.shape[1]
+            if isinstance(latents, (list, tuple)) and latents and isinstance(latents[0], torch.Tensor):
+                value[IMAGE_LATENT_SHAPE_KEY] = tuple(latents[0].shape)
     return executor(*args, **kwargs)
 
 
@@ -119,7 +125,8 @@ def make_attention_override(previous: Callable | None):
 
         routing = transformer_options.get(STEP_KEY)
         grid = active.grid if active.grid is not None else grid_for(
-            q4.shape[2], routing.latent_shape, text_tokens, text_position != families.TEXT_AFTER_IMAGE)
+            q4.shape[2], image_latent_shape(transformer_options), text_tokens,
+            text_position != families.TEXT_AFTER_IMAGE)
 
         def perturb_chunk(perturbation, q_, k_, v_, which):
             if k_.shape[1] < q_.shape[1]:  # grouped-query attention (enable_gqa): each key/value head serves a group

@@ -80,6 +80,9 @@ class ModelFamily:
     # list of levels, each a list of mixed blocks (Stable Cascade: the AttnBlocks among ResBlocks and
     # TimestepBlocks): layer "kind.L.i" is the i-th such block of level L. Empty: each attribute lists the layers.
     level_layers: str = ""
+    # The streams a block's ``img`` holds where it is a tuple (LTX-2: ``(video, audio)``), first the one the
+    # perturbations act on; every other stream leaves a perturbed block as the unperturbed block gives it.
+    block_streams: tuple[str, ...] = ()
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -97,11 +100,21 @@ class ModelFamily:
 _MIDDLE = "the middle of the stack (no published value for this family)"
 
 _LTXV_SIZES = (
-    Recommended(("19",), "STGuidance (Hyung et al. 2024), LTXVideo/inference.py: block 19 on LTX-Video 2B",
+    Recommended(("19",), "Lightricks' LTX-Video configs/ltxv-2b-0.9.6-dev.yaml (also 0.9, 0.9.1, 0.9.5): "
+                         "skip_block_list [19]; STGuidance LTXVideo/inference.py: stg_applied_layers_idx [19]",
                 min_blocks=0, size="2B"),
-    Recommended(("28",), "Lightricks' LTX-Video configs/ltxv-13b-0.9.7-dev.yaml: skip_block_list [28] for most "
-                         "of the first pass on 13B", min_blocks=48, size="13B"),
+    Recommended(("28",), "Lightricks' LTX-Video configs/ltxv-13b-0.9.8-dev.yaml (as 0.9.7-dev): first_pass "
+                         "skip_block_list [28] from sigma 0.985 on", min_blocks=48, size="13B"),
 )
+
+# STGuidance (Hyung et al. 2024, github.com/junhahyung/STGuidance) skips block 2 on both: Wan2.1/pipeline.py
+# ``skip_guidance_block_idxs=[2]`` (Wan 2.1 14B), HunyuanVideo/inference.py ``stg_applied_layers_idx=[2]``
+# (diffusers' ``transformer_blocks``: the double-stream blocks).
+_STG_WAN = {method: Recommended(("2",), "STGuidance Wan2.1/pipeline.py: skip_guidance_block_idxs [2]")
+            for method in (PAG, SEG, SLG)}
+_STG_HUNYUAN = {method: Recommended(("double.2",), "STGuidance HunyuanVideo/inference.py: stg_applied_layers_idx "
+                                                   "[2] (double-stream blocks)")
+                for method in (PAG, SEG, SLG)}
 
 FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
@@ -119,8 +132,11 @@ FAMILIES: tuple[ModelFamily, ...] = (
         sublayers={"double": {"attention": ("context_block.attn.proj", "x_block.attn.proj", "x_block.attn2.proj"),
                               "feedforward": ("context_block.mlp", "x_block.mlp")}},
         hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX),
-        recommended={PAG: Recommended(("1",), "diffusers' StableDiffusion3PAGPipeline: pag_applied_layers blocks.1"),
-                     SEG: Recommended(("1",), "as PAG (diffusers' SD3 PAG: blocks.1)"),
+        # diffusers' StableDiffusion3PAGPipeline defaults to blocks.1, but its own documented example on SD3
+        # Medium (24 joint blocks) uses blocks.13: the example is the published setting.
+        recommended={PAG: Recommended(("13",), "diffusers' StableDiffusion3PAGPipeline example "
+                                               "(pipeline_pag_sd_3.py): pag_applied_layers ['blocks.13']"),
+                     SEG: Recommended(("13",), "as PAG (diffusers' SD3 PAG example: blocks.13)"),
                      SLG: Recommended(("7", "8", "9"), "Stability AI's SD3.5 reference: skip_layer_guidance 7, 8, 9")},
     ),
     ModelFamily(
@@ -139,19 +155,14 @@ FAMILIES: tuple[ModelFamily, ...] = (
         block_lists={"double": "blocks"},
         sublayers={"double": {"attention": ("self_attn.o",), "feedforward": ("ffn",)}},
         hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX),
-        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE),
-                     SLG: Recommended(("9",), "ComfyUI's SkipLayerGuidanceDiT example for Wan: block 9")},
+        recommended=_STG_WAN,
     ),
-    # LTX-2 (LTXAVModel, a subclass of LTXVModel with audio blocks) is its own family, not supported yet.
-    ModelFamily("ltxav", "LTX-2 (audio-video)", ("comfy.ldm.lightricks.av_model:LTXAVModel",), frozenset()),
+    # LTX-2 (LTXAVModel, a subclass of LTXVModel with audio blocks) is its own family: its record is below.
     ModelFamily(
         "ltxv", "LTXV (LTX-Video)", ("comfy.ldm.lightricks.model:LTXVModel",), frozenset({PAG, SEG, SLG}),
         block_lists={"double": "transformer_blocks"},
         sublayers={"double": {"attention": ("attn1.to_out",), "feedforward": ("ff",)}},
         hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE),  # its blocks set no block_index
-        recommended={PAG: Recommended(("19",), "LTX-Video's STG: block 19 (2B)"),
-                     SEG: Recommended(("19",), "as STG (LTX-Video: block 19)"),
-                     SLG: Recommended(("19",), "LTX-Video's STG: block 19 (2B)")},
         # 2B (0.9.x) has 28 blocks, 13B (0.9.7+) 48: the STG block differs by size.
         recommended_by_size={method: _LTXV_SIZES for method in (PAG, SEG, SLG)},
     ),
@@ -160,7 +171,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         block_lists={"double": "double_blocks", "single": "single_blocks"}, text_position=TEXT_AFTER_IMAGE,
         sublayers={"double": {"attention": ("img_attn.proj", "txt_attn.proj"), "feedforward": ("img_mlp", "txt_mlp")}},
         hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX),
-        recommended={PAG: Recommended((), _MIDDLE), SEG: Recommended((), _MIDDLE), SLG: Recommended((), _MIDDLE)},
+        recommended=_STG_HUNYUAN,
     ),
     # Qwen-Image and Qwen-Image Edit (comfy/ldm/qwen_image/model.py): one stack of MMDiT blocks whose joint
     # attention runs on [text tokens, image tokens, reference-image tokens] (Edit appends its reference latents'
@@ -472,6 +483,28 @@ FAMILIES += (
     ),
 )
 
+# LTX-2 (comfy/ldm/lightricks/av_model.py LTXAVModel, ComfyUI 0.8.0 and 0.33.0): 48 BasicAVTransformerBlocks, each
+# called through the dit block patch with ``img = (video tokens, audio tokens)``. A block runs the video's
+# self-attention (``attn1``, its first attention call), its text cross-attention, then the audio's own two, then
+# audio-to-video and video-to-audio cross-attention, then both feed-forwards. Only the video stream is perturbed:
+# the text (cross-attention only) and the audio stream leave a perturbed block as the unperturbed block gives
+# them (dit_blocks.py), so the perturbation of the video is all that differs in that block. The token grid is
+# the video latent's (patch 1), not the packed latent the sampler holds. LTX-2.3 and LTX 2.5 run the same class,
+# told apart only by their checkpoints' config (cross-attention AdaLN, gated attention, no FFN bias), which
+# ComfyUI does not name as a version: one record, with LTX-2.0's STG block (LTX-2.3 uses 28, see the source).
+_LTX_2_STG = ("ComfyUI's LTXVSpatioTemporalGuidance (comfy_extras/nodes_lt.py) blocks default 29; Lightricks' "
+              "LTX-2 ltx-pipelines utils/constants.py: LTX_2_PARAMS stg_blocks [29] (LTX_2_3_PARAMS: [28])")
+FAMILIES += (
+    ModelFamily(
+        "ltxav", "LTX-2 (audio-video)", ("comfy.ldm.lightricks.av_model:LTXAVModel",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "transformer_blocks"},
+        sublayers={"double": {"attention": ("attn1.to_out",), "feedforward": ("ff",)}},  # the video's own
+        hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE),  # its blocks set no block_index
+        recommended={method: Recommended(("29",), _LTX_2_STG) for method in (PAG, SEG, SLG)},
+        block_streams=("video", "audio"),
+    ),
+)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 
@@ -510,18 +543,26 @@ def display_name(key: str) -> str:
 
 
 def recommended_summary(method: str) -> str:
-    """The tooltip's "auto" sentence for ``method``, from the records: each family's layers and source."""
+    """The tooltip's "auto" sentence for ``method``, from the records: each family's layers, the source of each
+    published choice (a family without one takes the middle block), and the fallback for a model that lacks
+    the recommended block (``ModelFamily.recommended_for``; layers.parse_layers applies it)."""
     parts = []
     for family in FAMILIES:
         sizes = family.recommended_by_size.get(method)
         if sizes:
             each = [f"{_layers_text(r)} ({r.size or f'{r.min_blocks}+ blocks'})" for r in sizes]
-            parts.append(f"{family.display_name}: {', '.join(each)}")
+            sources = "; ".join(f"{r.size}: {r.source}" if r.size else r.source for r in sizes)
+            parts.append(f"{family.display_name}: {', '.join(each)} [{sources}]")
             continue
         recommended = family.recommended.get(method)
         if recommended is not None:
-            parts.append(f"{family.display_name}: {_layers_text(recommended)}")
-    return "; ".join(parts)
+            published = f" [{recommended.source}]" if recommended.layers else ""
+            parts.append(f"{family.display_name}: {_layers_text(recommended)}{published}")
+    return "; ".join(parts) + ". " + MISSING_BLOCK_FALLBACK
+
+
+# What "auto" does on a model without the recommended block (a smaller or distilled model of the family).
+MISSING_BLOCK_FALLBACK = "A model without the recommended block (a shallower one) takes the middle of its stack"
 
 
 def _layers_text(recommended: Recommended) -> str:

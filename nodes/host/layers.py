@@ -122,13 +122,7 @@ def parse_layers(text: str, model, input_name: str, method: str) -> tuple[Layer,
         raise GuidanceError(f"{input_name}: this model's architecture ({family}) has no layers this pack can patch.")
     text = text.strip() or "auto"
     if text.lower() == "auto":
-        # The model's size, as the records' per-size choices count it: its main (double) blocks.
-        main_blocks = sum(1 for layer in available if layer.kind == "double")
-        recommended = record.recommended_for(method, main_blocks) if record is not None else None
-        chosen = [t for t in (recommended.layers if recommended else ()) if _parse_one(t, family) in available]
-        if not chosen:  # a small or unusual model: use its middle layer, as the PAG and SEG papers do
-            chosen = [str(available[len(available) // 2])] if family != "unet" else ["middle"]
-        text = ", ".join(chosen)
+        text = ", ".join(auto_layers(family, method, available))
     layers = []
     for token in [t for t in re.split(r"[,\s]+", text) if t]:
         layer = _parse_one(token, family)
@@ -145,6 +139,20 @@ def parse_layers(text: str, model, input_name: str, method: str) -> tuple[Layer,
         raise GuidanceError(f"{input_name}: {text!r} names no layer. Name one or more of: "
                             f"{', '.join(str(a) for a in available)} (or 'auto').")
     return tuple(dict.fromkeys(layers))
+
+
+def auto_layers(family: str, method: str, available: list[Layer]) -> list[str]:
+    """What "auto" names on a model of ``family`` whose layers are ``available``: the record's recommended layers
+    for ``method`` at the model's size (its main, double, blocks: ``ModelFamily.recommended_for``), all of them
+    or none. A model without one of them (a shallower one: families.MISSING_BLOCK_FALLBACK), or a family
+    without a published choice, takes its middle layer, as the PAG and SEG papers do."""
+    record = families.FAMILY_BY_KEY.get(family)
+    main_blocks = sum(1 for layer in available if layer.kind == "double")
+    recommended = record.recommended_for(method, main_blocks) if record is not None else None
+    chosen = list(recommended.layers) if recommended else []
+    if not chosen or any(_parse_one(token, family) not in available for token in chosen):
+        chosen = [str(available[len(available) // 2])] if family != "unet" else ["middle"]
+    return chosen
 
 
 def _parse_one(token: str, family: str) -> Layer | None:

@@ -18,6 +18,12 @@ ACTIVE_LAYER_KEY = "comfyui_guiders_layer"  # set inside a patched DiT block for
 TEXT_TOKENS_KEY = "comfyui_guiders_text_tokens"  # per forward, for DiTs whose blocks don't carry the text
 
 
+# Per forward, where the model is handed several latents (ComfyUI's packed latents, unpacked by
+# comfy.utils.unpack_latents before the diffusion model: LTX-2's video and audio): the first one's shape, the
+# latent whose token grid the perturbations use.
+IMAGE_LATENT_SHAPE_KEY = "comfyui_guiders_image_latent_shape"
+
+
 WRAPPER_KEY = "comfyui_guiders"
 
 

@@ -12,7 +12,7 @@ import torch
 
 from ...guidance_core.tokens import TokenGrid
 from .layers import Layer
-from .marks import STEP_KEY, GuidanceError, is_ours_alone
+from .marks import IMAGE_LATENT_SHAPE_KEY, STEP_KEY, GuidanceError, is_ours_alone
 from .perturbations import AttentionPerturbation
 
 
@@ -65,6 +65,13 @@ def _acts_on(perturbation, layer: Layer) -> bool:
         if same_block and (target.sub is None or target.sub == layer.sub):
             return True
     return False
+
+
+def image_latent_shape(transformer_options) -> tuple:
+    """The shape of the latent whose tokens a forward's perturbations act on: the first of the latents the model
+    was handed where the sampler packed several (attention.text_tokens_wrapper records it), else the step's."""
+    shape = transformer_options.get(IMAGE_LATENT_SHAPE_KEY)
+    return shape if shape is not None else transformer_options[STEP_KEY].latent_shape
 
 
 def grid_for(tokens: int, latent_shape: tuple, text_tokens: int = 0, text_first: bool = True) -> TokenGrid | None:

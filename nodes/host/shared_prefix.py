@@ -164,17 +164,18 @@ def once_per_equal_chunk(original, args: dict, transformer_options: dict) -> dic
     some families pass modulations and rotary embeddings, and inside dataclasses, as Flux.2 and Chroma pass
     theirs) whose first dimension is the batch."""
     tags = transformer_options.get("cond_or_uncond") or []
-    n, batch = len(tags), args["img"].shape[0]
+    n, batch = len(tags), batch_size_of(args["img"])
     if n < 2 or batch % n or STEP_KEY not in transformer_options or not no_other_patches(transformer_options):
         return original(args)
     inputs = {key: value for key, value in args.items() if key != "transformer_options"}
     if not rows_follow_the_batch(inputs, batch) or closure_holds_batch(original, batch):
         return original(args)
-    kept, source = equal_chunks(list(_batched_tensors(inputs, batch)), n)
+    kept, source = equal_chunks(list(batched_tensors(inputs, batch)), n)
     if len(kept) == n:
         return original(args)
     size = batch // n
-    kept_rows, spread_rows = (chunk_rows(chunks, size, args["img"].device) for chunks in (kept, source))
+    device = next(batched_tensors(args["img"], batch)).device
+    kept_rows, spread_rows = (chunk_rows(chunks, size, device) for chunks in (kept, source))
     transformer_options["cond_or_uncond"] = [tags[j] for j in kept]
     try:
         out = original({**select_rows(inputs, kept_rows, batch), "transformer_options": transformer_options})
@@ -183,7 +184,12 @@ def once_per_equal_chunk(original, args: dict, transformer_options: dict) -> dic
     return select_rows(out, spread_rows, len(kept) * size)
 
 
-def _batched_tensors(value, batch: int):
+def batch_size_of(img) -> int:
+    """The batch of a block's ``img``: a tensor, or a tuple of streams (LTX-2's video and audio tokens)."""
+    return (img[0] if isinstance(img, (tuple, list)) else img).shape[0]
+
+
+def batched_tensors(value, batch: int):
     """The tensors in ``value`` (nested dicts, tuples, lists and dataclass instances) whose first dimension is
     ``batch``."""
     if isinstance(value, torch.Tensor):
@@ -191,10 +197,10 @@ def _batched_tensors(value, batch: int):
             yield value
     elif isinstance(value, (dict, tuple, list)):
         for item in value.values() if isinstance(value, dict) else value:
-            yield from _batched_tensors(item, batch)
+            yield from batched_tensors(item, batch)
     elif _is_dataclass_instance(value):
         for f in dataclasses.fields(value):
-            yield from _batched_tensors(getattr(value, f.name), batch)
+            yield from batched_tensors(getattr(value, f.name), batch)
 
 
 def _is_dataclass_instance(value) -> bool:
@@ -213,7 +219,7 @@ def closure_holds_batch(block_function, batch: int) -> bool:
             value = cell.cell_contents
         except ValueError:  # a cell not filled yet
             continue
-        if next(_batched_tensors(value, batch), None) is not None or not rows_follow_the_batch(value, batch):
+        if next(batched_tensors(value, batch), None) is not None or not rows_follow_the_batch(value, batch):
             return True
     return False
 
@@ -221,13 +227,29 @@ def closure_holds_batch(block_function, batch: int) -> bool:
 def rows_follow_the_batch(value, batch: int) -> bool:
     """Whether no tensor in ``value`` has a multiple of ``batch`` rows other than ``batch``: such a tensor
     holds the batch in a layout of its own (Qwen-Image Edit 2511's modulation: the batch's timesteps, then
-    zeros for its reference tokens), whose rows ``select_rows`` would not take."""
+    zeros for its reference tokens), whose rows ``select_rows`` would not take; nor is one the attribute of an
+    object ``select_rows`` does not look into (ComfyUI 0.33.0's LTX-2 CompressedTimestep: per-frame
+    timestep embeddings with the batch, in a class of its own)."""
     if isinstance(value, torch.Tensor):
         return not (value.ndim and value.shape[0] > batch and value.shape[0] % batch == 0)
     if isinstance(value, (dict, tuple, list)):
         items = value.values() if isinstance(value, dict) else value
         return all(rows_follow_the_batch(item, batch) for item in items)
-    return True
+    if _is_dataclass_instance(value):
+        return all(rows_follow_the_batch(getattr(value, f.name), batch) for f in dataclasses.fields(value))
+    return not any(isinstance(attribute, torch.Tensor) and attribute.ndim and attribute.shape[0] % batch == 0
+                   for attribute in _attributes(value))
+
+
+def _attributes(value) -> list:
+    """The attribute values of a plain object (its ``__dict__`` or ``__slots__``); none for anything else."""
+    if isinstance(value, (str, bytes, int, float, bool, type)) or value is None:
+        return []
+    names = list(getattr(value, "__dict__", {}))
+    for cls in type(value).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        names.extend([slots] if isinstance(slots, str) else slots)
+    return [getattr(value, name) for name in names if hasattr(value, name)]
 
 
 def select_rows(value, rows: torch.Tensor, batch: int):

@@ -386,8 +386,9 @@ def _describe_call(x: torch.Tensor, transformer_options: dict) -> ForwardCall:
     if sigma is not None and isinstance(sample_sigmas, torch.Tensor):
         step = int(torch.argmin((sample_sigmas.float().cpu() - sigma).abs()))
     cond_or_uncond = transformer_options.get("cond_or_uncond")
+    first = x[0] if isinstance(x, (list, tuple)) else x  # a list of latents (LTX-2: video, audio): one batch
     return ForwardCall(
-        batch_size=int(x.shape[0]),
+        batch_size=int(first.shape[0]),
         sigma=sigma,
         step=step,
         cond_or_uncond=tuple(cond_or_uncond) if cond_or_uncond is not None else None,

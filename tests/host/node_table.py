@@ -59,6 +59,10 @@ UNET_AND_DITS, BLOCK_DITS, SUBLAYER_DITS = UNET_AND_DITS + HYDIT, BLOCK_DITS + H
 # Its layers are named by level ("down.1.1"), so the SLG cases on layer "1" do not apply: its own, after CHAIN_CASES.
 CASCADE_FAMILIES = ("stable_cascade_c",)
 UNET_AND_DITS += CASCADE_FAMILIES
+# tests/host/test_family_ltx2.py: LTX-2, the audio-video model, and its LTX-2.3 checkpoint config (cross-attention
+# AdaLN and gated attention: ComfyUI 0.33.0 only). Every method acts on its video stream; block and sublayer modes.
+LTX2 = ("ltxav", "ltxav_2_3")
+UNET_AND_DITS, BLOCK_DITS, SUBLAYER_DITS = UNET_AND_DITS + LTX2, BLOCK_DITS + LTX2, SUBLAYER_DITS + LTX2
 
 
 @dataclass(frozen=True)

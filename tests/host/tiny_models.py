@@ -595,6 +595,8 @@ def make_model(family: str, seed: int = 0):
         # Wan 2.2 A14B's two experts: WanModels of the 2.1 layout (model_detection gives them WAN21_T2V).
         "wan22_high_noise": lambda: make_wan(seed=seed + 21),
         "wan22_low_noise": lambda: make_wan(seed=seed + 11),
+        "ltxav": lambda: make_ltxav(seed=seed),
+        "ltxav_2_3": lambda: make_ltxav(seed=seed, ltx_2_3=True),
     }
     return builders[family]()
 
@@ -1007,3 +1009,50 @@ JOINT_BUILDERS["hunyuan_dit"] = make_hunyuan_dit  # make_model's table of the la
 # embedding (``pooled_output``, required by model_base.StableCascade_C); no image prompt (zeros, the host's default).
 SPECS["stable_cascade_c"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=8, pooled_dim=32,
                                        flux_guidance=None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LTX-2, the audio-video model (tests/host/test_family_ltx2.py)
+
+# The text embedding LTX-2 takes (``c_crossattn``): the video's and the audio's halves side by side, each
+# ``caption_channels`` wide (av_model.LTXAVModel._prepare_context splits it; ComfyUI 0.33.0's
+# preprocess_text_embeds passes a context of caption_channels·2 through as already processed). The latent is a
+# NestedTensor (video, audio) as LTXVConcatAVLatent makes it: video (B, 128, 3, 8, 8), audio (B, 8, 5, 16)
+# (8 channels × 16 frequency bins, ``audio_in_channels`` 128 once patchified).
+VIDEO_SPECS["ltxav"] = FamilySpec(latent_channels=128, context_dim=64, context_tokens=16, pooled_dim=None,
+                                  flux_guidance=None, latent_frames=3)
+VIDEO_SPECS["ltxav_2_3"] = VIDEO_SPECS["ltxav"]
+LTXAV_AUDIO_SHAPE = (8, 5, 16)  # (channels, latent audio frames, frequency bins) of one audio latent
+
+
+def make_ltxav(seed: int = 0, num_layers: int = 3, ltx_2_3: bool = False):
+    """An LTX-2 audio-video DiT (``supported_models.LTXAV``, flow, shift 2.37): ``num_layers`` blocks, each
+    with video self-attention (2 heads of 32), video cross-attention to the text, audio self- and
+    cross-attention (2 heads of 16), audio-to-video and video-to-audio cross-attention, and both feed-forwards;
+    patch 1. ``num_layers=48`` is LTX-2's depth. ``ltx_2_3``: the LTX-2.3 checkpoint config ComfyUI 0.33.0 reads
+    from its metadata (cross-attention AdaLN, per-head gated attention); ComfyUI 0.8.0 has neither. 0.33.0's
+    text connectors (1-D transformers run on the unprocessed Gemma embedding) are shrunk too; the test
+    conditioning is already processed, so they do not run."""
+    spec = VIDEO_SPECS["ltxav"]
+    unet_config = {
+        "image_model": "ltxav", "in_channels": spec.latent_channels, "audio_in_channels": 128,
+        "num_attention_heads": 2, "attention_head_dim": 32, "cross_attention_dim": 64,
+        "audio_num_attention_heads": 2, "audio_attention_head_dim": 16, "audio_cross_attention_dim": 32,
+        "caption_channels": spec.context_dim // 2, "num_layers": num_layers,
+        "connector_attention_head_dim": 16, "connector_num_attention_heads": 2, "connector_num_layers": 1,
+    }
+    if ltx_2_3:
+        unet_config.update(cross_attention_adaln=True, apply_gated_attention=True)
+    return _to_patcher(_supported_models().LTXAV(unet_config), seed)
+
+
+def make_ltxav_latent(batch: int = 1, seed: int = 0):
+    """The seeded (video, audio) NestedTensor latent of the tiny LTX-2 (ComfyUI's LTXVConcatAVLatent output)."""
+    import comfy.nested_tensor
+
+    spec = VIDEO_SPECS["ltxav"]
+    generator = torch.Generator().manual_seed(seed)
+    video = torch.randn(batch, spec.latent_channels, spec.latent_frames, TINY_LATENT_SIZE, TINY_LATENT_SIZE,
+                        generator=generator)
+    audio = torch.randn(batch, *LTXAV_AUDIO_SHAPE, generator=generator)
+    return comfy.nested_tensor.NestedTensor((video, audio))
