@@ -114,8 +114,11 @@ def make_attention_override(previous: Callable | None):
         if q4.shape[2] != k4.shape[2]:  # cross-attention: not the image tokens' self-attention
             return call(*args, **kwargs)
 
+        batch, chunk_size = q4.shape[0], q4.shape[0] // len(chunks)
+
         def attend(q_, k_, v_, which=None):
-            return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True, **rest)
+            return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True,
+                        **_options_for_rows(rest, which, batch, chunk_size))
 
         routing = transformer_options.get(STEP_KEY)
         grid = active.grid if active.grid is not None else grid_for(
@@ -124,13 +127,26 @@ def make_attention_override(previous: Callable | None):
         def perturb_chunk(perturbation, q_, k_, v_, which):
             if k_.shape[1] < q_.shape[1]:  # grouped-query attention (enable_gqa): each key/value head serves a group
                 k_, v_ = (t.repeat_interleave(q_.shape[1] // t.shape[1], dim=1) for t in (k_, v_))
-            return perturbed_attention(perturbation, q_, k_, v_, grid, attend, routing.scratch)
+
+            def attend_these_rows(qc, kc, vc, _which=None):
+                return attend(qc, kc, vc, which)
+
+            return perturbed_attention(perturbation, q_, k_, v_, grid, attend_these_rows, routing.scratch)
 
         out = apply_chunked(q4, k4, v4, chunks, attend, perturb_chunk)
         return out if skip_output_reshape else _from_heads(out)
 
     return mark_ours(attention_override, previous)
 
+
+
+def _options_for_rows(options: dict, which: slice | None, batch: int, chunk_size: int) -> dict:
+    """The attention call's other arguments for the chunks ``which`` only: a mask with a row per batch entry
+    (Lens passes its joint text mask as (B, 1, 1, L)) keeps the rows of those chunks."""
+    mask = options.get("mask")
+    if which is None or not isinstance(mask, torch.Tensor) or mask.ndim < 3 or mask.shape[0] != batch or batch == 1:
+        return options
+    return {**options, "mask": mask[which.start * chunk_size:which.stop * chunk_size]}
 
 
 def claim_unet_attn1(attn1_patches: dict, layers: list[Layer]) -> None:

@@ -775,20 +775,22 @@ JOINT_BUILDERS = {
 # ---------------------------------------------------------------------------------------------------------
 # Families ComfyUI added after 0.8.0 (tests/host/test_family_new33.py; each builder needs a host that has the
 # family's comfy.supported_models class, ComfyUI 0.33.0 here). Anima: Cosmos Predict 2's MiniTrainDIT on the
-# Wan 2.1 latent (5-D, one frame). Krea 2: Wan 2.1's 16 channels, a 4-D image latent, the text as 2 stacked
-# encoder layers of 16 (32 features). Ernie Image, Lens, Ideogram 4: Flux.2's 128-channel latent (one token per
-# latent pixel). Lens' text: 4 encoder layers of 8 (32 features). CogVideoX: 16 channels, 3 frames.
+# Wan 2.1 latent (5-D, one frame). Krea 2: Wan 2.1's 16 channels, 5-D with one frame as ComfyUI gives that
+# format's image latents, the text as 2 stacked encoder layers of 16 (32 features). Ernie Image, Lens, Ideogram 4:
+# Flux.2's 128-channel latent (one token per latent pixel). Lens' text: 4 encoder layers of 8 (32 features).
+# CogVideoX: 16 channels, 3 frames.
 NEW_IN_033_FAMILIES = ("anima", "krea2", "ernie", "lens", "ideogram4", "cogvideox")
 NEW_IN_033_CLASSES = {"anima": "Anima", "krea2": "Krea2", "ernie": "ErnieImage", "lens": "Lens",
                       "ideogram4": "Ideogram4", "cogvideox": "CogVideoX_T2V"}  # comfy.supported_models classes
 SPECS.update({
-    "krea2": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
     "ernie": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
     "lens": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
     "ideogram4": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None,
                             flux_guidance=None),
 })
 VIDEO_SPECS.update({
+    "krea2": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None,
+                        latent_frames=1),
     "anima": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None,
                         latent_frames=1),
     "cogvideox": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
@@ -863,7 +865,14 @@ def make_lens(seed: int = 0):
     unet_config = {"image_model": "lens", "patch_size": 2, "in_channels": 128, "out_channels": 32, "num_layers": 3,
                    "attention_head_dim": 32, "num_attention_heads": 2, "enc_hidden_dim": 8,
                    "axes_dims_rope": (8, 12, 12)}
-    return _to_patcher(_supported_models().Lens(unet_config), seed)
+    patcher = _to_patcher(_supported_models().Lens(unet_config), seed)
+    # Random weights give its RMS-normed queries and keys a nearly uniform attention map, on which the prompt
+    # hardly matters (RescaleCFG moved the result 5e-3): gains of 2, as a trained model's peaked maps.
+    with torch.no_grad():
+        for block in patcher.model.diffusion_model.transformer_blocks:
+            for norm in (block.attn.norm_q, block.attn.norm_k, block.attn.norm_added_q, block.attn.norm_added_k):
+                norm.weight.mul_(2.0)
+    return patcher
 
 
 def make_ideogram4(seed: int = 0):
@@ -873,7 +882,9 @@ def make_ideogram4(seed: int = 0):
     unet_config = {"image_model": "ideogram4", "in_channels": 128, "num_layers": 3, "num_attention_heads": 2,
                    "attention_head_dim": 32, "intermediate_size": 128, "adaln_dim": 32,
                    "llm_features_dim": SPECS["ideogram4"].context_dim, "mrope_section": [6, 5, 5]}
-    return _to_patcher(_supported_models().Ideogram4(unet_config), seed)
+    model_config = _supported_models().Ideogram4(unet_config)
+    model_config.unet_config.update(unet_config)  # its unet_extra_config (the release's sizes) overrode these
+    return _to_patcher(model_config, seed)
 
 
 def make_cogvideox(seed: int = 0):
@@ -885,7 +896,14 @@ def make_cogvideox(seed: int = 0):
                    "in_channels": spec.latent_channels, "out_channels": spec.latent_channels, "time_embed_dim": 32,
                    "text_embed_dim": spec.context_dim, "num_layers": 3, "patch_size": 2,
                    "max_text_seq_length": spec.context_tokens, "use_rotary_positional_embeddings": True}
-    return _to_patcher(_supported_models().CogVideoX_T2V(unet_config), seed)
+    patcher = _to_patcher(_supported_models().CogVideoX_T2V(unet_config), seed)
+    # As Lens: random LayerNormed queries and keys attend almost uniformly and the prompt barely matters (the CFG
+    # rules moved the result < 1e-3); gains of 4 make the maps peaked.
+    with torch.no_grad():
+        for block in patcher.model.diffusion_model.blocks:
+            block.norm_q.weight.mul_(4.0)
+            block.norm_k.weight.mul_(4.0)
+    return patcher
 
 
 NEW_IN_033_BUILDERS = {"anima": make_anima, "krea2": make_krea2, "ernie": make_ernie, "lens": make_lens,
