@@ -244,9 +244,10 @@ IDENTITY_CASES = [pytest.param(family, node_id, id=f"{family}-{node_id}") for fa
 def test_identity_self_attention_matches_a_reference_from_the_definition(
     model_of, plain_of, family: str, node_id: str
 ) -> None:
-    """Breaks caught (on a scratch copy): the text rows perturbed too (Lens' record with TEXT_BEFORE_IMAGE, so
-    the identity lands on its text rows; Krea 2's with NO_TEXT), the wrong block (index + 1), the wrong chunk
-    perturbed (the chunks' perturbations reversed)."""
+    """Breaks caught (each tried on the worktree, then reverted): the text rows perturbed too (Lens' record with
+    TEXT_BEFORE_IMAGE, Krea 2's with NO_TEXT, Ideogram 4's patch (1, 2, 2) instead of one token per latent
+    pixel, CogVideoX's site counting 0 text tokens), the wrong block (block hooks and module hooks on index + 1),
+    the wrong chunk perturbed (routing's chunk perturbations reversed)."""
     model = model_of(family)
     if node_id == "GuidersPAG":
         ours = node("GuidersPAG", model=model, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
@@ -289,8 +290,9 @@ def queries_blurred(family: str, index: int, blur_sigma: float) -> Callable:
 def test_seg_blurs_the_image_queries_on_the_token_grid_as_a_reference(
     model_of, plain_of, family: str, blur_sigma: float
 ) -> None:
-    """Breaks caught: the text queries blurred instead of the image's (Ideogram 4's record with
-    TEXT_AFTER_IMAGE), the grid's frames merged (CogVideoX blurred as one 12x4 grid), the wrong block."""
+    """Breaks caught: the text queries blurred instead of the image's (Lens' record with TEXT_BEFORE_IMAGE,
+    Krea 2's with NO_TEXT, Ideogram 4's patch (1, 2, 2)), CogVideoX's frames not counted (routing.grid_for with
+    one frame: only the first frame blurred), the wrong block, the chunks' perturbations reversed."""
     model = model_of(family)
     ours = node("GuidersSEG", model=model, scale=3.0, blur_sigma=blur_sigma, layers="1", start_percent=0.0,
                 end_percent=1.0)
@@ -337,7 +339,8 @@ def block_skipped(family: str, index: int) -> Callable:
 @PER_FAMILY
 def test_slg_block_matches_the_host_skip_or_the_identity_block(model_of, plain_of, family: str, layers: str) -> None:
     """Lens: against ComfyUI's SkipLayerGuidanceDiT; the others: the block replaced by the identity. Breaks
-    caught: the skipped chunk's rows taken from the other chunk, the wrong block, the chunks reversed."""
+    caught: the kept input written into the other chunk's rows (block hooks and module hooks), the wrong block
+    (index + 1), the chunks' perturbations reversed."""
     model = model_of(family)
     ours = node("GuidersSLG", model=model, scale=3.0, layers=layers, mode="block", start_percent=0.0,
                 end_percent=1.0, rescale=0.0)
@@ -363,7 +366,8 @@ def _zeros(output):
 @PER_FAMILY
 def test_sublayer_skip_matches_its_definition(model_of, plain_of, family: str, mode: str) -> None:
     """Block 1's sublayer modules (both streams' where there are two) add nothing for the perturbed branch.
-    Breaks caught: only one of Lens' two attention projections zeroed, the wrong chunk's rows zeroed."""
+    Breaks caught: only one of Lens' two attention projections zeroed (its record without attn.to_add_out), the
+    hooks on the next block (block hooks' index + 1)."""
     model = model_of(family)
     ours = node("GuidersSLG", model=model, scale=3.0, layers="1", mode=mode, start_percent=0.0, end_percent=1.0,
                 rescale=0.0)
@@ -389,7 +393,8 @@ def test_sublayer_skip_matches_its_definition(model_of, plain_of, family: str, m
                                     {"node_id": "GuidersSLG", "mode": "attention_scores"}])
 def test_ernie_image_refuses_attention_perturbations_naming_it(model_of, inputs: dict) -> None:
     """Ernie Image's forward hands no options to its attention (the override never sees it) and its attention
-    module applies a rotary embedding given as a keyword (a recomputation lacks it): refused at the node."""
+    module applies a rotary embedding given as a keyword (a recomputation lacks it): refused at the node.
+    Break caught: the SLG node's attention_scores check removed (the node built a model that fails at sampling)."""
     model = model_of("ernie")
     node_id = inputs["node_id"]
     extra = {key: value for key, value in inputs.items() if key != "node_id"}
