@@ -415,6 +415,17 @@ FAMILIES += (
         sublayers={"double": {"attention": ("attn_out",), "feedforward": ("ff_out",)}},
         hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE), recommended=_MIDDLE_OF_STACK,
     ),
+    # MageFlow (comfy/ldm/mage_flow/model.py): Qwen-Image's blocks (joint attention on [text, image, reference
+    # images], the dit block patch, block_type/block_index) on patch-1 tokens (one per latent pixel of Flux.2's
+    # 128-channel latent): the image grid comes from the latent and that patch, never from the sequence length.
+    ModelFamily(
+        "mage_flow", "MageFlow", ("comfy.ldm.mage_flow.model:MageFlowTransformer2DModel",),
+        frozenset({PAG, SEG, SLG}), block_lists={"double": "transformer_blocks"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attn.to_out.0", "attn.to_add_out"),
+                              "feedforward": ("img_mlp", "txt_mlp")}},
+        hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX), recommended=_MIDDLE_OF_STACK,
+        patch_size=(1, 1, 1),
+    ),
 )
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}

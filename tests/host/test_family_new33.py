@@ -1,7 +1,8 @@
 """The pack on families ComfyUI added after 0.8.0, on hosts that have them (ComfyUI 0.33.0): tiny random-weight
-Anima, Krea 2, Ernie Image, Lens, Ideogram 4 and CogVideoX models (tiny_models.make_anima / make_krea2 /
-make_ernie / make_lens / make_ideogram4 / make_cogvideox) sampled by a real KSampler. On a host without the
-family's comfy.supported_models class (ComfyUI 0.8.0) every test of it skips, naming the missing class.
+Anima, Krea 2, Ernie Image, Lens, Ideogram 4, CogVideoX and MageFlow models (tiny_models.make_anima /
+make_krea2 / make_ernie / make_lens / make_ideogram4 / make_cogvideox / make_mage_flow) sampled by a real
+KSampler. On a host without the family's comfy.supported_models class (ComfyUI 0.8.0) every test of it skips,
+naming the missing class.
 
 1. The tiny models: the family's own record, one forward of cond + uncond per step, finite, deterministic and
    prompt-dependent results.
@@ -15,9 +16,9 @@ family's comfy.supported_models class (ComfyUI 0.8.0) every test of it skips, na
      attention as they are; SLG attention_scores: every row V.
    - SEG (Hong 2024): the image queries blurred on the token grid (the core's ``smooth_queries``, checked
      against SEG-SDXL in tests/core), the text queries untouched.
-   - SLG ``block``: Lens against ComfyUI's SkipLayerGuidanceDiT (its forward has the dit patch the built-in
-     uses); the others have no host skip, so the block's ``forward`` is replaced by the identity on the
-     streams it returns. ``attention`` / ``feedforward``: the sublayer modules return zeros.
+   - SLG ``block``: Lens and MageFlow against ComfyUI's SkipLayerGuidanceDiT (their forwards have the dit
+     patch the built-in uses); the others have no host skip, so the block's ``forward`` is replaced by the
+     identity on the streams it returns. ``attention`` / ``feedforward``: the sublayer modules return zeros.
 4. Costs: the perturbed branch rides in the cond/uncond forward (one call of 3 per step).
 5. Ernie Image refuses attention perturbations, naming the family and what it supports.
 
@@ -37,6 +38,9 @@ Host behaviour these tests depend on (ComfyUI 0.33.0, comfy/ldm/...):
 - ``cogvideo/model.py``: ``blocks[i](hidden_states=, encoder_hidden_states=, temb=, image_rotary_emb=,
   transformer_options=)`` returns (video, text); the joint attention on [text; video] is inline in the block:
   optimized_attention with (B, L, heads·D) and the options.
+- ``mage_flow/model.py``: Qwen-Image's blocks (``qwen_image/model.py``) with the dit patch ("double_block", i);
+  joint attention on [text; image] (one token per latent pixel), (B, heads, L, D) with skip_reshape and the
+  options; the block returns (txt, img).
 """
 
 from __future__ import annotations
@@ -92,6 +96,10 @@ FAMILIES = {
     "cogvideox": NewFamily("CogVideoX", "comfy.ldm.cogvideo.model:CogVideoXTransformer3DModel", "blocks", "",
                            (4, 4), True, streams=("hidden_states", "encoder_hidden_states"),
                            sublayers={"attention": ["attn_out"], "feedforward": ["ff_out"]}),
+    "mage_flow": NewFamily("MageFlow", "comfy.ldm.mage_flow.model:MageFlowTransformer2DModel", "transformer_blocks",
+                           "attn", (8, 8), True, streams=("encoder_hidden_states", "hidden_states"), host_slg=True,
+                           sublayers={"attention": ["attn.to_out.0", "attn.to_add_out"],
+                                      "feedforward": ["img_mlp", "txt_mlp"]}),
 }
 PER_FAMILY = pytest.mark.parametrize("family", NEW_IN_033_FAMILIES)
 ATTENTION_FAMILIES = [f for f in NEW_IN_033_FAMILIES if FAMILIES[f].attention]
@@ -245,9 +253,9 @@ def test_identity_self_attention_matches_a_reference_from_the_definition(
     model_of, plain_of, family: str, node_id: str
 ) -> None:
     """Breaks caught (each tried on the worktree, then reverted): the text rows perturbed too (Lens' record with
-    TEXT_BEFORE_IMAGE, Krea 2's with NO_TEXT, Ideogram 4's patch (1, 2, 2) instead of one token per latent
-    pixel, CogVideoX's site counting 0 text tokens), the wrong block (block hooks and module hooks on index + 1),
-    the wrong chunk perturbed (routing's chunk perturbations reversed)."""
+    TEXT_BEFORE_IMAGE, Krea 2's with NO_TEXT, Ideogram 4's and MageFlow's patch (1, 2, 2) instead of one token
+    per latent pixel, CogVideoX's site counting 0 text tokens), the wrong block (block hooks and module hooks on
+    index + 1), the wrong chunk perturbed (routing's chunk perturbations reversed)."""
     model = model_of(family)
     if node_id == "GuidersPAG":
         ours = node("GuidersPAG", model=model, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
@@ -338,7 +346,7 @@ def block_skipped(family: str, index: int) -> Callable:
 @pytest.mark.parametrize("layers", ["0", "1"])
 @PER_FAMILY
 def test_slg_block_matches_the_host_skip_or_the_identity_block(model_of, plain_of, family: str, layers: str) -> None:
-    """Lens: against ComfyUI's SkipLayerGuidanceDiT; the others: the block replaced by the identity. Breaks
+    """Lens, MageFlow: against ComfyUI's SkipLayerGuidanceDiT; the others: the block replaced by the identity. Breaks
     caught: the kept input written into the other chunk's rows (block hooks and module hooks), the wrong block
     (index + 1), the chunks' perturbations reversed."""
     model = model_of(family)

@@ -779,13 +779,16 @@ JOINT_BUILDERS = {
 # format's image latents, the text as 2 stacked encoder layers of 16 (32 features). Ernie Image, Lens, Ideogram 4:
 # Flux.2's 128-channel latent (one token per latent pixel). Lens' text: 4 encoder layers of 8 (32 features).
 # CogVideoX: 16 channels, 3 frames.
-NEW_IN_033_FAMILIES = ("anima", "krea2", "ernie", "lens", "ideogram4", "cogvideox")
+NEW_IN_033_FAMILIES = ("anima", "krea2", "ernie", "lens", "ideogram4", "cogvideox", "mage_flow")
+# Their comfy.supported_models classes:
 NEW_IN_033_CLASSES = {"anima": "Anima", "krea2": "Krea2", "ernie": "ErnieImage", "lens": "Lens",
-                      "ideogram4": "Ideogram4", "cogvideox": "CogVideoX_T2V"}  # comfy.supported_models classes
+                      "ideogram4": "Ideogram4", "cogvideox": "CogVideoX_T2V", "mage_flow": "MageFlow"}
 SPECS.update({
     "ernie": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
     "lens": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
     "ideogram4": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None,
+                            flux_guidance=None),
+    "mage_flow": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None,
                             flux_guidance=None),
 })
 VIDEO_SPECS.update({
@@ -906,8 +909,22 @@ def make_cogvideox(seed: int = 0):
     return patcher
 
 
+def make_mage_flow(seed: int = 0):
+    """A MageFlow DiT (``supported_models.MageFlow``: flow, shift 6): Qwen-Image's joint blocks (3, 2 heads of
+    32) on one token per latent pixel of the 128-channel latent, the text first."""
+    unet_config = {"image_model": "mage_flow", "in_channels": 128, "out_channels": 128, "num_layers": 3,
+                   "attention_head_dim": 32, "num_attention_heads": 2,
+                   "joint_attention_dim": SPECS["mage_flow"].context_dim, "axes_dims_rope": (8, 12, 12)}
+    patcher = _to_patcher(_supported_models().MageFlow(unet_config), seed)
+    with torch.no_grad():  # peaked attention maps, as for Lens (RescaleCFG moved the result 6e-3 without)
+        for block in patcher.model.diffusion_model.transformer_blocks:
+            for norm in (block.attn.norm_q, block.attn.norm_k, block.attn.norm_added_q, block.attn.norm_added_k):
+                norm.weight.mul_(2.0)
+    return patcher
+
+
 NEW_IN_033_BUILDERS = {"anima": make_anima, "krea2": make_krea2, "ernie": make_ernie, "lens": make_lens,
-                       "ideogram4": make_ideogram4, "cogvideox": make_cogvideox}
+                       "ideogram4": make_ideogram4, "cogvideox": make_cogvideox, "mage_flow": make_mage_flow}
 
 
 def host_lacks(family: str) -> str | None:
