@@ -426,6 +426,16 @@ FAMILIES += (
         hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX), recommended=_MIDDLE_OF_STACK,
         patch_size=(1, 1, 1),
     ),
+    # JoyImage (comfy/ldm/joyimage/model.py): dual-stream blocks, joint attention on [image, reference images,
+    # text] through optimized_attention with the options; the dit block patch ("double_block", i) with
+    # img/txt/vec/pe and block_type/block_index. The image tokens come first: the grid starts at token 0.
+    ModelFamily(
+        "joyimage", "JoyImage", ("comfy.ldm.joyimage.model:JoyImageTransformer3DModel",),
+        frozenset({PAG, SEG, SLG}), block_lists={"double": "double_blocks"}, text_position=TEXT_AFTER_IMAGE,
+        sublayers={"double": {"attention": ("attn.img_attn_proj", "attn.txt_attn_proj"),
+                              "feedforward": ("img_mlp", "txt_mlp")}},
+        hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX), recommended=_MIDDLE_OF_STACK,
+    ),
 )
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}

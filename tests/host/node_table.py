@@ -45,10 +45,11 @@ SINGLE_BLOCKS += ("auraflow",)
 DIT_SUBLAYERS = VIDEO + BLOCKPATCH  # the DiTs whose blocks have attention and feed-forward sublayers tested here
 SUBLAYER_DITS += BLOCKPATCH
 # tests/host/test_family_new33.py: families ComfyUI added after 0.8.0 (Anima, Krea 2, Ernie Image, Lens, Ideogram 4,
-# CogVideoX, MageFlow), run on hosts that have them and skipped elsewhere. Ernie Image refuses attention perturbations
-# (PAG, SEG, SLG attention_scores): it is only in the sublayer cases (SLG attention/feedforward/negative branch).
-NEW_IN_033 = ("anima", "krea2", "lens", "ideogram4", "cogvideox", "mage_flow", "ernie")
-NEW_IN_033_ATTENTION = ("anima", "krea2", "lens", "ideogram4", "cogvideox", "mage_flow")
+# CogVideoX, MageFlow, JoyImage), run on hosts that have them and skipped elsewhere. Ernie Image refuses attention
+# perturbations (PAG, SEG, SLG attention_scores): it is only in the sublayer cases (SLG attention/feedforward/negative
+# branch).
+NEW_IN_033 = ("anima", "krea2", "lens", "ideogram4", "cogvideox", "mage_flow", "joyimage", "ernie")
+NEW_IN_033_ATTENTION = ("anima", "krea2", "lens", "ideogram4", "cogvideox", "mage_flow", "joyimage")
 UNET_AND_DITS += NEW_IN_033_ATTENTION
 BLOCK_DITS += NEW_IN_033_ATTENTION
 SUBLAYER_DITS += NEW_IN_033

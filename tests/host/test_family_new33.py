@@ -100,6 +100,10 @@ FAMILIES = {
                            "attn", (8, 8), True, streams=("encoder_hidden_states", "hidden_states"), host_slg=True,
                            sublayers={"attention": ["attn.to_out.0", "attn.to_add_out"],
                                       "feedforward": ["img_mlp", "txt_mlp"]}),
+    "joyimage": NewFamily("JoyImage", "comfy.ldm.joyimage.model:JoyImageTransformer3DModel", "double_blocks", "attn",
+                          (4, 4), False, streams=("hidden_states", "encoder_hidden_states"), host_slg=True,
+                          sublayers={"attention": ["attn.img_attn_proj", "attn.txt_attn_proj"],
+                                     "feedforward": ["img_mlp", "txt_mlp"]}),
 }
 PER_FAMILY = pytest.mark.parametrize("family", NEW_IN_033_FAMILIES)
 ATTENTION_FAMILIES = [f for f in NEW_IN_033_FAMILIES if FAMILIES[f].attention]

@@ -779,10 +779,11 @@ JOINT_BUILDERS = {
 # format's image latents, the text as 2 stacked encoder layers of 16 (32 features). Ernie Image, Lens, Ideogram 4:
 # Flux.2's 128-channel latent (one token per latent pixel). Lens' text: 4 encoder layers of 8 (32 features).
 # CogVideoX: 16 channels, 3 frames.
-NEW_IN_033_FAMILIES = ("anima", "krea2", "ernie", "lens", "ideogram4", "cogvideox", "mage_flow")
+NEW_IN_033_FAMILIES = ("anima", "krea2", "ernie", "lens", "ideogram4", "cogvideox", "mage_flow", "joyimage")
 # Their comfy.supported_models classes:
 NEW_IN_033_CLASSES = {"anima": "Anima", "krea2": "Krea2", "ernie": "ErnieImage", "lens": "Lens",
-                      "ideogram4": "Ideogram4", "cogvideox": "CogVideoX_T2V", "mage_flow": "MageFlow"}
+                      "ideogram4": "Ideogram4", "cogvideox": "CogVideoX_T2V", "mage_flow": "MageFlow",
+                      "joyimage": "JoyImage"}
 SPECS.update({
     "ernie": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
     "lens": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
@@ -798,6 +799,8 @@ VIDEO_SPECS.update({
                         latent_frames=1),
     "cogvideox": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
                             flux_guidance=None, latent_frames=3),
+    "joyimage": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
+                           flux_guidance=None, latent_frames=1),
 })
 
 
@@ -923,8 +926,21 @@ def make_mage_flow(seed: int = 0):
     return patcher
 
 
+def make_joyimage(seed: int = 0):
+    """A JoyImage DiT (``supported_models.JoyImage``: flow, multiplier 1000, shift 1.5): 3 dual-stream blocks of
+    hidden 64, 2 heads, patches (1, 2, 2) on the Wan 2.1 latent (5-D, one frame), the image tokens first in the
+    joint attention."""
+    unet_config = {"image_model": "joyimage", "patch_size": [1, 2, 2], "in_channels": 16, "hidden_size": 64,
+                   "num_attention_heads": 2, "text_dim": VIDEO_SPECS["joyimage"].context_dim, "num_layers": 3,
+                   "rope_dim_list": [8, 12, 12], "theta": 10000}
+    model_config = _supported_models().JoyImage(unet_config)
+    model_config.unet_config.update(unet_config)  # its unet_extra_config (the release's rope split) overrode these
+    return _to_patcher(model_config, seed)
+
+
 NEW_IN_033_BUILDERS = {"anima": make_anima, "krea2": make_krea2, "ernie": make_ernie, "lens": make_lens,
-                       "ideogram4": make_ideogram4, "cogvideox": make_cogvideox, "mage_flow": make_mage_flow}
+                       "ideogram4": make_ideogram4, "cogvideox": make_cogvideox, "mage_flow": make_mage_flow,
+                       "joyimage": make_joyimage}
 
 
 def host_lacks(family: str) -> str | None:
