@@ -93,6 +93,10 @@ def text_tokens_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
+# optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False)
+_ATTENTION_ARGUMENTS_AFTER_HEADS = ("mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+
+
 def make_attention_override(previous: Callable | None):
     def attention_override(func, *args, **kwargs):
         transformer_options = kwargs.get("transformer_options") or {}
@@ -107,9 +111,12 @@ def make_attention_override(previous: Callable | None):
             # (Wan) or extra attentions, which token counts alone cannot tell apart when they coincide.
             return call(*args, **kwargs)
         q, k, v, heads = args[0], args[1], args[2], args[3] if len(args) > 3 else kwargs["heads"]
-        rest = {key: val for key, val in kwargs.items() if key not in ("skip_reshape", "skip_output_reshape", "heads")}
-        skip_reshape = kwargs.get("skip_reshape", False)
-        skip_output_reshape = kwargs.get("skip_output_reshape", False)
+        # Arguments after heads may come by position (Qwen-Image and MageFlow pass their mask so, through
+        # optimized_attention_masked): named here, so the calls made below keep them.
+        named = {**dict(zip(_ATTENTION_ARGUMENTS_AFTER_HEADS, args[4:], strict=False)), **kwargs}
+        rest = {key: val for key, val in named.items() if key not in ("skip_reshape", "skip_output_reshape", "heads")}
+        skip_reshape = named.get("skip_reshape", False)
+        skip_output_reshape = named.get("skip_output_reshape", False)
         q4, k4, v4 = (t if skip_reshape else _to_heads(t, heads) for t in (q, k, v))
         if q4.shape[2] != k4.shape[2]:  # cross-attention: not the image tokens' self-attention
             return call(*args, **kwargs)

@@ -13,7 +13,7 @@ from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, mark_ours
 from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, sublayer_modules
 from .routing import ActiveBlock, chunk_perturbations, chunk_rows, no_other_patches, patch_grid
-from .shared_prefix import once_per_equal_chunk, rows_follow_the_batch, select_rows
+from .shared_prefix import batch_outside_args, once_per_equal_chunk, rows_follow_the_batch, select_rows
 
 
 def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
@@ -33,12 +33,17 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
 
         transformer_options = args.get("transformer_options") or {}
         chunks = chunk_perturbations(transformer_options, layer)
+        # Fewer rows than the batch only where every batched input of the block is in ``args``.
+        rows_in_args = not batch_outside_args(extra["original_block"], args["img"].shape[0])
         if not any(chunks):
-            return original(args) if previous is not None else once_per_equal_chunk(original, args, transformer_options)
+            if previous is not None or not rows_in_args:
+                return original(args)
+            return once_per_equal_chunk(original, args, transformer_options)
         only_skips = all(isinstance(p, BlockSkip) for c in chunks for p in c)
         # Another node's patch may count on every chunk being computed: then the skipped ones are computed too.
-        if only_skips and previous is None and no_other_patches(transformer_options) and rows_follow_the_batch(
-                {key: value for key, value in args.items() if key != "transformer_options"}, args["img"].shape[0]):
+        if only_skips and previous is None and rows_in_args and no_other_patches(transformer_options) and \
+                rows_follow_the_batch({key: value for key, value in args.items() if key != "transformer_options"},
+                                      args["img"].shape[0]):
             return _without_skipped_chunks(original, args, transformer_options, chunks)
         attention_chunks = [[p for p in c if isinstance(p, AttentionPerturbation)] for c in chunks]
         call_args = args

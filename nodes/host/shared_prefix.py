@@ -215,6 +215,21 @@ def rows_follow_the_batch(value, batch: int) -> bool:
     return True
 
 
+def batch_outside_args(block_function, batch: int) -> bool:
+    """Whether the host's block function (a ``dit`` patch's ``original_block``) holds, in its closure, a tensor
+    with a row per batch entry: a batched input the patch's ``args`` do not carry, so the block cannot run on
+    fewer rows. Qwen-Image and MageFlow close over the text's attention mask (``encoder_hidden_states_mask``,
+    (B, L) when the prompt is padded)."""
+    for cell in getattr(block_function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+            return True
+    return False
+
+
 def select_rows(value, rows: torch.Tensor, batch: int):
     """``value`` with ``rows`` taken from every tensor in it whose first dimension is ``batch``."""
     if isinstance(value, torch.Tensor):

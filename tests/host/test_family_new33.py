@@ -424,3 +424,49 @@ def test_sag_refuses_them_and_names_the_supported_families(model_of, family: str
     message = str(raised.value)
     name = FAMILIES[family].name
     assert name in message and "supports" in message and name not in message.split("supports", 1)[-1], message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A padded prompt: the host's block function closes over the text mask
+
+
+def masked_conditioning(family: str):
+    """The family's conditioning with its last 4 text tokens marked as padding (``attention_mask``), as a text
+    encoder gives a prompt padded to a batch's longest."""
+    positive, negative = make_conditioning(family, seed=1)
+    for conditioning in (positive, negative):
+        context, extras = conditioning[0]
+        mask = torch.ones(context.shape[:2], dtype=torch.long)
+        mask[:, -4:] = 0
+        conditioning[0] = [context, {**extras, "attention_mask": mask}]
+    return positive, negative
+
+
+@pytest.mark.parametrize("method", ["PAG", "SLG-block"])
+def test_mageflow_with_a_padded_prompt_matches_its_reference(model_of, method: str) -> None:
+    """MageFlow's (and Qwen-Image's) dit patch hands the block img/txt/vec/pe, while the block function closes
+    over the text mask, (B, L): the shared prefix and the skipped chunks must not run it on fewer rows. Before
+    the fix (shared_prefix.batch_outside_args) both raised "expanded size of the tensor (2) must match the
+    existing size (3)" (shown again with the check disabled); and the override must keep the mask the block
+    passes by position to optimized_attention_masked (without it PAG was 3e-1 off the reference)."""
+    family = "mage_flow"
+    model = model_of(family)
+    positive, negative = masked_conditioning(family)
+    latent = make_latent(family, seed=2)
+
+    def run_masked(m):
+        return sample(m, positive, negative, latent, cfg=CFG, steps=STEPS, seed=3)
+
+    if method == "PAG":
+        ours = node("GuidersPAG", model=model, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
+        reference = perturbed_pass_reference(model, identity_reference(family, 1, True), 3.0)
+    else:
+        ours = node("GuidersSLG", model=model, scale=3.0, layers="1", mode="block", start_percent=0.0,
+                    end_percent=1.0, rescale=0.0)
+        reference = node("SkipLayerGuidanceDiT", model=model, double_layers="1", single_layers="", scale=3.0,
+                         start_percent=0.0, end_percent=1.0, rescaling_scale=0.0)
+    with ForwardCounter(model) as counter:
+        result = run_masked(ours)
+
+    assert counter.per_step() == [[3]] * STEPS
+    assert_parity(result, run_masked(reference), run_masked(model))
