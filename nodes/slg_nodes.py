@@ -15,6 +15,7 @@ from . import host
 from .common import (
     BLOCK_FAMILIES,
     CATEGORY,
+    PAG_FAMILIES,
     branch_mode_input,
     family_names,
     model_input,
@@ -77,6 +78,8 @@ class GuidersSLG(io.ComfyNode):
         if mode == "block":
             perturbation = host.BlockSkip(chosen, "SLG")
         elif mode == "attention_scores":
+            # An attention perturbation: only where the family's attention can be perturbed (as PAG's).
+            host.require_family(model, f"{public_id(cls)} mode 'attention_scores'", PAG_FAMILIES)
             perturbation = host.AttentionPerturbation(chosen, perturb.identity_all_attention, "SLG attention_scores")
         elif mode in ("attention", "feedforward"):
             diffusion_model = model.get_model_object("diffusion_model")

@@ -99,6 +99,10 @@ def text_tokens_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
+# optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False)
+_ATTENTION_ARGUMENTS_AFTER_HEADS = ("mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+
+
 def make_attention_override(previous: Callable | None):
     def attention_override(func, *args, **kwargs):
         transformer_options = kwargs.get("transformer_options") or {}
@@ -113,15 +117,21 @@ def make_attention_override(previous: Callable | None):
             # (Wan) or extra attentions, which token counts alone cannot tell apart when they coincide.
             return call(*args, **kwargs)
         q, k, v, heads = args[0], args[1], args[2], args[3] if len(args) > 3 else kwargs["heads"]
-        rest = {key: val for key, val in kwargs.items() if key not in ("skip_reshape", "skip_output_reshape", "heads")}
-        skip_reshape = kwargs.get("skip_reshape", False)
-        skip_output_reshape = kwargs.get("skip_output_reshape", False)
+        # Arguments after heads may come by position (Qwen-Image and MageFlow pass their mask so, through
+        # optimized_attention_masked): named here, so the calls made below keep them.
+        named = {**dict(zip(_ATTENTION_ARGUMENTS_AFTER_HEADS, args[4:], strict=False)), **kwargs}
+        rest = {key: val for key, val in named.items() if key not in ("skip_reshape", "skip_output_reshape", "heads")}
+        skip_reshape = named.get("skip_reshape", False)
+        skip_output_reshape = named.get("skip_output_reshape", False)
         q4, k4, v4 = (t if skip_reshape else _to_heads(t, heads) for t in (q, k, v))
         if q4.shape[2] != k4.shape[2]:  # cross-attention: not the image tokens' self-attention
             return call(*args, **kwargs)
 
+        batch, chunk_size = q4.shape[0], q4.shape[0] // len(chunks)
+
         def attend(q_, k_, v_, which=None):
-            return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True, **rest)
+            return call(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True,
+                        **_options_for_rows(rest, which, batch, chunk_size))
 
         routing = transformer_options.get(STEP_KEY)
         grid = active.grid if active.grid is not None else grid_for(
@@ -131,13 +141,26 @@ def make_attention_override(previous: Callable | None):
         def perturb_chunk(perturbation, q_, k_, v_, which):
             if k_.shape[1] < q_.shape[1]:  # grouped-query attention (enable_gqa): each key/value head serves a group
                 k_, v_ = (t.repeat_interleave(q_.shape[1] // t.shape[1], dim=1) for t in (k_, v_))
-            return perturbed_attention(perturbation, q_, k_, v_, grid, attend, routing.scratch)
+
+            def attend_these_rows(qc, kc, vc, _which=None):
+                return attend(qc, kc, vc, which)
+
+            return perturbed_attention(perturbation, q_, k_, v_, grid, attend_these_rows, routing.scratch)
 
         out = apply_chunked(q4, k4, v4, chunks, attend, perturb_chunk)
         return out if skip_output_reshape else _from_heads(out)
 
     return mark_ours(attention_override, previous)
 
+
+
+def _options_for_rows(options: dict, which: slice | None, batch: int, chunk_size: int) -> dict:
+    """The attention call's other arguments for the chunks ``which`` only: a mask with a row per batch entry
+    (Lens passes its joint text mask as (B, 1, 1, L)) keeps the rows of those chunks."""
+    mask = options.get("mask")
+    if which is None or not isinstance(mask, torch.Tensor) or mask.ndim < 3 or mask.shape[0] != batch or batch == 1:
+        return options
+    return {**options, "mask": mask[which.start * chunk_size:which.stop * chunk_size]}
 
 
 def claim_unet_attn1(attn1_patches: dict, layers: list[Layer]) -> None:

@@ -505,6 +505,98 @@ FAMILIES += (
     ),
 )
 
+# Families ComfyUI added after 0.8.0 (issue #11; each: its record here, a tiny model, tests/host/test_family_new33.py,
+# which runs on hosts that have the family and skips elsewhere). A record names its classes by "module:Class"
+# strings, so on a host without the module (0.8.0) it matches no model and nothing is imported.
+FAMILIES += (
+    # Anima (comfy/ldm/anima/model.py): a Cosmos Predict 2 MiniTrainDIT (the text first adapted by an LLM adapter,
+    # not a layer here), so the same blocks: self-attention on the image tokens, cross-attention to the text,
+    # MLP, attention through optimized_attention with the options; the forward calls each block with x first and
+    # the options as a keyword, sets block_index, and has no dit block patch: forward hooks on the blocks.
+    ModelFamily(
+        "anima", "Anima", ("comfy.ldm.anima.model:Anima",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "blocks"},
+        sublayers={"double": {"attention": ("self_attn",), "feedforward": ("mlp",)}},
+        hooks=(BLOCK_FORWARD_HOOKS, ATTENTION_OVERRIDE, BLOCK_INDEX),
+        recommended=_MIDDLE_OF_STACK, patch_size=(1, 2, 2),
+    ),
+    # Krea 2 (comfy/ldm/krea2/model.py SingleStreamDiT): one stream [text, image, reference images] through
+    # ``blocks``; attention (grouped-query, k and v repeated to the query heads before the call) through
+    # optimized_attention_masked with the options; the only patches are attn1/attn1_output patches (no dit block
+    # patch): forward hooks on the blocks. The image is taken as the stream's last tokens (module_hooks.image_grid),
+    # right when no reference latents are given (Krea 2 edit appends them after the image: see the README).
+    ModelFamily(
+        "krea2", "Krea 2", ("comfy.ldm.krea2.model:SingleStreamDiT",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "blocks"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attn",), "feedforward": ("mlp",)}},
+        hooks=(BLOCK_FORWARD_HOOKS, ATTENTION_OVERRIDE, BLOCK_INDEX),
+        recommended=_MIDDLE_OF_STACK, patch_size=(1, 2, 2),
+    ),
+    # Ernie Image (comfy/ldm/ernie/model.py): one stream [image, text] through ``layers``; the forward passes no
+    # transformer_options to its blocks nor to optimized_attention and runs no DIFFUSION_MODEL wrapper, so neither
+    # the override nor block hooks can reach it: module hooks (an APPLY_MODEL wrapper) skip its blocks and
+    # sublayers. Attention perturbations (PAG, SEG, SLG attention_scores) are refused: recomputing its attention
+    # needs the rotary embedding the block hands its attention module, which a module hook's recomputation does
+    # not receive.
+    ModelFamily(
+        "ernie", "Ernie Image", ("comfy.ldm.ernie.model:ErnieImageModel",), frozenset({SLG}),
+        block_lists={"double": "layers"}, text_position=TEXT_AFTER_IMAGE,
+        sublayers={"double": {"attention": ("self_attention",), "feedforward": ("mlp",)}},
+        hooks=(MODULE_FORWARD_HOOKS,), recommended={SLG: Recommended((), _MIDDLE)},
+        mechanism="module hooks for block and sublayer skips; no attention perturbation (the override never sees "
+                  "its attention, and a recomputation lacks its rotary embedding)",
+    ),
+    # Microsoft Lens (comfy/ldm/lens/model.py): dual-stream MMDiT, joint attention on [image, text] (the image
+    # first), through optimized_attention with the options; the forward offers dit block replace patches
+    # ("double_block", i) with img/txt/vec/pe/attn_mask and sets block_type/block_index.
+    ModelFamily(
+        "lens", "Lens", ("comfy.ldm.lens.model:LensTransformer2DModel",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "transformer_blocks"}, text_position=TEXT_AFTER_IMAGE,
+        sublayers={"double": {"attention": ("attn.to_out.0", "attn.to_add_out"),
+                              "feedforward": ("img_mlp", "txt_mlp")}},
+        hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX), recommended=_MIDDLE_OF_STACK,
+    ),
+    # Ideogram 4 (comfy/ldm/ideogram4/model.py): one stream [text, image] through ``layers`` (an image-only
+    # stream when the context is None); attention through optimized_attention_masked with the options; no dit
+    # block patch and no block_index: forward hooks on the blocks. One token per latent pixel.
+    ModelFamily(
+        "ideogram4", "Ideogram 4", ("comfy.ldm.ideogram4.model:Ideogram4Transformer2DModel",),
+        frozenset({PAG, SEG, SLG}), block_lists={"double": "layers"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attention",), "feedforward": ("feed_forward",)}},
+        hooks=(BLOCK_FORWARD_HOOKS, ATTENTION_OVERRIDE), recommended=_MIDDLE_OF_STACK, patch_size=(1, 1, 1),
+    ),
+    # CogVideoX (comfy/ldm/cogvideo/model.py): joint attention on [text, video] computed inline in each block
+    # (no attention module), through optimized_attention with the options; the blocks are called with keywords
+    # only and return (video, text); no dit block patch: module hooks (the block itself marked for the override).
+    ModelFamily(
+        "cogvideox", "CogVideoX", ("comfy.ldm.cogvideo.model:CogVideoXTransformer3DModel",),
+        frozenset({PAG, SEG, SLG}), block_lists={"double": "blocks"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attn_out",), "feedforward": ("ff_out",)}},
+        hooks=(MODULE_FORWARD_HOOKS, ATTENTION_OVERRIDE), recommended=_MIDDLE_OF_STACK,
+    ),
+    # MageFlow (comfy/ldm/mage_flow/model.py): Qwen-Image's blocks (joint attention on [text, image, reference
+    # images], the dit block patch, block_type/block_index) on patch-1 tokens (one per latent pixel of Flux.2's
+    # 128-channel latent): the image grid comes from the latent and that patch, never from the sequence length.
+    ModelFamily(
+        "mage_flow", "MageFlow", ("comfy.ldm.mage_flow.model:MageFlowTransformer2DModel",),
+        frozenset({PAG, SEG, SLG}), block_lists={"double": "transformer_blocks"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attn.to_out.0", "attn.to_add_out"),
+                              "feedforward": ("img_mlp", "txt_mlp")}},
+        hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX), recommended=_MIDDLE_OF_STACK,
+        patch_size=(1, 1, 1),
+    ),
+    # JoyImage (comfy/ldm/joyimage/model.py): dual-stream blocks, joint attention on [image, reference images,
+    # text] through optimized_attention with the options; the dit block patch ("double_block", i) with
+    # img/txt/vec/pe and block_type/block_index. The image tokens come first: the grid starts at token 0.
+    ModelFamily(
+        "joyimage", "JoyImage", ("comfy.ldm.joyimage.model:JoyImageTransformer3DModel",),
+        frozenset({PAG, SEG, SLG}), block_lists={"double": "double_blocks"}, text_position=TEXT_AFTER_IMAGE,
+        sublayers={"double": {"attention": ("attn.img_attn_proj", "attn.txt_attn_proj"),
+                              "feedforward": ("img_mlp", "txt_mlp")}},
+        hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX), recommended=_MIDDLE_OF_STACK,
+    ),
+)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 

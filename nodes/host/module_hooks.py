@@ -370,3 +370,25 @@ def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_optio
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     return recompute
+
+
+# Sites of families ComfyUI added after 0.8.0 (additive data; the records are in families.py).
+def _ernie_qkv(attention, *args, **kwargs):
+    """Never reached: Ernie Image's record offers no attention perturbation (its attention module applies the
+    rotary embedding the block hands it as a keyword, which a recomputation from ``x`` alone would lack)."""
+    raise GuidanceError("Ernie Image: attention perturbations (PAG, SEG, SLG attention_scores) are not supported on "
+                        "this family; use SLG mode 'block', 'attention' or 'feedforward'.")
+
+
+def _cogvideox_patch(dm):  # CogVideoX 1.0: patch_size per frame (patch_size_t None)
+    return dm.patch_size_t or 1, dm.patch_size, dm.patch_size
+
+
+def _cogvideox_text(args, kwargs, image_tokens):  # the block is called with keywords; its text comes first
+    return kwargs["encoder_hidden_states"].shape[1]
+
+
+SITES["ernie"] = {"double": BlockSite(("x",), AttentionSite("self_attention", qkv=_ernie_qkv))}
+# CogVideoX computes its joint attention inline (no attention module): the block itself is marked for the override.
+SITES["cogvideox"] = {"double": BlockSite(("hidden_states", "encoder_hidden_states"),
+                                          AttentionSite("", _cogvideox_patch, _cogvideox_text))}

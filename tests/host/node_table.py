@@ -63,6 +63,15 @@ UNET_AND_DITS += CASCADE_FAMILIES
 # AdaLN and gated attention: ComfyUI 0.33.0 only). Every method acts on its video stream; block and sublayer modes.
 LTX2 = ("ltxav", "ltxav_2_3")
 UNET_AND_DITS, BLOCK_DITS, SUBLAYER_DITS = UNET_AND_DITS + LTX2, BLOCK_DITS + LTX2, SUBLAYER_DITS + LTX2
+# tests/host/test_family_new33.py: families ComfyUI added after 0.8.0 (Anima, Krea 2, Ernie Image, Lens, Ideogram 4,
+# CogVideoX, MageFlow, JoyImage), run on hosts that have them and skipped elsewhere. Ernie Image refuses attention
+# perturbations (PAG, SEG, SLG attention_scores): it is only in the sublayer cases (SLG attention/feedforward/negative
+# branch).
+NEW_IN_033 = ("anima", "krea2", "lens", "ideogram4", "cogvideox", "mage_flow", "joyimage", "ernie")
+NEW_IN_033_ATTENTION = ("anima", "krea2", "lens", "ideogram4", "cogvideox", "mage_flow", "joyimage")
+UNET_AND_DITS += NEW_IN_033_ATTENTION
+BLOCK_DITS += NEW_IN_033_ATTENTION
+SUBLAYER_DITS += NEW_IN_033
 
 
 @dataclass(frozen=True)
@@ -299,7 +308,6 @@ CHAIN_CASES = (EffectCase("PAG+SEG+APG+Rescale", _stack, IMAGE + HOOKLESS),)  # 
 CHAIN_CASES += (EffectCase("SLG-block-down.1.1", _slg("block", layers="down.1.1"), CASCADE_FAMILIES),
                 EffectCase("SLG-attention_scores-up.0.0", _slg("attention_scores", layers="up.0.0"), CASCADE_FAMILIES))
 
-NODE_IDS = [row.node_id for row in NODE_TABLE]
 
 
 def effect_params(families: tuple[str, ...]) -> list:
@@ -346,7 +354,6 @@ NODE_TABLE += (
                                                                   empty_conditioning=_empty_conditioning_for(m)),
                                      IMAGE),)),
 )
-NODE_IDS = [row.node_id for row in NODE_TABLE]
 
 # Rules that remember the run's trajectory (tests/host/test_trajectory_rule_nodes.py).
 NODE_TABLE += (
@@ -362,7 +369,6 @@ NODE_TABLE += (
             effect_cases=(EffectCase("SMCCFG", lambda m, w: node("GuidersSMCCFG", model=m, sliding_lambda=6.0, k=1.0),
                                      IMAGE),)),
 )
-NODE_IDS = [row.node_id for row in NODE_TABLE]
 
 # Noise on the conditioning (tests/host/test_condition_annealing_nodes.py).
 NODE_TABLE += (
@@ -373,4 +379,6 @@ NODE_TABLE += (
             effect_cases=(EffectCase("CADS", lambda m, w: node("GuidersCADS", model=m, noise_scale=0.5, tau1=0.3,
                                                                tau2=0.95, psi=1.0), IMAGE),)),
 )
+
+# Every row above, in table order (rows are appended by several blocks of this file).
 NODE_IDS = [row.node_id for row in NODE_TABLE]

@@ -597,6 +597,7 @@ def make_model(family: str, seed: int = 0):
         "wan22_low_noise": lambda: make_wan(seed=seed + 11),
         "ltxav": lambda: make_ltxav(seed=seed),
         "ltxav_2_3": lambda: make_ltxav(seed=seed, ltx_2_3=True),
+        **{family: (lambda build=build: build(seed=seed)) for family, build in NEW_IN_033_BUILDERS.items()},
     }
     return builders[family]()
 
@@ -1056,3 +1057,181 @@ def make_ltxav_latent(batch: int = 1, seed: int = 0):
                         generator=generator)
     audio = torch.randn(batch, *LTXAV_AUDIO_SHAPE, generator=generator)
     return comfy.nested_tensor.NestedTensor((video, audio))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Families ComfyUI added after 0.8.0 (tests/host/test_family_new33.py; each builder needs a host that has the
+# family's comfy.supported_models class, ComfyUI 0.33.0 here). Anima: Cosmos Predict 2's MiniTrainDIT on the
+# Wan 2.1 latent (5-D, one frame). Krea 2: Wan 2.1's 16 channels, 5-D with one frame as ComfyUI gives that
+# format's image latents, the text as 2 stacked encoder layers of 16 (32 features). Ernie Image, Lens, Ideogram 4:
+# Flux.2's 128-channel latent (one token per latent pixel). Lens' text: 4 encoder layers of 8 (32 features).
+# CogVideoX: 16 channels, 3 frames.
+NEW_IN_033_FAMILIES = ("anima", "krea2", "ernie", "lens", "ideogram4", "cogvideox", "mage_flow", "joyimage")
+# Their comfy.supported_models classes:
+NEW_IN_033_CLASSES = {"anima": "Anima", "krea2": "Krea2", "ernie": "ErnieImage", "lens": "Lens",
+                      "ideogram4": "Ideogram4", "cogvideox": "CogVideoX_T2V", "mage_flow": "MageFlow",
+                      "joyimage": "JoyImage"}
+SPECS.update({
+    "ernie": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
+    "lens": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None),
+    "ideogram4": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None,
+                            flux_guidance=None),
+    "mage_flow": FamilySpec(latent_channels=128, context_dim=32, context_tokens=16, pooled_dim=None,
+                            flux_guidance=None),
+})
+VIDEO_SPECS.update({
+    "krea2": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None,
+                        latent_frames=1),
+    "anima": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None, flux_guidance=None,
+                        latent_frames=1),
+    "cogvideox": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
+                            flux_guidance=None, latent_frames=3),
+    "joyimage": FamilySpec(latent_channels=16, context_dim=32, context_tokens=16, pooled_dim=None,
+                           flux_guidance=None, latent_frames=1),
+})
+
+
+def _patcher_after(model_config, seed: int, adjust) -> object:
+    """As ``_to_patcher``, with ``adjust(diffusion_model)`` run before the weights are drawn."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    model_config.set_inference_dtype(INFERENCE_DTYPE, None)
+    model = model_config.get_model({})
+    adjust(model.diffusion_model)
+    fill_deterministic(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def make_anima(seed: int = 0):
+    """An Anima DiT (``supported_models.Anima``: flow, shift 3; ``comfy.ldm.anima.model.Anima``, a MiniTrainDIT):
+    Cosmos Predict 2's tiny config (3 blocks, hidden 64, 2 heads, patch (1, 2, 2)). Its LLM adapter (only run
+    when the conditioning carries ``t5xxl_ids``, which these tests do not give) is built at the host's fixed
+    1024-wide size; it is replaced by the host's own LLMAdapter at width 32 so the model stays tiny."""
+    import comfy.ldm.anima.model as anima
+    import comfy.ops
+
+    spec = VIDEO_SPECS["anima"]
+    unet_config = {"image_model": "anima", "max_img_h": 240, "max_img_w": 240, "max_frames": 128,
+                   "in_channels": spec.latent_channels, "out_channels": spec.latent_channels, "patch_spatial": 2,
+                   "patch_temporal": 1, "concat_padding_mask": True, "model_channels": 64, "num_blocks": 3,
+                   "num_heads": 2, "crossattn_emb_channels": spec.context_dim, "pos_emb_cls": "rope3d",
+                   "pos_emb_learnable": True, "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30,
+                   "use_adaln_lora": True, "adaln_lora_dim": 16, "extra_per_block_abs_pos_emb": False,
+                   "rope_h_extrapolation_ratio": 4.0, "rope_w_extrapolation_ratio": 4.0,
+                   "rope_t_extrapolation_ratio": 1.0, "extra_h_extrapolation_ratio": 1.0,
+                   "extra_w_extrapolation_ratio": 1.0, "extra_t_extrapolation_ratio": 1.0,
+                   "rope_enable_fps_modulation": False}
+
+    def small_adapter(dm):
+        dm.llm_adapter = anima.LLMAdapter(source_dim=spec.context_dim, target_dim=32, model_dim=32, num_layers=1,
+                                          num_heads=2, operations=comfy.ops.disable_weight_init)
+
+    return _patcher_after(_supported_models().Anima(unet_config), seed, small_adapter)
+
+
+def make_krea2(seed: int = 0):
+    """A Krea 2 single-stream DiT (``supported_models.Krea2``: flux-type flow, shift 1.15): 3 blocks of hidden 64,
+    2 query heads sharing 1 key/value head (grouped-query attention, as the release's 48/12), patch 2; the text
+    fusion adapter on 2 encoder layers of 16."""
+    unet_config = {"image_model": "krea2", "features": 64, "tdim": 32, "txtdim": 16, "heads": 2, "kvheads": 1,
+                   "multiplier": 2, "layers": 3, "patch": 2, "channels": 16, "txtlayers": 2, "txtheads": 2,
+                   "txtkvheads": 2}
+    return _to_patcher(_supported_models().Krea2(unet_config), seed)
+
+
+def make_ernie(seed: int = 0):
+    """An Ernie Image DiT (``supported_models.ErnieImage``: flow, multiplier 1000, shift 3): 3 blocks of hidden 64,
+    2 heads, patch 1 on the 128-channel latent, the image tokens then the text tokens in one sequence."""
+    unet_config = {"image_model": "ernie", "hidden_size": 64, "num_attention_heads": 2, "num_layers": 3,
+                   "ffn_hidden_size": 128, "in_channels": 128, "out_channels": 128, "patch_size": 1,
+                   "text_in_dim": SPECS["ernie"].context_dim, "rope_axes_dim": (8, 12, 12)}
+    return _to_patcher(_supported_models().ErnieImage(unet_config), seed)
+
+
+def make_lens(seed: int = 0):
+    """A Microsoft Lens dual-stream MMDiT (``supported_models.Lens``: flux-type flow, shift 1.829): 3 blocks, 2
+    heads of 32, joint attention on [image tokens, text tokens] (one per latent pixel of the 128-channel latent),
+    the text from 4 encoder layers of 8."""
+    unet_config = {"image_model": "lens", "patch_size": 2, "in_channels": 128, "out_channels": 32, "num_layers": 3,
+                   "attention_head_dim": 32, "num_attention_heads": 2, "enc_hidden_dim": 8,
+                   "axes_dims_rope": (8, 12, 12)}
+    patcher = _to_patcher(_supported_models().Lens(unet_config), seed)
+    # Random weights give its RMS-normed queries and keys a nearly uniform attention map, on which the prompt
+    # hardly matters (RescaleCFG moved the result 5e-3): gains of 2, as a trained model's peaked maps.
+    with torch.no_grad():
+        for block in patcher.model.diffusion_model.transformer_blocks:
+            for norm in (block.attn.norm_q, block.attn.norm_k, block.attn.norm_added_q, block.attn.norm_added_k):
+                norm.weight.mul_(2.0)
+    return patcher
+
+
+def make_ideogram4(seed: int = 0):
+    """An Ideogram 4 single-stream DiT (``supported_models.Ideogram4``: flow, shift 1): 3 layers, 2 heads of 32,
+    [text tokens, image tokens] with interleaved MRoPE (sections 6, 5, 5 of the 16 frequencies), one token per
+    latent pixel of the 128-channel latent."""
+    unet_config = {"image_model": "ideogram4", "in_channels": 128, "num_layers": 3, "num_attention_heads": 2,
+                   "attention_head_dim": 32, "intermediate_size": 128, "adaln_dim": 32,
+                   "llm_features_dim": SPECS["ideogram4"].context_dim, "mrope_section": [6, 5, 5]}
+    model_config = _supported_models().Ideogram4(unet_config)
+    model_config.unet_config.update(unet_config)  # its unet_extra_config (the release's sizes) overrode these
+    return _to_patcher(model_config, seed)
+
+
+def make_cogvideox(seed: int = 0):
+    """A CogVideoX 1.0 text-to-video DiT (``supported_models.CogVideoX_T2V``: v-prediction DDPM, zero terminal
+    SNR): 3 blocks, 2 heads of 32, patch 2 (per frame), rotary positions (no position-embedding buffer), joint
+    attention on [text tokens, video tokens]."""
+    spec = VIDEO_SPECS["cogvideox"]
+    unet_config = {"image_model": "cogvideox", "num_attention_heads": 2, "attention_head_dim": 32,
+                   "in_channels": spec.latent_channels, "out_channels": spec.latent_channels, "time_embed_dim": 32,
+                   "text_embed_dim": spec.context_dim, "num_layers": 3, "patch_size": 2,
+                   "max_text_seq_length": spec.context_tokens, "use_rotary_positional_embeddings": True}
+    patcher = _to_patcher(_supported_models().CogVideoX_T2V(unet_config), seed)
+    # As Lens: random LayerNormed queries and keys attend almost uniformly and the prompt barely matters (the CFG
+    # rules moved the result < 1e-3); gains of 4 make the maps peaked.
+    with torch.no_grad():
+        for block in patcher.model.diffusion_model.blocks:
+            block.norm_q.weight.mul_(4.0)
+            block.norm_k.weight.mul_(4.0)
+    return patcher
+
+
+def make_mage_flow(seed: int = 0):
+    """A MageFlow DiT (``supported_models.MageFlow``: flow, shift 6): Qwen-Image's joint blocks (3, 2 heads of
+    32) on one token per latent pixel of the 128-channel latent, the text first."""
+    unet_config = {"image_model": "mage_flow", "in_channels": 128, "out_channels": 128, "num_layers": 3,
+                   "attention_head_dim": 32, "num_attention_heads": 2,
+                   "joint_attention_dim": SPECS["mage_flow"].context_dim, "axes_dims_rope": (8, 12, 12)}
+    patcher = _to_patcher(_supported_models().MageFlow(unet_config), seed)
+    with torch.no_grad():  # peaked attention maps, as for Lens (RescaleCFG moved the result 6e-3 without)
+        for block in patcher.model.diffusion_model.transformer_blocks:
+            for norm in (block.attn.norm_q, block.attn.norm_k, block.attn.norm_added_q, block.attn.norm_added_k):
+                norm.weight.mul_(2.0)
+    return patcher
+
+
+def make_joyimage(seed: int = 0):
+    """A JoyImage DiT (``supported_models.JoyImage``: flow, multiplier 1000, shift 1.5): 3 dual-stream blocks of
+    hidden 64, 2 heads, patches (1, 2, 2) on the Wan 2.1 latent (5-D, one frame), the image tokens first in the
+    joint attention."""
+    unet_config = {"image_model": "joyimage", "patch_size": [1, 2, 2], "in_channels": 16, "hidden_size": 64,
+                   "num_attention_heads": 2, "text_dim": VIDEO_SPECS["joyimage"].context_dim, "num_layers": 3,
+                   "rope_dim_list": [8, 12, 12], "theta": 10000}
+    model_config = _supported_models().JoyImage(unet_config)
+    model_config.unet_config.update(unet_config)  # its unet_extra_config (the release's rope split) overrode these
+    return _to_patcher(model_config, seed)
+
+
+NEW_IN_033_BUILDERS = {"anima": make_anima, "krea2": make_krea2, "ernie": make_ernie, "lens": make_lens,
+                       "ideogram4": make_ideogram4, "cogvideox": make_cogvideox, "mage_flow": make_mage_flow,
+                       "joyimage": make_joyimage}
+
+
+def host_lacks(family: str) -> str | None:
+    """Why this host cannot build a family added after ComfyUI 0.8.0 (its comfy.supported_models class is
+    missing), or None."""
+    name = NEW_IN_033_CLASSES[family]
+    return None if hasattr(_supported_models(), name) else f"this ComfyUI has no comfy.supported_models.{name}"

@@ -1,0 +1,472 @@
+"""The pack on families ComfyUI added after 0.8.0, on hosts that have them (ComfyUI 0.33.0): tiny random-weight
+Anima, Krea 2, Ernie Image, Lens, Ideogram 4, CogVideoX and MageFlow models (tiny_models.make_anima /
+make_krea2 / make_ernie / make_lens / make_ideogram4 / make_cogvideox / make_mage_flow) sampled by a real
+KSampler. On a host without the family's comfy.supported_models class (ComfyUI 0.8.0) every test of it skips,
+naming the missing class.
+
+1. The tiny models: the family's own record, one forward of cond + uncond per step, finite, deterministic and
+   prompt-dependent results.
+2. Every node that declares the family gives a finite result clearly different from plain CFG (the effect
+   matrix, node_table.NEW_IN_033).
+3. Values against references written here, each perturbing the model in its own way (never through the
+   pack's hooks), applied as an extra cond pass after CFG as ComfyUI's PerturbedAttentionGuidance applies PAG
+   on UNets:
+   - PAG (Ahn et al. 2024, identity self-attention): an attention override active only while the chosen
+     block's self-attention runs gives the image tokens' rows their V and leaves the text rows of joint
+     attention as they are; SLG attention_scores: every row V.
+   - SEG (Hong 2024): the image queries blurred on the token grid (the core's ``smooth_queries``, checked
+     against SEG-SDXL in tests/core), the text queries untouched.
+   - SLG ``block``: Lens and MageFlow against ComfyUI's SkipLayerGuidanceDiT (their forwards have the dit
+     patch the built-in uses); the others have no host skip, so the block's ``forward`` is replaced by the
+     identity on the streams it returns. ``attention`` / ``feedforward``: the sublayer modules return zeros.
+4. Costs: the perturbed branch rides in the cond/uncond forward (one call of 3 per step).
+5. Ernie Image refuses attention perturbations, naming the family and what it supports.
+
+Host behaviour these tests depend on (ComfyUI 0.33.0, comfy/ldm/...):
+- ``anima/model.py``: Anima subclasses Cosmos Predict 2's MiniTrainDIT (``cosmos/predict2.py``): blocks called
+  ``block(x, t_emb, crossattn_emb, transformer_options=...)``; ``self_attn`` calls optimized_attention with
+  (B, heads, S, D), skip_reshape and the options; no dit patch.
+- ``krea2/model.py``: ``blocks[i](combined, tvec, freqs, None, transformer_options=...)`` on [text; image];
+  ``attn`` repeats k, v to the query heads and calls optimized_attention_masked with (B, heads, L, D),
+  skip_reshape and the options; only attn1 / attn1_output patches.
+- ``ernie/model.py``: ``layers[i](hidden_states, rotary_pos_emb, temb)`` on [image; text], no options anywhere,
+  no DIFFUSION_MODEL wrapper; ``self_attention`` calls optimized_attention without the options.
+- ``lens/model.py``: dit patch ("double_block", i) with img, txt, vec, pe, attn_mask; ``attn`` joint attention
+  on [image; text] with (B, heads, L, D), skip_reshape and the options; the block returns (txt, img).
+- ``ideogram4/model.py``: ``layers[i](h, attn_mask, freqs_cis, adaln_input, transformer_options=...)`` on
+  [text; image]; ``attention`` calls optimized_attention_masked with (B, heads, L, D), skip_reshape, options.
+- ``cogvideo/model.py``: ``blocks[i](hidden_states=, encoder_hidden_states=, temb=, image_rotary_emb=,
+  transformer_options=)`` returns (video, text); the joint attention on [text; video] is inline in the block:
+  optimized_attention with (B, L, heads·D) and the options.
+- ``mage_flow/model.py``: Qwen-Image's blocks (``qwen_image/model.py``) with the dit patch ("double_block", i);
+  joint attention on [text; image] (one token per latent pixel), (B, heads, L, D) with skip_reshape and the
+  options; the block returns (txt, img).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from harness import ForwardCounter, run_node, sample, scheduler_sigmas
+from node_table import NEW_IN_033, EffectCase, effect_params
+from references import attention_override_during_pass, inside_module, modules_return, perturbed_pass_reference
+from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
+from tiny_models import NEW_IN_033_FAMILIES, family_spec, host_lacks, make_conditioning, make_latent
+
+from guidance_core.perturb import smooth_queries
+
+assert set(NEW_IN_033) == set(NEW_IN_033_FAMILIES)
+
+
+@dataclass(frozen=True)
+class NewFamily:
+    """What the tests need to know of a family, read from the host's code (not from the pack)."""
+
+    name: str  # as the pack's messages name it
+    diffusion_model: str  # "module:Class"
+    blocks: str
+    self_attention: str  # the module, inside a block, while whose forward the block's self-attention runs
+    grid: tuple[int, int]  # image token grid of one frame of the 8x8 test latent
+    text_first: bool | None  # None: no text in the self-attention sequence
+    streams: tuple[str, ...] = ("x",)  # what the block returns, by argument name (keywords: CogVideoX)
+    attention: bool = True  # attention perturbations supported
+    host_slg: bool = False  # ComfyUI's SkipLayerGuidanceDiT works on it (a dit block patch in its forward)
+    sublayers: dict = None
+
+
+FAMILIES = {
+    "anima": NewFamily("Anima", "comfy.ldm.anima.model:Anima", "blocks", "self_attn", (4, 4), None,
+                       sublayers={"attention": ["self_attn"], "feedforward": ["mlp"]}),
+    "krea2": NewFamily("Krea 2", "comfy.ldm.krea2.model:SingleStreamDiT", "blocks", "attn", (4, 4), True,
+                       sublayers={"attention": ["attn"], "feedforward": ["mlp"]}),
+    "ernie": NewFamily("Ernie Image", "comfy.ldm.ernie.model:ErnieImageModel", "layers", "self_attention", (8, 8),
+                       False, attention=False,
+                       sublayers={"attention": ["self_attention"], "feedforward": ["mlp"]}),
+    "lens": NewFamily("Lens", "comfy.ldm.lens.model:LensTransformer2DModel", "transformer_blocks", "attn", (8, 8),
+                      False, streams=("encoder_hidden_states", "hidden_states"), host_slg=True,
+                      sublayers={"attention": ["attn.to_out.0", "attn.to_add_out"],
+                                 "feedforward": ["img_mlp", "txt_mlp"]}),
+    "ideogram4": NewFamily("Ideogram 4", "comfy.ldm.ideogram4.model:Ideogram4Transformer2DModel", "layers",
+                           "attention", (8, 8), True,
+                           sublayers={"attention": ["attention"], "feedforward": ["feed_forward"]}),
+    "cogvideox": NewFamily("CogVideoX", "comfy.ldm.cogvideo.model:CogVideoXTransformer3DModel", "blocks", "",
+                           (4, 4), True, streams=("hidden_states", "encoder_hidden_states"),
+                           sublayers={"attention": ["attn_out"], "feedforward": ["ff_out"]}),
+    "mage_flow": NewFamily("MageFlow", "comfy.ldm.mage_flow.model:MageFlowTransformer2DModel", "transformer_blocks",
+                           "attn", (8, 8), True, streams=("encoder_hidden_states", "hidden_states"), host_slg=True,
+                           sublayers={"attention": ["attn.to_out.0", "attn.to_add_out"],
+                                      "feedforward": ["img_mlp", "txt_mlp"]}),
+    "joyimage": NewFamily("JoyImage", "comfy.ldm.joyimage.model:JoyImageTransformer3DModel", "double_blocks", "attn",
+                          (4, 4), False, streams=("hidden_states", "encoder_hidden_states"), host_slg=True,
+                          sublayers={"attention": ["attn.img_attn_proj", "attn.txt_attn_proj"],
+                                     "feedforward": ["img_mlp", "txt_mlp"]}),
+}
+PER_FAMILY = pytest.mark.parametrize("family", NEW_IN_033_FAMILIES)
+ATTENTION_FAMILIES = [f for f in NEW_IN_033_FAMILIES if FAMILIES[f].attention]
+
+
+@pytest.fixture(autouse=True)
+def _pack(guiders_pack):
+    return guiders_pack
+
+
+@pytest.fixture
+def model_of(tiny_model) -> Callable:
+    def get(family: str):
+        reason = host_lacks(family)
+        if reason is not None:
+            pytest.skip(reason)
+        return tiny_model(family)
+
+    return get
+
+
+def run(model, family: str, cfg: float = CFG) -> torch.Tensor:
+    positive, negative = make_conditioning(family, seed=1)
+    return sample(model, positive, negative, make_latent(family, seed=2), cfg=cfg, steps=STEPS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def plain_of(tiny_model) -> Callable:
+    results: dict[str, torch.Tensor] = {}
+
+    def get(family: str) -> torch.Tensor:
+        if family not in results:
+            results[family] = run(tiny_model(family), family)
+        return results[family]
+
+    return get
+
+
+def all_hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.model.diffusion_model.modules())
+
+
+def block_of(dm, family: str, index: int):
+    return getattr(dm, FAMILIES[family].blocks)[index]
+
+
+def pack_module(guiders_pack, name: str):
+    import sys
+
+    return sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + "." + name]
+
+
+def image_rows(family: str, length: int) -> slice:
+    """The image tokens' rows of the block's self-attention sequence of ``length`` tokens (text and image only)."""
+    facts = FAMILIES[family]
+    frames = family_spec(family).latent_frames or 1
+    image = frames * facts.grid[0] * facts.grid[1]
+    if facts.text_first is None:
+        assert length == image
+        return slice(0, length)
+    return slice(length - image, length) if facts.text_first else slice(0, image)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny models
+
+
+@PER_FAMILY
+def test_tiny_model_is_its_family_one_call_of_two_per_step_finite_and_deterministic(
+    guiders_pack, model_of, family: str
+) -> None:
+    model = model_of(family)
+    dm = model.model.diffusion_model
+    sigmas = scheduler_sigmas(model, steps=STEPS)
+    with ForwardCounter(model) as counter:
+        out = run(model, family)
+
+    assert f"{type(dm).__module__}:{type(dm).__qualname__}" == FAMILIES[family].diffusion_model
+    assert pack_module(guiders_pack, "host.layers").model_family(model) == family
+    assert (sigmas[1:] < sigmas[:-1]).all() and sigmas[-1].item() == 0.0
+    assert out.shape == make_latent(family).shape
+    assert torch.isfinite(out).all() and out.std() > 0.1
+    assert counter.per_step() == [[2]] * STEPS
+    assert torch.equal(out, run(model, family)), "the same model, prompt and seed gave another result"
+    assert relative_error(out, run(model, family, cfg=1.0)) > MIN_EFFECT, "cfg 5 and cfg 1 give the same latent"
+
+
+def test_the_new_families_are_declared_where_this_file_tests_them(guiders_pack) -> None:
+    common = pack_module(guiders_pack, "common")
+    for family, facts in FAMILIES.items():
+        assert family in common.BLOCK_FAMILIES and family not in common.SAG_FAMILIES
+        assert (family in common.PAG_FAMILIES) == facts.attention == (family in common.ATTENTION_FAMILIES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every node that declares these families changes the result
+
+
+@pytest.mark.parametrize(("case", "family"), effect_params(NEW_IN_033))
+def test_node_changes_the_result_on_new_families_and_stays_finite(
+    model_of, weak_model_of, family: str, case: EffectCase
+) -> None:
+    model = model_of(family)
+    patched = case.build(model, weak_model_of(family))
+
+    assert_effect(run(patched, family, cfg=case.cfg), run(model, family, cfg=case.cfg))
+    assert all_hooks(model) == 0, "a hook outlived sampling"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Identity self-attention (PAG, SLG attention_scores) against the definition
+
+
+def _values_as_output(q, v, kwargs) -> torch.Tensor:
+    """V in the layout optimized_attention returns, (B, L, heads·D): from (B, heads, L, D) with skip_reshape
+    (k, v already repeated to the query heads by Krea 2's attention), else as passed."""
+    if kwargs.get("skip_reshape"):
+        assert v.shape[1] == q.shape[1]
+        return v.transpose(1, 2).flatten(2)
+    return v
+
+
+def identity_reference(family: str, index: int, image_only: bool) -> Callable:
+    """While block ``index``'s self-attention module runs, the attention output's image rows (``image_only``)
+    or all rows are V; the text rows of joint attention keep their normal attention."""
+    inside = {"module": False}
+
+    def override(func, q, k, v, *args, **kwargs):
+        out = func(q, k, v, *args, **kwargs)
+        if not inside["module"]:
+            return out
+        assert not kwargs.get("skip_output_reshape")
+        values = _values_as_output(q, v, kwargs)
+        rows = image_rows(family, values.shape[1]) if image_only else slice(None)
+        out = out.clone()
+        out[:, rows] = values[:, rows]
+        return out
+
+    def attention_of(dm):
+        return block_of(dm, family, index).get_submodule(FAMILIES[family].self_attention)
+
+    return inside_module(attention_of, inside, attention_override_during_pass(override))
+
+
+IDENTITY_CASES = [pytest.param(family, node_id, id=f"{family}-{node_id}") for family in ATTENTION_FAMILIES
+                  for node_id in ("GuidersPAG", "GuidersSLG-attention_scores")]
+
+
+@pytest.mark.parametrize(("family", "node_id"), IDENTITY_CASES)
+def test_identity_self_attention_matches_a_reference_from_the_definition(
+    model_of, plain_of, family: str, node_id: str
+) -> None:
+    """Breaks caught (each tried on the worktree, then reverted): the text rows perturbed too (Lens' record with
+    TEXT_BEFORE_IMAGE, Krea 2's with NO_TEXT, Ideogram 4's and MageFlow's patch (1, 2, 2) instead of one token
+    per latent pixel, CogVideoX's site counting 0 text tokens), the wrong block (block hooks and module hooks on
+    index + 1), the wrong chunk perturbed (routing's chunk perturbations reversed)."""
+    model = model_of(family)
+    if node_id == "GuidersPAG":
+        ours = node("GuidersPAG", model=model, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
+    else:
+        ours = node("GuidersSLG", model=model, scale=3.0, layers="1", mode="attention_scores", start_percent=0.0,
+                    end_percent=1.0, rescale=0.0)
+    reference = perturbed_pass_reference(model, identity_reference(family, 1, node_id == "GuidersPAG"), 3.0)
+
+    with ForwardCounter(model) as counter:
+        result = run(ours, family)
+
+    assert counter.per_step() == [[3]] * STEPS, "the perturbed branch should ride in the cond/uncond forward"
+    assert_parity(result, run(reference, family), plain_of(family))
+    assert all_hooks(model) == 0, "a hook outlived sampling"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SEG against a blur reference on the token grid
+
+
+def queries_blurred(family: str, index: int, blur_sigma: float) -> Callable:
+    facts = FAMILIES[family]
+    frames = family_spec(family).latent_frames or 1
+    inside = {"module": False}
+
+    def override(func, q, k, v, *args, **kwargs):  # q: (B, heads, L, D) with skip_reshape, else (B, L, heads·D)
+        if inside["module"]:
+            start = image_rows(family, q.shape[-2]).start
+            q = smooth_queries(q, facts.grid, blur_sigma, image_token_start=start, frames=frames)
+        return func(q, k, v, *args, **kwargs)
+
+    def attention_of(dm):
+        return block_of(dm, family, index).get_submodule(facts.self_attention)
+
+    return inside_module(attention_of, inside, attention_override_during_pass(override))
+
+
+@pytest.mark.parametrize("blur_sigma", [2.0, 99999.0])
+@pytest.mark.parametrize("family", ATTENTION_FAMILIES)
+def test_seg_blurs_the_image_queries_on_the_token_grid_as_a_reference(
+    model_of, plain_of, family: str, blur_sigma: float
+) -> None:
+    """Breaks caught: the text queries blurred instead of the image's (Lens' record with TEXT_BEFORE_IMAGE,
+    Krea 2's with NO_TEXT, Ideogram 4's patch (1, 2, 2)), CogVideoX's frames not counted (routing.grid_for with
+    one frame: only the first frame blurred), the wrong block, the chunks' perturbations reversed."""
+    model = model_of(family)
+    ours = node("GuidersSEG", model=model, scale=3.0, blur_sigma=blur_sigma, layers="1", start_percent=0.0,
+                end_percent=1.0)
+    reference = perturbed_pass_reference(model, queries_blurred(family, 1, blur_sigma), 3.0)
+
+    with ForwardCounter(model) as counter:
+        result = run(ours, family)
+
+    assert counter.per_step() == [[3]] * STEPS
+    assert_parity(result, run(reference, family), plain_of(family))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SLG: block skip (ComfyUI's SkipLayerGuidanceDiT where it works, else the identity block) and sublayer skips
+
+
+@contextlib.contextmanager
+def _forward_replaced(module, forward):
+    module.forward = forward  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+def block_skipped(family: str, index: int) -> Callable:
+    """Block ``index``'s forward replaced by the identity on the streams it returns."""
+    streams = FAMILIES[family].streams
+
+    @contextlib.contextmanager
+    def perturbed(dm, model_options):
+        def identity(*args, **kwargs):
+            if streams == ("x",):
+                return args[0]
+            return tuple(kwargs[name] for name in streams)  # called with keywords (Lens, CogVideoX)
+
+        with _forward_replaced(block_of(dm, family, index), identity):
+            yield model_options
+
+    return perturbed
+
+
+@pytest.mark.parametrize("layers", ["0", "1"])
+@PER_FAMILY
+def test_slg_block_matches_the_host_skip_or_the_identity_block(model_of, plain_of, family: str, layers: str) -> None:
+    """Lens, MageFlow: against ComfyUI's SkipLayerGuidanceDiT; the others: the block replaced by the identity. Breaks
+    caught: the kept input written into the other chunk's rows (block hooks and module hooks), the wrong block
+    (index + 1), the chunks' perturbations reversed."""
+    model = model_of(family)
+    ours = node("GuidersSLG", model=model, scale=3.0, layers=layers, mode="block", start_percent=0.0,
+                end_percent=1.0, rescale=0.0)
+    if FAMILIES[family].host_slg:
+        reference = node("SkipLayerGuidanceDiT", model=model, double_layers=layers, single_layers="", scale=3.0,
+                         start_percent=0.0, end_percent=1.0, rescaling_scale=0.0)
+    else:
+        reference = perturbed_pass_reference(model, block_skipped(family, int(layers)), 3.0)
+
+    with ForwardCounter(model) as counter:
+        result = run(ours, family)
+
+    assert counter.per_step() == [[3]] * STEPS
+    assert_parity(result, run(reference, family), plain_of(family))
+    assert all_hooks(model) == 0, "a hook outlived sampling"
+
+
+def _zeros(output):
+    return tuple(torch.zeros_like(t) for t in output) if isinstance(output, tuple) else torch.zeros_like(output)
+
+
+@pytest.mark.parametrize("mode", ["attention", "feedforward"])
+@PER_FAMILY
+def test_sublayer_skip_matches_its_definition(model_of, plain_of, family: str, mode: str) -> None:
+    """Block 1's sublayer modules (both streams' where there are two) add nothing for the perturbed branch.
+    Breaks caught: only one of Lens' two attention projections zeroed (its record without attn.to_add_out), the
+    hooks on the next block (block hooks' index + 1)."""
+    model = model_of(family)
+    ours = node("GuidersSLG", model=model, scale=3.0, layers="1", mode=mode, start_percent=0.0, end_percent=1.0,
+                rescale=0.0)
+
+    def modules_of(dm):
+        block = block_of(dm, family, 1)
+        return [block.get_submodule(name) for name in FAMILIES[family].sublayers[mode]]
+
+    reference = perturbed_pass_reference(model, modules_return(modules_of, lambda m, x, out: _zeros(out)), 3.0)
+
+    with ForwardCounter(model) as counter:
+        result = run(ours, family)
+
+    assert counter.per_step() == [[3]] * STEPS
+    assert_parity(result, run(reference, family), plain_of(family))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refusals
+
+
+@pytest.mark.parametrize("inputs", [{"node_id": "GuidersPAG"}, {"node_id": "GuidersSEG"},
+                                    {"node_id": "GuidersSLG", "mode": "attention_scores"}])
+def test_ernie_image_refuses_attention_perturbations_naming_it(model_of, inputs: dict) -> None:
+    """Ernie Image's forward hands no options to its attention (the override never sees it) and its attention
+    module applies a rotary embedding given as a keyword (a recomputation lacks it): refused at the node.
+    Break caught: the SLG node's attention_scores check removed (the node built a model that fails at sampling)."""
+    model = model_of("ernie")
+    node_id = inputs["node_id"]
+    extra = {key: value for key, value in inputs.items() if key != "node_id"}
+    with pytest.raises(ValueError) as raised:
+        run_node(node_id, model=model, scale=3.0, **extra)
+    message = str(raised.value)
+    assert node_id in message and "Ernie Image" in message.split("supports", 1)[0], message
+    assert "Ernie Image" not in message.split("supports", 1)[-1], message
+
+
+@PER_FAMILY
+def test_sag_refuses_them_and_names_the_supported_families(model_of, family: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        run_node("GuidersSAG", model=model_of(family), scale=0.5, blur_sigma=2.0)
+    message = str(raised.value)
+    name = FAMILIES[family].name
+    assert name in message and "supports" in message and name not in message.split("supports", 1)[-1], message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A padded prompt: the host's block function closes over the text mask
+
+
+def masked_conditioning(family: str):
+    """The family's conditioning with its last 4 text tokens marked as padding (``attention_mask``), as a text
+    encoder gives a prompt padded to a batch's longest."""
+    positive, negative = make_conditioning(family, seed=1)
+    for conditioning in (positive, negative):
+        context, extras = conditioning[0]
+        mask = torch.ones(context.shape[:2], dtype=torch.long)
+        mask[:, -4:] = 0
+        conditioning[0] = [context, {**extras, "attention_mask": mask}]
+    return positive, negative
+
+
+@pytest.mark.parametrize("method", ["PAG", "SLG-block"])
+def test_mageflow_with_a_padded_prompt_matches_its_reference(model_of, method: str) -> None:
+    """MageFlow's (and Qwen-Image's) dit patch hands the block img/txt/vec/pe, while the block function closes
+    over the text mask, (B, L): the shared prefix and the skipped chunks must not run it on fewer rows. Before
+    the fix (shared_prefix.closure_holds_batch) both raised "expanded size of the tensor (2) must match the
+    existing size (3)" (shown again with the check disabled); and the override must keep the mask the block
+    passes by position to optimized_attention_masked (without it PAG was 3e-1 off the reference)."""
+    family = "mage_flow"
+    model = model_of(family)
+    positive, negative = masked_conditioning(family)
+    latent = make_latent(family, seed=2)
+
+    def run_masked(m):
+        return sample(m, positive, negative, latent, cfg=CFG, steps=STEPS, seed=3)
+
+    if method == "PAG":
+        ours = node("GuidersPAG", model=model, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
+        reference = perturbed_pass_reference(model, identity_reference(family, 1, True), 3.0)
+    else:
+        ours = node("GuidersSLG", model=model, scale=3.0, layers="1", mode="block", start_percent=0.0,
+                    end_percent=1.0, rescale=0.0)
+        reference = node("SkipLayerGuidanceDiT", model=model, double_layers="1", single_layers="", scale=3.0,
+                         start_percent=0.0, end_percent=1.0, rescaling_scale=0.0)
+    with ForwardCounter(model) as counter:
+        result = run_masked(ours)
+
+    assert counter.per_step() == [[3]] * STEPS
+    assert_parity(result, run_masked(reference), run_masked(model))
