@@ -37,7 +37,8 @@ def test_project_metadata_is_registry_ready():
     project, comfy = PYPROJECT["project"], PYPROJECT["tool"]["comfy"]
     # docs.comfy.org/registry/specifications: a name of letters, digits, '-', '_', '.', under 100 characters,
     # starting with a letter, no two special characters in a row; a three-part semver version.
-    assert re.fullmatch(r"[A-Za-z](?:[A-Za-z0-9]|[-_.](?=[A-Za-z0-9]))*", project["name"]) and len(project["name"]) < 100
+    name = project["name"]
+    assert re.fullmatch(r"[A-Za-z](?:[A-Za-z0-9]|[-_.](?=[A-Za-z0-9]))*", name) and len(name) < 100, name
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"]), f"version {project['version']!r} is not X.Y.Z"
     assert project["description"].strip()
     assert project["license"].get("text") or (REPO / project["license"]["file"]).is_file()
@@ -91,7 +92,7 @@ def published_files() -> set[str]:
 
 def needed_files() -> list[str]:
     """Every file of the working tree the installed pack needs (caches excluded)."""
-    needed = [name for name in NEEDED_FILES]
+    needed = list(NEEDED_FILES)
     for folder in NEEDED_FOLDERS:
         assert (REPO / folder).is_dir(), f"{folder}/ is missing from the repository"
         needed += [p.relative_to(REPO).as_posix() for p in sorted((REPO / folder).rglob("*"))
