@@ -67,6 +67,13 @@ def test_the_host_serves_the_translations(tmp_path, monkeypatch, guiders_pack):
     """ComfyUI's own loader (app/custom_node_manager.py build_translations) finds the files where we put them,
     with the node definitions under ``nodeDefs`` as the frontend looks them up."""
     import folder_paths
+    import harness
+
+    # ComfyUI's top-level ``utils`` package (utils/json_util.py), not comfy/utils.py: in 0.8.0 a built-in
+    # extra node puts ComfyUI/comfy ahead of the root on sys.path, where main.py never would.
+    monkeypatch.syspath_prepend(str(harness.host_path()))
+    if "utils" in sys.modules and not hasattr(sys.modules["utils"], "__path__"):
+        monkeypatch.delitem(sys.modules, "utils")
     from app.custom_node_manager import CustomNodeManager
 
     custom_nodes = tmp_path / "custom_nodes"
