@@ -5,8 +5,8 @@ builds from those tables and the node definitions, and the host's own loader ser
 A node added without translations fails ``test_every_node_and_input_has_a_translation`` naming the node and
 the input, and the command to run. Breaks shown to fail: the zh entry of GuidersSEG's blur_sigma deleted
 (names "GuidersSEG: input 'blur_sigma'"); PAG's scale tooltip changed in the node (names "GuidersPAG: input
-'scale'" as changed since translated, and the --accept command); _shared's model 'en' edited (names every node's 'model' input); a translation
-table entry with "{pag_famlies}" (KeyError in the build, the test errors).
+'scale'" as changed since translated, and the --accept command); _shared's model 'en' edited (names every
+node's 'model' input); a translation table entry with "{pag_famlies}" (KeyError in the build, the test errors).
 """
 
 from __future__ import annotations
