@@ -39,7 +39,9 @@ or ``--only sd3`` runs one of the two parts (timings, floor and table rows of th
    shared prefix saves, less our overhead. For SD3 the built-in's batch of 1 skips 3 of 24 blocks, which
    the floor's does not.
 3. A table of forward calls per step and their batch sizes for each node (harness.ForwardCounter), with the
-   wall time per step (the median above for the timed set-ups, a single run for the others).
+   wall time per step (the median above for the timed set-ups, a single run for the others), and the model
+   calls and latent evaluations per run: GuidersCFGInterval and GuidersAdaptiveCutoff against plain CFG (the
+   uncond they skip), GuidersPerpNeg against ComfyUI's PerpNeg (the same three latents in one call or two).
 
 Times are wall clock and this process's CPU time; on a machine other processes keep busy, the CPU-time
 ratios are the ones to trust (the load average is printed at the start and the end). Nothing here is a
@@ -286,7 +288,8 @@ def main() -> None:
                  for s in group.setups]
         if group.name == "SD1.5":
             weak = tiny_models.make_model("sd15_medium", seed=1)  # same architecture, other weights
-            extra = table_setups(run_node, group.model, weak, args.steps)
+            empty_prompt = tiny_models.make_conditioning("sd15_medium", seed=12)[0]
+            extra = table_setups(run_node, group.model, weak, args.steps, empty_prompt)
         elif group.name in ("SDXL", "NAG"):
             extra = []
         else:
@@ -345,7 +348,7 @@ def print_ratio(label: str, numerator: list[Measured], denominator: list[Measure
     print(f"  {label:<34} {'   '.join(parts)}   ({note})")
 
 
-def table_setups(run_node: Callable, medium, weak, steps: int) -> list[Setup]:
+def table_setups(run_node: Callable, medium, weak, steps: int, empty_prompt: list) -> list[Setup]:
     (pag,) = run_node("GuidersPAG", model=medium, scale=3.0, layers="middle")
     (pag_seg,) = run_node("GuidersSEG", model=pag, scale=3.0)
     (sag,) = run_node("GuidersSAG", model=medium, scale=0.5)
@@ -356,6 +359,12 @@ def table_setups(run_node: Callable, medium, weak, steps: int) -> list[Setup]:
     (scheduled,) = run_node("GuidersScheduledCFG", model=medium, schedule=schedule)
     (autoguided,) = run_node("GuidersAutoguidance", model=medium, weak_model=weak, scale=2.0)
     schedule_text = ",".join(f"{v:g}" for v in values)
+    # Issue #13's rules that change which branches a step evaluates: the uncond is skipped outside the interval,
+    # and after the cut-off; Perp-Neg's empty prompt joins the batch (ComfyUI's PerpNeg makes a second call).
+    (interval,) = run_node("GuidersCFGInterval", model=medium, mode="sigma", sigma_high=5.42, sigma_low=0.28)
+    (cutoff,) = run_node("GuidersAdaptiveCutoff", model=medium, threshold=0.99)
+    (perp_neg,) = run_node("GuidersPerpNeg", model=medium, empty_conditioning=empty_prompt, neg_scale=1.0)
+    (builtin_perp_neg,) = run_node("PerpNeg", model=medium, empty_conditioning=empty_prompt, neg_scale=1.0)
     return [
         Setup("GuidersPAG + GuidersSEG", "sd15_medium", pag_seg),
         Setup("GuidersSAG", "sd15_medium", sag),
@@ -363,6 +372,10 @@ def table_setups(run_node: Callable, medium, weak, steps: int) -> list[Setup]:
         Setup("GuidersCFGZeroStar (zero_init_steps 1)", "sd15_medium", zero_star),
         Setup(f"GuidersScheduledCFG ({schedule_text})", "sd15_medium", scheduled),
         Setup("GuidersAutoguidance (main + weak)", "sd15_medium", autoguided, counted=(weak,)),
+        Setup("GuidersCFGInterval (sigma 0.28-5.42)", "sd15_medium", interval),
+        Setup("GuidersAdaptiveCutoff (threshold 0.99)", "sd15_medium", cutoff),
+        Setup("GuidersPerpNeg", "sd15_medium", perp_neg),
+        Setup("built-in PerpNeg", "sd15_medium", builtin_perp_neg),
     ]
 
 
