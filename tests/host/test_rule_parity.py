@@ -477,8 +477,9 @@ def with_pag(model, scale: float = 2.0):
 
 def test_fresca_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_plus_pag(sd15_model) -> None:
     """FreSca (a CFG rule) at the schedule's scale, then PAG's s·(cond − perturbed) on the unfiltered cond.
-    Reference: ComfyUI's FreSca function and CFG at the scheduled scale as sampler_cfg_function, then ComfyUI's
-    PAG. Breaks caught: BREAK_FRESCA_PAG."""
+    Reference: ComfyUI's FreSca function and CFG at the scheduled scale as sampler_cfg_function, then ComfyUI's PAG.
+    Breaks caught (error): the node's schedule ignored (``with_rule`` not applying it: the sampler's cfg used):
+    0.36; the PAG term dropped (``combine`` skipping terms that give a contribution): 0.21."""
     settings = {"scale_low": 0.8, "scale_high": 1.6, "freq_cutoff": 3}
     schedule = node("GuidersScheduleLinear", start_value=SCHEDULE[0], end_value=SCHEDULE[1])
     ours = node("GuidersFreSca", model=sd15_model, schedule=schedule, **settings)
@@ -493,9 +494,10 @@ def test_fresca_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_plu
 
 
 def test_mahiro_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_plus_pag(sd15_model) -> None:
-    """Mahiro at the schedule's scale (its leap and CFG both at that scale), then PAG. Reference: ComfyUI's
-    Mahiro function handed the scheduled scale, as sampler_cfg_function, then ComfyUI's PAG. Breaks caught:
-    BREAK_MAHIRO_PAG."""
+    """Mahiro at the schedule's scale (its leap and CFG both at that scale), then PAG. Reference: ComfyUI's Mahiro
+    function handed the scheduled scale, as sampler_cfg_function, then ComfyUI's PAG. Breaks caught (error): the
+    node's schedule ignored (``with_rule`` not applying it: the sampler's cfg used): 0.27; the PAG term dropped
+    (``combine`` skipping terms that give a contribution): 0.25."""
     schedule = node("GuidersScheduleLinear", start_value=SCHEDULE[0], end_value=SCHEDULE[1])
     ours = node("GuidersMahiro", model=sd15_model, schedule=schedule)
     ours = node("GuidersPAG", model=ours, scale=2.0, layers="middle")
@@ -510,7 +512,8 @@ def test_mahiro_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_plu
 
 def test_fdg_with_pag_is_fdg_plus_pag(sd15_model) -> None:
     """FDG (no schedule input: one scale per level) then PAG. Reference: diffusers' FDG as sampler_cfg_function,
-    then ComfyUI's PAG. Breaks caught: BREAK_FDG_PAG."""
+    then ComfyUI's PAG. Break caught: the PAG term dropped (``combine`` skipping terms that give a contribution):
+    0.27."""
     ours = node("GuidersFDG", model=sd15_model, scales="10, 5", parallel_weights="0.5", space="noise")
     ours = node("GuidersPAG", model=ours, scale=2.0, layers="middle")
     guider = FrequencyDecoupledGuidance(guidance_scales=[10.0, 5.0], parallel_weights=[0.5, 0.5])
@@ -523,9 +526,10 @@ def test_fdg_with_pag_is_fdg_plus_pag(sd15_model) -> None:
 
 
 def test_apg_mix_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_plus_pag(sd15_model) -> None:
-    """APG-Mix with its CFG steps (0-2) at the schedule's scale and APG (step 3) at apg_scale, then PAG.
-    Reference: diffusers' AdaptiveProjectedMixGuidance with its guidance_scale set from the schedule at each
-    step, then ComfyUI's PAG. Breaks caught: BREAK_APG_MIX_PAG."""
+    """APG-Mix with its CFG steps (0-2) at the schedule's scale and APG (step 3) at apg_scale, then PAG. Reference:
+    diffusers' AdaptiveProjectedMixGuidance with its guidance_scale set from the schedule at each step, then
+    ComfyUI's PAG. Breaks caught (error): the node's schedule ignored (``with_rule`` not applying it: the sampler's
+    cfg used): 0.32; the PAG term dropped (``combine`` skipping terms that give a contribution): 0.29."""
     schedule = node("GuidersScheduleLinear", start_value=SCHEDULE[0], end_value=SCHEDULE[1])
     ours = node("GuidersAPGMix", model=sd15_model, apg_scale=6.0, apg_start_step=2, eta=0.5, norm_threshold=10.0,
                 momentum=-0.5, schedule=schedule)
@@ -539,9 +543,11 @@ def test_apg_mix_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_pl
 
 
 def test_fresca_then_rescale_cfg_rescales_the_fresca_result(sd15_model) -> None:
-    """CFG rule + post transform: RescaleCFG (Lin et al. 2023 Alg. 2, in noise space) on FreSca's result, with
-    the std of the unfiltered cond. Reference: ComfyUI's FreSca function and CFG, then diffusers'
-    ``rescale_noise_cfg`` on the noise predictions. Breaks caught: BREAK_FRESCA_RESCALE."""
+    """CFG rule + post transform: RescaleCFG (Lin et al. 2023 Alg. 2, in noise space) on FreSca's result, with the
+    std of the unfiltered cond. Reference: ComfyUI's FreSca function and CFG, then diffusers' ``rescale_noise_cfg``
+    on the noise predictions. Breaks caught (error): the post transforms applied before the rule (``combine``'s post
+    loop moved above its terms loop): 0.51; the post transform given the cond in place of the guided result
+    (``fn(preds[COND], ...)``): 0.51."""
     settings = {"scale_low": 0.8, "scale_high": 1.6, "freq_cutoff": 3}
     ours = node("GuidersRescaleCFG", model=node("GuidersFreSca", model=sd15_model, **settings), multiplier=0.7)
     fresca = builtin_hook(sd15_model, "sampler_pre_cfg_function", "FreSca", **settings)
@@ -555,7 +561,9 @@ def test_fresca_then_rescale_cfg_rescales_the_fresca_result(sd15_model) -> None:
 
 def test_mahiro_then_cfg_renorm_renorms_the_mahiro_result(sd15_model) -> None:
     """CFG rule + post transform: CFGNorm on Mahiro's x0, capped at the cond's norm. Reference: ComfyUI's Mahiro
-    then ComfyUI's CFGNorm (post-CFG functions run in the order added). Breaks caught: BREAK_MAHIRO_RENORM."""
+    then ComfyUI's CFGNorm (post-CFG functions run in the order added). Breaks caught (error): the post transforms
+    applied before the rule (``combine``'s post loop moved above its terms loop): 0.57; the post transform given the
+    cond in place of the guided result (``fn(preds[COND], ...)``): 0.48."""
     ours = node("GuidersCFGRenorm", model=node("GuidersMahiro", model=sd15_model), mode="cfg_norm", strength=1.0)
     reference = node("CFGNorm", model=node("Mahiro", model=sd15_model), strength=1.0)
     assert_parity(run(ours, "sd15"), run(reference, "sd15"), run(sd15_model, "sd15"))
@@ -563,8 +571,9 @@ def test_mahiro_then_cfg_renorm_renorms_the_mahiro_result(sd15_model) -> None:
 
 def test_apg_mix_then_dynamic_thresholding_thresholds_the_apg_mix_result(sd15_model) -> None:
     """CFG rule + post transform: Imagen's threshold on the x0 of APG-Mix's result (CFG steps and APG steps).
-    Reference: diffusers' AdaptiveProjectedMixGuidance, then diffusers' ``_threshold_sample`` on its x0.
-    Breaks caught: BREAK_APG_MIX_THRESHOLD."""
+    Reference: diffusers' AdaptiveProjectedMixGuidance, then diffusers' ``_threshold_sample`` on its x0. Breaks
+    caught (error): the post transforms applied before the rule (``combine``'s post loop moved above its terms
+    loop): 2.0; the post transform given the cond in place of the guided result (``fn(preds[COND], ...)``): 1.95."""
     ours = node("GuidersAPGMix", model=sd15_model, apg_scale=6.0, apg_start_step=1, eta=0.5, norm_threshold=10.0,
                 momentum=-0.5)
     ours = node("GuidersDynamicThresholding", model=ours, mode="imagen", percentile=0.9, max_value=1.5,
