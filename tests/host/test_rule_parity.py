@@ -478,6 +478,7 @@ def with_pag(model, scale: float = 2.0):
 def test_fresca_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_plus_pag(sd15_model) -> None:
     """FreSca (a CFG rule) at the schedule's scale, then PAG's s·(cond − perturbed) on the unfiltered cond.
     Reference: ComfyUI's FreSca function and CFG at the scheduled scale as sampler_cfg_function, then ComfyUI's PAG.
+    (ComfyUI's FreSca node itself, a pre-CFG hook, would hand PAG the filtered cond: 0.12 from ours.)
     Breaks caught (error): the node's schedule ignored (``with_rule`` not applying it: the sampler's cfg used):
     0.36; the PAG term dropped (``combine`` skipping terms that give a contribution): 0.21."""
     settings = {"scale_low": 0.8, "scale_high": 1.6, "freq_cutoff": 3}
