@@ -24,6 +24,7 @@ from diffusers.guiders import (
     TangentialClassifierFreeGuidance,
 )
 from diffusers.guiders.adaptive_projected_guidance_mix import MomentumBuffer as DiffusersMomentumBuffer
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from harness import host_path
 from support import CFG, MIN_EFFECT, STEPS, assert_parity, node, relative_error
 from support import sample_family as run
@@ -362,9 +363,10 @@ def test_fdg_keeps_a_non_power_of_two_latent_and_equal_scales_give_plain_cfg(sd1
 
 
 def diffusers_apg_mix_model(model, start_step: int, apg_scale: float, eta: float, norm_threshold: float,
-                            momentum: float, log: list):
+                            momentum: float, log: list, cfg_scale_at=None):
     """A reference whose CFG is diffusers' AdaptiveProjectedMixGuidance on the model output (noise / σ: ε for
-    SD1.5, the velocity for Flux), multiplied back by σ. ``log`` records per call whether APG was on."""
+    SD1.5, the velocity for Flux), multiplied back by σ. ``log`` records per call whether APG was on;
+    ``cfg_scale_at(step, num_steps)``, when given, sets the guider's CFG scale at each step (a schedule)."""
     guider = AdaptiveProjectedMixGuidance(
         guidance_scale=CFG, adaptive_projected_guidance_scale=apg_scale, adaptive_projected_guidance_momentum=momentum,
         adaptive_projected_guidance_rescale=norm_threshold, eta=eta,
@@ -375,6 +377,8 @@ def diffusers_apg_mix_model(model, start_step: int, apg_scale: float, eta: float
         if step == 0:  # as diffusers' prepare_inputs: a fresh buffer at each run's step 0
             guider.momentum_buffer = DiffusersMomentumBuffer(momentum)
         guider.set_state(step, num_steps, args["sigma"])
+        if cfg_scale_at is not None:
+            guider.guidance_scale = cfg_scale_at(step, num_steps)
         log.append(guider._is_apg_enabled())
         sigma = args["sigma"].reshape(-1, *([1] * (args["cond"].ndim - 1)))
         return guider.forward(args["cond"] / sigma, args["uncond"] / sigma).pred * sigma
@@ -435,3 +439,153 @@ def test_fdg_then_dynamic_thresholding_thresholds_the_fdg_result(sd15_model) -> 
 
     assert_parity(run(ours, "sd15"), run(with_cfg_function(sd15_model, fdg_thresholded), "sd15"),
                   run(sd15_model, "sd15"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Each CFG rule stacked with PAG (and its CFG-scale schedule where it takes one), and with a node of another
+# kind: the README's composition (pre transforms, the rule, the terms, post transforms in chain order) against
+# an independent rule as sampler_cfg_function and ComfyUI's nodes for the terms and post transforms.
+
+SCHEDULE = (8.0, 2.0)  # GuidersScheduleLinear's start and end value in these tests
+
+
+def builtin_hook(model, slot: str, node_id: str, **settings):
+    """The function a ComfyUI node installs in ``model_options[slot]`` (its last entry): its own code, called
+    here by a reference that has to give it a scale of its own (a schedule's) or another place in the chain."""
+    return node(node_id, model=model, **settings).model_options[slot][-1]
+
+
+def fresca_noise(fresca_pre_cfg, args: dict, scale: float) -> torch.Tensor:
+    """ComfyUI's FreSca (its pre-CFG function: u + F(c − u) as the cond) then CFG at ``scale``, as
+    sampler_cfg_function output (x − x0)."""
+    cond, uncond = fresca_pre_cfg({"conds_out": [args["cond_denoised"], args["uncond_denoised"]],
+                                   "conds": ["cond", "uncond"]})[:2]
+    return args["input"] - (uncond + scale * (cond - uncond))
+
+
+def mahiro_noise(mahiro_post_cfg, args: dict, scale: float) -> torch.Tensor:
+    """ComfyUI's Mahiro (its post-CFG function, on x0) on CFG at ``scale``, as sampler_cfg_function output."""
+    cond, uncond = args["cond_denoised"], args["uncond_denoised"]
+    guided = mahiro_post_cfg({"cond_scale": scale, "cond_denoised": cond, "uncond_denoised": uncond,
+                              "denoised": uncond + scale * (cond - uncond)})
+    return args["input"] - guided
+
+
+def with_pag(model, scale: float = 2.0):
+    return node("PerturbedAttentionGuidance", model=model, scale=scale)
+
+
+def test_fresca_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_plus_pag(sd15_model) -> None:
+    """FreSca (a CFG rule) at the schedule's scale, then PAG's s·(cond − perturbed) on the unfiltered cond.
+    Reference: ComfyUI's FreSca function and CFG at the scheduled scale as sampler_cfg_function, then ComfyUI's PAG.
+    (ComfyUI's FreSca node itself, a pre-CFG hook, would hand PAG the filtered cond: 0.12 from ours.)
+    Breaks caught (error): the node's schedule ignored (``with_rule`` not applying it: the sampler's cfg used):
+    0.36; the PAG term dropped (``combine`` skipping terms that give a contribution): 0.21."""
+    settings = {"scale_low": 0.8, "scale_high": 1.6, "freq_cutoff": 3}
+    schedule = node("GuidersScheduleLinear", start_value=SCHEDULE[0], end_value=SCHEDULE[1])
+    ours = node("GuidersFreSca", model=sd15_model, schedule=schedule, **settings)
+    ours = node("GuidersPAG", model=ours, scale=2.0, layers="middle")
+    fresca = builtin_hook(sd15_model, "sampler_pre_cfg_function", "FreSca", **settings)
+
+    def scheduled_fresca(args):
+        return fresca_noise(fresca, args, linear(*SCHEDULE, *step_index(args)))
+
+    reference = with_pag(with_cfg_function(sd15_model, scheduled_fresca))
+    assert_parity(run(ours, "sd15"), run(reference, "sd15"), run(sd15_model, "sd15"))
+
+
+def test_mahiro_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_plus_pag(sd15_model) -> None:
+    """Mahiro at the schedule's scale (its leap and CFG both at that scale), then PAG. Reference: ComfyUI's Mahiro
+    function handed the scheduled scale, as sampler_cfg_function, then ComfyUI's PAG. Breaks caught (error): the
+    node's schedule ignored (``with_rule`` not applying it: the sampler's cfg used): 0.27; the PAG term dropped
+    (``combine`` skipping terms that give a contribution): 0.25."""
+    schedule = node("GuidersScheduleLinear", start_value=SCHEDULE[0], end_value=SCHEDULE[1])
+    ours = node("GuidersMahiro", model=sd15_model, schedule=schedule)
+    ours = node("GuidersPAG", model=ours, scale=2.0, layers="middle")
+    mahiro = builtin_hook(sd15_model, "sampler_post_cfg_function", "Mahiro")
+
+    def scheduled_mahiro(args):
+        return mahiro_noise(mahiro, args, linear(*SCHEDULE, *step_index(args)))
+
+    reference = with_pag(with_cfg_function(sd15_model, scheduled_mahiro))
+    assert_parity(run(ours, "sd15"), run(reference, "sd15"), run(sd15_model, "sd15"))
+
+
+def test_fdg_with_pag_is_fdg_plus_pag(sd15_model) -> None:
+    """FDG (no schedule input: one scale per level) then PAG. Reference: diffusers' FDG as sampler_cfg_function,
+    then ComfyUI's PAG. Break caught: the PAG term dropped (``combine`` skipping terms that give a contribution):
+    0.27."""
+    ours = node("GuidersFDG", model=sd15_model, scales="10, 5", parallel_weights="0.5", space="noise")
+    ours = node("GuidersPAG", model=ours, scale=2.0, layers="middle")
+    guider = FrequencyDecoupledGuidance(guidance_scales=[10.0, 5.0], parallel_weights=[0.5, 0.5])
+
+    def fdg(args):
+        return guider.forward(args["cond"], args["uncond"]).pred
+
+    reference = with_pag(with_cfg_function(sd15_model, fdg))
+    assert_parity(run(ours, "sd15"), run(reference, "sd15"), run(sd15_model, "sd15"))
+
+
+def test_apg_mix_with_pag_and_its_schedule_is_the_rule_at_the_scheduled_scale_plus_pag(sd15_model) -> None:
+    """APG-Mix with its CFG steps (0-2) at the schedule's scale and APG (step 3) at apg_scale, then PAG. Reference:
+    diffusers' AdaptiveProjectedMixGuidance with its guidance_scale set from the schedule at each step, then
+    ComfyUI's PAG. Breaks caught (error): the node's schedule ignored (``with_rule`` not applying it: the sampler's
+    cfg used): 0.32; the PAG term dropped (``combine`` skipping terms that give a contribution): 0.29."""
+    schedule = node("GuidersScheduleLinear", start_value=SCHEDULE[0], end_value=SCHEDULE[1])
+    ours = node("GuidersAPGMix", model=sd15_model, apg_scale=6.0, apg_start_step=2, eta=0.5, norm_threshold=10.0,
+                momentum=-0.5, schedule=schedule)
+    ours = node("GuidersPAG", model=ours, scale=2.0, layers="middle")
+    log: list[bool] = []
+    reference = diffusers_apg_mix_model(sd15_model, 2, 6.0, 0.5, 10.0, -0.5, log,
+                                        cfg_scale_at=lambda step, num_steps: linear(*SCHEDULE, step, num_steps))
+    reference_out = run(with_pag(reference), "sd15")
+    assert log == [step > 2 for step in range(STEPS)], log
+    assert_parity(run(ours, "sd15"), reference_out, run(sd15_model, "sd15"))
+
+
+def test_fresca_then_rescale_cfg_rescales_the_fresca_result(sd15_model) -> None:
+    """CFG rule + post transform: RescaleCFG (Lin et al. 2023 Alg. 2, in noise space) on FreSca's result, with the
+    std of the unfiltered cond. Reference: ComfyUI's FreSca function and CFG, then diffusers' ``rescale_noise_cfg``
+    on the noise predictions. Breaks caught (error): the post transforms applied before the rule (``combine``'s post
+    loop moved above its terms loop): 0.51; the post transform given the cond in place of the guided result
+    (``fn(preds[COND], ...)``): 0.51."""
+    settings = {"scale_low": 0.8, "scale_high": 1.6, "freq_cutoff": 3}
+    ours = node("GuidersRescaleCFG", model=node("GuidersFreSca", model=sd15_model, **settings), multiplier=0.7)
+    fresca = builtin_hook(sd15_model, "sampler_pre_cfg_function", "FreSca", **settings)
+
+    def fresca_rescaled(args):
+        return rescale_noise_cfg(fresca_noise(fresca, args, args["cond_scale"]), args["cond"], guidance_rescale=0.7)
+
+    assert_parity(run(ours, "sd15"), run(with_cfg_function(sd15_model, fresca_rescaled), "sd15"),
+                  run(sd15_model, "sd15"))
+
+
+def test_mahiro_then_cfg_renorm_renorms_the_mahiro_result(sd15_model) -> None:
+    """CFG rule + post transform: CFGNorm on Mahiro's x0, capped at the cond's norm. Reference: ComfyUI's Mahiro
+    then ComfyUI's CFGNorm (post-CFG functions run in the order added). Breaks caught (error): the post transforms
+    applied before the rule (``combine``'s post loop moved above its terms loop): 0.57; the post transform given the
+    cond in place of the guided result (``fn(preds[COND], ...)``): 0.48."""
+    ours = node("GuidersCFGRenorm", model=node("GuidersMahiro", model=sd15_model), mode="cfg_norm", strength=1.0)
+    reference = node("CFGNorm", model=node("Mahiro", model=sd15_model), strength=1.0)
+    assert_parity(run(ours, "sd15"), run(reference, "sd15"), run(sd15_model, "sd15"))
+
+
+def test_apg_mix_then_dynamic_thresholding_thresholds_the_apg_mix_result(sd15_model) -> None:
+    """CFG rule + post transform: Imagen's threshold on the x0 of APG-Mix's result (CFG steps and APG steps).
+    Reference: diffusers' AdaptiveProjectedMixGuidance, then diffusers' ``_threshold_sample`` on its x0. Breaks
+    caught (error): the post transforms applied before the rule (``combine``'s post loop moved above its terms
+    loop): 2.0; the post transform given the cond in place of the guided result (``fn(preds[COND], ...)``): 1.95."""
+    ours = node("GuidersAPGMix", model=sd15_model, apg_scale=6.0, apg_start_step=1, eta=0.5, norm_threshold=10.0,
+                momentum=-0.5)
+    ours = node("GuidersDynamicThresholding", model=ours, mode="imagen", percentile=0.9, max_value=1.5,
+                mimic_scale=7.0, strength=1.0)
+    log: list[bool] = []
+    apg_mix = diffusers_apg_mix_model(sd15_model, 1, 6.0, 0.5, 10.0, -0.5, log).model_options["sampler_cfg_function"]
+
+    def apg_mix_thresholded(args):
+        x0 = args["input"] - apg_mix(args)
+        return args["input"] - diffusers_threshold(x0, 0.9, 1.5)
+
+    reference_out = run(with_cfg_function(sd15_model, apg_mix_thresholded), "sd15")
+    assert log == [step > 1 for step in range(STEPS)], log
+    assert_parity(run(ours, "sd15"), reference_out, run(sd15_model, "sd15"))
