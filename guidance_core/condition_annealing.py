@@ -29,10 +29,15 @@ class ConditionNoiseState:
     """The run's noise generator: every run with the same seed draws the same noise, step after step."""
 
     def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator: torch.Generator | None = None
 
     def draw(self, like: Tensor) -> Tensor:
-        return torch.randn(like.shape, generator=self.generator, dtype=torch.float32).to(like)
+        # The generator lives on the embedding's device (made at the first draw, when the device is known), so
+        # the noise is drawn where it is used; on the CPU the draws are those of a CPU generator of this seed.
+        if self.generator is None or self.generator.device != like.device:
+            self.generator = torch.Generator(device=like.device).manual_seed(self.seed)
+        return torch.randn(like.shape, generator=self.generator, dtype=torch.float32, device=like.device).to(like)
 
 
 def cads_condition(embedding: Tensor, gamma: float, noise: Tensor, noise_scale: float = 0.25,

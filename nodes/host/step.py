@@ -311,9 +311,10 @@ def _transformed_conditionings(stack: GuidanceStack, sources: dict, run_state: d
     ComfyUI-CADS reads t the same way). A perturbed branch copies its source afterwards, so it sees the change."""
     if not stack.conditioning:
         return sources
-    sigma_tensor = torch.tensor([ctx.sigma])
-    max_timestep = model_sampling.timestep(torch.as_tensor(model_sampling.sigma_max).reshape(1))[0]
-    t = float(model_sampling.timestep(sigma_tensor)[0] / max_timestep)
+    sigma_max = model_sampling.sigma_max.reshape(1)  # a tensor of the model sampling's sigmas, on its device
+    sigma_tensor = torch.full_like(sigma_max, ctx.sigma)
+    # One read per step: t decides the annealing γ(t), a scalar decision as step context's σ is.
+    t = float(model_sampling.timestep(sigma_tensor)[0] / model_sampling.timestep(sigma_max)[0])
     changed = dict(sources)
     for transform in stack.conditioning:
         state = run_state.get(transform.state_key)

@@ -51,6 +51,11 @@ ALLOWED_HOST_READS = {
     # one read per forward, as step.py's.
     ("nodes/host/nag.py", "nag_apply_model_wrapper"),
     ("nodes/host/nag.py", "scale_at"),
+    # Adaptive guidance: whether every sample has passed the cut-off decides whether the uncond is evaluated
+    # at all this step (the batch's composition), one read per step.
+    ("guidance_core/branch_rules.py", "finished"),
+    # CADS: this step's diffusion time t (from σ) decides the annealing γ(t), one read per step.
+    ("nodes/host/step.py", "_transformed_conditionings"),
 }
 
 
@@ -143,6 +148,21 @@ CASES += [
     Case("APGMix", ("GuidersAPGMix",), lambda m, f, w: node("GuidersAPGMix", model=m, apg_scale=6.0, apg_start_step=0,
                                                             eta=0.3, norm_threshold=10.0, momentum=-0.5),
          accumulates=True),
+]
+# Issue #13's rules that change which branches run, remember the trajectory, or noise the conditioning
+# (nodes/branch_rule_nodes.py). Perp-Neg's empty prompt: another draw of the family's own prompt width.
+CASES += [
+    Case("CFGInterval", ("GuidersCFGInterval",), lambda m, f, w: node("GuidersCFGInterval", model=m, mode="sigma",
+                                                                      sigma_high=5.42, sigma_low=0.28)),
+    Case("AdaptiveCutoff", ("GuidersAdaptiveCutoff",), lambda m, f, w: node("GuidersAdaptiveCutoff", model=m,
+                                                                            threshold=0.5), accumulates=True),
+    Case("PerpNeg", ("GuidersPerpNeg",), lambda m, f, w: node(
+        "GuidersPerpNeg", model=m, empty_conditioning=make_conditioning(f, seed=5)[0], neg_scale=1.0),
+        accumulates=True),
+    Case("MomentumGuidance", ("GuidersMomentumGuidance",), lambda m, f, w: node("GuidersMomentumGuidance", model=m),
+         accumulates=True),
+    Case("SMCCFG", ("GuidersSMCCFG",), lambda m, f, w: node("GuidersSMCCFG", model=m), accumulates=True),
+    Case("CADS", ("GuidersCADS",), lambda m, f, w: node("GuidersCADS", model=m, noise_scale=0.5), accumulates=True),
 ]
 PARAMS = [pytest.param(case, family, id=f"{case.name}-{family}") for case in CASES for family in case.families]
 
