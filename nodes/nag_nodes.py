@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from . import host
 from .common import CATEGORY, family_names, model_input, schedule_input, window_inputs
 from .host import families
-from .host.nag import NagSetup, install_nag, nag_modules
+from .host.nag import NagSetup, attribute_path, install_nag, nag_modules
 from .inputs import check_inputs, public_id
 
 NAG_FAMILIES = families.families_supporting(families.NAG)
@@ -113,13 +113,13 @@ def check_context_width(node: str, model, family: str, context) -> None:
     cross-attention (or the text embedding before it) takes."""
     diffusion_model = model.get_model_object("diffusion_model")
     site = families.NAG_SITES[family]
-    first = getattr(diffusion_model, site.context_embedding) if site.context_embedding else None
+    first = attribute_path(diffusion_model, site.context_embedding) if site.context_embedding else None
     if first is None:
         found = nag_modules(diffusion_model, family)
         if not found:
             raise host.GuidanceError(f"{node}: this {families.display_name(family)} model has no text cross-attention "
                                      "for NAG to act in.")
-        first = getattr(found[0][0], site.keys)
+        first = getattr(found[0][0], site.keys or site.keys_values)
     expected = next((m.in_features for m in first.modules() if hasattr(m, "in_features")), None)
     if expected is not None and context.shape[-1] != expected:
         raise host.GuidanceError(f"{node}: negative has {context.shape[-1]} features per token, this "

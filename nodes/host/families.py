@@ -408,6 +408,15 @@ class NagSite:
     # the bias its cross-attention adds ("" = the family takes no text mask): the negative's own mask goes
     # through it, as the positive's does in the model's forward.
     attention_mask: str = ""
+    # A module whose attention call gets no transformer_options (no override sees it): NAG works at the input
+    # of its output projection ``output`` (a forward pre-hook; the host's Z⁺ is that input), with the queries
+    # recomputed by ``queries`` from the module's own input and ``heads`` read from the module ("" = the
+    # override path). ``keys_values``: one fused projection whose last dimension is the keys then the values
+    # (used instead of ``keys``/``values``).
+    output: str = ""
+    queries: str = ""
+    heads: str = ""
+    keys_values: str = ""
     source: str = ""
 
 
@@ -428,6 +437,15 @@ NAG_SITES: dict[str, NagSite] = {
                            "LTXVModel._prepare_context (caption_projection) and _prepare_attention_mask; "
                            "KJNodes LTX2_NAG patches attn2 too"),
 }
+# PixArt α/Σ: every block's cross_attn attends to the T5 text through y_embedder (CaptionEmbedder.forward at
+# inference is y_proj(caption)); its attention call passes no transformer_options, so NAG works at proj's input.
+NAG_SITES["pixart"] = NagSite(
+    "cross_attn", {"comfy.ldm.pixart.blocks:MultiHeadCrossAttention": 0}, keys="", values="",
+    keys_values="kv_linear", context_embedding="y_embedder.y_proj", output="proj", queries="q_linear",
+    heads="num_heads",
+    source="comfy/ldm/pixart/blocks.py MultiHeadCrossAttention.forward (q_linear(x); kv_linear(cond) viewed as "
+           "(2, heads, head_dim): keys then values; optimized_attention without options; proj), "
+           "PixArtMS.forward_orig (y = y_embedder(y); no text mask reaches it from PixArtMS.forward)")
 
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in NAG_SITES else family
                  for family in FAMILIES)

@@ -187,7 +187,7 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()
     negative = _rows_of(setup.negative.to(device=x.device, dtype=dtype), len(rows))
     if site.context_embedding:
-        negative = getattr(diffusion_model, site.context_embedding)(negative)
+        negative = attribute_path(diffusion_model, site.context_embedding)(negative)
     state = _ForwardState(site, torch.tensor(rows, device=x.device), negative, scale, setup.tau, setup.alpha)
     chunk_size = x.shape[0] // len(transformer_options["cond_or_uncond"])
     state.positive_chunks = tuple(sorted({row // chunk_size for row in rows}))
@@ -196,7 +196,8 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
         state.negative_bias = getattr(diffusion_model, site.attention_mask)(mask, dtype)
     handles = _mark_modules(diffusion_model, setup, state)
     previous = transformer_options.get("optimized_attention_override")
-    transformer_options["optimized_attention_override"] = _make_override(state, previous)
+    if not site.output:
+        transformer_options["optimized_attention_override"] = _make_override(state, previous)
     replace_patches = transformer_options.get("patches_replace")
     if setup.family == "unet" and replace_patches and replace_patches.get("attn2"):
         transformer_options["patches_replace"] = {**replace_patches, "attn2": _wrap_attn2_replace_patches(
@@ -206,12 +207,21 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
     finally:
         for handle in handles:
             handle.remove()
-        if previous is None:
+        if site.output:
+            pass  # no override was installed
+        elif previous is None:
             transformer_options.pop("optimized_attention_override", None)
         else:
             transformer_options["optimized_attention_override"] = previous
         if replace_patches is not None:
             transformer_options["patches_replace"] = replace_patches
+
+
+def attribute_path(owner, dotted: str):
+    """``owner.a.b`` for ``dotted`` "a.b" (a site names a submodule, e.g. PixArt's ``y_embedder.y_proj``)."""
+    for name in dotted.split("."):
+        owner = getattr(owner, name)
+    return owner
 
 
 def _modules_by_layer(diffusion_model, setup: NagSetup) -> dict[Layer, torch.nn.Module]:
@@ -309,7 +319,37 @@ def _mark_modules(diffusion_model, setup: NagSetup, state: _ForwardState) -> lis
 
         handles.append(module.register_forward_pre_hook(enter))
         handles.append(module.register_forward_hook(leave))
+        if site.output:
+            handles += _hook_output_projection(module, state)
     return handles
+
+
+def _hook_output_projection(module, state: _ForwardState) -> list:
+    """NAG at the input of the module's output projection, for a module whose attention call no override sees
+    (``NagSite.output``): Z⁺ is what the host computed; Z⁻ is the same attention (the host's
+    ``optimized_attention``, heads merged) of the positive rows' queries, recomputed from the module's input,
+    with the negative's keys and values."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    site, module_input = state.site, {}
+
+    def remember_input(mod, args):
+        module_input["x"] = args[0]
+
+    def guide(projection, args):
+        if "x" not in module_input:
+            return None
+        z_pos = args[0]
+        queries = getattr(module, site.queries)(module_input.pop("x").index_select(0, state.rows))
+        negative_keys, negative_values = _negative_keys_values(state, module)
+        z_neg = comfy_attention.optimized_attention(queries, negative_keys, negative_values,
+                                                    getattr(module, site.heads))
+        guided = nag_combine(z_pos.index_select(0, state.rows), z_neg, state.scale, state.tau, state.alpha)
+        state.used += 1
+        return (z_pos.index_copy(0, state.rows, guided), *args[1:])
+
+    return [module.register_forward_pre_hook(remember_input),
+            getattr(module, site.output).register_forward_pre_hook(guide)]
 
 
 def _negative_keys_values(state: _ForwardState, module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,10 +357,15 @@ def _negative_keys_values(state: _ForwardState, module) -> tuple[torch.Tensor, t
     cached = state.negative_kv.get(id(module))
     if cached is None:
         site = state.site
-        keys = getattr(module, site.keys)(state.negative_context)
+        if site.keys_values:
+            keys, values = getattr(module, site.keys_values)(state.negative_context).chunk(2, dim=-1)
+        else:
+            keys, values = getattr(module, site.keys)(state.negative_context), None
         if site.key_norm:
             keys = getattr(module, site.key_norm)(keys)
-        cached = (keys, getattr(module, site.values)(state.negative_context))
+        if values is None:
+            values = getattr(module, site.values)(state.negative_context)
+        cached = (keys, values)
         state.negative_kv[id(module)] = cached
     return cached
 

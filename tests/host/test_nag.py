@@ -1,13 +1,15 @@
 """GuidersNAG (Normalized Attention Guidance, Chen et al. 2025, arXiv:2505.21179) on the cross-attention families,
 through ComfyUI's real KSampler on tiny random-weight models: SD1.5 and SDXL (UNet ``attn2``), Wan 2.1 (every
-block's ``cross_attn``; text-to-video, and image-to-video where it attends to the CLIP image tokens first) and
-LTXV (every block's ``attn2``, with the T5 text mask).
+block's ``cross_attn``; text-to-video, and image-to-video where it attends to the CLIP image tokens first),
+LTXV (every block's ``attn2``, with the T5 text mask) and PixArt-Σ (every block's ``cross_attn``, whose attention
+call no override sees: NAG at its output projection's input, keys and values from one fused ``kv_linear``).
 
 The reference is written here from the paper's equations and the host's own modules, never through the pack's
 hooks: during a reference pass of the UNPATCHED model, each text cross-attention module's ``forward`` is
 replaced (an instance attribute, removed afterwards) by one that projects q from its input and k, v from the
 positive context and from the negative context (Wan: the negative through the model's own ``text_embedding``;
-LTXV: through ``caption_projection``, its own mask through the model's ``_prepare_attention_mask``)
+LTXV: through ``caption_projection``, its own mask through the model's ``_prepare_attention_mask``; PixArt:
+through ``y_embedder``)
 with the module's own layers, computes both attentions with a softmax written here, combines them per token in
 float64 by Z̃ = Z⁺ + φ(Z⁺ − Z⁻), r = ‖Z̃‖₁/‖Z⁺‖₁, Ẑ = Z̃·min(r, τ)/r, α·Ẑ + (1 − α)·Z⁺ on the cond rows only
 (``cond_or_uncond`` tag 0; the uncond rows keep Z⁺), and applies the module's output projection.
@@ -19,6 +21,8 @@ Breaks tried, each fails ``test_nag_matches_the_paper_through_sampling`` (and th
 - NAG on every row (uncond too): fails the cfg 5 cases;
 - the window ignored (``_in_window`` always true): fails ``test_nag_window_is_respected``;
 - LTXV: the negative's own text mask not applied, or the negative not passed through ``caption_projection``;
+- PixArt: Z⁺ and Z⁻ swapped in the output-projection hook; the fused ``kv_linear`` halves read as values then
+  keys;
 - Wan I2V: the text call index 0 (NAG on the CLIP image tokens' attention): fails
   ``test_nag_on_wan_i2v_guides_the_text_attention_only``.
 """
@@ -36,7 +40,15 @@ from tiny_models import make_conditioning, make_latent, make_wan_i2v, wan_i2v_co
 
 GuidanceError = ValueError  # the pack's GuidanceError is a ValueError (nodes/host/marks.py)
 
-NAG_FAMILIES = ("sd15", "sdxl", "wan", "ltxv")
+NAG_FAMILIES = ("sd15", "sdxl", "wan", "ltxv", "pixart")
+
+
+# PixArt's position embedding needs a latent of at least 32 (its base size is round(side / 64)·64 / patch).
+LATENT_SIZE = {"pixart": {"h": 32, "w": 40}}
+
+
+def sample_nag(model, family: str, cfg: float):
+    return sample_family(model, family, cfg=cfg, **LATENT_SIZE.get(family, {}))
 
 
 def negative_of(family: str):
@@ -124,6 +136,37 @@ def _ltxv_cross_attention(module, dm, negative, phi, tau, alpha, active):
     return forward
 
 
+def _pixart_cross_attention(module, dm, negative_raw, phi, tau, alpha, active):
+    """PixArt's cross_attn: q_linear(x), kv_linear(c) viewed as (2, heads, head_dim) (keys, then values), no mask,
+    proj; the negative through the model's own y_embedder (as PixArtMS.forward: (N, 1, L, C) in)."""
+    heads = module.num_heads
+
+    def keys_values(context):
+        kv = module.kv_linear(context).view(context.shape[0], context.shape[1], 2, -1)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def forward(x, cond, mask=None):
+        q = module.q_linear(x)
+        k, v = keys_values(cond.view(x.shape[0], -1, cond.shape[-1]))  # the host's (1, B·L, D) text, per row
+        z = softmax_attention(q, k, v, heads)
+        rows = _cond_rows(dm.nag_reference_options, x.shape[0])
+        if active(dm.nag_reference_options) and rows:
+            embedded = dm.y_embedder(negative_raw.to(x).expand(len(rows), -1, -1).unsqueeze(1), False).squeeze(1)
+            z_neg = softmax_attention(q[rows], *keys_values(embedded), heads)
+            z[rows] = paper_nag(z[rows], z_neg, phi, tau, alpha)
+        return module.proj(z.to(x.dtype))
+
+    return forward
+
+
+def _remember_options(dm):
+    """PixArt's blocks get no transformer_options: the reference reads the call's from the model's forward."""
+    def remember(module, args, kwargs):
+        dm.nag_reference_options = kwargs["transformer_options"]
+
+    return dm.register_forward_pre_hook(remember, with_kwargs=True)
+
+
 @contextlib.contextmanager
 def reference_nag(model, family, negative, phi, tau, alpha, sigma_window=None):
     """The paper's NAG on ``model`` (unpatched) while the block runs; ``sigma_window`` (σ_end, σ_start) or None."""
@@ -144,15 +187,20 @@ def reference_nag(model, family, negative, phi, tau, alpha, sigma_window=None):
             module.forward = _wan_cross_attention(module, dm.text_embedding, context, phi, tau, alpha, active)
         elif family == "ltxv" and name.endswith(".attn2"):
             module.forward = _ltxv_cross_attention(module, dm, negative, phi, tau, alpha, active)
+        elif family == "pixart" and name.endswith(".cross_attn"):
+            module.forward = _pixart_cross_attention(module, dm, context, phi, tau, alpha, active)
         else:
             continue
         replaced.append(module)
     assert replaced, f"no cross-attention found on {family}"
+    handle = _remember_options(dm) if family == "pixart" else None
     try:
         yield
     finally:
         for module in replaced:
             del module.forward
+        if handle is not None:
+            handle.remove()
 
 
 def nag_model(model, negative, **settings):
@@ -169,10 +217,10 @@ def test_nag_matches_the_paper_through_sampling(guiders_pack, tiny_model, family
     model = tiny_model(family)
     negative = negative_of(family)
     phi, alpha = 4.0, 0.5
-    ours = sample_family(nag_model(model, negative, tau=tau, alpha=alpha, scale=phi), family, cfg=cfg)
-    plain = sample_family(model, family, cfg=cfg)
+    ours = sample_nag(nag_model(model, negative, tau=tau, alpha=alpha, scale=phi), family, cfg)
+    plain = sample_nag(model, family, cfg)
     with reference_nag(model, family, negative, phi, tau, alpha):
-        reference = sample_family(model, family, cfg=cfg)
+        reference = sample_nag(model, family, cfg)
     assert_parity(ours, reference, plain)
 
 
@@ -203,11 +251,11 @@ def test_nag_at_cfg_1_is_one_forward_of_batch_1_per_step(guiders_pack, tiny_mode
     model = tiny_model(family)
     patched = nag_model(model, negative_of(family))
     with ForwardCounter(model) as counter:
-        sample_family(patched, family, cfg=1.0)
+        sample_nag(patched, family, 1.0)
     assert counter.per_step() == [[1]] * 4
     assert {call.cond_or_uncond for call in counter.calls} == {(0,)}
     with ForwardCounter(model) as counter:
-        sample_family(patched, family, cfg=5.0)
+        sample_nag(patched, family, 5.0)
     assert counter.per_step() == [[2]] * 4
 
 
