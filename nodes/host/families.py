@@ -412,11 +412,15 @@ class NagSite:
     # of its output projection ``output`` (a forward pre-hook; the host's Z⁺ is that input), with the queries
     # recomputed by ``queries`` from the module's own input and ``heads`` read from the module ("" = the
     # override path). ``keys_values``: one fused projection whose last dimension is the keys then the values
-    # (used instead of ``keys``/``values``).
+    # (used instead of ``keys``/``values``). ``projections``, ``attention``: instead of those, the module's own
+    # method (x, context) -> (q, k, v) in its attention layout and its attention op on them (Cosmos: per-head
+    # norms, heads split).
     output: str = ""
     queries: str = ""
     heads: str = ""
     keys_values: str = ""
+    projections: str = ""
+    attention: str = ""
     source: str = ""
 
 
@@ -446,6 +450,14 @@ NAG_SITES["pixart"] = NagSite(
     source="comfy/ldm/pixart/blocks.py MultiHeadCrossAttention.forward (q_linear(x); kv_linear(cond) viewed as "
            "(2, heads, head_dim): keys then values; optimized_attention without options; proj), "
            "PixArtMS.forward_orig (y = y_embedder(y); no text mask reaches it from PixArtMS.forward)")
+# Cosmos Predict 2 (MiniTrainDIT): every block's cross_attn (the same Attention class as self_attn) attends to
+# the text as the encoder gave it; its call is heads-split (skip_reshape): NAG at output_proj's input, Z⁻ from the
+# module's own compute_qkv (q_norm, k_norm per head; no rope in cross-attention) and attn_op.
+NAG_SITES["cosmos_predict2"] = NagSite(
+    "cross_attn", {"comfy.ldm.cosmos.predict2:Attention": 0}, keys="k_proj", values="v_proj", output="output_proj",
+    projections="compute_qkv", attention="attn_op",
+    source="comfy/ldm/cosmos/predict2.py Attention.compute_qkv / compute_attention (attn_op, then output_proj), "
+           "Block.forward (cross_attn(x, crossattn_emb)), MiniTrainDIT._forward (crossattn_emb = context)")
 
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in NAG_SITES else family
                  for family in FAMILIES)

@@ -326,9 +326,9 @@ def _mark_modules(diffusion_model, setup: NagSetup, state: _ForwardState) -> lis
 
 def _hook_output_projection(module, state: _ForwardState) -> list:
     """NAG at the input of the module's output projection, for a module whose attention call no override sees
-    (``NagSite.output``): Z⁺ is what the host computed; Z⁻ is the same attention (the host's
-    ``optimized_attention``, heads merged) of the positive rows' queries, recomputed from the module's input,
-    with the negative's keys and values."""
+    or sees heads-split (``NagSite.output``): Z⁺ is what the host computed; Z⁻ is the same attention (the host's
+    ``optimized_attention``, heads merged, or the module's own op) of the positive rows' queries, recomputed
+    from the module's input, with the negative's keys and values."""
     import comfy.ldm.modules.attention as comfy_attention
 
     site, module_input = state.site, {}
@@ -339,11 +339,14 @@ def _hook_output_projection(module, state: _ForwardState) -> list:
     def guide(projection, args):
         if "x" not in module_input:
             return None
-        z_pos = args[0]
-        queries = getattr(module, site.queries)(module_input.pop("x").index_select(0, state.rows))
-        negative_keys, negative_values = _negative_keys_values(state, module)
-        z_neg = comfy_attention.optimized_attention(queries, negative_keys, negative_values,
-                                                    getattr(module, site.heads))
+        z_pos, x = args[0], module_input.pop("x").index_select(0, state.rows)
+        if site.projections:
+            q, k, v = getattr(module, site.projections)(x, state.negative_context)
+            z_neg = getattr(module, site.attention)(q, k, v)
+        else:
+            negative_keys, negative_values = _negative_keys_values(state, module)
+            z_neg = comfy_attention.optimized_attention(getattr(module, site.queries)(x), negative_keys,
+                                                        negative_values, getattr(module, site.heads))
         guided = nag_combine(z_pos.index_select(0, state.rows), z_neg, state.scale, state.tau, state.alpha)
         state.used += 1
         return (z_pos.index_copy(0, state.rows, guided), *args[1:])

@@ -290,6 +290,8 @@ def _nag(model, weak):
         first = dm.caption_projection.linear_1
     elif hasattr(dm, "y_embedder"):  # PixArt
         first = dm.y_embedder.y_proj.fc1
+    elif type(dm).__name__ == "MiniTrainDIT":  # Cosmos Predict 2
+        first = dm.blocks[0].cross_attn.k_proj
     else:  # UNet
         first = next(m.to_k for name, m in dm.named_modules() if name.endswith(".attn2"))
     context = torch.randn(1, 12, first.in_features, generator=torch.Generator().manual_seed(11))
@@ -297,14 +299,15 @@ def _nag(model, weak):
 
 
 NODE_TABLE += (
-    NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv", "pixart"),
+    NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2"),
             "Chen et al. 2025 (arXiv:2505.21179) §3 written in the test, in the host's own cross-attention modules",
             ("test_nag.py::test_nag_matches_the_paper_through_sampling",
              "test_nag.py::test_nag_window_is_respected",
              "test_nag.py::test_nag_layers_choose_the_cross_attentions"),
-            effect_cases=(EffectCase("NAG", _nag, ("sd15", "wan", "ltxv", "pixart") + WAN_VARIANTS
+            effect_cases=(EffectCase("NAG", _nag, ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2") + WAN_VARIANTS
                                      + WAN_VARIANTS_0_33),
-                          EffectCase("NAG-cfg1", _nag, ("sd15", "wan", "ltxv", "pixart"), cfg=1.0))),
+                          EffectCase("NAG-cfg1", _nag, ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2"),
+                                     cfg=1.0))),
 )
 
 

@@ -2,7 +2,9 @@
 through ComfyUI's real KSampler on tiny random-weight models: SD1.5 and SDXL (UNet ``attn2``), Wan 2.1 (every
 block's ``cross_attn``; text-to-video, and image-to-video where it attends to the CLIP image tokens first),
 LTXV (every block's ``attn2``, with the T5 text mask) and PixArt-Σ (every block's ``cross_attn``, whose attention
-call no override sees: NAG at its output projection's input, keys and values from one fused ``kv_linear``).
+call no override sees: NAG at its output projection's input, keys and values from one fused ``kv_linear``) and
+Cosmos Predict 2 (every block's ``cross_attn``, heads-split with per-head q/k norms: NAG at ``output_proj``'s
+input).
 
 The reference is written here from the paper's equations and the host's own modules, never through the pack's
 hooks: during a reference pass of the UNPATCHED model, each text cross-attention module's ``forward`` is
@@ -23,6 +25,8 @@ Breaks tried, each fails ``test_nag_matches_the_paper_through_sampling`` (and th
 - LTXV: the negative's own text mask not applied, or the negative not passed through ``caption_projection``;
 - PixArt: Z⁺ and Z⁻ swapped in the output-projection hook; the fused ``kv_linear`` halves read as values then
   keys;
+- Cosmos Predict 2: NAG in ``self_attn`` instead of ``cross_attn`` (the site's attribute); the negative's keys
+  without the per-head ``k_norm``;
 - Wan I2V: the text call index 0 (NAG on the CLIP image tokens' attention): fails
   ``test_nag_on_wan_i2v_guides_the_text_attention_only``.
 """
@@ -40,7 +44,7 @@ from tiny_models import make_conditioning, make_latent, make_wan_i2v, wan_i2v_co
 
 GuidanceError = ValueError  # the pack's GuidanceError is a ValueError (nodes/host/marks.py)
 
-NAG_FAMILIES = ("sd15", "sdxl", "wan", "ltxv", "pixart")
+NAG_FAMILIES = ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2")
 
 
 # PixArt's position embedding needs a latent of at least 32 (its base size is round(side / 64)·64 / patch).
@@ -159,8 +163,32 @@ def _pixart_cross_attention(module, dm, negative_raw, phi, tau, alpha, active):
     return forward
 
 
+def _cosmos_cross_attention(module, dm, negative_raw, phi, tau, alpha, active):
+    """Cosmos Predict 2's cross_attn: q_norm(q_proj(x)) and k_norm(k_proj(c)) per head (RMSNorm over head_dim),
+    v_proj(c), no rope (self-attention only), output_proj; the negative as the encoder gave it."""
+    heads, head_dim = module.n_heads, module.head_dim
+
+    def per_head(t, norm):
+        return norm(t.view(t.shape[0], t.shape[1], heads, head_dim)).flatten(2)
+
+    def forward(x, context=None, rope_emb=None, transformer_options={}):  # noqa: B006
+        q = per_head(module.q_proj(x), module.q_norm)
+        k, v = per_head(module.k_proj(context), module.k_norm), module.v_proj(context)
+        z = softmax_attention(q, k, v, heads)
+        rows = _cond_rows(dm.nag_reference_options, x.shape[0])
+        if active(dm.nag_reference_options) and rows:
+            negative = negative_raw.to(x).expand(len(rows), -1, -1)
+            z_neg = softmax_attention(q[rows], per_head(module.k_proj(negative), module.k_norm),
+                                      module.v_proj(negative), heads)
+            z[rows] = paper_nag(z[rows], z_neg, phi, tau, alpha)
+        return module.output_proj(z.to(x.dtype))
+
+    return forward
+
+
 def _remember_options(dm):
-    """PixArt's blocks get no transformer_options: the reference reads the call's from the model's forward."""
+    """PixArt's blocks get no transformer_options (Cosmos' on 0.8.0 neither): the reference reads the call's from
+    the model's forward."""
     def remember(module, args, kwargs):
         dm.nag_reference_options = kwargs["transformer_options"]
 
@@ -189,11 +217,13 @@ def reference_nag(model, family, negative, phi, tau, alpha, sigma_window=None):
             module.forward = _ltxv_cross_attention(module, dm, negative, phi, tau, alpha, active)
         elif family == "pixart" and name.endswith(".cross_attn"):
             module.forward = _pixart_cross_attention(module, dm, context, phi, tau, alpha, active)
+        elif family == "cosmos_predict2" and name.endswith(".cross_attn"):
+            module.forward = _cosmos_cross_attention(module, dm, context, phi, tau, alpha, active)
         else:
             continue
         replaced.append(module)
     assert replaced, f"no cross-attention found on {family}"
-    handle = _remember_options(dm) if family == "pixart" else None
+    handle = _remember_options(dm) if family in ("pixart", "cosmos_predict2") else None
     try:
         yield
     finally:
