@@ -78,7 +78,7 @@ class GuidersNAG(io.ComfyNode):
         window = host.percent_window(start_percent, end_percent)
         patched = model.clone()
         install_nag(patched, NagSetup(context, float(scale), float(tau), float(alpha), window, family, schedule,
-                                      chosen, node, mask))
+                                      chosen, node, mask, extras))
         return io.NodeOutput(patched)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 # Where the text tokens sit in a DiT block's self-attention sequence: before the image tokens (SD3, Flux joint
 # attention), after them (HunyuanVideo: ``flipped_img_txt``), or not in it at all (Wan, LTXV: the text is
@@ -421,6 +422,9 @@ class NagSite:
     keys_values: str = ""
     projections: str = ""
     attention: str = ""
+    # (diffusion_model, negative, the negative conditioning's dict) -> the context as the model's extra_conds
+    # makes it from a conditioning (None: the encoder's output is the context; Anima: its LLM adapter).
+    prepare_negative: Any = None
     source: str = ""
 
 
@@ -626,6 +630,28 @@ FAMILIES += (
         hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX), recommended=_MIDDLE_OF_STACK,
     ),
 )
+
+# Anima on NAG: a Cosmos Predict 2 MiniTrainDIT, so the same cross_attn site; its prompt reaches the blocks
+# through the LLM adapter, applied at conditioning time (comfy/model_base.py Anima.extra_conds, inference mode:
+# diffusion_model.preprocess_text_embeds(cross_attn, t5xxl_ids[None], t5xxl_weights[None, :, None]), padded to 512
+# tokens) or in the forward (comfy/ldm/anima/model.py Anima.forward); the negative goes the same way.
+def _anima_negative(diffusion_model, negative, extras: dict):
+    ids = extras.get("t5xxl_ids")
+    if ids is None:
+        return negative  # the forward leaves such a context as it is (preprocess_text_embeds without ids)
+    weights = extras.get("t5xxl_weights")
+    if weights is not None:
+        weights = weights.unsqueeze(0).unsqueeze(-1).to(negative)
+    return diffusion_model.preprocess_text_embeds(negative, ids.unsqueeze(0).to(negative.device),
+                                                  t5xxl_weights=weights)
+
+
+NAG_SITES["anima"] = replace(
+    NAG_SITES["cosmos_predict2"], prepare_negative=_anima_negative,
+    source=NAG_SITES["cosmos_predict2"].source + "; comfy/ldm/anima/model.py Anima.preprocess_text_embeds, "
+                                                 "comfy/model_base.py Anima.extra_conds")
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "anima" else family
+                 for family in FAMILIES)
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 

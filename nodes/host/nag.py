@@ -71,6 +71,7 @@ class NagSetup:
     layers: tuple[Layer, ...] | None = None  # None: every cross-attention ("auto")
     node: str = "GuidersNAG"
     negative_mask: torch.Tensor | None = None  # the negative conditioning's attention_mask, if its encoder gave one
+    negative_extras: dict = field(default_factory=dict)  # the negative conditioning's dict (NagSite.prepare_negative)
 
     def __copy__(self):  # ModelPatcher.clone() deep-copies model_options: the setup is immutable
         return self
@@ -185,7 +186,10 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
     site = families.NAG_SITES[setup.family]
     diffusion_model = base_model.diffusion_model
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()
-    negative = _rows_of(setup.negative.to(device=x.device, dtype=dtype), len(rows))
+    negative = setup.negative.to(device=x.device, dtype=dtype)
+    if site.prepare_negative is not None:
+        negative = site.prepare_negative(diffusion_model, negative, setup.negative_extras)
+    negative = _rows_of(negative, len(rows))
     if site.context_embedding:
         negative = attribute_path(diffusion_model, site.context_embedding)(negative)
     state = _ForwardState(site, torch.tensor(rows, device=x.device), negative, scale, setup.tau, setup.alpha)

@@ -290,7 +290,7 @@ def _nag(model, weak):
         first = dm.caption_projection.linear_1
     elif hasattr(dm, "y_embedder"):  # PixArt
         first = dm.y_embedder.y_proj.fc1
-    elif type(dm).__name__ == "MiniTrainDIT":  # Cosmos Predict 2
+    elif type(dm).__name__ in ("MiniTrainDIT", "Anima"):  # Cosmos Predict 2, Anima
         first = dm.blocks[0].cross_attn.k_proj
     else:  # UNet
         first = next(m.to_k for name, m in dm.named_modules() if name.endswith(".attn2"))
@@ -299,14 +299,15 @@ def _nag(model, weak):
 
 
 NODE_TABLE += (
-    NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2"),
+    NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2", "anima"),
             "Chen et al. 2025 (arXiv:2505.21179) §3 written in the test, in the host's own cross-attention modules",
             ("test_nag.py::test_nag_matches_the_paper_through_sampling",
              "test_nag.py::test_nag_window_is_respected",
-             "test_nag.py::test_nag_layers_choose_the_cross_attentions"),
-            effect_cases=(EffectCase("NAG", _nag, ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2") + WAN_VARIANTS
-                                     + WAN_VARIANTS_0_33),
-                          EffectCase("NAG-cfg1", _nag, ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2"),
+             "test_nag.py::test_nag_layers_choose_the_cross_attentions",
+             "test_nag.py::test_nag_on_anima_embeds_the_negative_through_its_llm_adapter"),
+            effect_cases=(EffectCase("NAG", _nag, ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2", "anima")
+                                     + WAN_VARIANTS + WAN_VARIANTS_0_33),
+                          EffectCase("NAG-cfg1", _nag, ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2", "anima"),
                                      cfg=1.0))),
 )
 

@@ -40,7 +40,7 @@ import pytest
 import torch
 from harness import ForwardCounter, assert_window_is_partial, run_node, sample
 from support import assert_parity, node, relative_error, sample_family
-from tiny_models import make_conditioning, make_latent, make_wan_i2v, wan_i2v_conditioning
+from tiny_models import host_lacks, make_conditioning, make_latent, make_wan_i2v, wan_i2v_conditioning
 
 GuidanceError = ValueError  # the pack's GuidanceError is a ValueError (nodes/host/marks.py)
 
@@ -217,13 +217,13 @@ def reference_nag(model, family, negative, phi, tau, alpha, sigma_window=None):
             module.forward = _ltxv_cross_attention(module, dm, negative, phi, tau, alpha, active)
         elif family == "pixart" and name.endswith(".cross_attn"):
             module.forward = _pixart_cross_attention(module, dm, context, phi, tau, alpha, active)
-        elif family == "cosmos_predict2" and name.endswith(".cross_attn"):
+        elif family in ("cosmos_predict2", "anima") and name.endswith(".cross_attn"):
             module.forward = _cosmos_cross_attention(module, dm, context, phi, tau, alpha, active)
         else:
             continue
         replaced.append(module)
     assert replaced, f"no cross-attention found on {family}"
-    handle = _remember_options(dm) if family in ("pixart", "cosmos_predict2") else None
+    handle = _remember_options(dm) if family in ("pixart", "cosmos_predict2", "anima") else None
     try:
         yield
     finally:
@@ -498,3 +498,30 @@ def test_nag_refuses_bad_inputs(guiders_pack, tiny_model):
         nag_model(nag_model(sd15, negative), negative)
     with pytest.raises(GuidanceError, match="start_percent"):
         run_node("GuidersNAG", model=sd15, negative=negative, start_percent=0.8, end_percent=0.2)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_nag_on_anima_embeds_the_negative_through_its_llm_adapter(guiders_pack, tiny_model, cfg):
+    """Anima (ComfyUI 0.33.0): Cosmos Predict 2's cross_attn site, the negative carried through the model's LLM
+    adapter with its own t5xxl_ids and weights, as the host embeds a prompt (the reference's negative comes from
+    the host's own ``model_base.Anima.extra_conds`` in inference mode). Catches: the negative used as the text
+    encoder gave it (``prepare_negative`` dropped); Z⁺ and Z⁻ swapped. One call per step (batch 1 at cfg 1)."""
+    reason = host_lacks("anima")
+    if reason is not None:
+        pytest.skip(reason)
+    model = tiny_model("anima")
+    raw = negative_of("anima")[0][0]
+    generator = torch.Generator().manual_seed(12)
+    extras = {"t5xxl_ids": torch.randint(0, 32128, (raw.shape[1],), generator=generator, dtype=torch.int),
+              "t5xxl_weights": 0.5 + torch.rand(raw.shape[1], generator=generator)}
+    with torch.inference_mode():
+        conds = model.model.extra_conds(cross_attn=raw, device=raw.device, **extras)
+    adapted = conds["c_crossattn"].cond.clone()
+    assert adapted.shape[1] == 512  # adapted and padded: not the raw negative
+    with ForwardCounter(model) as counter:
+        ours = sample_family(nag_model(model, [[raw, extras]]), "anima", cfg=cfg)
+    assert counter.per_step() == [[1 if cfg == 1.0 else 2]] * 4  # no extra forward
+    plain = sample_family(model, "anima", cfg=cfg)
+    with reference_nag(model, "anima", [[adapted, {}]], 4.0, 2.5, 0.5):
+        reference = sample_family(model, "anima", cfg=cfg)
+    assert_parity(ours, reference, plain)
