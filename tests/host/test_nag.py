@@ -525,3 +525,27 @@ def test_nag_on_anima_embeds_the_negative_through_its_llm_adapter(guiders_pack, 
     with reference_nag(model, "anima", [[adapted, {}]], 4.0, 2.5, 0.5):
         reference = sample_family(model, "anima", cfg=cfg)
     assert_parity(ours, reference, plain)
+
+
+@pytest.mark.parametrize("family", ("pixart", "cosmos_predict2"))
+def test_nag_layers_on_the_output_projection_sites(guiders_pack, tiny_model, family):
+    """On the families NAG guides at the output projection, a layer list guides those blocks only: block 1 alone
+    equals the reference in ``blocks.1.cross_attn`` alone, and differs from 'auto'. Catches: the layer list
+    ignored by the output-projection hooks."""
+    model = tiny_model(family)
+    negative = negative_of(family)
+    ours = sample_nag(nag_model(model, negative, layers="1"), family, 1.0)
+    everywhere = sample_nag(nag_model(model, negative), family, 1.0)
+    plain = sample_nag(model, family, 1.0)
+    dm = model.model.diffusion_model
+    module = dm.blocks[1].cross_attn
+    make = _pixart_cross_attention if family == "pixart" else _cosmos_cross_attention
+    module.forward = make(module, dm, negative[0][0], 4.0, 2.5, 0.5, lambda _options: True)
+    handle = _remember_options(dm)
+    try:
+        reference = sample_nag(model, family, 1.0)
+    finally:
+        del module.forward
+        handle.remove()
+    assert relative_error(ours, everywhere) > 1e-3
+    assert_parity(ours, reference, plain)
