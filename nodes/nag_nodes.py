@@ -26,7 +26,8 @@ ALPHA_TOOLTIP = ("α: how much of the guided output is blended into the positive
                  "authors' workflows; SD1.5 0.38, SDXL DMD2 0.5, Wan CausVid 0.5; 0.125 if SDXL quality degrades.")
 LAYERS_TOOLTIP = ("Which cross-attention layers: 'auto' = every layer where the text enters (as the paper). Or a "
                   "list: UNet 'input.4', 'middle', 'output.1', 'input.4.1' (block, index, transformer); Wan, LTXV, "
-                  "PixArt, Cosmos Predict 2, Anima '0, 1, 2' (blocks).")
+                  "PixArt, Cosmos Predict 2, Anima, Kandinsky 5 '0, 1, 2' (blocks; Kandinsky 5: its visual "
+                  "blocks).")
 WINDOW_NOTE = ("The authors turn NAG off for the last steps on flow models (nag_sigma_end 0.75, about end_percent "
                "0.25 on Flux/SD3.5-Turbo) and below σ 4 on SD1.5/SDXL.")
 
@@ -74,6 +75,11 @@ class GuidersNAG(io.ComfyNode):
         context = negative_context(node, negative)
         check_context_width(node, model, family, context)
         extras = negative[0][1] if len(negative[0]) > 1 and isinstance(negative[0][1], dict) else {}
+        missing = [key for key in families.NAG_SITES[family].required_extras if extras.get(key) is None]
+        if missing:
+            raise host.GuidanceError(f"{node}: negative has no {', '.join(missing)}, which "
+                                     f"{families.display_name(family)} embeds its prompt with; encode the negative "
+                                     "with this model's own text encoder (CLIPTextEncode with its CLIP).")
         mask = extras.get("attention_mask")
         window = host.percent_window(start_percent, end_percent)
         patched = model.clone()
@@ -113,7 +119,8 @@ def check_context_width(node: str, model, family: str, context) -> None:
     cross-attention (or the text embedding before it) takes."""
     diffusion_model = model.get_model_object("diffusion_model")
     site = families.NAG_SITES[family]
-    first = attribute_path(diffusion_model, site.context_embedding) if site.context_embedding else None
+    first_name = site.text_input or site.context_embedding
+    first = attribute_path(diffusion_model, first_name) if first_name else None
     if first is None:
         found = nag_modules(diffusion_model, family)
         if not found:

@@ -422,9 +422,18 @@ class NagSite:
     keys_values: str = ""
     projections: str = ""
     attention: str = ""
-    # (diffusion_model, negative, the negative conditioning's dict) -> the context as the model's extra_conds
-    # makes it from a conditioning (None: the encoder's output is the context; Anima: its LLM adapter).
+    # (diffusion_model, negative, the negative conditioning's dict, the call's timestep per positive row) -> the
+    # context as the model makes it from a conditioning before its blocks (None: the encoder's output, or
+    # ``context_embedding`` of it; Anima: its LLM adapter; Kandinsky 5: its text blocks, which depend on t).
     prepare_negative: Any = None
+    # (module, the positive rows' input, the negative context) -> Z⁻ at the output projection's input, for a
+    # module whose attention is a module-level function (instead of ``projections``/``attention``).
+    negative_attention: Any = None
+    # The diffusion model's module the text encoder's output goes into first, for the width check ("" =
+    # ``context_embedding``, or the cross-attention's keys).
+    text_input: str = ""
+    # Entries the negative conditioning must carry for ``prepare_negative`` (the node refuses one without them).
+    required_extras: tuple[str, ...] = ()
     source: str = ""
 
 
@@ -635,7 +644,7 @@ FAMILIES += (
 # through the LLM adapter, applied at conditioning time (comfy/model_base.py Anima.extra_conds, inference mode:
 # diffusion_model.preprocess_text_embeds(cross_attn, t5xxl_ids[None], t5xxl_weights[None, :, None]), padded to 512
 # tokens) or in the forward (comfy/ldm/anima/model.py Anima.forward); the negative goes the same way.
-def _anima_negative(diffusion_model, negative, extras: dict):
+def _anima_negative(diffusion_model, negative, extras: dict, timestep=None):
     ids = extras.get("t5xxl_ids")
     if ids is None:
         return negative  # the forward leaves such a context as it is (preprocess_text_embeds without ids)
@@ -651,6 +660,41 @@ NAG_SITES["anima"] = replace(
     source=NAG_SITES["cosmos_predict2"].source + "; comfy/ldm/anima/model.py Anima.preprocess_text_embeds, "
                                                  "comfy/model_base.py Anima.extra_conds")
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "anima" else family
+                 for family in FAMILIES)
+
+
+# Kandinsky 5 on NAG: its visual blocks' cross_attention attends to the text as the text blocks left it; the
+# image tokens are never in the text's attention, so NAG's cross-attention form applies (the issue listed it as
+# joint). The prompt's path (comfy/ldm/kandinsky5/model.py Kandinsky5.forward_orig): text_embeddings(context),
+# then every text_transformer_block with time_embed = time_embeddings(t) + pooled_text_embeddings(y), y the
+# prompt's pooled output (model_base.Kandinsky5.encode_adm), and rope_encode_1d over its length; the negative
+# takes the same path with its own pooled output and the call's t.
+def _kandinsky5_negative(diffusion_model, negative, extras: dict, timestep):
+    pooled = extras["pooled_output"]  # NagSite.required_extras: the node checked it is there
+    rows = timestep.shape[0]
+    context = diffusion_model.text_embeddings(negative[:1].expand(rows, -1, -1))
+    time_embed = (diffusion_model.time_embeddings(timestep, negative.dtype)
+                  + diffusion_model.pooled_text_embeddings(pooled[:1].to(negative).expand(rows, -1)))
+    freqs = diffusion_model.rope_encode_1d(context.shape[1], device=negative.device, dtype=negative.dtype)
+    for block in diffusion_model.text_transformer_blocks:
+        context = block(context, time_embed, freqs)
+    return context
+
+
+def _kandinsky5_attention(module, x, context):
+    import comfy.ldm.kandinsky5.model as kandinsky5
+
+    q, k, v = module.get_qkv(x, context)
+    return kandinsky5.attention(module.query_norm(q), module.key_norm(k), v, module.num_heads)
+
+
+NAG_SITES["kandinsky5"] = NagSite(
+    "cross_attention", {"comfy.ldm.kandinsky5.model:CrossAttention": 0}, keys="to_key", values="to_value",
+    output="out_layer", prepare_negative=_kandinsky5_negative, negative_attention=_kandinsky5_attention,
+    text_input="text_embeddings", required_extras=("pooled_output",),
+    source="comfy/ldm/kandinsky5/model.py CrossAttention.forward (get_qkv, query_norm/key_norm per head, "
+           "attention, out_layer), TransformerDecoderBlock.forward, Kandinsky5.forward_orig (the text path)")
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "kandinsky5" else family
                  for family in FAMILIES)
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}

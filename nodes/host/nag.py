@@ -188,7 +188,8 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()
     negative = setup.negative.to(device=x.device, dtype=dtype)
     if site.prepare_negative is not None:
-        negative = site.prepare_negative(diffusion_model, negative, setup.negative_extras)
+        timestep = base_model.model_sampling.timestep(t).float().index_select(0, torch.tensor(rows, device=t.device))
+        negative = site.prepare_negative(diffusion_model, negative, setup.negative_extras, timestep)
     negative = _rows_of(negative, len(rows))
     if site.context_embedding:
         negative = attribute_path(diffusion_model, site.context_embedding)(negative)
@@ -344,7 +345,9 @@ def _hook_output_projection(module, state: _ForwardState) -> list:
         if "x" not in module_input:
             return None
         z_pos, x = args[0], module_input.pop("x").index_select(0, state.rows)
-        if site.projections:
+        if site.negative_attention is not None:
+            z_neg = site.negative_attention(module, x, state.negative_context)
+        elif site.projections:
             q, k, v = getattr(module, site.projections)(x, state.negative_context)
             z_neg = getattr(module, site.attention)(q, k, v)
         else:

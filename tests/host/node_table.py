@@ -292,23 +292,29 @@ def _nag(model, weak):
         first = dm.y_embedder.y_proj.fc1
     elif type(dm).__name__ in ("MiniTrainDIT", "Anima"):  # Cosmos Predict 2, Anima
         first = dm.blocks[0].cross_attn.k_proj
+    elif hasattr(dm, "text_transformer_blocks"):  # Kandinsky 5: its text blocks need the pooled output too
+        first = dm.text_embeddings.in_layer
     else:  # UNet
         first = next(m.to_k for name, m in dm.named_modules() if name.endswith(".attn2"))
-    context = torch.randn(1, 12, first.in_features, generator=torch.Generator().manual_seed(11))
-    return node("GuidersNAG", model=model, negative=[[context, {}]], scale=4.0, alpha=0.5)
+    generator = torch.Generator().manual_seed(11)
+    context = torch.randn(1, 12, first.in_features, generator=generator)
+    extras = {}
+    if hasattr(dm, "text_transformer_blocks"):
+        extras["pooled_output"] = torch.randn(1, dm.pooled_text_embeddings.in_layer.in_features, generator=generator)
+    return node("GuidersNAG", model=model, negative=[[context, extras]], scale=4.0, alpha=0.5)
 
 
+NAG_EFFECT_FAMILIES = ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2", "anima", "kandinsky5", "kandinsky5_image")
 NODE_TABLE += (
-    NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2", "anima"),
+    NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2", "anima", "kandinsky5"),
             "Chen et al. 2025 (arXiv:2505.21179) §3 written in the test, in the host's own cross-attention modules",
             ("test_nag.py::test_nag_matches_the_paper_through_sampling",
              "test_nag.py::test_nag_window_is_respected",
              "test_nag.py::test_nag_layers_choose_the_cross_attentions",
-             "test_nag.py::test_nag_on_anima_embeds_the_negative_through_its_llm_adapter"),
-            effect_cases=(EffectCase("NAG", _nag, ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2", "anima")
-                                     + WAN_VARIANTS + WAN_VARIANTS_0_33),
-                          EffectCase("NAG-cfg1", _nag, ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2", "anima"),
-                                     cfg=1.0))),
+             "test_nag.py::test_nag_on_anima_embeds_the_negative_through_its_llm_adapter",
+             "test_nag.py::test_nag_on_kandinsky5_carries_the_negative_through_its_text_blocks"),
+            effect_cases=(EffectCase("NAG", _nag, NAG_EFFECT_FAMILIES + WAN_VARIANTS + WAN_VARIANTS_0_33),
+                          EffectCase("NAG-cfg1", _nag, NAG_EFFECT_FAMILIES, cfg=1.0))),
 )
 
 

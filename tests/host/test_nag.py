@@ -498,6 +498,8 @@ def test_nag_refuses_bad_inputs(guiders_pack, tiny_model):
         nag_model(nag_model(sd15, negative), negative)
     with pytest.raises(GuidanceError, match="start_percent"):
         run_node("GuidersNAG", model=sd15, negative=negative, start_percent=0.8, end_percent=0.2)
+    with pytest.raises(GuidanceError, match="negative has no pooled_output, which Kandinsky 5 embeds"):
+        nag_model(tiny_model("kandinsky5"), [[negative_of("kandinsky5")[0][0], {}]])
 
 
 @pytest.mark.parametrize("cfg", [1.0, 5.0])
@@ -548,4 +550,72 @@ def test_nag_layers_on_the_output_projection_sites(guiders_pack, tiny_model, fam
         del module.forward
         handle.remove()
     assert relative_error(ours, everywhere) > 1e-3
+    assert_parity(ours, reference, plain)
+
+
+def _kandinsky5_text(dm, raw, pooled, timestep):
+    """Kandinsky5.forward_orig's text path, written here from the host's modules: text_embeddings, then every
+    text block with time_embeddings(t) + pooled_text_embeddings(y) and the 1-D rope over the text's length."""
+    rows = timestep.shape[0]
+    context = dm.text_embeddings(raw.expand(rows, -1, -1))
+    time_embed = dm.time_embeddings(timestep, raw.dtype) + dm.pooled_text_embeddings(pooled.to(raw).expand(rows, -1))
+    freqs = dm.rope_encode_1d(context.shape[1], device=raw.device, dtype=raw.dtype)
+    for block in dm.text_transformer_blocks:
+        context = block(context, time_embed, freqs)
+    return context
+
+
+def _kandinsky5_cross_attention(module, dm, negative, phi, tau, alpha, call):
+    """Kandinsky 5's visual cross_attention: query_norm(to_query(x)), key_norm(to_key(c)) per head, to_value(c),
+    out_layer; the negative through the text path at the call's t with its own pooled output."""
+    heads, raw, pooled = module.num_heads, negative[0][0], negative[0][1]["pooled_output"]
+
+    def per_head(t, norm):
+        return norm(t.view(t.shape[0], t.shape[1], heads, -1)).flatten(2)
+
+    def forward(x, context, transformer_options={}):  # noqa: B006
+        q = per_head(module.to_query(x), module.query_norm)
+        z = softmax_attention(q, per_head(module.to_key(context), module.key_norm), module.to_value(context), heads)
+        rows = _cond_rows(transformer_options, x.shape[0])
+        if rows:
+            text = _kandinsky5_text(dm, raw.to(x), pooled, call["timestep"][rows])
+            z_neg = softmax_attention(q[rows], per_head(module.to_key(text), module.key_norm), module.to_value(text),
+                                      heads)
+            z[rows] = paper_nag(z[rows], z_neg, phi, tau, alpha)
+        return module.out_layer(z.to(x.dtype))
+
+    return forward
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_nag_on_kandinsky5_carries_the_negative_through_its_text_blocks(guiders_pack, tiny_model, cfg):
+    """Kandinsky 5: every visual block's cross_attention, the negative embedded as the model embeds its prompt
+    (text_embeddings, the text blocks modulated by the call's t and the negative's own pooled output). One call
+    per step. Catches: Z⁺ and Z⁻ swapped; the negative's text blocks skipped (text_embeddings only); the text
+    blocks run at t = 0 instead of the call's t."""
+    model = tiny_model("kandinsky5")
+    negative = negative_of("kandinsky5")
+    assert "pooled_output" in negative[0][1]
+    with ForwardCounter(model) as counter:
+        ours = sample_family(nag_model(model, negative), "kandinsky5", cfg=cfg)
+    assert counter.per_step() == [[1 if cfg == 1.0 else 2]] * 4
+    plain = sample_family(model, "kandinsky5", cfg=cfg)
+    dm = model.model.diffusion_model
+    call = {}
+
+    def remember(module, args, kwargs):
+        call["timestep"] = args[1]
+
+    replaced = [m for n, m in dm.named_modules() if n.endswith(".cross_attention")]
+    assert replaced and all(n.startswith("visual_transformer_blocks") for n, m in dm.named_modules()
+                            if n.endswith(".cross_attention"))
+    for module in replaced:
+        module.forward = _kandinsky5_cross_attention(module, dm, negative, 4.0, 2.5, 0.5, call)
+    handle = dm.register_forward_pre_hook(remember, with_kwargs=True)
+    try:
+        reference = sample_family(model, "kandinsky5", cfg=cfg)
+    finally:
+        handle.remove()
+        for module in replaced:
+            del module.forward
     assert_parity(ours, reference, plain)
