@@ -26,8 +26,8 @@ ALPHA_TOOLTIP = ("α: how much of the guided output is blended into the positive
                  "authors' workflows; SD1.5 0.38, SDXL DMD2 0.5, Wan CausVid 0.5; 0.125 if SDXL quality degrades.")
 LAYERS_TOOLTIP = ("Which cross-attention layers: 'auto' = every layer where the text enters (as the paper). Or a "
                   "list: UNet 'input.4', 'middle', 'output.1', 'input.4.1' (block, index, transformer); Wan, LTXV, "
-                  "PixArt, Cosmos Predict 2, Anima, Kandinsky 5 '0, 1, 2' (blocks; Kandinsky 5: its visual "
-                  "blocks).")
+                  "PixArt, Cosmos Predict 2, Anima, Kandinsky 5, HunyuanDiT '0, 1, 2' (blocks; Kandinsky 5: its "
+                  "visual blocks).")
 WINDOW_NOTE = ("The authors turn NAG off for the last steps on flow models (nag_sigma_end 0.75, about end_percent "
                "0.25 on Flux/SD3.5-Turbo) and below σ 4 on SD1.5/SDXL.")
 

@@ -697,6 +697,52 @@ NAG_SITES["kandinsky5"] = NagSite(
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "kandinsky5" else family
                  for family in FAMILIES)
 
+
+# HunyuanDiT on NAG: every block's attn2 attends to [CLIP text; mT5 text through mlp_t5], their padding tokens
+# replaced by the learned text_embedding_padding (comfy/ldm/hydit/models.py HunYuanDiT.forward, the masks from
+# model_base.HunyuanDiT.extra_conds: attention_mask, conditioning_mt5xl, attention_mask_mt5xl); the negative
+# goes the same way. attn2 calls optimized_attention without the options: NAG at out_proj's input, Z⁻ as
+# CrossAttention.forward computes it (q_norm, rope on q only, k_norm, fused kv_proj).
+def _hunyuan_dit_negative(diffusion_model, negative, extras: dict, timestep=None):
+    import comfy.ops
+    import torch
+
+    dm, clip = diffusion_model, negative.clone()
+    t5 = extras["conditioning_mt5xl"].to(negative)
+    clip_mask = extras["attention_mask"].to(negative.device).bool()
+    t5_mask = extras["attention_mask_mt5xl"].to(negative.device).bool()
+    t5 = dm.mlp_t5(t5.view(-1, t5.shape[-1])).view(t5.shape[0], t5.shape[1], -1)
+    padding = comfy.ops.cast_to_input(dm.text_embedding_padding, clip)
+    clip[:, -dm.text_len:] = clip[:, -dm.text_len:].where(clip_mask[:, -dm.text_len:].unsqueeze(2),
+                                                           padding[:dm.text_len])
+    t5[:, -dm.text_len_t5:] = t5[:, -dm.text_len_t5:].where(t5_mask[:, -dm.text_len_t5:].unsqueeze(2),
+                                                             padding[dm.text_len:])
+    return torch.cat((clip, t5), dim=1)
+
+
+def _hunyuan_dit_attention(module, x, context, freqs_cis_img=None):
+    from comfy.ldm.hydit.attn_layers import apply_rotary_emb
+    from comfy.ldm.modules.attention import optimized_attention
+
+    b, heads, head_dim = x.shape[0], module.num_heads, module.head_dim
+    q = module.q_norm(module.q_proj(x).view(b, x.shape[1], heads, head_dim))
+    k, v = module.kv_proj(context).view(b, context.shape[1], 2, heads, head_dim).unbind(dim=2)
+    k = module.k_norm(k)
+    if freqs_cis_img is not None:
+        q = apply_rotary_emb(q, None, freqs_cis_img)[0]
+    return optimized_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), heads, skip_reshape=True,
+                               attn_precision=module.attn_precision)
+
+
+NAG_SITES["hunyuan_dit"] = NagSite(
+    "attn2", {"comfy.ldm.hydit.attn_layers:CrossAttention": 0}, keys="", values="", keys_values="kv_proj",
+    output="out_proj", prepare_negative=_hunyuan_dit_negative, negative_attention=_hunyuan_dit_attention,
+    required_extras=("attention_mask", "conditioning_mt5xl", "attention_mask_mt5xl"),
+    source="comfy/ldm/hydit/attn_layers.py CrossAttention.forward, comfy/ldm/hydit/models.py HunYuanDiT.forward "
+           "(the text states), HunYuanDiTBlock.forward (attn2(norm3(x), text_states, freq_cis_img))")
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "hunyuan_dit" else family
+                 for family in FAMILIES)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 

@@ -339,14 +339,14 @@ def _hook_output_projection(module, state: _ForwardState) -> list:
     site, module_input = state.site, {}
 
     def remember_input(mod, args):
-        module_input["x"] = args[0]
+        module_input["x"], module_input["rest"] = args[0], args[2:]  # rest: e.g. HunyuanDiT's image rope
 
     def guide(projection, args):
         if "x" not in module_input:
             return None
         z_pos, x = args[0], module_input.pop("x").index_select(0, state.rows)
         if site.negative_attention is not None:
-            z_neg = site.negative_attention(module, x, state.negative_context)
+            z_neg = site.negative_attention(module, x, state.negative_context, *module_input["rest"])
         elif site.projections:
             q, k, v = getattr(module, site.projections)(x, state.negative_context)
             z_neg = getattr(module, site.attention)(q, k, v)

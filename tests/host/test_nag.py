@@ -4,7 +4,8 @@ block's ``cross_attn``; text-to-video, and image-to-video where it attends to th
 LTXV (every block's ``attn2``, with the T5 text mask) and PixArt-Σ (every block's ``cross_attn``, whose attention
 call no override sees: NAG at its output projection's input, keys and values from one fused ``kv_linear``) and
 Cosmos Predict 2 (every block's ``cross_attn``, heads-split with per-head q/k norms: NAG at ``output_proj``'s
-input).
+input); and in their own tests Anima (the negative through its LLM adapter), Kandinsky 5 (the negative through
+its text blocks at the call's t) and HunyuanDiT (``attn2``, the negative made into the model's text states).
 
 The reference is written here from the paper's equations and the host's own modules, never through the pack's
 hooks: during a reference pass of the UNPATCHED model, each text cross-attention module's ``forward`` is
@@ -500,6 +501,8 @@ def test_nag_refuses_bad_inputs(guiders_pack, tiny_model):
         run_node("GuidersNAG", model=sd15, negative=negative, start_percent=0.8, end_percent=0.2)
     with pytest.raises(GuidanceError, match="negative has no pooled_output, which Kandinsky 5 embeds"):
         nag_model(tiny_model("kandinsky5"), [[negative_of("kandinsky5")[0][0], {}]])
+    with pytest.raises(GuidanceError, match="negative has no attention_mask, conditioning_mt5xl, attention_mask_mt5xl"):
+        nag_model(tiny_model("hunyuan_dit"), [[torch.zeros(1, 8, 32), {}]])
 
 
 @pytest.mark.parametrize("cfg", [1.0, 5.0])
@@ -614,6 +617,77 @@ def test_nag_on_kandinsky5_carries_the_negative_through_its_text_blocks(guiders_
     handle = dm.register_forward_pre_hook(remember, with_kwargs=True)
     try:
         reference = sample_family(model, "kandinsky5", cfg=cfg)
+    finally:
+        handle.remove()
+        for module in replaced:
+            del module.forward
+    assert_parity(ours, reference, plain)
+
+
+def _hunyuan_dit_text(dm, negative):
+    """HunYuanDiT.forward's text states, written here from the host's modules: [CLIP; mlp_t5(mT5)], each one's
+    padding tokens (mask 0) replaced by the model's text_embedding_padding."""
+    clip, extras = negative[0][0].clone(), negative[0][1]
+    t5 = dm.mlp_t5(extras["conditioning_mt5xl"])
+    padding = dm.text_embedding_padding.to(clip)
+    clip_keep, t5_keep = extras["attention_mask"].bool(), extras["attention_mask_mt5xl"].bool()
+    clip = torch.where(clip_keep.unsqueeze(2), clip, padding[:dm.text_len])
+    t5 = torch.where(t5_keep.unsqueeze(2), t5, padding[dm.text_len:])
+    return torch.cat([clip, t5], dim=1)
+
+
+def _hunyuan_dit_cross_attention(module, dm, text, phi, tau, alpha):
+    """HunyuanDiT's attn2: q_norm(q_proj(x)) per head with the image rope, kv_proj(c) as (2, heads, head_dim)
+    (keys, then values), k_norm, out_proj; returns a tuple, as the host's."""
+    from comfy.ldm.hydit.attn_layers import apply_rotary_emb
+
+    heads, head_dim = module.num_heads, module.head_dim
+
+    def project(x, c, freqs):
+        q = module.q_norm(module.q_proj(x).view(x.shape[0], x.shape[1], heads, head_dim))
+        kv = module.kv_proj(c).view(c.shape[0], c.shape[1], 2, heads, head_dim)
+        q = apply_rotary_emb(q, None, freqs)[0] if freqs is not None else q
+        return q.flatten(2), module.k_norm(kv[:, :, 0]).flatten(2), kv[:, :, 1].flatten(2)
+
+    def forward(x, y, freqs_cis_img=None):
+        q, k, v = project(x, y, freqs_cis_img)
+        z = softmax_attention(q, k, v, heads)
+        rows = _cond_rows(dm.nag_reference_options, x.shape[0])
+        if rows:
+            _q, k_neg, v_neg = project(x[rows], text.to(x).expand(len(rows), -1, -1), freqs_cis_img)
+            z[rows] = paper_nag(z[rows], softmax_attention(q[rows], k_neg, v_neg, heads), phi, tau, alpha)
+        return (module.out_proj(z.to(x.dtype)),)
+
+    return forward
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_nag_on_hunyuan_dit_guides_attn2_with_the_models_text_states(guiders_pack, tiny_model, cfg):
+    """HunyuanDiT: every block's attn2, the negative's CLIP and mT5 parts made into text states as the model
+    makes its prompt's (mlp_t5, the padding tokens replaced). One call per step. Catches: Z⁺ and Z⁻ swapped; the
+    padding replacement dropped; the image rope not applied to the negative's queries."""
+    from tiny_models import make_hunyuan_dit_conditioning
+
+    model = tiny_model("hunyuan_dit")
+    positive, negative_cfg = make_hunyuan_dit_conditioning(seed=1)
+    negative = make_hunyuan_dit_conditioning(seed=11)[0]
+    latent = make_latent("hunyuan_dit", h=16, w=16, seed=2)
+
+    def run(m):
+        return sample(m, positive, negative_cfg, latent, cfg=cfg, steps=4, seed=3)
+
+    with ForwardCounter(model) as counter:
+        ours = run(nag_model(model, negative))
+    assert counter.per_step() == [[1 if cfg == 1.0 else 2]] * 4
+    plain = run(model)
+    dm = model.model.diffusion_model
+    text = _hunyuan_dit_text(dm, negative)
+    replaced = [m for n, m in dm.named_modules() if n.endswith(".attn2")]
+    for module in replaced:
+        module.forward = _hunyuan_dit_cross_attention(module, dm, text, 4.0, 2.5, 0.5)
+    handle = _remember_options(dm)
+    try:
+        reference = run(model)
     finally:
         handle.remove()
         for module in replaced:
