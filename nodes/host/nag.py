@@ -13,12 +13,15 @@ has positive rows):
 In the marked module's text attention call the override computes ``Z⁺`` as the host would (all rows), then
 ``Z⁻`` = the same attention with the positive rows' queries and the negative's keys and values (the module's
 own projections of the embedded negative, at the negative's own length: no tiling of either context), and
-writes ``nag_combine(Z⁺, Z⁻)`` into the positive rows before the module's output projection. Families whose cross-attention call gets no transformer_options or splits the heads (PixArt, Cosmos Predict 2,
+writes ``nag_combine(Z⁺, Z⁻)`` into the positive rows before the module's output projection.
+
+Families whose cross-attention call gets no transformer_options or splits the heads (PixArt, Cosmos Predict 2,
 Anima, Kandinsky 5, HunyuanDiT: ``NagSite.output``) get no override: a forward pre-hook on the module's output
 projection replaces its input (the host's Z⁺) on the positive rows, Z⁻ computed from the module's own input. Some
 families embed the negative through call-dependent paths first (``NagSite.prepare_negative``: Anima's LLM adapter,
-Kandinsky 5's text blocks at the call's t, HunyuanDiT's text states). Positive rows are
-the cond chunk (``cond_or_uncond`` tag 0, whose entry is the sampler's positive: a ``PREDICT_NOISE`` wrapper
+Kandinsky 5's text blocks at the call's t, HunyuanDiT's text states).
+
+Positive rows are the cond chunk (``cond_or_uncond`` tag 0, whose entry is the sampler's positive: a ``PREDICT_NOISE`` wrapper
 reads their uuids) and every branch of this pack computed from it (PAG, SEG, SLG
 branches: their term then compares like with like); the uncond chunk is never touched, as in ComfyUI-NAG
 (``sd/attention.py`` replaces the last, positive rows only). Because the override is another node's as far as
