@@ -21,8 +21,8 @@ projection replaces its input (the host's Z⁺) on the positive rows, Z⁻ compu
 families embed the negative through call-dependent paths first (``NagSite.prepare_negative``: Anima's LLM adapter,
 Kandinsky 5's text blocks at the call's t, HunyuanDiT's text states).
 
-Positive rows are the cond chunk (``cond_or_uncond`` tag 0, whose entry is the sampler's positive: a ``PREDICT_NOISE`` wrapper
-reads their uuids) and every branch of this pack computed from it (PAG, SEG, SLG
+Positive rows are the cond chunk (``cond_or_uncond`` tag 0, whose entry is the sampler's positive: a
+``PREDICT_NOISE`` wrapper reads their uuids) and every branch of this pack computed from it (PAG, SEG, SLG
 branches: their term then compares like with like); the uncond chunk is never touched, as in ComfyUI-NAG
 (``sd/attention.py`` replaces the last, positive rows only). Because the override is another node's as far as
 the shared prefix knows, a forward with NAG active runs without a shared prefix (same result).
