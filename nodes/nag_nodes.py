@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from . import host
 from .common import CATEGORY, family_names, model_input, schedule_input, window_inputs
 from .host import families
-from .host.nag import NagSetup, install_nag, nag_modules
+from .host.nag import NagSetup, attribute_path, install_nag, nag_modules
 from .inputs import check_inputs, public_id
 
 NAG_FAMILIES = families.families_supporting(families.NAG)
@@ -25,8 +25,9 @@ TAU_TOOLTIP = ("τ: the guided attention output's L1 norm, per token, is capped 
 ALPHA_TOOLTIP = ("α: how much of the guided output is blended into the positive one (α·Ẑ + (1 − α)·Z⁺). 0.25 in the "
                  "authors' workflows; SD1.5 0.38, SDXL DMD2 0.5, Wan CausVid 0.5; 0.125 if SDXL quality degrades.")
 LAYERS_TOOLTIP = ("Which cross-attention layers: 'auto' = every layer where the text enters (as the paper). Or a "
-                  "list: UNet 'input.4', 'middle', 'output.1', 'input.4.1' (block, index, transformer); Wan, LTXV "
-                  "'0, 1, 2' (blocks).")
+                  "list: UNet 'input.4', 'middle', 'output.1', 'input.4.1' (block, index, transformer); Wan, LTXV, "
+                  "PixArt, Cosmos Predict 2, Anima, Kandinsky 5, HunyuanDiT '0, 1, 2' (blocks; Kandinsky 5: its "
+                  "visual blocks).")
 WINDOW_NOTE = ("The authors turn NAG off for the last steps on flow models (nag_sigma_end 0.75, about end_percent "
                "0.25 on Flux/SD3.5-Turbo) and below σ 4 on SD1.5/SDXL.")
 
@@ -74,11 +75,16 @@ class GuidersNAG(io.ComfyNode):
         context = negative_context(node, negative)
         check_context_width(node, model, family, context)
         extras = negative[0][1] if len(negative[0]) > 1 and isinstance(negative[0][1], dict) else {}
+        missing = [key for key in families.NAG_SITES[family].required_extras if extras.get(key) is None]
+        if missing:
+            raise host.GuidanceError(f"{node}: negative has no {', '.join(missing)}, which "
+                                     f"{families.display_name(family)} embeds its prompt with; encode the negative "
+                                     "with this model's own text encoder (CLIPTextEncode with its CLIP).")
         mask = extras.get("attention_mask")
         window = host.percent_window(start_percent, end_percent)
         patched = model.clone()
         install_nag(patched, NagSetup(context, float(scale), float(tau), float(alpha), window, family, schedule,
-                                      chosen, node, mask))
+                                      chosen, node, mask, extras))
         return io.NodeOutput(patched)
 
 
@@ -113,13 +119,14 @@ def check_context_width(node: str, model, family: str, context) -> None:
     cross-attention (or the text embedding before it) takes."""
     diffusion_model = model.get_model_object("diffusion_model")
     site = families.NAG_SITES[family]
-    first = getattr(diffusion_model, site.context_embedding) if site.context_embedding else None
+    first_name = site.text_input or site.context_embedding
+    first = attribute_path(diffusion_model, first_name) if first_name else None
     if first is None:
         found = nag_modules(diffusion_model, family)
         if not found:
             raise host.GuidanceError(f"{node}: this {families.display_name(family)} model has no text cross-attention "
                                      "for NAG to act in.")
-        first = getattr(found[0][0], site.keys)
+        first = getattr(found[0][0], site.keys or site.keys_values)
     expected = next((m.in_features for m in first.modules() if hasattr(m, "in_features")), None)
     if expected is not None and context.shape[-1] != expected:
         raise host.GuidanceError(f"{node}: negative has {context.shape[-1]} features per token, this "

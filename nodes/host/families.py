@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 # Where the text tokens sit in a DiT block's self-attention sequence: before the image tokens (SD3, Flux joint
 # attention), after them (HunyuanVideo: ``flipped_img_txt``), or not in it at all (Wan, LTXV: the text is
@@ -408,6 +409,31 @@ class NagSite:
     # the bias its cross-attention adds ("" = the family takes no text mask): the negative's own mask goes
     # through it, as the positive's does in the model's forward.
     attention_mask: str = ""
+    # A module whose attention call gets no transformer_options (no override sees it): NAG works at the input
+    # of its output projection ``output`` (a forward pre-hook; the host's Z⁺ is that input), with the queries
+    # recomputed by ``queries`` from the module's own input and ``heads`` read from the module ("" = the
+    # override path). ``keys_values``: one fused projection whose last dimension is the keys then the values
+    # (used instead of ``keys``/``values``). ``projections``, ``attention``: instead of those, the module's own
+    # method (x, context) -> (q, k, v) in its attention layout and its attention op on them (Cosmos: per-head
+    # norms, heads split).
+    output: str = ""
+    queries: str = ""
+    heads: str = ""
+    keys_values: str = ""
+    projections: str = ""
+    attention: str = ""
+    # (diffusion_model, negative, the negative conditioning's dict, the call's timestep per positive row) -> the
+    # context as the model makes it from a conditioning before its blocks (None: the encoder's output, or
+    # ``context_embedding`` of it; Anima: its LLM adapter; Kandinsky 5: its text blocks, which depend on t).
+    prepare_negative: Any = None
+    # (module, the positive rows' input, the negative context) -> Z⁻ at the output projection's input, for a
+    # module whose attention is a module-level function (instead of ``projections``/``attention``).
+    negative_attention: Any = None
+    # The diffusion model's module the text encoder's output goes into first, for the width check ("" =
+    # ``context_embedding``, or the cross-attention's keys).
+    text_input: str = ""
+    # Entries the negative conditioning must carry for ``prepare_negative`` (the node refuses one without them).
+    required_extras: tuple[str, ...] = ()
     source: str = ""
 
 
@@ -428,6 +454,23 @@ NAG_SITES: dict[str, NagSite] = {
                            "LTXVModel._prepare_context (caption_projection) and _prepare_attention_mask; "
                            "KJNodes LTX2_NAG patches attn2 too"),
 }
+# PixArt α/Σ: every block's cross_attn attends to the T5 text through y_embedder (CaptionEmbedder.forward at
+# inference is y_proj(caption)); its attention call passes no transformer_options, so NAG works at proj's input.
+NAG_SITES["pixart"] = NagSite(
+    "cross_attn", {"comfy.ldm.pixart.blocks:MultiHeadCrossAttention": 0}, keys="", values="",
+    keys_values="kv_linear", context_embedding="y_embedder.y_proj", output="proj", queries="q_linear",
+    heads="num_heads",
+    source="comfy/ldm/pixart/blocks.py MultiHeadCrossAttention.forward (q_linear(x); kv_linear(cond) viewed as "
+           "(2, heads, head_dim): keys then values; optimized_attention without options; proj), "
+           "PixArtMS.forward_orig (y = y_embedder(y); no text mask reaches it from PixArtMS.forward)")
+# Cosmos Predict 2 (MiniTrainDIT): every block's cross_attn (the same Attention class as self_attn) attends to
+# the text as the encoder gave it; its call is heads-split (skip_reshape): NAG at output_proj's input, Z⁻ from the
+# module's own compute_qkv (q_norm, k_norm per head; no rope in cross-attention) and attn_op.
+NAG_SITES["cosmos_predict2"] = NagSite(
+    "cross_attn", {"comfy.ldm.cosmos.predict2:Attention": 0}, keys="k_proj", values="v_proj", output="output_proj",
+    projections="compute_qkv", attention="attn_op",
+    source="comfy/ldm/cosmos/predict2.py Attention.compute_qkv / compute_attention (attn_op, then output_proj), "
+           "Block.forward (cross_attn(x, crossattn_emb)), MiniTrainDIT._forward (crossattn_emb = context)")
 
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in NAG_SITES else family
                  for family in FAMILIES)
@@ -596,6 +639,109 @@ FAMILIES += (
         hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX), recommended=_MIDDLE_OF_STACK,
     ),
 )
+
+# Anima on NAG: a Cosmos Predict 2 MiniTrainDIT, so the same cross_attn site; its prompt reaches the blocks
+# through the LLM adapter, applied at conditioning time (comfy/model_base.py Anima.extra_conds, inference mode:
+# diffusion_model.preprocess_text_embeds(cross_attn, t5xxl_ids[None], t5xxl_weights[None, :, None]), padded to 512
+# tokens) or in the forward (comfy/ldm/anima/model.py Anima.forward); the negative goes the same way.
+def _anima_negative(diffusion_model, negative, extras: dict, timestep=None):
+    ids = extras.get("t5xxl_ids")
+    if ids is None:
+        return negative  # the forward leaves such a context as it is (preprocess_text_embeds without ids)
+    weights = extras.get("t5xxl_weights")
+    if weights is not None:
+        weights = weights.unsqueeze(0).unsqueeze(-1).to(negative)
+    return diffusion_model.preprocess_text_embeds(negative, ids.unsqueeze(0).to(negative.device),
+                                                  t5xxl_weights=weights)
+
+
+NAG_SITES["anima"] = replace(
+    NAG_SITES["cosmos_predict2"], prepare_negative=_anima_negative,
+    source=NAG_SITES["cosmos_predict2"].source + "; comfy/ldm/anima/model.py Anima.preprocess_text_embeds, "
+                                                 "comfy/model_base.py Anima.extra_conds")
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "anima" else family
+                 for family in FAMILIES)
+
+
+# Kandinsky 5 on NAG: its visual blocks' cross_attention attends to the text as the text blocks left it; the
+# image tokens are never in the text's attention, so NAG's cross-attention form applies (the issue listed it as
+# joint). The prompt's path (comfy/ldm/kandinsky5/model.py Kandinsky5.forward_orig): text_embeddings(context),
+# then every text_transformer_block with time_embed = time_embeddings(t) + pooled_text_embeddings(y), y the
+# prompt's pooled output (model_base.Kandinsky5.encode_adm), and rope_encode_1d over its length; the negative
+# takes the same path with its own pooled output and the call's t.
+def _kandinsky5_negative(diffusion_model, negative, extras: dict, timestep):
+    pooled = extras["pooled_output"]  # NagSite.required_extras: the node checked it is there
+    rows = timestep.shape[0]
+    context = diffusion_model.text_embeddings(negative[:1].expand(rows, -1, -1))
+    time_embed = (diffusion_model.time_embeddings(timestep, negative.dtype)
+                  + diffusion_model.pooled_text_embeddings(pooled[:1].to(negative).expand(rows, -1)))
+    freqs = diffusion_model.rope_encode_1d(context.shape[1], device=negative.device, dtype=negative.dtype)
+    for block in diffusion_model.text_transformer_blocks:
+        context = block(context, time_embed, freqs)
+    return context
+
+
+def _kandinsky5_attention(module, x, context):
+    import comfy.ldm.kandinsky5.model as kandinsky5
+
+    q, k, v = module.get_qkv(x, context)
+    return kandinsky5.attention(module.query_norm(q), module.key_norm(k), v, module.num_heads)
+
+
+NAG_SITES["kandinsky5"] = NagSite(
+    "cross_attention", {"comfy.ldm.kandinsky5.model:CrossAttention": 0}, keys="to_key", values="to_value",
+    output="out_layer", prepare_negative=_kandinsky5_negative, negative_attention=_kandinsky5_attention,
+    text_input="text_embeddings", required_extras=("pooled_output",),
+    source="comfy/ldm/kandinsky5/model.py CrossAttention.forward (get_qkv, query_norm/key_norm per head, "
+           "attention, out_layer), TransformerDecoderBlock.forward, Kandinsky5.forward_orig (the text path)")
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "kandinsky5" else family
+                 for family in FAMILIES)
+
+
+# HunyuanDiT on NAG: every block's attn2 attends to [CLIP text; mT5 text through mlp_t5], their padding tokens
+# replaced by the learned text_embedding_padding (comfy/ldm/hydit/models.py HunYuanDiT.forward, the masks from
+# model_base.HunyuanDiT.extra_conds: attention_mask, conditioning_mt5xl, attention_mask_mt5xl); the negative
+# goes the same way. attn2 calls optimized_attention without the options: NAG at out_proj's input, Z⁻ as
+# CrossAttention.forward computes it (q_norm, rope on q only, k_norm, fused kv_proj).
+def _hunyuan_dit_negative(diffusion_model, negative, extras: dict, timestep=None):
+    import comfy.ops
+    import torch
+
+    dm, clip = diffusion_model, negative.clone()
+    t5 = extras["conditioning_mt5xl"].to(negative)
+    clip_mask = extras["attention_mask"].to(negative.device).bool()
+    t5_mask = extras["attention_mask_mt5xl"].to(negative.device).bool()
+    t5 = dm.mlp_t5(t5.view(-1, t5.shape[-1])).view(t5.shape[0], t5.shape[1], -1)
+    padding = comfy.ops.cast_to_input(dm.text_embedding_padding, clip)
+    clip[:, -dm.text_len:] = clip[:, -dm.text_len:].where(clip_mask[:, -dm.text_len:].unsqueeze(2),
+                                                           padding[:dm.text_len])
+    t5[:, -dm.text_len_t5:] = t5[:, -dm.text_len_t5:].where(t5_mask[:, -dm.text_len_t5:].unsqueeze(2),
+                                                             padding[dm.text_len:])
+    return torch.cat((clip, t5), dim=1)
+
+
+def _hunyuan_dit_attention(module, x, context, freqs_cis_img=None):
+    from comfy.ldm.hydit.attn_layers import apply_rotary_emb
+    from comfy.ldm.modules.attention import optimized_attention
+
+    b, heads, head_dim = x.shape[0], module.num_heads, module.head_dim
+    q = module.q_norm(module.q_proj(x).view(b, x.shape[1], heads, head_dim))
+    k, v = module.kv_proj(context).view(b, context.shape[1], 2, heads, head_dim).unbind(dim=2)
+    k = module.k_norm(k)
+    if freqs_cis_img is not None:
+        q = apply_rotary_emb(q, None, freqs_cis_img)[0]
+    return optimized_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), heads, skip_reshape=True,
+                               attn_precision=module.attn_precision)
+
+
+NAG_SITES["hunyuan_dit"] = NagSite(
+    "attn2", {"comfy.ldm.hydit.attn_layers:CrossAttention": 0}, keys="", values="", keys_values="kv_proj",
+    output="out_proj", prepare_negative=_hunyuan_dit_negative, negative_attention=_hunyuan_dit_attention,
+    required_extras=("attention_mask", "conditioning_mt5xl", "attention_mask_mt5xl"),
+    source="comfy/ldm/hydit/attn_layers.py CrossAttention.forward, comfy/ldm/hydit/models.py HunYuanDiT.forward "
+           "(the text states), HunYuanDiTBlock.forward (attn2(norm3(x), text_states, freq_cis_img))")
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "hunyuan_dit" else family
+                 for family in FAMILIES)
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 

@@ -13,9 +13,16 @@ has positive rows):
 In the marked module's text attention call the override computes ``Z⁺`` as the host would (all rows), then
 ``Z⁻`` = the same attention with the positive rows' queries and the negative's keys and values (the module's
 own projections of the embedded negative, at the negative's own length: no tiling of either context), and
-writes ``nag_combine(Z⁺, Z⁻)`` into the positive rows before the module's output projection. Positive rows are
-the cond chunk (``cond_or_uncond`` tag 0, whose entry is the sampler's positive: a ``PREDICT_NOISE`` wrapper
-reads their uuids) and every branch of this pack computed from it (PAG, SEG, SLG
+writes ``nag_combine(Z⁺, Z⁻)`` into the positive rows before the module's output projection.
+
+Families whose cross-attention call gets no transformer_options or splits the heads (PixArt, Cosmos Predict 2,
+Anima, Kandinsky 5, HunyuanDiT: ``NagSite.output``) get no override: a forward pre-hook on the module's output
+projection replaces its input (the host's Z⁺) on the positive rows, Z⁻ computed from the module's own input. Some
+families embed the negative through call-dependent paths first (``NagSite.prepare_negative``: Anima's LLM adapter,
+Kandinsky 5's text blocks at the call's t, HunyuanDiT's text states).
+
+Positive rows are the cond chunk (``cond_or_uncond`` tag 0, whose entry is the sampler's positive: a
+``PREDICT_NOISE`` wrapper reads their uuids) and every branch of this pack computed from it (PAG, SEG, SLG
 branches: their term then compares like with like); the uncond chunk is never touched, as in ComfyUI-NAG
 (``sd/attention.py`` replaces the last, positive rows only). Because the override is another node's as far as
 the shared prefix knows, a forward with NAG active runs without a shared prefix (same result).
@@ -71,6 +78,7 @@ class NagSetup:
     layers: tuple[Layer, ...] | None = None  # None: every cross-attention ("auto")
     node: str = "GuidersNAG"
     negative_mask: torch.Tensor | None = None  # the negative conditioning's attention_mask, if its encoder gave one
+    negative_extras: dict = field(default_factory=dict)  # the negative conditioning's dict (NagSite.prepare_negative)
 
     def __copy__(self):  # ModelPatcher.clone() deep-copies model_options: the setup is immutable
         return self
@@ -185,9 +193,13 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
     site = families.NAG_SITES[setup.family]
     diffusion_model = base_model.diffusion_model
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()
-    negative = _rows_of(setup.negative.to(device=x.device, dtype=dtype), len(rows))
+    negative = setup.negative.to(device=x.device, dtype=dtype)
+    if site.prepare_negative is not None:
+        timestep = base_model.model_sampling.timestep(t).float().index_select(0, torch.tensor(rows, device=t.device))
+        negative = site.prepare_negative(diffusion_model, negative, setup.negative_extras, timestep)
+    negative = _rows_of(negative, len(rows))
     if site.context_embedding:
-        negative = getattr(diffusion_model, site.context_embedding)(negative)
+        negative = attribute_path(diffusion_model, site.context_embedding)(negative)
     state = _ForwardState(site, torch.tensor(rows, device=x.device), negative, scale, setup.tau, setup.alpha)
     chunk_size = x.shape[0] // len(transformer_options["cond_or_uncond"])
     state.positive_chunks = tuple(sorted({row // chunk_size for row in rows}))
@@ -196,7 +208,8 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
         state.negative_bias = getattr(diffusion_model, site.attention_mask)(mask, dtype)
     handles = _mark_modules(diffusion_model, setup, state)
     previous = transformer_options.get("optimized_attention_override")
-    transformer_options["optimized_attention_override"] = _make_override(state, previous)
+    if not site.output:
+        transformer_options["optimized_attention_override"] = _make_override(state, previous)
     replace_patches = transformer_options.get("patches_replace")
     if setup.family == "unet" and replace_patches and replace_patches.get("attn2"):
         transformer_options["patches_replace"] = {**replace_patches, "attn2": _wrap_attn2_replace_patches(
@@ -206,12 +219,21 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
     finally:
         for handle in handles:
             handle.remove()
-        if previous is None:
+        if site.output:  # no override was installed
+            pass
+        elif previous is None:
             transformer_options.pop("optimized_attention_override", None)
         else:
             transformer_options["optimized_attention_override"] = previous
         if replace_patches is not None:
             transformer_options["patches_replace"] = replace_patches
+
+
+def attribute_path(owner, dotted: str):
+    """``owner.a.b`` for ``dotted`` "a.b" (a site names a submodule, e.g. PixArt's ``y_embedder.y_proj``)."""
+    for name in dotted.split("."):
+        owner = getattr(owner, name)
+    return owner
 
 
 def _modules_by_layer(diffusion_model, setup: NagSetup) -> dict[Layer, torch.nn.Module]:
@@ -309,7 +331,42 @@ def _mark_modules(diffusion_model, setup: NagSetup, state: _ForwardState) -> lis
 
         handles.append(module.register_forward_pre_hook(enter))
         handles.append(module.register_forward_hook(leave))
+        if site.output:
+            handles += _hook_output_projection(module, state)
     return handles
+
+
+def _hook_output_projection(module, state: _ForwardState) -> list:
+    """NAG at the input of the module's output projection, for a module whose attention call no override sees
+    or sees heads-split (``NagSite.output``): Z⁺ is what the host computed; Z⁻ is the same attention (the host's
+    ``optimized_attention``, heads merged, or the module's own op) of the positive rows' queries, recomputed
+    from the module's input, with the negative's keys and values."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    site, module_input = state.site, {}
+
+    def remember_input(mod, args):
+        module_input["x"], module_input["rest"] = args[0], args[2:]  # rest: e.g. HunyuanDiT's image rope
+
+    def guide(projection, args):
+        if "x" not in module_input:
+            return None
+        z_pos, x = args[0], module_input.pop("x").index_select(0, state.rows)
+        if site.negative_attention is not None:
+            z_neg = site.negative_attention(module, x, state.negative_context, *module_input["rest"])
+        elif site.projections:
+            q, k, v = getattr(module, site.projections)(x, state.negative_context)
+            z_neg = getattr(module, site.attention)(q, k, v)
+        else:
+            negative_keys, negative_values = _negative_keys_values(state, module)
+            z_neg = comfy_attention.optimized_attention(getattr(module, site.queries)(x), negative_keys,
+                                                        negative_values, getattr(module, site.heads))
+        guided = nag_combine(z_pos.index_select(0, state.rows), z_neg, state.scale, state.tau, state.alpha)
+        state.used += 1
+        return (z_pos.index_copy(0, state.rows, guided), *args[1:])
+
+    return [module.register_forward_pre_hook(remember_input),
+            getattr(module, site.output).register_forward_pre_hook(guide)]
 
 
 def _negative_keys_values(state: _ForwardState, module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,10 +374,15 @@ def _negative_keys_values(state: _ForwardState, module) -> tuple[torch.Tensor, t
     cached = state.negative_kv.get(id(module))
     if cached is None:
         site = state.site
-        keys = getattr(module, site.keys)(state.negative_context)
+        if site.keys_values:
+            keys, values = getattr(module, site.keys_values)(state.negative_context).chunk(2, dim=-1)
+        else:
+            keys, values = getattr(module, site.keys)(state.negative_context), None
         if site.key_norm:
             keys = getattr(module, site.key_norm)(keys)
-        cached = (keys, getattr(module, site.values)(state.negative_context))
+        if values is None:
+            values = getattr(module, site.values)(state.negative_context)
+        cached = (keys, values)
         state.negative_kv[id(module)] = cached
     return cached
 

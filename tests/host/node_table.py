@@ -288,20 +288,43 @@ def _nag(model, weak):
         first = dm.text_embedding[0]
     elif getattr(dm, "caption_projection", None) is not None:  # LTXV
         first = dm.caption_projection.linear_1
+    elif hasattr(dm, "y_embedder"):  # PixArt
+        first = dm.y_embedder.y_proj.fc1
+    elif type(dm).__name__ in ("MiniTrainDIT", "Anima"):  # Cosmos Predict 2, Anima
+        first = dm.blocks[0].cross_attn.k_proj
+    elif hasattr(dm, "text_transformer_blocks"):  # Kandinsky 5: its text blocks need the pooled output too
+        first = dm.text_embeddings.in_layer
+    elif hasattr(dm, "mlp_t5"):  # HunyuanDiT: the CLIP part is the context; the mT5 part and masks are extras
+        first = dm.blocks[0].attn2.kv_proj
     else:  # UNet
         first = next(m.to_k for name, m in dm.named_modules() if name.endswith(".attn2"))
-    context = torch.randn(1, 12, first.in_features, generator=torch.Generator().manual_seed(11))
-    return node("GuidersNAG", model=model, negative=[[context, {}]], scale=4.0, alpha=0.5)
+    generator = torch.Generator().manual_seed(11)
+    context = torch.randn(1, 12, first.in_features, generator=generator)
+    extras = {}
+    if hasattr(dm, "text_transformer_blocks"):
+        extras["pooled_output"] = torch.randn(1, dm.pooled_text_embeddings.in_layer.in_features, generator=generator)
+    if hasattr(dm, "mlp_t5"):
+        mask = torch.ones(1, 12, dtype=torch.long)
+        mask[:, -2:] = 0
+        t5 = torch.randn(1, 12, dm.mlp_t5[0].in_features, generator=generator)
+        extras.update(attention_mask=mask, conditioning_mt5xl=t5, attention_mask_mt5xl=mask.clone())
+    return node("GuidersNAG", model=model, negative=[[context, extras]], scale=4.0, alpha=0.5)
 
 
+NAG_EFFECT_FAMILIES = ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2", "anima", "kandinsky5", "kandinsky5_image",
+                       "hunyuan_dit")
 NODE_TABLE += (
-    NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv"),
+    NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2", "anima", "kandinsky5",
+                           "hunyuan_dit"),
             "Chen et al. 2025 (arXiv:2505.21179) §3 written in the test, in the host's own cross-attention modules",
             ("test_nag.py::test_nag_matches_the_paper_through_sampling",
              "test_nag.py::test_nag_window_is_respected",
-             "test_nag.py::test_nag_layers_choose_the_cross_attentions"),
-            effect_cases=(EffectCase("NAG", _nag, ("sd15", "wan", "ltxv") + WAN_VARIANTS + WAN_VARIANTS_0_33),
-                          EffectCase("NAG-cfg1", _nag, ("sd15", "wan", "ltxv"), cfg=1.0))),
+             "test_nag.py::test_nag_layers_choose_the_cross_attentions",
+             "test_nag.py::test_nag_on_anima_embeds_the_negative_through_its_llm_adapter",
+             "test_nag.py::test_nag_on_kandinsky5_carries_the_negative_through_its_text_blocks",
+             "test_nag.py::test_nag_on_hunyuan_dit_guides_attn2_with_the_models_text_states"),
+            effect_cases=(EffectCase("NAG", _nag, NAG_EFFECT_FAMILIES + WAN_VARIANTS + WAN_VARIANTS_0_33),
+                          EffectCase("NAG-cfg1", _nag, NAG_EFFECT_FAMILIES, cfg=1.0))),
 )
 
 

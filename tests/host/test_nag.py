@@ -1,13 +1,18 @@
 """GuidersNAG (Normalized Attention Guidance, Chen et al. 2025, arXiv:2505.21179) on the cross-attention families,
 through ComfyUI's real KSampler on tiny random-weight models: SD1.5 and SDXL (UNet ``attn2``), Wan 2.1 (every
-block's ``cross_attn``; text-to-video, and image-to-video where it attends to the CLIP image tokens first) and
-LTXV (every block's ``attn2``, with the T5 text mask).
+block's ``cross_attn``; text-to-video, and image-to-video where it attends to the CLIP image tokens first),
+LTXV (every block's ``attn2``, with the T5 text mask) and PixArt-Σ (every block's ``cross_attn``, whose attention
+call no override sees: NAG at its output projection's input, keys and values from one fused ``kv_linear``) and
+Cosmos Predict 2 (every block's ``cross_attn``, heads-split with per-head q/k norms: NAG at ``output_proj``'s
+input); and in their own tests Anima (the negative through its LLM adapter), Kandinsky 5 (the negative through
+its text blocks at the call's t) and HunyuanDiT (``attn2``, the negative made into the model's text states).
 
 The reference is written here from the paper's equations and the host's own modules, never through the pack's
 hooks: during a reference pass of the UNPATCHED model, each text cross-attention module's ``forward`` is
 replaced (an instance attribute, removed afterwards) by one that projects q from its input and k, v from the
 positive context and from the negative context (Wan: the negative through the model's own ``text_embedding``;
-LTXV: through ``caption_projection``, its own mask through the model's ``_prepare_attention_mask``)
+LTXV: through ``caption_projection``, its own mask through the model's ``_prepare_attention_mask``; PixArt:
+through ``y_embedder``)
 with the module's own layers, computes both attentions with a softmax written here, combines them per token in
 float64 by Z̃ = Z⁺ + φ(Z⁺ − Z⁻), r = ‖Z̃‖₁/‖Z⁺‖₁, Ẑ = Z̃·min(r, τ)/r, α·Ẑ + (1 − α)·Z⁺ on the cond rows only
 (``cond_or_uncond`` tag 0; the uncond rows keep Z⁺), and applies the module's output projection.
@@ -19,6 +24,10 @@ Breaks tried, each fails ``test_nag_matches_the_paper_through_sampling`` (and th
 - NAG on every row (uncond too): fails the cfg 5 cases;
 - the window ignored (``_in_window`` always true): fails ``test_nag_window_is_respected``;
 - LTXV: the negative's own text mask not applied, or the negative not passed through ``caption_projection``;
+- PixArt: Z⁺ and Z⁻ swapped in the output-projection hook; the fused ``kv_linear`` halves read as values then
+  keys;
+- Cosmos Predict 2: NAG in ``self_attn`` instead of ``cross_attn`` (the site's attribute); the negative's keys
+  without the per-head ``k_norm``;
 - Wan I2V: the text call index 0 (NAG on the CLIP image tokens' attention): fails
   ``test_nag_on_wan_i2v_guides_the_text_attention_only``.
 """
@@ -32,11 +41,19 @@ import pytest
 import torch
 from harness import ForwardCounter, assert_window_is_partial, run_node, sample
 from support import assert_parity, node, relative_error, sample_family
-from tiny_models import make_conditioning, make_latent, make_wan_i2v, wan_i2v_conditioning
+from tiny_models import host_lacks, make_conditioning, make_latent, make_wan_i2v, wan_i2v_conditioning
 
 GuidanceError = ValueError  # the pack's GuidanceError is a ValueError (nodes/host/marks.py)
 
-NAG_FAMILIES = ("sd15", "sdxl", "wan", "ltxv")
+NAG_FAMILIES = ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2")
+
+
+# PixArt's position embedding needs a latent of at least 32 (its base size is round(side / 64)·64 / patch).
+LATENT_SIZE = {"pixart": {"h": 32, "w": 40}}
+
+
+def sample_nag(model, family: str, cfg: float):
+    return sample_family(model, family, cfg=cfg, **LATENT_SIZE.get(family, {}))
 
 
 def negative_of(family: str):
@@ -124,6 +141,61 @@ def _ltxv_cross_attention(module, dm, negative, phi, tau, alpha, active):
     return forward
 
 
+def _pixart_cross_attention(module, dm, negative_raw, phi, tau, alpha, active):
+    """PixArt's cross_attn: q_linear(x), kv_linear(c) viewed as (2, heads, head_dim) (keys, then values), no mask,
+    proj; the negative through the model's own y_embedder (as PixArtMS.forward: (N, 1, L, C) in)."""
+    heads = module.num_heads
+
+    def keys_values(context):
+        kv = module.kv_linear(context).view(context.shape[0], context.shape[1], 2, -1)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def forward(x, cond, mask=None):
+        q = module.q_linear(x)
+        k, v = keys_values(cond.view(x.shape[0], -1, cond.shape[-1]))  # the host's (1, B·L, D) text, per row
+        z = softmax_attention(q, k, v, heads)
+        rows = _cond_rows(dm.nag_reference_options, x.shape[0])
+        if active(dm.nag_reference_options) and rows:
+            embedded = dm.y_embedder(negative_raw.to(x).expand(len(rows), -1, -1).unsqueeze(1), False).squeeze(1)
+            z_neg = softmax_attention(q[rows], *keys_values(embedded), heads)
+            z[rows] = paper_nag(z[rows], z_neg, phi, tau, alpha)
+        return module.proj(z.to(x.dtype))
+
+    return forward
+
+
+def _cosmos_cross_attention(module, dm, negative_raw, phi, tau, alpha, active):
+    """Cosmos Predict 2's cross_attn: q_norm(q_proj(x)) and k_norm(k_proj(c)) per head (RMSNorm over head_dim),
+    v_proj(c), no rope (self-attention only), output_proj; the negative as the encoder gave it."""
+    heads, head_dim = module.n_heads, module.head_dim
+
+    def per_head(t, norm):
+        return norm(t.view(t.shape[0], t.shape[1], heads, head_dim)).flatten(2)
+
+    def forward(x, context=None, rope_emb=None, transformer_options={}):  # noqa: B006
+        q = per_head(module.q_proj(x), module.q_norm)
+        k, v = per_head(module.k_proj(context), module.k_norm), module.v_proj(context)
+        z = softmax_attention(q, k, v, heads)
+        rows = _cond_rows(dm.nag_reference_options, x.shape[0])
+        if active(dm.nag_reference_options) and rows:
+            negative = negative_raw.to(x).expand(len(rows), -1, -1)
+            z_neg = softmax_attention(q[rows], per_head(module.k_proj(negative), module.k_norm),
+                                      module.v_proj(negative), heads)
+            z[rows] = paper_nag(z[rows], z_neg, phi, tau, alpha)
+        return module.output_proj(z.to(x.dtype))
+
+    return forward
+
+
+def _remember_options(dm):
+    """PixArt's blocks get no transformer_options (Cosmos' on 0.8.0 neither): the reference reads the call's from
+    the model's forward."""
+    def remember(module, args, kwargs):
+        dm.nag_reference_options = kwargs["transformer_options"]
+
+    return dm.register_forward_pre_hook(remember, with_kwargs=True)
+
+
 @contextlib.contextmanager
 def reference_nag(model, family, negative, phi, tau, alpha, sigma_window=None):
     """The paper's NAG on ``model`` (unpatched) while the block runs; ``sigma_window`` (σ_end, σ_start) or None."""
@@ -144,15 +216,22 @@ def reference_nag(model, family, negative, phi, tau, alpha, sigma_window=None):
             module.forward = _wan_cross_attention(module, dm.text_embedding, context, phi, tau, alpha, active)
         elif family == "ltxv" and name.endswith(".attn2"):
             module.forward = _ltxv_cross_attention(module, dm, negative, phi, tau, alpha, active)
+        elif family == "pixart" and name.endswith(".cross_attn"):
+            module.forward = _pixart_cross_attention(module, dm, context, phi, tau, alpha, active)
+        elif family in ("cosmos_predict2", "anima") and name.endswith(".cross_attn"):
+            module.forward = _cosmos_cross_attention(module, dm, context, phi, tau, alpha, active)
         else:
             continue
         replaced.append(module)
     assert replaced, f"no cross-attention found on {family}"
+    handle = _remember_options(dm) if family in ("pixart", "cosmos_predict2", "anima") else None
     try:
         yield
     finally:
         for module in replaced:
             del module.forward
+        if handle is not None:
+            handle.remove()
 
 
 def nag_model(model, negative, **settings):
@@ -169,10 +248,10 @@ def test_nag_matches_the_paper_through_sampling(guiders_pack, tiny_model, family
     model = tiny_model(family)
     negative = negative_of(family)
     phi, alpha = 4.0, 0.5
-    ours = sample_family(nag_model(model, negative, tau=tau, alpha=alpha, scale=phi), family, cfg=cfg)
-    plain = sample_family(model, family, cfg=cfg)
+    ours = sample_nag(nag_model(model, negative, tau=tau, alpha=alpha, scale=phi), family, cfg)
+    plain = sample_nag(model, family, cfg)
     with reference_nag(model, family, negative, phi, tau, alpha):
-        reference = sample_family(model, family, cfg=cfg)
+        reference = sample_nag(model, family, cfg)
     assert_parity(ours, reference, plain)
 
 
@@ -203,11 +282,11 @@ def test_nag_at_cfg_1_is_one_forward_of_batch_1_per_step(guiders_pack, tiny_mode
     model = tiny_model(family)
     patched = nag_model(model, negative_of(family))
     with ForwardCounter(model) as counter:
-        sample_family(patched, family, cfg=1.0)
+        sample_nag(patched, family, 1.0)
     assert counter.per_step() == [[1]] * 4
     assert {call.cond_or_uncond for call in counter.calls} == {(0,)}
     with ForwardCounter(model) as counter:
-        sample_family(patched, family, cfg=5.0)
+        sample_nag(patched, family, 5.0)
     assert counter.per_step() == [[2]] * 4
 
 
@@ -420,3 +499,197 @@ def test_nag_refuses_bad_inputs(guiders_pack, tiny_model):
         nag_model(nag_model(sd15, negative), negative)
     with pytest.raises(GuidanceError, match="start_percent"):
         run_node("GuidersNAG", model=sd15, negative=negative, start_percent=0.8, end_percent=0.2)
+    with pytest.raises(GuidanceError, match="negative has no pooled_output, which Kandinsky 5 embeds"):
+        nag_model(tiny_model("kandinsky5"), [[negative_of("kandinsky5")[0][0], {}]])
+    with pytest.raises(GuidanceError, match="negative has no attention_mask, conditioning_mt5xl, attention_mask_mt5xl"):
+        nag_model(tiny_model("hunyuan_dit"), [[torch.zeros(1, 8, 32), {}]])
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_nag_on_anima_embeds_the_negative_through_its_llm_adapter(guiders_pack, tiny_model, cfg):
+    """Anima (ComfyUI 0.33.0): Cosmos Predict 2's cross_attn site, the negative carried through the model's LLM
+    adapter with its own t5xxl_ids and weights, as the host embeds a prompt (the reference's negative comes from
+    the host's own ``model_base.Anima.extra_conds`` in inference mode). Catches: the negative used as the text
+    encoder gave it (``prepare_negative`` dropped); Z⁺ and Z⁻ swapped. One call per step (batch 1 at cfg 1)."""
+    reason = host_lacks("anima")
+    if reason is not None:
+        pytest.skip(reason)
+    model = tiny_model("anima")
+    raw = negative_of("anima")[0][0]
+    generator = torch.Generator().manual_seed(12)
+    extras = {"t5xxl_ids": torch.randint(0, 32128, (raw.shape[1],), generator=generator, dtype=torch.int),
+              "t5xxl_weights": 0.5 + torch.rand(raw.shape[1], generator=generator)}
+    with torch.inference_mode():
+        conds = model.model.extra_conds(cross_attn=raw, device=raw.device, **extras)
+    adapted = conds["c_crossattn"].cond.clone()
+    assert adapted.shape[1] == 512  # adapted and padded: not the raw negative
+    with ForwardCounter(model) as counter:
+        ours = sample_family(nag_model(model, [[raw, extras]]), "anima", cfg=cfg)
+    assert counter.per_step() == [[1 if cfg == 1.0 else 2]] * 4  # no extra forward
+    plain = sample_family(model, "anima", cfg=cfg)
+    with reference_nag(model, "anima", [[adapted, {}]], 4.0, 2.5, 0.5):
+        reference = sample_family(model, "anima", cfg=cfg)
+    assert_parity(ours, reference, plain)
+
+
+@pytest.mark.parametrize("family", ("pixart", "cosmos_predict2"))
+def test_nag_layers_on_the_output_projection_sites(guiders_pack, tiny_model, family):
+    """On the families NAG guides at the output projection, a layer list guides those blocks only: block 1 alone
+    equals the reference in ``blocks.1.cross_attn`` alone, and differs from 'auto'. Catches: the layer list
+    ignored by the output-projection hooks."""
+    model = tiny_model(family)
+    negative = negative_of(family)
+    ours = sample_nag(nag_model(model, negative, layers="1"), family, 1.0)
+    everywhere = sample_nag(nag_model(model, negative), family, 1.0)
+    plain = sample_nag(model, family, 1.0)
+    dm = model.model.diffusion_model
+    module = dm.blocks[1].cross_attn
+    make = _pixart_cross_attention if family == "pixart" else _cosmos_cross_attention
+    module.forward = make(module, dm, negative[0][0], 4.0, 2.5, 0.5, lambda _options: True)
+    handle = _remember_options(dm)
+    try:
+        reference = sample_nag(model, family, 1.0)
+    finally:
+        del module.forward
+        handle.remove()
+    assert relative_error(ours, everywhere) > 1e-3
+    assert_parity(ours, reference, plain)
+
+
+def _kandinsky5_text(dm, raw, pooled, timestep):
+    """Kandinsky5.forward_orig's text path, written here from the host's modules: text_embeddings, then every
+    text block with time_embeddings(t) + pooled_text_embeddings(y) and the 1-D rope over the text's length."""
+    rows = timestep.shape[0]
+    context = dm.text_embeddings(raw.expand(rows, -1, -1))
+    time_embed = dm.time_embeddings(timestep, raw.dtype) + dm.pooled_text_embeddings(pooled.to(raw).expand(rows, -1))
+    freqs = dm.rope_encode_1d(context.shape[1], device=raw.device, dtype=raw.dtype)
+    for block in dm.text_transformer_blocks:
+        context = block(context, time_embed, freqs)
+    return context
+
+
+def _kandinsky5_cross_attention(module, dm, negative, phi, tau, alpha, call):
+    """Kandinsky 5's visual cross_attention: query_norm(to_query(x)), key_norm(to_key(c)) per head, to_value(c),
+    out_layer; the negative through the text path at the call's t with its own pooled output."""
+    heads, raw, pooled = module.num_heads, negative[0][0], negative[0][1]["pooled_output"]
+
+    def per_head(t, norm):
+        return norm(t.view(t.shape[0], t.shape[1], heads, -1)).flatten(2)
+
+    def forward(x, context, transformer_options={}):  # noqa: B006
+        q = per_head(module.to_query(x), module.query_norm)
+        z = softmax_attention(q, per_head(module.to_key(context), module.key_norm), module.to_value(context), heads)
+        rows = _cond_rows(transformer_options, x.shape[0])
+        if rows:
+            text = _kandinsky5_text(dm, raw.to(x), pooled, call["timestep"][rows])
+            z_neg = softmax_attention(q[rows], per_head(module.to_key(text), module.key_norm), module.to_value(text),
+                                      heads)
+            z[rows] = paper_nag(z[rows], z_neg, phi, tau, alpha)
+        return module.out_layer(z.to(x.dtype))
+
+    return forward
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_nag_on_kandinsky5_carries_the_negative_through_its_text_blocks(guiders_pack, tiny_model, cfg):
+    """Kandinsky 5: every visual block's cross_attention, the negative embedded as the model embeds its prompt
+    (text_embeddings, the text blocks modulated by the call's t and the negative's own pooled output). One call
+    per step. Catches: Z⁺ and Z⁻ swapped; the negative's text blocks skipped (text_embeddings only); the text
+    blocks run at t = 0 instead of the call's t."""
+    model = tiny_model("kandinsky5")
+    negative = negative_of("kandinsky5")
+    assert "pooled_output" in negative[0][1]
+    with ForwardCounter(model) as counter:
+        ours = sample_family(nag_model(model, negative), "kandinsky5", cfg=cfg)
+    assert counter.per_step() == [[1 if cfg == 1.0 else 2]] * 4
+    plain = sample_family(model, "kandinsky5", cfg=cfg)
+    dm = model.model.diffusion_model
+    call = {}
+
+    def remember(module, args, kwargs):
+        call["timestep"] = args[1]
+
+    replaced = [m for n, m in dm.named_modules() if n.endswith(".cross_attention")]
+    assert replaced and all(n.startswith("visual_transformer_blocks") for n, m in dm.named_modules()
+                            if n.endswith(".cross_attention"))
+    for module in replaced:
+        module.forward = _kandinsky5_cross_attention(module, dm, negative, 4.0, 2.5, 0.5, call)
+    handle = dm.register_forward_pre_hook(remember, with_kwargs=True)
+    try:
+        reference = sample_family(model, "kandinsky5", cfg=cfg)
+    finally:
+        handle.remove()
+        for module in replaced:
+            del module.forward
+    assert_parity(ours, reference, plain)
+
+
+def _hunyuan_dit_text(dm, negative):
+    """HunYuanDiT.forward's text states, written here from the host's modules: [CLIP; mlp_t5(mT5)], each one's
+    padding tokens (mask 0) replaced by the model's text_embedding_padding."""
+    clip, extras = negative[0][0].clone(), negative[0][1]
+    t5 = dm.mlp_t5(extras["conditioning_mt5xl"])
+    padding = dm.text_embedding_padding.to(clip)
+    clip_keep, t5_keep = extras["attention_mask"].bool(), extras["attention_mask_mt5xl"].bool()
+    clip = torch.where(clip_keep.unsqueeze(2), clip, padding[:dm.text_len])
+    t5 = torch.where(t5_keep.unsqueeze(2), t5, padding[dm.text_len:])
+    return torch.cat([clip, t5], dim=1)
+
+
+def _hunyuan_dit_cross_attention(module, dm, text, phi, tau, alpha):
+    """HunyuanDiT's attn2: q_norm(q_proj(x)) per head with the image rope, kv_proj(c) as (2, heads, head_dim)
+    (keys, then values), k_norm, out_proj; returns a tuple, as the host's."""
+    from comfy.ldm.hydit.attn_layers import apply_rotary_emb
+
+    heads, head_dim = module.num_heads, module.head_dim
+
+    def project(x, c, freqs):
+        q = module.q_norm(module.q_proj(x).view(x.shape[0], x.shape[1], heads, head_dim))
+        kv = module.kv_proj(c).view(c.shape[0], c.shape[1], 2, heads, head_dim)
+        q = apply_rotary_emb(q, None, freqs)[0] if freqs is not None else q
+        return q.flatten(2), module.k_norm(kv[:, :, 0]).flatten(2), kv[:, :, 1].flatten(2)
+
+    def forward(x, y, freqs_cis_img=None):
+        q, k, v = project(x, y, freqs_cis_img)
+        z = softmax_attention(q, k, v, heads)
+        rows = _cond_rows(dm.nag_reference_options, x.shape[0])
+        if rows:
+            _q, k_neg, v_neg = project(x[rows], text.to(x).expand(len(rows), -1, -1), freqs_cis_img)
+            z[rows] = paper_nag(z[rows], softmax_attention(q[rows], k_neg, v_neg, heads), phi, tau, alpha)
+        return (module.out_proj(z.to(x.dtype)),)
+
+    return forward
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_nag_on_hunyuan_dit_guides_attn2_with_the_models_text_states(guiders_pack, tiny_model, cfg):
+    """HunyuanDiT: every block's attn2, the negative's CLIP and mT5 parts made into text states as the model
+    makes its prompt's (mlp_t5, the padding tokens replaced). One call per step. Catches: Z⁺ and Z⁻ swapped; the
+    padding replacement dropped; the image rope not applied to the negative's queries."""
+    from tiny_models import make_hunyuan_dit_conditioning
+
+    model = tiny_model("hunyuan_dit")
+    positive, negative_cfg = make_hunyuan_dit_conditioning(seed=1)
+    negative = make_hunyuan_dit_conditioning(seed=11)[0]
+    latent = make_latent("hunyuan_dit", h=16, w=16, seed=2)
+
+    def run(m):
+        return sample(m, positive, negative_cfg, latent, cfg=cfg, steps=4, seed=3)
+
+    with ForwardCounter(model) as counter:
+        ours = run(nag_model(model, negative))
+    assert counter.per_step() == [[1 if cfg == 1.0 else 2]] * 4
+    plain = run(model)
+    dm = model.model.diffusion_model
+    text = _hunyuan_dit_text(dm, negative)
+    replaced = [m for n, m in dm.named_modules() if n.endswith(".attn2")]
+    for module in replaced:
+        module.forward = _hunyuan_dit_cross_attention(module, dm, text, 4.0, 2.5, 0.5)
+    handle = _remember_options(dm)
+    try:
+        reference = run(model)
+    finally:
+        handle.remove()
+        for module in replaced:
+            del module.forward
+    assert_parity(ours, reference, plain)
