@@ -175,8 +175,15 @@ def test_the_layers_are_the_main_blocks(guiders_pack, tiny_model) -> None:
 
 @pytest.mark.parametrize(("case", "variant"), effect_params(ALL_VARIANTS))
 def test_node_changes_the_result_and_stays_finite(tiny_model, weak_model_of, variant: str, case: EffectCase) -> None:
+    """SEG runs on the variant's test layer rather than "auto": "auto" is Wan's block 2 (STGuidance), the last
+    block of these 3-block tiny models, where SEG's blur moves Fun-Control's result by 0.8 %, under the effect
+    threshold (on the real 30- and 40-block models block 2 is an early block)."""
     model = tiny_model(variant)
-    patched = case.build(model, weak_model_of(variant))
+    if case.name.startswith("SEG-sigma"):
+        blur_sigma = float(case.name.removeprefix("SEG-sigma"))
+        patched = node("GuidersSEG", model=model, scale=3.0, blur_sigma=blur_sigma, layers=str(VARIANTS[variant].layer))
+    else:
+        patched = case.build(model, weak_model_of(variant))
 
     assert_effect(run(patched, variant, cfg=case.cfg), run(model, variant, cfg=case.cfg))
 
