@@ -8,9 +8,12 @@ measure of "how different" every parity and effect assertion uses.
 - ``assert_parity(result, reference, plain)``: ours equals the reference to PARITY_RTOL of max|reference|,
   and the reference is at least MIN_EFFECT away from plain CFG (a node that did nothing could not pass).
 - ``assert_effect(guided, plain)``: finite, same shape, and at least MIN_EFFECT away from plain CFG.
+- ``pack_module(guiders_pack, name)``: a module of the loaded pack (``host.layers``), as ComfyUI's loader named it.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from harness import run_node, sample
@@ -53,3 +56,10 @@ def assert_effect(guided: torch.Tensor, plain: torch.Tensor, what: str = "the no
     assert torch.isfinite(guided).all() and torch.isfinite(plain).all(), f"{what}: NaN or inf in the result"
     effect = relative_error(guided, plain)
     assert effect > MIN_EFFECT, f"{what} barely changed the result: max|Δ|/max|plain| = {effect:.2e}"
+
+
+def pack_module(guiders_pack, name: str):
+    """A module of the pack as ComfyUI loaded it (``"host.layers"``): the package is the one the registered
+    GuidersPAG node came from, whatever name the loader gave it."""
+    package = guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0]
+    return sys.modules[f"{package}.{name}"]

@@ -29,7 +29,6 @@ Host behaviour these tests depend on (ComfyUI 0.8.0):
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ import torch
 from harness import ForwardCounter, sample, scheduler_sigmas
 from node_table import BLOCKPATCH, EffectCase, effect_params
 from references import attention_override_during_pass, inside_module, perturbed_pass_reference
-from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
+from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, pack_module, relative_error
 from tiny_models import make_conditioning, make_latent, make_ltxv
 
 from guidance_core.perturb import smooth_queries
@@ -102,8 +101,6 @@ def plain_of(tiny_model) -> Callable:
     return get
 
 
-def pack_module(guiders_pack, name: str):
-    return sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + name]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,7 +129,7 @@ def test_tiny_model_is_the_hosts_class_with_its_real_schedule_one_call_per_step_
 
 def test_auraflow_has_its_own_record_never_sd3s(guiders_pack, tiny_model) -> None:
     # Both classes are named MMDiT: a match by bare class name took AuraFlow for SD3 (no joint_blocks).
-    layers = pack_module(guiders_pack, ".host.layers")
+    layers = pack_module(guiders_pack, "host.layers")
     model = tiny_model("auraflow")
 
     assert layers.model_family(model) == "auraflow"
@@ -142,7 +139,7 @@ def test_auraflow_has_its_own_record_never_sd3s(guiders_pack, tiny_model) -> Non
 
 @PER_FAMILY
 def test_the_families_are_declared_for_pag_seg_and_slg_and_refused_by_sag(guiders_pack, tiny_model, family) -> None:
-    common = pack_module(guiders_pack, ".common")
+    common = pack_module(guiders_pack, "common")
     assert family in common.PAG_FAMILIES and family in common.ATTENTION_FAMILIES and family in common.BLOCK_FAMILIES
     with pytest.raises(ValueError, match=rf"GuidersSAG: .*\({FAMILIES[family].name}\) is not supported.*UNet"):
         node("GuidersSAG", model=tiny_model(family), scale=0.5, blur_sigma=2.0)
@@ -150,8 +147,8 @@ def test_the_families_are_declared_for_pag_seg_and_slg_and_refused_by_sag(guider
 
 def test_auto_picks_the_stg_block_for_the_ltxv_models_size(guiders_pack) -> None:
     # LTX-Video 2B has 28 blocks: STGuidance's block 19; 13B has 48: Lightricks' 13B config skips block 28.
-    layers = pack_module(guiders_pack, ".host.layers")
-    families = pack_module(guiders_pack, ".host.families")
+    layers = pack_module(guiders_pack, "host.layers")
+    families = pack_module(guiders_pack, "host.families")
     for blocks, expected in ((28, "double.19"), (48, "double.28")):
         model = make_ltxv(num_layers=blocks)
         for method in (families.PAG, families.SEG, families.SLG):

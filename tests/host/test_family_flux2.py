@@ -48,7 +48,7 @@ import torch
 from harness import ForwardCounter, assert_window_is_partial, sample, scheduler_sigmas
 from node_table import FLUX_CODE, EffectCase, effect_params
 from references import attention_override_during_pass, joint_attention_rows_return_values, perturbed_pass_reference
-from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
+from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, pack_module, relative_error
 from test_node_values import blur_queries
 from test_slg_sublayers import sublayer_off_reference
 from tiny_models import make_conditioning, make_latent
@@ -139,11 +139,6 @@ def image_rows(family: str) -> slice:
 # The tiny models
 
 
-def pack_module(guiders_pack, name: str):
-    """A module of the loaded pack (``host.layers``, ``common``), as ComfyUI's loader named it."""
-    import sys
-
-    return sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + "." + name]
 
 
 @PER_FAMILY

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import sys
 from collections.abc import Callable
 
 import pytest
@@ -49,7 +48,7 @@ import torch
 from harness import ForwardCounter, sample, scheduler_sigmas
 from node_table import LTX2, EffectCase, effect_params
 from references import perturbed_pass_reference
-from support import CFG, MIN_EFFECT, PARITY_RTOL, STEPS, node
+from support import CFG, MIN_EFFECT, PARITY_RTOL, STEPS, node, pack_module
 from tiny_models import LTXAV_AUDIO_SHAPE, make_conditioning, make_ltxav, make_ltxav_latent
 
 from guidance_core.perturb import smooth_queries
@@ -120,8 +119,6 @@ def plain_of(tiny_model) -> Callable:
     return get
 
 
-def pack_module(guiders_pack, name: str):
-    return sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + name]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,8 +146,8 @@ def test_tiny_model_is_the_hosts_class_with_its_schedule_one_call_per_step_and_d
 
 @PER_CONFIG
 def test_ltx_2_is_its_own_family_with_pag_seg_slg_and_refused_by_sag(guiders_pack, tiny_model, family) -> None:
-    layers = pack_module(guiders_pack, ".host.layers")
-    common = pack_module(guiders_pack, ".common")
+    layers = pack_module(guiders_pack, "host.layers")
+    common = pack_module(guiders_pack, "common")
     model = tiny_model(family)
 
     assert layers.model_family(model) == "ltxav"  # never LTXV's record (LTXAVModel subclasses LTXVModel)
@@ -163,8 +160,8 @@ def test_ltx_2_is_its_own_family_with_pag_seg_slg_and_refused_by_sag(guiders_pac
 
 def test_auto_is_block_29_on_ltx_2s_depth_and_the_middle_block_on_a_shallow_model(guiders_pack, tiny_model) -> None:
     """Catches the LTX-Video record's choices (19, 28) reaching LTX-2, and a missing block 29 not falling back."""
-    layers = pack_module(guiders_pack, ".host.layers")
-    families = pack_module(guiders_pack, ".host.families")
+    layers = pack_module(guiders_pack, "host.layers")
+    families = pack_module(guiders_pack, "host.families")
     deep = make_ltxav(num_layers=48)  # LTX-2's depth (its blocks 0-47), still narrow
     for method in (families.PAG, families.SEG, families.SLG):
         assert [str(layer) for layer in layers.parse_layers("auto", deep, "layers", method)] == ["double.29"]

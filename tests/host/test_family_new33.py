@@ -54,7 +54,7 @@ import torch
 from harness import ForwardCounter, run_node, sample, scheduler_sigmas
 from node_table import NEW_IN_033, EffectCase, effect_params
 from references import attention_override_during_pass, inside_module, modules_return, perturbed_pass_reference
-from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
+from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, pack_module, relative_error
 from tiny_models import NEW_IN_033_FAMILIES, family_spec, host_lacks, make_conditioning, make_latent
 
 from guidance_core.perturb import smooth_queries
@@ -150,10 +150,6 @@ def block_of(dm, family: str, index: int):
     return getattr(dm, FAMILIES[family].blocks)[index]
 
 
-def pack_module(guiders_pack, name: str):
-    import sys
-
-    return sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + "." + name]
 
 
 def image_rows(family: str, length: int) -> slice:

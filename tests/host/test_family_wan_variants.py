@@ -36,7 +36,6 @@ Host behaviour these tests depend on (comfy/ldm/wan/model.py, model_animate.py; 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,7 +44,7 @@ import torch
 from harness import ForwardCounter, run_node, sample, scheduler_sigmas
 from node_table import WAN_VARIANTS, WAN_VARIANTS_0_33, EffectCase, effect_params
 from references import attention_override_during_pass, inside_module, modules_return, perturbed_pass_reference
-from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, relative_error
+from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, pack_module, relative_error
 from tiny_models import make_wan_variant_conditioning, make_wan_variant_latent
 
 from guidance_core.perturb import smooth_queries
@@ -125,8 +124,6 @@ def plain_of(tiny_model) -> Callable:
     return get
 
 
-def pack_module(guiders_pack, name: str):
-    return sys.modules[guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0] + name]
 
 
 def video_rows(variant: str) -> slice:
@@ -155,7 +152,7 @@ def test_tiny_model_is_the_hosts_class_one_call_per_step_deterministic_with_its_
         handle.remove()
 
     assert f"{type(dm).__module__}:{type(dm).__qualname__}" == expected.diffusion_model
-    assert pack_module(guiders_pack, ".host.layers").model_family(model) == "wan"
+    assert pack_module(guiders_pack, "host.layers").model_family(model) == "wan"
     assert set(lengths) == {expected.reference_before + VIDEO_TOKENS + expected.reference_after}, lengths
     assert torch.isfinite(out).all() and out.shape == make_wan_variant_latent(variant)["samples"].shape
     assert counter.per_step() == [[2]] * STEPS
@@ -165,7 +162,7 @@ def test_tiny_model_is_the_hosts_class_one_call_per_step_deterministic_with_its_
 
 def test_the_layers_are_the_main_blocks(guiders_pack, tiny_model) -> None:
     """VACE's vace_blocks are not layers: "layer i" is blocks[i] on every variant."""
-    layers = pack_module(guiders_pack, ".host.layers")
+    layers = pack_module(guiders_pack, "host.layers")
     assert [str(layer) for layer in layers.model_layers(tiny_model("wan_vace"))] == [f"double.{i}" for i in range(4)]
 
 
@@ -447,7 +444,7 @@ def test_refused_variants_have_their_own_record_never_wans(guiders_pack, class_n
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError):
         pytest.skip(f"this ComfyUI has no {class_name}")
-    families = pack_module(guiders_pack, ".host.families")
+    families = pack_module(guiders_pack, "host.families")
     record = families.family_of_class(cls)
 
     assert record.display_name == REFUSED[class_name] and not record.methods
