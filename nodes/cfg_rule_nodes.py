@@ -339,16 +339,30 @@ class GuidersAPGMix(io.ComfyNode):
                                tooltip="β of the running average of c − u over every step (diffusers: -0.5); "
                                        "0 = none. Reset at the start of every run."),
                 cfg_scale_schedule_input(),
+                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Guidance (CFG or APG) from this fraction of the steps on (diffusers' "
+                                       "start: step ≥ int(start·steps)); before it the cond alone, and the "
+                                       "momentum does not move. 0 = from the first step."),
+                io.Float.Input("stop", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Guidance up to this fraction of the steps (diffusers' stop: step < "
+                                       "int(stop·steps)); after it the cond alone. 1 = to the last step."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, apg_scale, apg_start_step, eta, norm_threshold, momentum, schedule=None) -> io.NodeOutput:
+    def execute(cls, model, apg_scale, apg_start_step, eta, norm_threshold, momentum, schedule=None, start=0.0,
+                stop=1.0) -> io.NodeOutput:
         check_inputs(cls, apg_scale=apg_scale, apg_start_step=apg_start_step, eta=eta,
-                     norm_threshold=norm_threshold, momentum=momentum)
+                     norm_threshold=norm_threshold, momentum=momentum, start=start, stop=stop)
+        if start >= stop:
+            raise host.GuidanceError(f"GuidersAPGMix: start ({start}) must be below stop ({stop}): guidance runs on "
+                                     "the steps from int(start·steps) up to, not including, int(stop·steps).")
 
         def apg_mix_rule(cond, uncond, scale, momentum_buffer, step):
+            # diffusers' _is_cfg_enabled: outside [start, stop) of the steps the cond alone, momentum untouched.
+            if not int(start * step.num_steps) <= step.step < int(stop * step.num_steps):
+                return cond
             # Noise predictions are σ·(model output) on EPS and flow models: the threshold and the momentum
             # average act on the model output, as diffusers'.
             sigma = step.sigma if step.sigma > 0 and math.isfinite(step.sigma) else 1.0

@@ -363,14 +363,14 @@ def test_fdg_keeps_a_non_power_of_two_latent_and_equal_scales_give_plain_cfg(sd1
 
 
 def diffusers_apg_mix_model(model, start_step: int, apg_scale: float, eta: float, norm_threshold: float,
-                            momentum: float, log: list, cfg_scale_at=None):
+                            momentum: float, log: list, cfg_scale_at=None, start: float = 0.0, stop: float = 1.0):
     """A reference whose CFG is diffusers' AdaptiveProjectedMixGuidance on the model output (noise / σ: ε for
     SD1.5, the velocity for Flux), multiplied back by σ. ``log`` records per call whether APG was on;
     ``cfg_scale_at(step, num_steps)``, when given, sets the guider's CFG scale at each step (a schedule)."""
     guider = AdaptiveProjectedMixGuidance(
         guidance_scale=CFG, adaptive_projected_guidance_scale=apg_scale, adaptive_projected_guidance_momentum=momentum,
         adaptive_projected_guidance_rescale=norm_threshold, eta=eta,
-        adaptive_projected_guidance_start_step=start_step)
+        adaptive_projected_guidance_start_step=start_step, start=start, stop=stop)
 
     def apg_mix(args):
         step, num_steps = step_index(args)
@@ -405,6 +405,27 @@ def test_apg_mix_matches_diffusers_adaptive_projected_mix_guidance(tiny_model, f
     ours_first = run(ours, family)
     assert_parity(ours_first, reference_out, run(model, family))
     assert torch.equal(run(ours, family), ours_first)  # momentum is per run
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0.25, 0.75), (0.5, 1.0)])
+def test_apg_mix_start_and_stop_match_diffusers(sd15_model, start: float, stop: float) -> None:
+    """diffusers' start/stop (fractions of the steps): outside int(start·n) <= step < int(stop·n) the cond alone
+    and the momentum buffer untouched (4 steps: guidance on steps 1-2, or 2-3; APG from step 1 on).
+    Breaks caught: start/stop ignored: 0.82 (0.25..0.75), 0.84 (0.5..1); the momentum updated outside the window
+    as well: 0.11 (0.25..0.75), 2.4e-2 (0.5..1)."""
+    log: list[bool] = []
+    reference = diffusers_apg_mix_model(sd15_model, 0, 6.0, 0.0, 10.0, 0.5, log, start=start, stop=stop)
+    ours = node("GuidersAPGMix", model=sd15_model, apg_scale=6.0, apg_start_step=0, eta=0.0, norm_threshold=10.0,
+                momentum=0.5, start=start, stop=stop)
+    reference_out = run(reference, "sd15")
+    assert log == [int(start * STEPS) <= step < int(stop * STEPS) for step in range(STEPS)], log
+    assert_parity(run(ours, "sd15"), reference_out, run(sd15_model, "sd15"))
+
+
+def test_apg_mix_start_not_below_stop_is_an_error(sd15_model) -> None:
+    with pytest.raises(Exception, match="start .* must be below stop"):
+        node("GuidersAPGMix", model=sd15_model, apg_scale=6.0, apg_start_step=0, eta=0.0, norm_threshold=10.0,
+             momentum=0.5, start=0.6, stop=0.6)
 
 
 # ---------------------------------------------------------------------------------------------------------
