@@ -16,6 +16,7 @@ from ..guidance_core.rules import MomentumBuffer
 from . import host
 from .common import CATEGORY, model_input, public_id, schedule_input, with_cfg_rule, with_cfg_schedule
 from .inputs import check_inputs, finite_in_range
+from .schedule_nodes import Schedule
 
 RULE_NOTE = " A CFG rule: one per chain (a second CFG rule node raises naming both); PAG, SEG, SLG terms, " \
             "schedules and post transforms stack with it."
@@ -71,17 +72,22 @@ class GuidersTCFG(io.ComfyNode):
                         "[uncond; cond], per image, dropping the part that pulls away from the prompt. A pre "
                         "transform: it stacks with any CFG rule (APG, MAMBO-G, FDG, ...), term and post transform. "
                         "Use the cfg you would use without it (SD1.5 5-8, SDXL 4-7, SD3.5 3.5-5).",
-            inputs=[model_input()],
+            inputs=[model_input(), cfg_scale_schedule_input()],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model) -> io.NodeOutput:
+    def execute(cls, model, schedule=None) -> io.NodeOutput:
         def damped_uncond(preds):
             return {UNCOND: cfg_rules.tangential_damping(preds[COND], preds[UNCOND])}
 
         transform = PreTransform("tcfg", damped_uncond, space="noise", requires=(COND, UNCOND))
-        return io.NodeOutput(host.add_guidance(model, public_id(cls), lambda s: s.with_pre(transform)))
+
+        def update(stack):
+            stack = stack.with_pre(transform)
+            return with_cfg_schedule(stack, cls, schedule) if schedule is not None else stack
+
+        return io.NodeOutput(host.add_guidance(model, public_id(cls), update))
 
 
 class GuidersMAMBOG(io.ComfyNode):
@@ -287,12 +293,15 @@ class GuidersFDG(io.ComfyNode):
                 io.Combo.Input("space", options=["noise", "x0"], default="noise", optional=True,
                                tooltip="Where the parallel part is projected: noise (as diffusers, on the model "
                                        "output) or x0. Without parallel weights both give the same result."),
+                Schedule.Input("schedule", optional=True,
+                               tooltip="Optional: a strength per step; each level's scale becomes 1 + strength·"
+                                       "(scale − 1) (1 = the scales as given, 0 = the cond alone)."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, scales, parallel_weights, space="noise") -> io.NodeOutput:
+    def execute(cls, model, scales, parallel_weights, space="noise", schedule=None) -> io.NodeOutput:
         check_inputs(cls, scales=scales, parallel_weights=parallel_weights, space=space)
         node = public_id(cls)
         level_scales = parse_numbers(node, "scales", scales, -100.0, 100.0)
@@ -305,10 +314,16 @@ class GuidersFDG(io.ComfyNode):
             raise host.GuidanceError(f"{node}: parallel_weights has {len(weights)} values but scales has "
                                      f"{len(level_scales)} levels; give one value, or one per level.")
 
-        def fdg_rule(cond, uncond, scale, state=None):
-            return frequency.frequency_decoupled_cfg(cond, uncond, level_scales, weights)
+        def fdg_rule(cond, uncond, scale, state, step):
+            scales_now = level_scales
+            if schedule is not None:
+                strength = float(schedule(step.step, step.num_steps))
+                scales_now = tuple(1.0 + strength * (w - 1.0) for w in level_scales)
+            if all(math.isclose(w, 1.0) for w in scales_now):  # diffusers' _is_fdg_enabled: no guidance at all
+                return cond
+            return frequency.frequency_decoupled_cfg(cond, uncond, scales_now, weights)
 
-        rule = CFGRule(node, fdg_rule, space=space, neutral_scale=None)
+        rule = CFGRule(node, fdg_rule, space=space, neutral_scale=None, takes_step=True)
         return io.NodeOutput(host.add_guidance(model, node, lambda s: with_cfg_rule(s, rule)))
 
 

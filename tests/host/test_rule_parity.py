@@ -105,6 +105,21 @@ def test_tcfg_with_pag_and_a_cfg_schedule_is_damped_uncond_then_scheduled_cfg_pl
     assert_parity(run(ours, "sd15"), run(reference, "sd15"), run(sd15_model, "sd15"))
 
 
+def test_tcfg_own_schedule_drives_the_cfg_scale_on_the_damped_uncond(sd15_model) -> None:
+    """TCFG's optional schedule: the CFG scale per step (the sampler's cfg ignored), on TCFG's damped uncond.
+    Reference: ComfyUI's TCFG around a sampler_cfg_function at the schedule's scale. Break caught: the
+    schedule ignored (the sampler's cfg 5): 0.22."""
+    schedule = node("GuidersScheduleLinear", start_value=8.0, end_value=2.0)
+    ours = node("GuidersTCFG", model=sd15_model, schedule=schedule)
+
+    def scheduled_cfg(args):
+        step, num_steps = step_index(args)
+        return args["uncond"] + linear(8.0, 2.0, step, num_steps) * (args["cond"] - args["uncond"])
+
+    reference = node("TCFG", model=with_cfg_function(sd15_model, scheduled_cfg))
+    assert_parity(run(ours, "sd15"), run(reference, "sd15"), run(sd15_model, "sd15"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # MAMBO-G: a CFG rule
 
@@ -342,6 +357,26 @@ def test_fdg_matches_diffusers_frequency_decoupled_guidance(tiny_model, family: 
         return guider.forward(args["cond"], args["uncond"]).pred
 
     assert_parity(run(ours, family), run(with_cfg_function(model, fdg), family), run(model, family))
+
+
+def test_fdg_schedule_scales_every_level_guidance_per_step(sd15_model) -> None:
+    """FDG's optional schedule: a strength f per step, each level's scale 1 + f·(w − 1). Reference: diffusers'
+    FrequencyDecoupledGuidance rebuilt at each step with those scales (f 0 → 1: the first step has every scale
+    1, where diffusers returns the cond). Breaks caught: the schedule ignored: 1.5; f multiplying the scales
+    themselves (f·w): 0.18; all-1 scales combined as u + Δ⊥ + w·Δ∥ in place of the cond: 1.0e-3."""
+    scales, weights = (10.0, 5.0), (1.0, 0.5)
+    schedule = node("GuidersScheduleLinear", start_value=0.0, end_value=1.0)
+    ours = node("GuidersFDG", model=sd15_model, scales="10, 5", parallel_weights="1.0, 0.5", space="noise",
+                schedule=schedule)
+
+    def fdg(args):
+        step, num_steps = step_index(args)
+        strength = linear(0.0, 1.0, step, num_steps)
+        guider = FrequencyDecoupledGuidance(guidance_scales=[1.0 + strength * (w - 1.0) for w in scales],
+                                            parallel_weights=list(weights))
+        return guider.forward(args["cond"], args["uncond"]).pred
+
+    assert_parity(run(ours, "sd15"), run(with_cfg_function(sd15_model, fdg), "sd15"), run(sd15_model, "sd15"))
 
 
 def test_fdg_keeps_a_non_power_of_two_latent_and_equal_scales_give_plain_cfg(sd15_model) -> None:
