@@ -14,6 +14,8 @@ Breaks tried (each fails ``test_nag_on_ltx_2_matches_the_paper``):
 - the audio half of the negative taken instead of the video half (``_ltx_2_negative`` returning its audio context);
 - NAG in the audio's text attention too (the site's attribute matched as a suffix, ``audio_attn2`` included);
 - Z⁺ and Z⁻ swapped in nodes/host/nag.py.
+Elsewhere: NAG on the uncond rows too (``_positive_rows`` taking tag 1) fails the NAGuidance tests; NAG on the
+cond chunk only (PAG's branch left out of ``_positive_rows``) fails ``test_nag_reaches_pags_perturbed_branch``.
 """
 
 from __future__ import annotations
@@ -181,9 +183,9 @@ def test_nag_next_to_comfyuis_naguidance(guiders_pack, tiny_model, comfy_host, o
 def test_nag_with_pag_batched_equals_sequential_on_more_families(guiders_pack, tiny_model, family):
     """NAG under PAG at cfg 5 on the output-projection sites (PixArt, Cosmos Predict 2: module hooks for both)
     and LTXV (override for both): one call of 3 per step when batched, and the same result as one call per
-    branch, in either node order; the perturbed branch carries NAG (it differs from NAG on cond alone: the
-    result differs from PAG alone and from NAG alone). Catches: NAG's rows taken from a fixed position (the
-    chunk order differs between layouts), NAG missing on PAG's branch in one of the layouts."""
+    branch, in either node order; both act (the result differs from PAG alone and from NAG alone). Catches:
+    NAG's rows taken from a fixed position (the chunk order differs between layouts). That NAG reaches PAG's
+    branch at all is checked by value in test_nag_reaches_pags_perturbed_branch."""
     model = tiny_model(family)
     negative = negative_of(family)
     size = LATENT_SIZE.get(family, {})
