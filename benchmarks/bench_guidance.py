@@ -31,7 +31,9 @@ or ``--only sd3`` runs one of the two parts (timings, floor and table rows of th
    of 2 + 1 (the floor below) brings it lower on this narrow model.
    NAG (``--only nag``): the medium SD1.5 at cfg 1 plain, with GuidersNAG (every cross-attention, one call
    of batch 1 per step: only the negative's extra attention), and plain CFG at 5 (one call of 2). Targets:
-   GuidersNAG / plain cfg 1 <= 1.3, GuidersNAG at cfg 1 / plain CFG 5 <= 0.7 (the point of NAG).
+   GuidersNAG / plain cfg 1 <= 1.3, GuidersNAG at cfg 1 / plain CFG 5 <= 0.7 (the point of NAG). The same
+   on a medium Wan 2.1 DiT (8 blocks, hidden 256, a text of 128 tokens: ``nag_dit_group``), and there, where
+   the host has it (ComfyUI 0.33.0), ComfyUI's NAGuidance at cfg 1 (it forces the uncond pass).
 2. The batching floor, per model: the bare model (no guidance code, no patches) evaluating cond, uncond and
    cond once as one batch of 3 and once as a batch of 2 and a batch of 1, interleaved the same way. Its
    ratio is what batching alone gives (about 1.0 where the model's work is linear in the batch; the narrow
@@ -102,8 +104,8 @@ def parse_args() -> argparse.Namespace:
 
 
 # Latent side per model and --size: the CPU default (small) is what the README's numbers were measured at.
-SIDES = {"small": {"sd15_medium": 32, "sdxl_medium": 32, "sd3_medium": 32},
-         "realistic": {"sd15_medium": 64, "sdxl_medium": 128, "sd3_medium": 64}}
+SIDES = {"small": {"sd15_medium": 32, "sdxl_medium": 32, "sd3_medium": 32, "wan_medium": 32},
+         "realistic": {"sd15_medium": 64, "sdxl_medium": 128, "sd3_medium": 64, "wan_medium": 64}}
 
 
 @dataclass
@@ -216,6 +218,7 @@ def main() -> None:
              Setup("plain CFG 5", "sd15_medium", medium_nag)],
             [("GuidersNAG cfg 1 / plain cfg 1", "GuidersNAG cfg 1", "plain cfg 1", "target <= 1.3"),
              ("GuidersNAG cfg 1 / plain CFG 5", "GuidersNAG cfg 1", "plain CFG 5", "target <= 0.7")]))
+        groups.append(nag_dit_group(run_node, harness.bootstrap().nodes, tiny_models))
 
     print(f"ComfyUI {host.version} at {host.path}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{os.cpu_count()} CPU(s), load average {load_before:.1f} at start")
@@ -224,8 +227,10 @@ def main() -> None:
           + f"; {args.dtype} weights; latent sizes: {args.size}")
     for group in groups:
         parameters = sum(p.numel() for p in group.model.model.diffusion_model.parameters()) / 1e6
-        channels = tiny_models.SPECS[group.family].latent_channels
+        channels = tiny_models.family_spec(group.family).latent_channels
         architecture = {"SD1.5": "SD1.5-architecture UNet", "NAG": "SD1.5-architecture UNet",
+                        "NAG DiT": "Wan 2.1-architecture DiT (8 blocks, hidden 256, a text of 128 tokens; 3 "
+                                   "latent frames)",
                         "SDXL": "SDXL-architecture UNet",
                         "SD3": "SD3-architecture MMDiT (24 joint blocks)"}
         side = sides[group.family]
@@ -269,7 +274,7 @@ def main() -> None:
         print()
 
     # --- 2. the batching floor: the bare model, batch 3 against batches 2 + 1 ----------------------------
-    for group in [g for g in groups if g.name != "NAG"]:  # NAG's model is the SD1.5 one: same floor
+    for group in [g for g in groups if not g.name.startswith("NAG")]:  # NAG: cfg 1, one chunk; no floor
         floor = measure_floor(group.model, inputs[group.family],
                               harness.scheduler_sigmas(group.model, steps=args.steps), args.repeats, args.device)
         print(f"Batching floor ({group.name}): the bare model (no guidance code) evaluating cond, uncond and cond "
@@ -290,7 +295,7 @@ def main() -> None:
             weak = tiny_models.make_model("sd15_medium", seed=1)  # same architecture, other weights
             empty_prompt = tiny_models.make_conditioning("sd15_medium", seed=12)[0]
             extra = table_setups(run_node, group.model, weak, args.steps, empty_prompt)
-        elif group.name in ("SDXL", "NAG"):
+        elif group.name in ("SDXL", "NAG", "NAG DiT"):
             extra = []
         else:
             sd3 = tiny_models.make_model("sd3")
@@ -311,9 +316,36 @@ def main() -> None:
     print("\n  forwards = model calls per run; latents = latent evaluations per run (sum of batch sizes).")
     print("  s/step: the timed set-ups (section 1) are the medians above, the others one run each (indicative")
     print("  only). The (SD3) rows are the medium SD3, the tiny SD3 row a tiny SD3 on an 8x8 latent, every")
-    print("  other row the medium SD1.5.")
+    print("  other row the medium SD1.5, the (Wan) rows the medium Wan 2.1.")
     print(f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f} "
           "at the end")
+
+
+def nag_dit_group(run_node, comfy_nodes, tiny_models) -> Group:
+    """NAG on a medium cross-attention DiT (Wan 2.1) at cfg 1: GuidersNAG in every block's text cross_attn
+    (one call of batch 1 per step; the negative's keys and values and one more attention per block), plain
+    cfg 1 and plain CFG 5, and where the host has it ComfyUI's NAGuidance at cfg 1: it forces the uncond
+    pass (one call of 2 per step), and on Wan its attn1 output patch is never called (WanModel calls no
+    attn1_output_patch), so it is the cost of that forced pass with no NAG at all (reference doc §1.7)."""
+    wan = tiny_models.make_wan_medium()
+    negative = tiny_models.make_conditioning("wan_medium", seed=11)[0]
+    (guiders_nag,) = run_node("GuidersNAG", model=wan, negative=negative, scale=4.0)  # every block's cross_attn
+    setups = [Setup("plain cfg 1 (Wan)", "wan_medium", wan, cfg=1.0),
+              Setup("GuidersNAG cfg 1 (Wan)", "wan_medium", guiders_nag, cfg=1.0),
+              Setup("plain CFG 5 (Wan)", "wan_medium", wan)]
+    ratios = [("GuidersNAG cfg 1 / plain cfg 1 (Wan)", "GuidersNAG cfg 1 (Wan)", "plain cfg 1 (Wan)", "target <= 1.3"),
+              ("GuidersNAG cfg 1 / plain CFG 5 (Wan)", "GuidersNAG cfg 1 (Wan)", "plain CFG 5 (Wan)", "target <= 0.7")]
+    if "NAGuidance" in comfy_nodes.NODE_CLASS_MAPPINGS:  # ComfyUI 0.33.0 (comfy_extras/nodes_nag.py)
+        (builtin_nag,) = run_node("NAGuidance", model=wan, nag_scale=5.0, nag_alpha=0.5, nag_tau=1.5)
+        setups.append(Setup("built-in NAGuidance cfg 1 (Wan)", "wan_medium", builtin_nag, cfg=1.0))
+        ratios.append(("GuidersNAG / built-in NAGuidance, cfg 1 (Wan)", "GuidersNAG cfg 1 (Wan)",
+                       "built-in NAGuidance cfg 1 (Wan)", "theirs forces the uncond; no NAG on Wan"))
+        ratios.append(("built-in NAGuidance cfg 1 / plain cfg 1 (Wan)", "built-in NAGuidance cfg 1 (Wan)",
+                       "plain cfg 1 (Wan)", "for reference"))
+    else:
+        print("This ComfyUI has no NAGuidance node (added after 0.8.0): the NAG DiT part runs without it.")
+    return Group("NAG DiT", "medium Wan 2.1: NAG in every text cross-attention at cfg 1, against cfg 1, CFG 5 "
+                 "and ComfyUI's NAGuidance", "wan_medium", wan, setups, ratios)
 
 
 def time_interleaved(setups: list[Setup], repeats: int, run: Callable) -> dict[str, list[Measured]]:

@@ -73,8 +73,12 @@ class GuidersNAG(io.ComfyNode):
         if layers.strip().lower() not in ("", "auto"):
             chosen = host.parse_layers(layers, model, f"{node}: layers", families.NAG)
         context = negative_context(node, negative)
-        check_context_width(node, model, family, context)
         extras = negative[0][1] if len(negative[0]) > 1 and isinstance(negative[0][1], dict) else {}
+        family_check = families.NAG_NEGATIVE_CHECKS.get(family)
+        if family_check is None:
+            check_context_width(node, model, family, context)
+        elif (reason := family_check(model.get_model_object("diffusion_model"), context, extras)) is not None:
+            raise host.GuidanceError(f"{node}: {reason}")
         missing = [key for key in families.NAG_SITES[family].required_extras if extras.get(key) is None]
         if missing:
             raise host.GuidanceError(f"{node}: negative has no {', '.join(missing)}, which "

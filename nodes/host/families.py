@@ -806,3 +806,59 @@ MISSING_BLOCK_FALLBACK = "A model without the recommended block (a shallower one
 def _layers_text(recommended: Recommended) -> str:
     return ", ".join(recommended.layers) if recommended.layers else "the middle block"
 
+
+
+# LTX-2 (audio-video) on NAG (issue #12): every block's video ``attn2``, the video stream's text cross-attention
+# (comfy/ldm/lightricks/av_model.py BasicAVTransformerBlock.forward: attn2(rms_norm(vx), v_context, mask), the same
+# lightricks CrossAttention as LTXV's; ``audio_attn2`` is another attribute and stays untouched: the authors'
+# ComfyUI-NAG has no LTX-2 code, so NAG acts where the paper puts it for the video, the generated image stream;
+# KJNodes' LTX2_NAG also patches audio_attn2 with a second negative, another choice). The negative is made into
+# the video context as the host makes the prompt's: on 0.33.0 ``preprocess_text_embeds`` (model_base.LTXAV
+# .extra_conds: the connectors, unless already processed), then ``LTXAVModel._prepare_context`` (split into the
+# video and audio halves, the video half through caption_projection where it comes after the connector).
+def _ltx_2_negative(diffusion_model, negative, extras: dict, timestep=None):
+    dm = diffusion_model
+    if hasattr(dm, "preprocess_text_embeds"):  # ComfyUI 0.33.0
+        negative = dm.preprocess_text_embeds(negative, unprocessed=bool(extras.get("unprocessed_ltxav_embeds")))
+    rows = negative.shape[0]
+    # _prepare_context reads only the streams' widths from x (video tokens, audio tokens).
+    streams = (negative.new_empty(rows, 0, dm.inner_dim), negative.new_empty(rows, 0, dm.audio_inner_dim))
+    (video_context, _audio_context), _mask = dm._prepare_context(negative, rows, streams)
+    return video_context
+
+
+def _ltx_2_refusal(diffusion_model, context, extras: dict) -> str | None:
+    """Why GuidersNAG refuses this LTX-2 model and negative (None: it does not). LTX-2.3's cross-attention AdaLN
+    (0.33.0 ``cross_attention_adaln``: apply_cross_attention_adaln modulates the context per block by the call's
+    prompt timestep before attn2) would need the negative modulated per block too, which is not done yet. The
+    negative's width must be one the model's _prepare_context splits (caption_channels·2, or on 0.33.0 the
+    processed cross_attention_dim + audio_cross_attention_dim); an unprocessed 0.33.0 embedding goes through the
+    model's connectors first, whatever its width."""
+    dm = diffusion_model
+    if getattr(dm.transformer_blocks[0], "cross_attention_adaln", False):
+        return ("this LTX-2 model has cross-attention AdaLN (the LTX-2.3 config), which modulates the text per "
+                "block before its cross-attention; NAG does not carry the negative through that yet. Supported: "
+                "LTX-2.0 checkpoints.")
+    if extras.get("unprocessed_ltxav_embeds"):
+        return None
+    widths = {dm.caption_channels * 2}
+    if hasattr(dm, "preprocess_text_embeds"):
+        widths.add(dm.cross_attention_dim + dm.audio_cross_attention_dim)
+    if context.shape[-1] not in widths:
+        return (f"negative has {context.shape[-1]} features per token, this LTX-2 model's text input takes "
+                f"{' or '.join(str(w) for w in sorted(widths))}: encode the negative with the text encoder loaded "
+                "with this model (LTX-2's Gemma).")
+    return None
+
+
+NAG_SITES["ltxav"] = replace(
+    NAG_SITES["ltxv"], context_embedding="", prepare_negative=_ltx_2_negative,
+    source="comfy/ldm/lightricks/av_model.py BasicAVTransformerBlock.forward (attn2: the video's text "
+           "cross-attention; audio_attn2 untouched), LTXAVModel._prepare_context and preprocess_text_embeds, "
+           "comfy/model_base.py LTXAV.extra_conds; comfy/ldm/lightricks/model.py CrossAttention.forward")
+# Checks of the negative a family needs instead of the generic width check (nodes/nag_nodes.py): the reason the
+# node refuses, or None.
+NAG_NEGATIVE_CHECKS = {"ltxav": _ltx_2_refusal}
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "ltxav" else family
+                 for family in FAMILIES)
+FAMILY_BY_KEY = {family.key: family for family in FAMILIES}

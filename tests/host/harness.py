@@ -49,6 +49,10 @@ BUILTIN_GUIDANCE_EXTRAS = (
     "nodes_context_windows.py",  # ContextWindowsManual
     "nodes_lumina2.py",  # RenormCFG
 )
+# Built-in guidance nodes of later hosts, loaded where the host has the file (ComfyUI 0.33.0).
+BUILTIN_GUIDANCE_EXTRAS_IF_PRESENT = (
+    "nodes_nag.py",  # NAGuidance (added after 0.8.0)
+)
 
 
 class HostError(RuntimeError):
@@ -127,7 +131,8 @@ def bootstrap(cpu: bool = True) -> Host:
         await nodes.init_public_apis()
         extras_dir = path / "comfy_extras"
         failed = []
-        for file_name in BUILTIN_GUIDANCE_EXTRAS:
+        present = [name for name in BUILTIN_GUIDANCE_EXTRAS_IF_PRESENT if (extras_dir / name).is_file()]
+        for file_name in (*BUILTIN_GUIDANCE_EXTRAS, *present):
             if not await nodes.load_custom_node(str(extras_dir / file_name), module_parent="comfy_extras"):
                 failed.append(file_name)
         return failed

@@ -1235,3 +1235,21 @@ def host_lacks(family: str) -> str | None:
     missing), or None."""
     name = NEW_IN_033_CLASSES[family]
     return None if hasattr(_supported_models(), name) else f"this ComfyUI has no comfy.supported_models.{name}"
+
+
+# A medium Wan 2.1 DiT for benchmarks/bench_guidance.py's NAG part (not used by the tests): 8 blocks, hidden 256
+# (4 heads of 64), a text of 128 tokens of 64 features (Wan pads its umT5 prompt to 512 tokens of 4096), 3 frames.
+VIDEO_SPECS["wan_medium"] = FamilySpec(latent_channels=16, context_dim=64, context_tokens=128, pooled_dim=None,
+                                       flux_guidance=None, latent_frames=3)
+
+
+def make_wan_medium(seed: int = 0):
+    """Wan 2.1 text-to-video (WAN21_T2V, flow, shift 8) at benchmark size: VIDEO_SPECS["wan_medium"]."""
+    spec = VIDEO_SPECS["wan_medium"]
+    unet_config = {
+        "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": spec.context_tokens,
+        "in_dim": spec.latent_channels, "out_dim": spec.latent_channels, "dim": 256, "ffn_dim": 1024,
+        "freq_dim": 256, "text_dim": spec.context_dim, "num_heads": 4, "num_layers": 8, "window_size": (-1, -1),
+        "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+    }
+    return _to_patcher(_supported_models().WAN21_T2V(unet_config), seed)

@@ -484,6 +484,7 @@ def with_tiny_models(prompt: Mapping[str, dict], registry: Registry, family: str
     """A copy of ``prompt`` that runs without model files; every other node keeps its inputs.
 
     - model loaders -> ``stand_ins.model`` (only their MODEL output may still be used);
+    - model-only LoRA loaders -> taken out, their consumers wired to the model they were given;
     - text encoders (a CLIP input, a CONDITIONING output) -> ``stand_ins.conditioning`` with the role
       their conditioning plays (positive / negative);
     - ``Empty*Latent*`` nodes -> ``stand_ins.latent`` with the same batch size;
@@ -512,6 +513,7 @@ def with_tiny_models(prompt: Mapping[str, dict], registry: Registry, family: str
 
     for node_id in removed:
         new.pop(node_id, None)
+    _pass_model_only_loras(new)
     kept = set(output_node_ids(new, registry))
     for node_id in list(kept):
         kept |= ancestors(new, node_id)
@@ -528,6 +530,26 @@ def with_tiny_models(prompt: Mapping[str, dict], registry: Registry, family: str
                 raise WorkflowError(f"{where} uses output {value[1]} of {prompt[value[0]]['class_type']} "
                                     f"(node {value[0]}), which its tiny stand-in does not provide")
     return new
+
+
+# Model-only LoRA loaders (a distilled model's LoRA, e.g. DMD2's on SDXL): a tiny model has none of the LoRA's
+# keys, so the loader is taken out and its consumers get the model it was given.
+MODEL_ONLY_LORA_LOADERS = frozenset({"LoraLoaderModelOnly"})
+
+
+def _pass_model_only_loras(prompt: Prompt) -> None:
+    loras = {node_id: entry["inputs"]["model"] for node_id, entry in prompt.items()
+             if entry["class_type"] in MODEL_ONLY_LORA_LOADERS}
+    for lora_id in loras:
+        source = loras[lora_id]
+        while is_link(source) and source[0] in loras:  # chained LoRAs
+            source = loras[source[0]]
+        for entry in prompt.values():
+            for name, value in entry["inputs"].items():
+                if is_link(value) and value[0] == lora_id:
+                    entry["inputs"][name] = list(source)
+    for lora_id in loras:
+        del prompt[lora_id]
 
 
 def _stand_in(class_type: str, original: dict, **inputs: Any) -> dict:
