@@ -578,16 +578,17 @@ FAMILIES += (
     # Ernie Image (comfy/ldm/ernie/model.py): one stream [image, text] through ``layers``; the forward passes no
     # transformer_options to its blocks nor to optimized_attention and runs no DIFFUSION_MODEL wrapper, so neither
     # the override nor block hooks can reach it: module hooks (an APPLY_MODEL wrapper) skip its blocks and
-    # sublayers. Attention perturbations (PAG, SEG, SLG attention_scores) are refused: recomputing its attention
-    # needs the rotary embedding the block hands its attention module, which a module hook's recomputation does
-    # not receive.
+    # sublayers, and attention perturbations recompute the perturbed chunks' rows of ``self_attention`` from its
+    # own to_q/to_k/to_v, per-head RMS norms and the rotary embedding the block hands it as a keyword
+    # (module_hooks._ernie_qkv), then its to_out. Patch 1 (model_detection sets no patch_size): one image token per
+    # latent pixel, the image first.
     ModelFamily(
-        "ernie", "Ernie Image", ("comfy.ldm.ernie.model:ErnieImageModel",), frozenset({SLG}),
+        "ernie", "Ernie Image", ("comfy.ldm.ernie.model:ErnieImageModel",), frozenset({PAG, SEG, SLG}),
         block_lists={"double": "layers"}, text_position=TEXT_AFTER_IMAGE,
         sublayers={"double": {"attention": ("self_attention",), "feedforward": ("mlp",)}},
-        hooks=(MODULE_FORWARD_HOOKS,), recommended={SLG: Recommended((), _MIDDLE)},
-        mechanism="module hooks for block and sublayer skips; no attention perturbation (the override never sees "
-                  "its attention, and a recomputation lacks its rotary embedding)",
+        hooks=(MODULE_FORWARD_HOOKS,), recommended=_MIDDLE_OF_STACK, patch_size=(1, 1, 1),
+        mechanism="module hooks; attention perturbations recomputed from its attention module's own projections, "
+                  "norms and rotary embedding (the override never sees its attention)",
     ),
     # Microsoft Lens (comfy/ldm/lens/model.py): dual-stream MMDiT, joint attention on [image, text] (the image
     # first), through optimized_attention with the options; the forward offers dit block replace patches

@@ -297,7 +297,7 @@ def image_grid(record: families.ModelFamily, diffusion_model, tokens: int, laten
     ``pad_tokens_multiple`` (Z-Image: 32), and its sequence ends with the image (Z-Image Omni puts reference
     images and their captions before it), so everything before it is text."""
     grid = patch_grid(latent_shape, record.patch_size, 0)
-    if record.text_position == families.NO_TEXT:
+    if record.text_position in (families.NO_TEXT, families.TEXT_AFTER_IMAGE):  # the image first (Ernie Image)
         return grid
     multiple = getattr(diffusion_model, "pad_tokens_multiple", None) or 1
     padded = math.ceil(grid.frames * grid.height * grid.width / multiple) * multiple
@@ -309,8 +309,8 @@ def _attention_hooks(diffusion_model, block, site: BlockSite, layer: Layer, chun
     attention = block.get_submodule(site.attention.module)
     if families.ATTENTION_OVERRIDE in record.hooks:
         return _marker_hooks(diffusion_model, attention, site.attention, layer, chunks, record, transformer_options)
-    return [attention.register_forward_hook(_recomputing_hook(site.attention, chunks, transformer_options),
-                                            with_kwargs=True)]
+    hook = _recomputing_hook(site.attention, chunks, transformer_options, record, diffusion_model)
+    return [attention.register_forward_hook(hook, with_kwargs=True)]
 
 
 def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer, chunks: list[list], record,
@@ -342,11 +342,19 @@ def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer,
             attention.register_forward_hook(unmark, with_kwargs=True)]
 
 
-def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_options: dict):
+def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_options: dict,
+                      record: families.ModelFamily | None = None, diffusion_model=None):
     """A self-attention module whose attention the override does not see: the perturbed chunks' output rows
     are its output projection of the perturbed attention of its own q, k, v. A module that returns a tuple
-    (HunyuanDiT's ``(out,)``) has its first element recomputed."""
+    (HunyuanDiT's ``(out,)``) has its first element recomputed. The image grid comes from the latent and the
+    record's ``patch_size`` where it has one (Ernie Image: [image; text]), else from the sequence length
+    (PixArt, HunyuanDiT, Stable Cascade: image tokens alone)."""
     routing = transformer_options[STEP_KEY]
+
+    def grid_of(tokens: int) -> TokenGrid | None:
+        if record is not None and record.patch_size is not None:
+            return image_grid(record, diffusion_model, tokens, routing.latent_shape)
+        return grid_for(tokens, routing.latent_shape)
 
     def recompute(module, args, kwargs, output):
         q, k, v = site.qkv(module, *args, **kwargs)
@@ -357,7 +365,7 @@ def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_optio
             return comfy_attention.optimized_attention(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True,
                                                        attn_precision=getattr(module, "attn_precision", None))
 
-        grid = grid_for(q.shape[2], routing.latent_shape)
+        grid = grid_of(q.shape[2])
 
         def perturb_chunk(perturbation, q_, k_, v_, which):
             return site.project(module, perturbed_attention(perturbation, q_, k_, v_, grid, attend, routing.scratch))
@@ -373,11 +381,38 @@ def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_optio
 
 
 # Sites of families ComfyUI added after 0.8.0 (additive data; the records are in families.py).
-def _ernie_qkv(attention, *args, **kwargs):
-    """Never reached: Ernie Image's record offers no attention perturbation (its attention module applies the
-    rotary embedding the block hands it as a keyword, which a recomputation from ``x`` alone would lack)."""
-    raise GuidanceError("Ernie Image: attention perturbations (PAG, SEG, SLG attention_scores) are not supported on "
-                        "this family; use SLG mode 'block', 'attention' or 'feedforward'.")
+def _ernie_qkv(attention, x, attention_mask=None, image_rotary_emb=None):
+    """ernie/model.py ErnieImageAttention.forward up to its attention call: to_q, to_k, to_v, the per-head RMS
+    norms and the rotary embedding the block hands it as a keyword (the fused rms_rope_split_half outside
+    training, as the host), as (B, heads, L, D). ErnieImageModel.forward calls its blocks without a mask."""
+    import comfy.model_management
+    import comfy.ops
+    import comfy.quant_ops
+
+    if attention_mask is not None:
+        raise GuidanceError("Ernie Image: an attention mask reached the self-attention, which the perturbed "
+                            "attention does not apply; run without the node that adds it.")
+    b, n, _ = x.shape
+    query = attention.to_q(x).view(b, n, attention.heads, attention.head_dim)
+    key = attention.to_k(x).view(b, n, attention.heads, attention.head_dim)
+    value = attention.to_v(x).view(b, n, attention.heads, attention.head_dim)
+    if image_rotary_emb is not None and not comfy.model_management.in_training:
+        q_scale, _, q_stream = comfy.ops.cast_bias_weight(attention.norm_q, query, offloadable=True)
+        k_scale, _, k_stream = comfy.ops.cast_bias_weight(attention.norm_k, key, offloadable=True)
+        query, key = comfy.quant_ops.ck.rms_rope_split_half(query, key, image_rotary_emb, q_scale, k_scale,
+                                                             attention.norm_q.eps)
+        comfy.ops.uncast_bias_weight(attention.norm_q, q_scale, None, q_stream)
+        comfy.ops.uncast_bias_weight(attention.norm_k, k_scale, None, k_stream)
+    else:
+        query, key = attention.norm_q(query), attention.norm_k(key)
+        if image_rotary_emb is not None:
+            query, key = comfy.quant_ops.ck.apply_rope_split_half(query, key, image_rotary_emb)
+    return tuple(t.transpose(1, 2) for t in (query, key, value))
+
+
+def _ernie_project(attention, out):
+    b, heads, n, d = out.shape
+    return attention.to_out[0](out.transpose(1, 2).reshape(b, n, heads * d))
 
 
 def _cogvideox_patch(dm):  # CogVideoX 1.0: patch_size per frame (patch_size_t None)
@@ -388,7 +423,8 @@ def _cogvideox_text(args, kwargs, image_tokens):  # the block is called with key
     return kwargs["encoder_hidden_states"].shape[1]
 
 
-SITES["ernie"] = {"double": BlockSite(("x",), AttentionSite("self_attention", qkv=_ernie_qkv))}
+# Ernie Image's attention gets no options (the override never sees it): recomputed from its own projections.
+SITES["ernie"] = {"double": BlockSite(("x",), AttentionSite("self_attention", qkv=_ernie_qkv, project=_ernie_project))}
 # CogVideoX computes its joint attention inline (no attention module): the block itself is marked for the override.
 SITES["cogvideox"] = {"double": BlockSite(("hidden_states", "encoder_hidden_states"),
                                           AttentionSite("", _cogvideox_patch, _cogvideox_text))}

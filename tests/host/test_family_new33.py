@@ -20,7 +20,7 @@ naming the missing class.
      patch the built-in uses); the others have no host skip, so the block's ``forward`` is replaced by the
      identity on the streams it returns. ``attention`` / ``feedforward``: the sublayer modules return zeros.
 4. Costs: the perturbed branch rides in the cond/uncond forward (one call of 3 per step).
-5. Ernie Image refuses attention perturbations, naming the family and what it supports.
+5. SAG refuses them, naming the families it supports.
 
 Host behaviour these tests depend on (ComfyUI 0.33.0, comfy/ldm/...):
 - ``anima/model.py``: Anima subclasses Cosmos Predict 2's MiniTrainDIT (``cosmos/predict2.py``): blocks called
@@ -30,7 +30,8 @@ Host behaviour these tests depend on (ComfyUI 0.33.0, comfy/ldm/...):
   ``attn`` repeats k, v to the query heads and calls optimized_attention_masked with (B, heads, L, D),
   skip_reshape and the options; only attn1 / attn1_output patches.
 - ``ernie/model.py``: ``layers[i](hidden_states, rotary_pos_emb, temb)`` on [image; text], no options anywhere,
-  no DIFFUSION_MODEL wrapper; ``self_attention`` calls optimized_attention without the options.
+  no DIFFUSION_MODEL wrapper; ``self_attention(x, attention_mask=None, image_rotary_emb=...)`` calls the module's
+  global optimized_attention on (B, L, heads·D) without the options (its references replace that function).
 - ``lens/model.py``: dit patch ("double_block", i) with img, txt, vec, pe, attn_mask; ``attn`` joint attention
   on [image; text] with (B, heads, L, D), skip_reshape and the options; the block returns (txt, img).
 - ``ideogram4/model.py``: ``layers[i](h, attn_mask, freqs_cis, adaln_input, transformer_options=...)`` on
@@ -53,7 +54,13 @@ import pytest
 import torch
 from harness import ForwardCounter, run_node, sample, scheduler_sigmas
 from node_table import NEW_IN_033, EffectCase, effect_params
-from references import attention_override_during_pass, inside_module, modules_return, perturbed_pass_reference
+from references import (
+    attention_override_during_pass,
+    host_function_during_pass,
+    inside_module,
+    modules_return,
+    perturbed_pass_reference,
+)
 from support import CFG, MIN_EFFECT, STEPS, assert_effect, assert_parity, node, pack_module, relative_error
 from tiny_models import NEW_IN_033_FAMILIES, family_spec, host_lacks, make_conditioning, make_latent
 
@@ -76,6 +83,9 @@ class NewFamily:
     attention: bool = True  # attention perturbations supported
     host_slg: bool = False  # ComfyUI's SkipLayerGuidanceDiT works on it (a dit block patch in its forward)
     sublayers: dict = None
+    # "module:function" of the attention its self-attention module calls without the options (no override reaches
+    # it): the references replace that function while the module runs. "": through optimized_attention_override.
+    attention_function: str = ""
 
 
 FAMILIES = {
@@ -84,8 +94,8 @@ FAMILIES = {
     "krea2": NewFamily("Krea 2", "comfy.ldm.krea2.model:SingleStreamDiT", "blocks", "attn", (4, 4), True,
                        sublayers={"attention": ["attn"], "feedforward": ["mlp"]}),
     "ernie": NewFamily("Ernie Image", "comfy.ldm.ernie.model:ErnieImageModel", "layers", "self_attention", (8, 8),
-                       False, attention=False,
-                       sublayers={"attention": ["self_attention"], "feedforward": ["mlp"]}),
+                       False, sublayers={"attention": ["self_attention"], "feedforward": ["mlp"]},
+                       attention_function="comfy.ldm.ernie.model:optimized_attention"),
     "lens": NewFamily("Lens", "comfy.ldm.lens.model:LensTransformer2DModel", "transformer_blocks", "attn", (8, 8),
                       False, streams=("encoder_hidden_states", "hidden_states"), host_slg=True,
                       sublayers={"attention": ["attn.to_out.0", "attn.to_add_out"],
@@ -222,6 +232,14 @@ def _values_as_output(q, v, kwargs) -> torch.Tensor:
     return v
 
 
+def attention_route(family: str, override: Callable) -> Callable:
+    """The way ``override(func, q, k, v, ...)`` reaches the family's attention calls in a reference pass: the
+    host function its attention module calls (Ernie Image's optimized_attention, called without the options),
+    else the model's optimized_attention_override."""
+    where = FAMILIES[family].attention_function
+    return host_function_during_pass(where, override) if where else attention_override_during_pass(override)
+
+
 def identity_reference(family: str, index: int, image_only: bool) -> Callable:
     """While block ``index``'s self-attention module runs, the attention output's image rows (``image_only``)
     or all rows are V; the text rows of joint attention keep their normal attention."""
@@ -241,7 +259,7 @@ def identity_reference(family: str, index: int, image_only: bool) -> Callable:
     def attention_of(dm):
         return block_of(dm, family, index).get_submodule(FAMILIES[family].self_attention)
 
-    return inside_module(attention_of, inside, attention_override_during_pass(override))
+    return inside_module(attention_of, inside, attention_route(family, override))
 
 
 IDENTITY_CASES = [pytest.param(family, node_id, id=f"{family}-{node_id}") for family in ATTENTION_FAMILIES
@@ -254,7 +272,9 @@ def test_identity_self_attention_matches_a_reference_from_the_definition(
 ) -> None:
     """Breaks caught (each tried on the worktree, then reverted): the text rows perturbed too (Lens' record with
     TEXT_BEFORE_IMAGE, Krea 2's with NO_TEXT, Ideogram 4's and MageFlow's patch (1, 2, 2) instead of one token
-    per latent pixel, CogVideoX's site counting 0 text tokens), the wrong block (block hooks and module hooks on
+    per latent pixel, CogVideoX's site counting 0 text tokens, Ernie Image's with TEXT_BEFORE_IMAGE or
+    module_hooks.image_grid putting its image after the text), Ernie Image's recomputed q and k without the
+    rotary embedding (PAG: its text rows' attention changes), the wrong block (block hooks and module hooks on
     index + 1), the wrong chunk perturbed (routing's chunk perturbations reversed)."""
     model = model_of(family)
     if node_id == "GuidersPAG":
@@ -290,7 +310,7 @@ def queries_blurred(family: str, index: int, blur_sigma: float) -> Callable:
     def attention_of(dm):
         return block_of(dm, family, index).get_submodule(facts.self_attention)
 
-    return inside_module(attention_of, inside, attention_override_during_pass(override))
+    return inside_module(attention_of, inside, attention_route(family, override))
 
 
 @pytest.mark.parametrize("blur_sigma", [2.0, 99999.0])
@@ -299,7 +319,8 @@ def test_seg_blurs_the_image_queries_on_the_token_grid_as_a_reference(
     model_of, plain_of, family: str, blur_sigma: float
 ) -> None:
     """Breaks caught: the text queries blurred instead of the image's (Lens' record with TEXT_BEFORE_IMAGE,
-    Krea 2's with NO_TEXT, Ideogram 4's patch (1, 2, 2)), CogVideoX's frames not counted (routing.grid_for with
+    Krea 2's with NO_TEXT, Ideogram 4's patch (1, 2, 2), Ernie Image's with TEXT_BEFORE_IMAGE), Ernie Image's
+    recomputed q and k without the rotary embedding, CogVideoX's frames not counted (routing.grid_for with
     one frame: only the first frame blurred), the wrong block, the chunks' perturbations reversed."""
     model = model_of(family)
     ours = node("GuidersSEG", model=model, scale=3.0, blur_sigma=blur_sigma, layers="1", start_percent=0.0,
@@ -395,22 +416,6 @@ def test_sublayer_skip_matches_its_definition(model_of, plain_of, family: str, m
 
 # ---------------------------------------------------------------------------------------------------------
 # Refusals
-
-
-@pytest.mark.parametrize("inputs", [{"node_id": "GuidersPAG"}, {"node_id": "GuidersSEG"},
-                                    {"node_id": "GuidersSLG", "mode": "attention_scores"}])
-def test_ernie_image_refuses_attention_perturbations_naming_it(model_of, inputs: dict) -> None:
-    """Ernie Image's forward hands no options to its attention (the override never sees it) and its attention
-    module applies a rotary embedding given as a keyword (a recomputation lacks it): refused at the node.
-    Break caught: the SLG node's attention_scores check removed (the node built a model that fails at sampling)."""
-    model = model_of("ernie")
-    node_id = inputs["node_id"]
-    extra = {key: value for key, value in inputs.items() if key != "node_id"}
-    with pytest.raises(ValueError) as raised:
-        run_node(node_id, model=model, scale=3.0, **extra)
-    message = str(raised.value)
-    assert node_id in message and "Ernie Image" in message.split("supports", 1)[0], message
-    assert "Ernie Image" not in message.split("supports", 1)[-1], message
 
 
 @PER_FAMILY
