@@ -641,6 +641,30 @@ FAMILIES += (
     ),
 )
 
+# Boogu-Image (ComfyUI 0.33.0, comfy/ldm/boogu/model.py BooguTransformer2DModel, an OmniGen 2 derivative): refiners
+# (not layers here), then ``double_stream_layers``, then ``single_stream_layers`` (OmniGen 2's blocks on [text;
+# reference images; image]). A double block has two attentions: ``img_instruct_attn``, a joint attention over
+# [instruction; reference images; image] with per-stream projections (the image stream's only path to the text in
+# that block), then ``img_self_attn``, OmniGen 2's Attention over the [reference images; image] tokens alone. PAG
+# and SEG act on ``img_self_attn``: it is the image tokens' self-attention the papers perturb (UNet attn1), while
+# an identity map on the joint attention's image rows would also cut the block's text conditioning, which PAG
+# leaves to cross-attention. In single blocks (one attention) the joint attention's image rows, as OmniGen 2. The
+# image is the last tokens of both sequences (the reference images before it are left alone). Attention through
+# optimized_attention_masked with the options; no dit block patch, no block_index: forward hooks. SLG
+# ``attention`` zeroes both attentions of a double block.
+FAMILIES += (
+    ModelFamily(
+        "boogu", "Boogu-Image", ("comfy.ldm.boogu.model:BooguTransformer2DModel",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "double_stream_layers", "single": "single_stream_layers"},
+        text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("img_instruct_attn", "img_self_attn"),
+                              "feedforward": ("img_feed_forward", "instruct_feed_forward")},
+                   "single": {"attention": ("attn",), "feedforward": ("feed_forward",)}},
+        hooks=(FORWARD_HOOKS, ATTENTION_OVERRIDE), recommended=_MIDDLE_OF_STACK, patch_size=(1, 2, 2),
+    ),
+)
+
+
 # Anima on NAG: a Cosmos Predict 2 MiniTrainDIT, so the same cross_attn site; its prompt reaches the blocks
 # through the LLM adapter, applied at conditioning time (comfy/model_base.py Anima.extra_conds, inference mode:
 # diffusion_model.preprocess_text_embeds(cross_attn, t5xxl_ids[None], t5xxl_weights[None, :, None]), padded to 512

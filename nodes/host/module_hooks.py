@@ -428,3 +428,8 @@ SITES["ernie"] = {"double": BlockSite(("x",), AttentionSite("self_attention", qk
 # CogVideoX computes its joint attention inline (no attention module): the block itself is marked for the override.
 SITES["cogvideox"] = {"double": BlockSite(("hidden_states", "encoder_hidden_states"),
                                           AttentionSite("", _cogvideox_patch, _cogvideox_text))}
+
+# Boogu-Image: double blocks return (image, instruction) and are marked on their image self-attention (see the
+# record); single blocks are OmniGen 2's. The image grid comes from the record's patch_size (image last).
+SITES["boogu"] = {"double": BlockSite(("img_hidden_states", "instruct_hidden_states"), AttentionSite("img_self_attn")),
+                  "single": BlockSite(("hidden_states",), AttentionSite("attn"))}

@@ -1,8 +1,8 @@
 """The pack on families ComfyUI added after 0.8.0, on hosts that have them (ComfyUI 0.33.0): tiny random-weight
-Anima, Krea 2, Ernie Image, Lens, Ideogram 4, CogVideoX and MageFlow models (tiny_models.make_anima /
-make_krea2 / make_ernie / make_lens / make_ideogram4 / make_cogvideox / make_mage_flow) sampled by a real
-KSampler. On a host without the family's comfy.supported_models class (ComfyUI 0.8.0) every test of it skips,
-naming the missing class.
+Anima, Krea 2, Ernie Image, Lens, Ideogram 4, CogVideoX, MageFlow, JoyImage and Boogu-Image models
+(tiny_models.make_anima / make_krea2 / make_ernie / ... / make_boogu) sampled by a real KSampler. On a host
+without the family's comfy.supported_models class (ComfyUI 0.8.0) every test of it skips, naming the missing
+class.
 
 1. The tiny models: the family's own record, one forward of cond + uncond per step, finite, deterministic and
    prompt-dependent results.
@@ -42,11 +42,15 @@ Host behaviour these tests depend on (ComfyUI 0.33.0, comfy/ldm/...):
 - ``mage_flow/model.py``: Qwen-Image's blocks (``qwen_image/model.py``) with the dit patch ("double_block", i);
   joint attention on [text; image] (one token per latent pixel), (B, heads, L, D) with skip_reshape and the
   options; the block returns (txt, img).
+- ``boogu/model.py``: ``double_stream_layers[i](img, instruct, rope, img_rope, temb, ...)`` by position, returns
+  (img, instruct); ``img_instruct_attn`` (joint, [instruction; image]) then ``img_self_attn`` (OmniGen 2's
+  Attention on the image tokens), both optimized_attention_masked with (B, heads, L, D), skip_reshape, options.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -114,6 +118,11 @@ FAMILIES = {
                           (4, 4), False, streams=("hidden_states", "encoder_hidden_states"), host_slg=True,
                           sublayers={"attention": ["attn.img_attn_proj", "attn.txt_attn_proj"],
                                      "feedforward": ["img_mlp", "txt_mlp"]}),
+    # Boogu-Image: layer "1" is double_stream_layers[1], perturbed on its image self-attention (image tokens only).
+    "boogu": NewFamily("Boogu-Image", "comfy.ldm.boogu.model:BooguTransformer2DModel", "double_stream_layers",
+                       "img_self_attn", (4, 4), True, streams=("img_hidden_states", "instruct_hidden_states"),
+                       sublayers={"attention": ["img_instruct_attn", "img_self_attn"],
+                                  "feedforward": ["img_feed_forward", "instruct_feed_forward"]}),
 }
 PER_FAMILY = pytest.mark.parametrize("family", NEW_IN_033_FAMILIES)
 ATTENTION_FAMILIES = [f for f in NEW_IN_033_FAMILIES if FAMILIES[f].attention]
@@ -274,7 +283,8 @@ def test_identity_self_attention_matches_a_reference_from_the_definition(
     TEXT_BEFORE_IMAGE, Krea 2's with NO_TEXT, Ideogram 4's and MageFlow's patch (1, 2, 2) instead of one token
     per latent pixel, CogVideoX's site counting 0 text tokens, Ernie Image's with TEXT_BEFORE_IMAGE or
     module_hooks.image_grid putting its image after the text), Ernie Image's recomputed q and k without the
-    rotary embedding (PAG: its text rows' attention changes), the wrong block (block hooks and module hooks on
+    rotary embedding (PAG: its text rows' attention changes), Boogu's double blocks marked on their joint
+    attention ``img_instruct_attn`` instead of ``img_self_attn``, the wrong block (block hooks and module hooks on
     index + 1), the wrong chunk perturbed (routing's chunk perturbations reversed)."""
     model = model_of(family)
     if node_id == "GuidersPAG":
@@ -319,7 +329,8 @@ def test_seg_blurs_the_image_queries_on_the_token_grid_as_a_reference(
     model_of, plain_of, family: str, blur_sigma: float
 ) -> None:
     """Breaks caught: the text queries blurred instead of the image's (Lens' record with TEXT_BEFORE_IMAGE,
-    Krea 2's with NO_TEXT, Ideogram 4's patch (1, 2, 2), Ernie Image's with TEXT_BEFORE_IMAGE), Ernie Image's
+    Krea 2's with NO_TEXT, Ideogram 4's patch (1, 2, 2), Ernie Image's with TEXT_BEFORE_IMAGE), Boogu's joint
+    attention blurred instead of its image self-attention, Ernie Image's
     recomputed q and k without the rotary embedding, CogVideoX's frames not counted (routing.grid_for with
     one frame: only the first frame blurred), the wrong block, the chunks' perturbations reversed."""
     model = model_of(family)
@@ -353,12 +364,16 @@ def block_skipped(family: str, index: int) -> Callable:
 
     @contextlib.contextmanager
     def perturbed(dm, model_options):
+        block = block_of(dm, family, index)
+        signature = inspect.signature(block.forward)
+
         def identity(*args, **kwargs):
             if streams == ("x",):
                 return args[0]
-            return tuple(kwargs[name] for name in streams)  # called with keywords (Lens, CogVideoX)
+            bound = signature.bind(*args, **kwargs).arguments  # keywords (Lens, CogVideoX) or positions (Boogu)
+            return tuple(bound[name] for name in streams)
 
-        with _forward_replaced(block_of(dm, family, index), identity):
+        with _forward_replaced(block, identity):
             yield model_options
 
     return perturbed
@@ -368,7 +383,8 @@ def block_skipped(family: str, index: int) -> Callable:
 @PER_FAMILY
 def test_slg_block_matches_the_host_skip_or_the_identity_block(model_of, plain_of, family: str, layers: str) -> None:
     """Lens, MageFlow: against ComfyUI's SkipLayerGuidanceDiT; the others: the block replaced by the identity. Breaks
-    caught: the kept input written into the other chunk's rows (block hooks and module hooks), the wrong block
+    caught: the kept input written into the other chunk's rows (block hooks and module hooks), Boogu's double block
+    streams in the wrong order (instruction, image), the wrong block
     (index + 1), the chunks' perturbations reversed."""
     model = model_of(family)
     ours = node("GuidersSLG", model=model, scale=3.0, layers=layers, mode="block", start_percent=0.0,
@@ -395,7 +411,8 @@ def _zeros(output):
 @PER_FAMILY
 def test_sublayer_skip_matches_its_definition(model_of, plain_of, family: str, mode: str) -> None:
     """Block 1's sublayer modules (both streams' where there are two) add nothing for the perturbed branch.
-    Breaks caught: only one of Lens' two attention projections zeroed (its record without attn.to_add_out), the
+    Breaks caught: only one of Lens' two attention projections zeroed (its record without attn.to_add_out), only
+    Boogu's image self-attention zeroed (its joint attention left), the
     hooks on the next block (block hooks' index + 1)."""
     model = model_of(family)
     ours = node("GuidersSLG", model=model, scale=3.0, layers="1", mode=mode, start_percent=0.0, end_percent=1.0,

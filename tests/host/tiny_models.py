@@ -1240,3 +1240,24 @@ def host_lacks(family: str) -> str | None:
     missing), or None."""
     name = NEW_IN_033_CLASSES[family]
     return None if hasattr(_supported_models(), name) else f"this ComfyUI has no comfy.supported_models.{name}"
+
+
+# Boogu-Image (ComfyUI 0.33.0): OmniGen 2's conditioning (a text embedding and an all-ones attention mask, which
+# gives its ``num_tokens``) on Flux's 16-channel latent.
+NEW_IN_033_FAMILIES += ("boogu",)
+NEW_IN_033_CLASSES["boogu"] = "Boogu"
+SPECS["boogu"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=12, pooled_dim=None,
+                            flux_guidance=None, padded_text_tokens=0)
+
+
+def make_boogu(seed: int = 0):
+    """A Boogu-Image DiT (``supported_models.Boogu``: flow, shift 3.16): one refiner layer per stream, 2 double-stream
+    and 2 single-stream layers of hidden 64, 2 heads (no grouped-query attention), patch 2."""
+    unet_config = {"image_model": "boogu", "patch_size": 2, "in_channels": 16, "hidden_size": 64, "num_layers": 2,
+                   "num_double_stream_layers": 2, "num_refiner_layers": 1, "num_attention_heads": 2,
+                   "num_kv_heads": 2, "multiple_of": 16, "axes_dim_rope": (8, 12, 12), "axes_lens": (64, 64, 64),
+                   "instruction_feat_dim": SPECS["boogu"].context_dim}
+    return _to_patcher(_supported_models().Boogu(unet_config), seed)
+
+
+NEW_IN_033_BUILDERS["boogu"] = make_boogu
