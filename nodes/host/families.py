@@ -665,6 +665,23 @@ FAMILIES += (
 )
 
 
+# PixelDiT (ComfyUI 0.33.0, comfy/ldm/pixeldit/model.py PixDiT_T2I; PiD's PidNet in pid.py subclasses it): a
+# pixel-space DiT whose ``patch_blocks`` (MMDiT blocks: joint attention on [text; image patches] with per-stream
+# qkv and projections, through optimized_attention with the options, heads-split in and out) make the patch-token
+# conditioning; the ``pixel_blocks`` after them attend within each patch's pixels and are not layers here. The
+# blocks are called by position and return (image, text); no dit block patch, no block_index: forward hooks on
+# the blocks, the joint attention marked for the override. The image grid: the model's patch (16 in the release)
+# on the pixel latent, beside the text tokens the block's ``y`` holds.
+FAMILIES += (
+    ModelFamily(
+        "pixeldit", "PixelDiT", ("comfy.ldm.pixeldit.model:PixDiT_T2I",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "patch_blocks"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attn",), "feedforward": ("mlp_x", "mlp_y")}},
+        hooks=(FORWARD_HOOKS, ATTENTION_OVERRIDE), recommended=_MIDDLE_OF_STACK,
+    ),
+)
+
+
 # Anima on NAG: a Cosmos Predict 2 MiniTrainDIT, so the same cross_attn site; its prompt reaches the blocks
 # through the LLM adapter, applied at conditioning time (comfy/model_base.py Anima.extra_conds, inference mode:
 # diffusion_model.preprocess_text_embeds(cross_attn, t5xxl_ids[None], t5xxl_weights[None, :, None]), padded to 512

@@ -433,3 +433,10 @@ SITES["cogvideox"] = {"double": BlockSite(("hidden_states", "encoder_hidden_stat
 # record); single blocks are OmniGen 2's. The image grid comes from the record's patch_size (image last).
 SITES["boogu"] = {"double": BlockSite(("img_hidden_states", "instruct_hidden_states"), AttentionSite("img_self_attn")),
                   "single": BlockSite(("hidden_states",), AttentionSite("attn"))}
+
+
+def _pixeldit_text(args, kwargs, image_tokens):  # MMDiTJointAttention.forward(x, y, ...): the text is y
+    return (args[1] if len(args) > 1 else kwargs["y"]).shape[1]
+
+
+SITES["pixeldit"] = {"double": BlockSite(("x", "y"), AttentionSite("attn", _square_patch, _pixeldit_text))}

@@ -1,8 +1,8 @@
 """The pack on families ComfyUI added after 0.8.0, on hosts that have them (ComfyUI 0.33.0): tiny random-weight
-Anima, Krea 2, Ernie Image, Lens, Ideogram 4, CogVideoX, MageFlow, JoyImage and Boogu-Image models
-(tiny_models.make_anima / make_krea2 / make_ernie / ... / make_boogu) sampled by a real KSampler. On a host
-without the family's comfy.supported_models class (ComfyUI 0.8.0) every test of it skips, naming the missing
-class.
+Anima, Krea 2, Ernie Image, Lens, Ideogram 4, CogVideoX, MageFlow, JoyImage, Boogu-Image and PixelDiT models
+(tiny_models.make_anima / make_krea2 / make_ernie / ... / make_boogu / make_pixeldit) sampled by a real
+KSampler. On a host without the family's comfy.supported_models class (ComfyUI 0.8.0) every test of it skips,
+naming the missing class.
 
 1. The tiny models: the family's own record, one forward of cond + uncond per step, finite, deterministic and
    prompt-dependent results.
@@ -45,6 +45,8 @@ Host behaviour these tests depend on (ComfyUI 0.33.0, comfy/ldm/...):
 - ``boogu/model.py``: ``double_stream_layers[i](img, instruct, rope, img_rope, temb, ...)`` by position, returns
   (img, instruct); ``img_instruct_attn`` (joint, [instruction; image]) then ``img_self_attn`` (OmniGen 2's
   Attention on the image tokens), both optimized_attention_masked with (B, heads, L, D), skip_reshape, options.
+- ``pixeldit/model.py``: ``patch_blocks[i](x, y, c, pos_img, pos_txt, None, transformer_options=)`` returns (x, y);
+  ``attn`` joint attention on [text; image], optimized_attention with skip_reshape, skip_output_reshape, options.
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ FAMILIES = {
                        "img_self_attn", (4, 4), True, streams=("img_hidden_states", "instruct_hidden_states"),
                        sublayers={"attention": ["img_instruct_attn", "img_self_attn"],
                                   "feedforward": ["img_feed_forward", "instruct_feed_forward"]}),
+    # PixelDiT: joint attention on [text; image patches] in its patch blocks, which return (image, text).
+    "pixeldit": NewFamily("PixelDiT", "comfy.ldm.pixeldit.model:PixDiT_T2I", "patch_blocks", "attn", (4, 4), True,
+                          streams=("x", "y"), sublayers={"attention": ["attn"], "feedforward": ["mlp_x", "mlp_y"]}),
 }
 PER_FAMILY = pytest.mark.parametrize("family", NEW_IN_033_FAMILIES)
 ATTENTION_FAMILIES = [f for f in NEW_IN_033_FAMILIES if FAMILIES[f].attention]
@@ -258,10 +263,13 @@ def identity_reference(family: str, index: int, image_only: bool) -> Callable:
         out = func(q, k, v, *args, **kwargs)
         if not inside["module"]:
             return out
-        assert not kwargs.get("skip_output_reshape")
+        out = out.clone()
+        if kwargs.get("skip_output_reshape"):  # (B, heads, L, D) out, as q, k, v came (PixelDiT)
+            rows = image_rows(family, v.shape[2]) if image_only else slice(None)
+            out[:, :, rows] = v[:, :, rows]
+            return out
         values = _values_as_output(q, v, kwargs)
         rows = image_rows(family, values.shape[1]) if image_only else slice(None)
-        out = out.clone()
         out[:, rows] = values[:, rows]
         return out
 
@@ -284,7 +292,8 @@ def test_identity_self_attention_matches_a_reference_from_the_definition(
     per latent pixel, CogVideoX's site counting 0 text tokens, Ernie Image's with TEXT_BEFORE_IMAGE or
     module_hooks.image_grid putting its image after the text), Ernie Image's recomputed q and k without the
     rotary embedding (PAG: its text rows' attention changes), Boogu's double blocks marked on their joint
-    attention ``img_instruct_attn`` instead of ``img_self_attn``, the wrong block (block hooks and module hooks on
+    attention ``img_instruct_attn`` instead of ``img_self_attn``, PixelDiT's site counting 0 text tokens, the
+    wrong block (block hooks and module hooks on
     index + 1), the wrong chunk perturbed (routing's chunk perturbations reversed)."""
     model = model_of(family)
     if node_id == "GuidersPAG":
@@ -330,7 +339,7 @@ def test_seg_blurs_the_image_queries_on_the_token_grid_as_a_reference(
 ) -> None:
     """Breaks caught: the text queries blurred instead of the image's (Lens' record with TEXT_BEFORE_IMAGE,
     Krea 2's with NO_TEXT, Ideogram 4's patch (1, 2, 2), Ernie Image's with TEXT_BEFORE_IMAGE), Boogu's joint
-    attention blurred instead of its image self-attention, Ernie Image's
+    attention blurred instead of its image self-attention, PixelDiT's site counting 0 text tokens, Ernie Image's
     recomputed q and k without the rotary embedding, CogVideoX's frames not counted (routing.grid_for with
     one frame: only the first frame blurred), the wrong block, the chunks' perturbations reversed."""
     model = model_of(family)
@@ -384,7 +393,7 @@ def block_skipped(family: str, index: int) -> Callable:
 def test_slg_block_matches_the_host_skip_or_the_identity_block(model_of, plain_of, family: str, layers: str) -> None:
     """Lens, MageFlow: against ComfyUI's SkipLayerGuidanceDiT; the others: the block replaced by the identity. Breaks
     caught: the kept input written into the other chunk's rows (block hooks and module hooks), Boogu's double block
-    streams in the wrong order (instruction, image), the wrong block
+    streams in the wrong order (instruction, image), PixelDiT's (text, image), the wrong block
     (index + 1), the chunks' perturbations reversed."""
     model = model_of(family)
     ours = node("GuidersSLG", model=model, scale=3.0, layers=layers, mode="block", start_percent=0.0,
@@ -412,7 +421,7 @@ def _zeros(output):
 def test_sublayer_skip_matches_its_definition(model_of, plain_of, family: str, mode: str) -> None:
     """Block 1's sublayer modules (both streams' where there are two) add nothing for the perturbed branch.
     Breaks caught: only one of Lens' two attention projections zeroed (its record without attn.to_add_out), only
-    Boogu's image self-attention zeroed (its joint attention left), the
+    Boogu's image self-attention zeroed (its joint attention left), only PixelDiT's image MLP zeroed, the
     hooks on the next block (block hooks' index + 1)."""
     model = model_of(family)
     ours = node("GuidersSLG", model=model, scale=3.0, layers="1", mode=mode, start_percent=0.0, end_percent=1.0,

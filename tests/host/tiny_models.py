@@ -1261,3 +1261,28 @@ def make_boogu(seed: int = 0):
 
 
 NEW_IN_033_BUILDERS["boogu"] = make_boogu
+
+
+# PixelDiT (ComfyUI 0.33.0): pixel space (3 channels), a Gemma-2 embedding as the text.
+NEW_IN_033_FAMILIES += ("pixeldit",)
+NEW_IN_033_CLASSES["pixeldit"] = "PixelDiTT2I"
+SPECS["pixeldit"] = FamilySpec(latent_channels=3, context_dim=32, context_tokens=16, pooled_dim=None,
+                               flux_guidance=None)
+
+
+def make_pixeldit(seed: int = 0):
+    """A PixelDiT text-to-image DiT (``supported_models.PixelDiTT2I``: flow, shift 4): 3 MMDiT patch blocks of hidden
+    64, 2 heads, patch 2 (the release: 16; an 8x8 test image gives a 4x4 token grid), one pixel block."""
+    unet_config = {"image_model": "pixeldit_t2i", "in_channels": 3, "num_groups": 2, "hidden_size": 64,
+                   "pixel_hidden_size": 8, "pixel_attn_hidden_size": 32, "pixel_num_groups": 2, "patch_depth": 3,
+                   "pixel_depth": 1, "patch_size": 2, "txt_embed_dim": SPECS["pixeldit"].context_dim,
+                   "txt_max_length": SPECS["pixeldit"].context_tokens}
+    patcher = _to_patcher(_supported_models().PixelDiTT2I(unet_config), seed)
+    with torch.no_grad():  # peaked attention maps, as for Lens (RescaleCFG moved the result 9e-3 without)
+        for block in patcher.model.diffusion_model.patch_blocks:
+            for norm in (block.attn.q_norm_x, block.attn.k_norm_x, block.attn.q_norm_y, block.attn.k_norm_y):
+                norm.weight.mul_(2.0)
+    return patcher
+
+
+NEW_IN_033_BUILDERS["pixeldit"] = make_pixeldit
