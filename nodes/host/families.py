@@ -84,6 +84,8 @@ class ModelFamily:
     # The streams a block's ``img`` holds where it is a tuple (LTX-2: ``(video, audio)``), first the one the
     # perturbations act on; every other stream leaves a perturbed block as the unperturbed block gives it.
     block_streams: tuple[str, ...] = ()
+    # Why a record with no methods is refused, for the nodes' error message ("" = no reason given).
+    refused_because: str = ""
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -678,6 +680,24 @@ FAMILIES += (
         block_lists={"double": "patch_blocks"}, text_position=TEXT_BEFORE_IMAGE,
         sublayers={"double": {"attention": ("attn",), "feedforward": ("mlp_x", "mlp_y")}},
         hooks=(FORWARD_HOOKS, ATTENTION_OVERRIDE), recommended=_MIDDLE_OF_STACK,
+    ),
+)
+
+
+# HiDream O1 (ComfyUI 0.33.0, comfy/ldm/hidream_o1/model.py HiDreamO1Transformer): a Qwen3-VL decoder running
+# [prompt tokens; timestep token; image patches (32x32 pixels); reference patches] through ``language_model.layers``.
+# Refused for now, for three reasons read in the host: its two-pass attention (hidream_o1/attention.py) runs the
+# prompt's causal rows through SDPA directly (no override sees them) and hands optimized_attention the generated
+# tokens' queries alone against the whole sequence's keys, which the override takes for cross-attention; its dit
+# block patch hands the layer ``x`` (not the ``img``/``txt`` the pack's block patch reads); and without a block
+# patch the forward caches the prompt prefix's keys and values across steps and runs, keyed on the prompt alone,
+# so a branch that skips or changes a layer would leave its prefix K/V in that cache for later forwards.
+FAMILIES += (
+    ModelFamily(
+        "hidream_o1", "HiDream O1", ("comfy.ldm.hidream_o1.model:HiDreamO1Transformer",), frozenset(),
+        refused_because="its attention hands only the generated tokens' queries to optimized_attention (the prompt's "
+                        "causal rows bypass it) and its forward caches the prompt's keys and values across steps, "
+                        "so a perturbed branch cannot be kept to its own rows yet",
     ),
 )
 

@@ -37,8 +37,10 @@ def require_family(model, node: str, supported: tuple[str, ...]) -> str:
     family = model_family(model)
     if family not in supported:
         names = ", ".join(families.display_name(f) for f in supported)
-        raise GuidanceError(f"{node}: this model's architecture ({families.display_name(family)}) is not supported; "
-                            f"{node} supports {names}.")
+        record = families.FAMILY_BY_KEY.get(family)
+        reason = f" ({record.refused_because})" if record is not None and record.refused_because else ""
+        raise GuidanceError(f"{node}: this model's architecture ({families.display_name(family)}) is not "
+                            f"supported{reason}; {node} supports {names}.")
     return family
 
 

@@ -497,3 +497,21 @@ def test_mageflow_with_a_padded_prompt_matches_its_reference(model_of, method: s
 
     assert counter.per_step() == [[3]] * STEPS
     assert_parity(result, run_masked(reference), run_masked(model))
+
+
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSEG", "GuidersSLG", "GuidersSAG"])
+def test_hidream_o1_is_refused_with_its_reason(node_id: str) -> None:
+    """HiDream O1's attention hands optimized_attention the generated tokens' queries alone (its prompt's causal
+    rows go to SDPA directly) and its forward caches the prompt's K/V across steps: refused, naming it and why.
+    Break caught: the record removed (the model was "not supported" as an unknown architecture, no reason)."""
+    import comfy.supported_models
+
+    if not hasattr(comfy.supported_models, "HiDreamO1"):
+        pytest.skip("this ComfyUI has no comfy.supported_models.HiDreamO1")
+    from tiny_models import make_hidream_o1
+
+    with pytest.raises(ValueError) as raised:
+        run_node(node_id, model=make_hidream_o1(), scale=3.0)
+    message = str(raised.value)
+    assert f"{node_id}: this model's architecture (HiDream O1) is not supported (its attention" in message, message
+    assert "caches the prompt's keys and values" in message and "supports" in message, message

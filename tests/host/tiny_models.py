@@ -1286,3 +1286,15 @@ def make_pixeldit(seed: int = 0):
 
 
 NEW_IN_033_BUILDERS["pixeldit"] = make_pixeldit
+
+
+def make_hidream_o1(seed: int = 0):
+    """A HiDream O1 transformer (``supported_models.HiDreamO1``) shrunk to 2 decoder layers of hidden 64 and a one-block
+    vision tower, for the refusal tests only (the pack refuses the family: its sampling is never run here)."""
+    unet_config = {"image_model": "hidream_o1",
+                   "text_config_overrides": {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128,
+                                             "num_hidden_layers": 2, "num_attention_heads": 2,
+                                             "num_key_value_heads": 2, "head_dim": 32, "rope_dims": [6, 5, 5]},
+                   "vision_config_overrides": {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "depth": 1,
+                                               "num_position_embeddings": 16}}
+    return _to_patcher(_supported_models().HiDreamO1(unet_config), seed)
