@@ -86,6 +86,9 @@ class ModelFamily:
     block_streams: tuple[str, ...] = ()
     # Why a record with no methods is refused, for the nodes' error message ("" = no reason given).
     refused_because: str = ""
+    # The diffusion model's attribute holding its (frames, height, width) patch, for a family whose checkpoints set
+    # it (JoyImage: model_detection reads it from img_in): used as ``patch_size`` is, where that is None.
+    patch_size_attribute: str = ""
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -700,6 +703,14 @@ FAMILIES += (
                         "so a perturbed branch cannot be kept to its own rows yet",
     ),
 )
+
+
+# JoyImage-Edit appends its reference latents' tokens after the image's, before the text ([image; references;
+# text], comfy/ldm/joyimage/model.py forward_orig): the image grid comes from the latent and the model's own patch
+# (its ``patch_size``, from the checkpoint), never from the sequence length, which a larger reference makes fit
+# another grid (a 16x16 reference beside an 8x8 image was taken as one 8x8 grid of image and reference tokens).
+FAMILIES = tuple(replace(family, patch_size_attribute="patch_size") if family.key == "joyimage" else family
+                 for family in FAMILIES)
 
 
 # Anima on NAG: a Cosmos Predict 2 MiniTrainDIT, so the same cross_attn site; its prompt reaches the blocks

@@ -515,3 +515,50 @@ def test_hidream_o1_is_refused_with_its_reason(node_id: str) -> None:
     message = str(raised.value)
     assert f"{node_id}: this model's architecture (HiDream O1) is not supported (its attention" in message, message
     assert "caches the prompt's keys and values" in message and "supports" in message, message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JoyImage-Edit: reference latents' tokens appended after the generated image's
+
+
+def with_reference_latent(family: str, side: int):
+    """The family's conditioning with one reference latent of ``side`` x ``side`` on both prompts (JoyImage-Edit's
+    ``reference_latents``: the model appends its tokens after the image's, before the text)."""
+    positive, negative = make_conditioning(family, seed=1)
+    spec = family_spec(family)
+    frames = () if spec.latent_frames is None else (spec.latent_frames,)
+    reference = torch.randn(1, spec.latent_channels, *frames, side, side, generator=torch.Generator().manual_seed(9))
+    for conditioning in (positive, negative):
+        context, extras = conditioning[0]
+        conditioning[0] = [context, {**extras, "reference_latents": [reference]}]
+    return positive, negative
+
+
+@pytest.mark.parametrize("side", [8, 16])
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSEG"])
+def test_joyimage_edit_perturbs_only_the_generated_images_tokens(model_of, node_id: str, side: int) -> None:
+    """[image; reference image; text] in JoyImage-Edit's joint attention: PAG's identity rows and SEG's blurred
+    queries are the generated image's only (its grid from the latent), the reference's and the text's untouched.
+    A 16x16 reference (4x the image's tokens) makes the sequence length fit other grids. Breaks caught: the grid
+    guessed from the sequence length (routing.grid_for, before the record's patch_size_attribute: 1e-2 and 3e-2
+    off with the 16x16 reference, taken with the image as one 8x8 grid), the grid placed after the reference."""
+    family = "joyimage"
+    model = model_of(family)
+    positive, negative = with_reference_latent(family, side)
+    latent = make_latent(family, seed=2)
+
+    def run_edit(m):
+        return sample(m, positive, negative, latent, cfg=CFG, steps=STEPS, seed=3)
+
+    if node_id == "GuidersPAG":
+        ours = node("GuidersPAG", model=model, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
+        reference = perturbed_pass_reference(model, identity_reference(family, 1, True), 3.0)
+    else:
+        ours = node("GuidersSEG", model=model, scale=3.0, blur_sigma=2.0, layers="1", start_percent=0.0,
+                    end_percent=1.0)
+        reference = perturbed_pass_reference(model, queries_blurred(family, 1, 2.0), 3.0)
+    with ForwardCounter(model) as counter:
+        result = run_edit(ours)
+
+    assert counter.per_step() == [[3]] * STEPS
+    assert_parity(result, run_edit(reference), run_edit(model))
