@@ -571,8 +571,8 @@ FAMILIES += (
     # Krea 2 (comfy/ldm/krea2/model.py SingleStreamDiT): one stream [text, image, reference images] through
     # ``blocks``; attention (grouped-query, k and v repeated to the query heads before the call) through
     # optimized_attention_masked with the options; the only patches are attn1/attn1_output patches (no dit block
-    # patch): forward hooks on the blocks. The image is taken as the stream's last tokens (module_hooks.image_grid),
-    # right when no reference latents are given (Krea 2 edit appends them after the image: see the README).
+    # patch): forward hooks on the blocks. The image ends where Krea 2 edit's reference tokens begin (the host
+    # records their counts as ``reference_image_num_tokens``; module_hooks.image_grid): the references are left alone.
     ModelFamily(
         "krea2", "Krea 2", ("comfy.ldm.krea2.model:SingleStreamDiT",), frozenset({PAG, SEG, SLG}),
         block_lists={"double": "blocks"}, text_position=TEXT_BEFORE_IMAGE,

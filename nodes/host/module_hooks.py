@@ -291,17 +291,19 @@ def _image_tokens(diffusion_model, site: AttentionSite, latent_shape: tuple) -> 
     return t * math.ceil(latent_shape[-2] / height) * math.ceil(latent_shape[-1] / width)
 
 
-def image_grid(record: families.ModelFamily, diffusion_model, tokens: int, latent_shape: tuple) -> TokenGrid:
+def image_grid(record: families.ModelFamily, diffusion_model, tokens: int, latent_shape: tuple,
+               trailing_tokens: int = 0) -> TokenGrid:
     """The image tokens of a self-attention sequence of ``tokens`` tokens, from the latent and the family's
     patch (``record.patch_size``), never guessed from the token count: a NextDiT pads the image tokens to its
     ``pad_tokens_multiple`` (Z-Image: 32), and its sequence ends with the image (Z-Image Omni puts reference
-    images and their captions before it), so everything before it is text."""
+    images and their captions before it), so everything before it is text; except ``trailing_tokens``
+    reference-image tokens the host appends after the image (Krea 2 edit: ``reference_image_num_tokens``)."""
     grid = patch_grid(latent_shape, record.patch_size, 0)
     if record.text_position in (families.NO_TEXT, families.TEXT_AFTER_IMAGE):  # the image first (Ernie Image)
         return grid
     multiple = getattr(diffusion_model, "pad_tokens_multiple", None) or 1
     padded = math.ceil(grid.frames * grid.height * grid.width / multiple) * multiple
-    return TokenGrid(tokens - padded, grid.height, grid.width, grid.frames)
+    return TokenGrid(tokens - trailing_tokens - padded, grid.height, grid.width, grid.frames)
 
 
 def _attention_hooks(diffusion_model, block, site: BlockSite, layer: Layer, chunks: list[list], record,
@@ -325,7 +327,12 @@ def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer,
 
     def mark(module, args, kwargs):
         if record.patch_size is not None:
-            grid = image_grid(record, diffusion_model, args[0].shape[1], latent_shape)
+            # The reference images' token counts the host appends after the image and records in the options
+            # (comfy/ldm/krea2/model.py, as flux, qwen_image, mage_flow do), in the module's options or the forward's.
+            options = kwargs.get("transformer_options")
+            options = options if isinstance(options, dict) else transformer_options
+            references = sum(options.get("reference_image_num_tokens") or ())
+            grid = image_grid(record, diffusion_model, args[0].shape[1], latent_shape, references)
             active = ActiveBlock(layer, chunks, grid.start, record.text_position, grid=grid)
         else:
             text_tokens = site.text_tokens(args, kwargs, image_tokens) if site.text_tokens is not None else 0

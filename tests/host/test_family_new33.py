@@ -562,3 +562,54 @@ def test_joyimage_edit_perturbs_only_the_generated_images_tokens(model_of, node_
 
     assert counter.per_step() == [[3]] * STEPS
     assert_parity(result, run_edit(reference), run_edit(model))
+
+
+@pytest.mark.parametrize("side", [8, 16])
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSEG"])
+def test_krea2_edit_perturbs_only_the_generated_images_tokens(model_of, node_id: str, side: int) -> None:
+    """Krea 2 edit's stream is [text; image; reference images] (``reference_latents`` with the "index" method, as
+    ComfyUI's reference-latent nodes set it): PAG's identity rows and SEG's blurred queries are the image's only,
+    the reference's and the text's untouched. Break caught: the image taken as the stream's last tokens (before
+    module_hooks.image_grid's ``trailing_tokens``: the reference's tokens were perturbed instead)."""
+    family = "krea2"
+    model = model_of(family)
+    positive, negative = with_reference_latent(family, side)
+    for conditioning in (positive, negative):
+        conditioning[0][1]["reference_latents_method"] = "index"
+    latent = make_latent(family, seed=2)
+    text_tokens = family_spec(family).context_tokens
+    image = FAMILIES[family].grid[0] * FAMILIES[family].grid[1]
+
+    def image_first_after_text(length):  # the text, then the image; the reference's tokens after it
+        return slice(text_tokens, text_tokens + image)
+
+    def run_edit(m):
+        return sample(m, positive, negative, latent, cfg=CFG, steps=STEPS, seed=3)
+
+    with _image_rows_as(image_first_after_text):
+        if node_id == "GuidersPAG":
+            ours = node("GuidersPAG", model=model, scale=3.0, layers="1", start_percent=0.0, end_percent=1.0)
+            reference = perturbed_pass_reference(model, identity_reference(family, 1, True), 3.0)
+        else:
+            ours = node("GuidersSEG", model=model, scale=3.0, blur_sigma=2.0, layers="1", start_percent=0.0,
+                        end_percent=1.0)
+            reference = perturbed_pass_reference(model, queries_blurred(family, 1, 2.0), 3.0)
+        with ForwardCounter(model) as counter:
+            result = run_edit(ours)
+        expected = run_edit(reference)
+
+    assert counter.per_step() == [[3]] * STEPS
+    assert_parity(result, expected, run_edit(model))
+
+
+@contextlib.contextmanager
+def _image_rows_as(rows_of):
+    """``image_rows`` answering ``rows_of(length)`` for every family while the block runs (a sequence with
+    reference-image tokens, which image_rows' text-and-image layout does not know)."""
+    global image_rows
+    kept = image_rows
+    image_rows = lambda family, length: rows_of(length)  # noqa: E731
+    try:
+        yield
+    finally:
+        image_rows = kept
