@@ -613,3 +613,35 @@ def _image_rows_as(rows_of):
         yield
     finally:
         image_rows = kept
+
+
+@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSEG"])
+def test_boogu_single_blocks_perturb_the_image_rows_of_their_joint_attention(model_of, plain_of, node_id: str) -> None:
+    """Boogu-Image's single-stream layers are OmniGen 2's blocks on [text; image]: layer "single.1" perturbs the
+    image rows (the last tokens) of ``single_stream_layers[1].attn``. Break caught: the single blocks' site on the
+    text rows (the record with TEXT_AFTER_IMAGE: the grid at the start of the stream)."""
+    family = "boogu"
+    model = model_of(family)
+    image = FAMILIES[family].grid[0] * FAMILIES[family].grid[1]
+    inside = {"module": False}
+
+    def override(func, q, k, v, *args, **kwargs):
+        if not inside["module"]:
+            return func(q, k, v, *args, **kwargs)
+        rows = slice(q.shape[2] - image, q.shape[2])  # (B, heads, L, D) with skip_reshape
+        if node_id == "GuidersSEG":
+            q = smooth_queries(q, FAMILIES[family].grid, 2.0, image_token_start=rows.start)
+            return func(q, k, v, *args, **kwargs)
+        out = func(q, k, v, *args, **kwargs).clone()  # (B, L, heads·D)
+        out[:, rows] = v.transpose(1, 2).flatten(2)[:, rows]
+        return out
+
+    perturbed = inside_module(lambda dm: dm.single_stream_layers[1].attn, inside,
+                              attention_override_during_pass(override))
+    extra = {"blur_sigma": 2.0} if node_id == "GuidersSEG" else {}
+    ours = node(node_id, model=model, scale=3.0, layers="single.1", start_percent=0.0, end_percent=1.0, **extra)
+    with ForwardCounter(model) as counter:
+        result = run(ours, family)
+
+    assert counter.per_step() == [[3]] * STEPS
+    assert_parity(result, run(perturbed_pass_reference(model, perturbed, 3.0), family), plain_of(family))
