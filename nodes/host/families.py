@@ -33,6 +33,13 @@ BLOCK_INDEX = "block_index in transformer_options"
 FORWARD_HOOKS = "forward hooks on a layer's modules, for one forward"
 BLOCK_FORWARD_HOOKS = MODULE_FORWARD_HOOKS = FORWARD_HOOKS
 
+# Forward hooks installed by a DIFFUSION_MODEL wrapper, inside the diffusion model's own forward (its options are a
+# copy of the sampler's, and the attention sees only that copy: HiDream O1's two-pass attention closes over it).
+INNER_FORWARD_HOOKS = "forward hooks installed inside the diffusion model's forward (DIFFUSION_MODEL wrapper)"
+# While a forward perturbs, a dit patch entry no block looks up: the forward's prompt K/V cache is off (HiDream O1
+# caches only when no dit patch is set), so no perturbed branch's prefix keys and values are kept for later steps.
+PROMPT_CACHE_OFF = "a dit patch entry while perturbing: the forward's prompt K/V cache off"
+
 # Methods, as node modules name them when they ask which families support them.
 PAG, SEG, SLG, SAG = "pag", "seg", "slg", "sag"
 
@@ -89,6 +96,9 @@ class ModelFamily:
     # The diffusion model's attribute holding its (frames, height, width) patch, for a family whose checkpoints set
     # it (JoyImage: model_detection reads it from img_in): used as ``patch_size`` is, where that is None.
     patch_size_attribute: str = ""
+    # The model input (an extra cond, by name) whose length is the number of tokens before the image in the
+    # blocks' sequence (HiDream O1: ``input_ids``, the prompt and its timestep token).
+    prompt_tokens_input: str = ""
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -687,20 +697,25 @@ FAMILIES += (
 )
 
 
-# HiDream O1 (ComfyUI 0.33.0, comfy/ldm/hidream_o1/model.py HiDreamO1Transformer): a Qwen3-VL decoder running
-# [prompt tokens; timestep token; image patches (32x32 pixels); reference patches] through ``language_model.layers``.
-# Refused for now, for three reasons read in the host: its two-pass attention (hidream_o1/attention.py) runs the
-# prompt's causal rows through SDPA directly (no override sees them) and hands optimized_attention the generated
-# tokens' queries alone against the whole sequence's keys, which the override takes for cross-attention; its dit
-# block patch hands the layer ``x`` (not the ``img``/``txt`` the pack's block patch reads); and without a block
-# patch the forward caches the prompt prefix's keys and values across steps and runs, keyed on the prompt alone,
-# so a branch that skips or changes a layer would leave its prefix K/V in that cache for later forwards.
+# HiDream O1 (ComfyUI 0.33.0, comfy/ldm/hidream_o1/model.py HiDreamO1Transformer): a Qwen3-VL decoder
+# (``language_model.layers``, comfy/text_encoders/llama.py) on [prompt tokens ending with the timestep token;
+# image patches of 32x32 pixels; reference patches]. Its two-pass attention (hidream_o1/attention.py) computes the
+# prompt's causal rows with SDPA directly and hands optimized_attention (with the options) the other rows' queries
+# against every key: the override places those queries at their positions (ActiveBlock.queries_are_last_rows), the
+# image grid starting after the ``input_ids`` tokens (the reference patches after it are left alone). Its dit block
+# patch hands the layer ``x`` (not the ``img`` the pack's block patch reads), and its layers get no options (the
+# forward's own dict, a copy of the sampler's, reaches the attention): forward hooks installed by a DIFFUSION_MODEL
+# wrapper. Without a dit patch the forward caches the prompt's keys and values across steps and runs, keyed on the
+# prompt alone: while a forward perturbs, a dit patch entry no layer uses turns that cache off. SLG
+# ``attention_scores`` makes every row of the generated part (timestep token, image, references) its value; the
+# prompt's causal rows, which never reach the override, keep their attention (the prompt is conditioning).
 FAMILIES += (
     ModelFamily(
-        "hidream_o1", "HiDream O1", ("comfy.ldm.hidream_o1.model:HiDreamO1Transformer",), frozenset(),
-        refused_because="its attention hands only the generated tokens' queries to optimized_attention (the prompt's "
-                        "causal rows bypass it) and its forward caches the prompt's keys and values across steps, "
-                        "so a perturbed branch cannot be kept to its own rows yet",
+        "hidream_o1", "HiDream O1", ("comfy.ldm.hidream_o1.model:HiDreamO1Transformer",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "language_model.layers"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("self_attn",), "feedforward": ("mlp",)}},
+        hooks=(FORWARD_HOOKS, INNER_FORWARD_HOOKS, ATTENTION_OVERRIDE, PROMPT_CACHE_OFF, BLOCK_INDEX),
+        recommended=_MIDDLE_OF_STACK, patch_size=(1, 32, 32), prompt_tokens_input="input_ids",
     ),
 )
 

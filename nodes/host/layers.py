@@ -4,6 +4,7 @@ the same way, and the model's family (from the records in ``families``).
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 
@@ -93,7 +94,8 @@ def model_layers(model) -> list[Layer]:
                 for level, blocks in enumerate(getattr(dm, attribute))
                 for i in range(len(level_layer_blocks(record, blocks)))]
     block_lists = record.block_lists if record is not None else {}
-    return [Layer(kind, i) for kind, attribute in block_lists.items() for i in range(len(getattr(dm, attribute)))]
+    return [Layer(kind, i) for kind, attribute in block_lists.items()
+            for i in range(len(operator.attrgetter(attribute)(dm)))]  # a dotted path (HiDream O1)
 
 
 def level_layer_blocks(record: families.ModelFamily, level_blocks) -> list:

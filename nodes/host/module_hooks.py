@@ -34,7 +34,7 @@ import torch
 from ...guidance_core.tokens import TokenGrid
 from . import families
 from .layers import Layer
-from .marks import ACTIVE_LAYER_KEY, STEP_KEY, GuidanceError
+from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, GuidanceError, mark_ours
 from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, block_module, sublayer_modules
 from .routing import ActiveBlock, apply_chunked, chunk_perturbations, grid_for, patch_grid, perturbed_attention
 
@@ -57,6 +57,9 @@ class AttentionSite:
     text_tokens: Callable[..., int] | None = None
     qkv: Callable | None = None
     project: Callable | None = None
+    # The attention call gets the queries of the sequence's last rows only (HiDream O1's two-pass attention): the
+    # image grid is placed in the keys' positions, after the record's ``prompt_tokens_input`` tokens.
+    queries_are_last_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,42 @@ def make_module_hooks_wrapper(family: str):
     return module_hooks_wrapper
 
 
+def make_inner_forward_hooks_wrapper(family: str):
+    """The DIFFUSION_MODEL wrapper of a family whose attention sees only the forward's own options (its record
+    lists ``INNER_FORWARD_HOOKS``): the hooks go in inside the forward, on the options it runs with, and are
+    removed when it returns. It records the prompt's token count (the record's ``prompt_tokens_input``) and,
+    where the record lists ``PROMPT_CACHE_OFF`` and this forward perturbs, turns the forward's prompt K/V cache
+    off with a dit patch entry no block looks up (HiDream O1 caches only without dit patches)."""
+    record = families.FAMILY_BY_KEY[family]
+
+    def inner_forward_hooks_wrapper(executor, *args, **kwargs):
+        options = next((value for value in (*args, *kwargs.values())
+                        if isinstance(value, dict) and STEP_KEY in value), None)
+        if options is None:
+            return executor(*args, **kwargs)
+        prompt = kwargs.get(record.prompt_tokens_input) if record.prompt_tokens_input else None
+        if prompt is not None:
+            options[TEXT_TOKENS_KEY] = prompt.shape[1]
+        handles = []
+        try:
+            handles = install(executor.class_obj, family, options)
+            if handles and families.PROMPT_CACHE_OFF in record.hooks:
+                replace = options.get("patches_replace", {})
+                options["patches_replace"] = {**replace, "dit": {**replace.get("dit", {}), _CACHE_OFF: _cache_off}}
+            return executor(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            options.pop(ACTIVE_LAYER_KEY, None)
+
+    return inner_forward_hooks_wrapper
+
+
+# The dit patch entry that turns HiDream O1's prompt K/V cache off: its key names no block, so it never runs.
+_CACHE_OFF = ("comfyui-guiders: prompt cache off while perturbing",)
+_cache_off = mark_ours(lambda args, extra: extra["original_block"](args), None)
+
+
 def install(diffusion_model, family: str, transformer_options: dict) -> list:
     """Registers the hooks of every layer a perturbation acts on in this forward; returns their handles."""
     routing = transformer_options.get(STEP_KEY)
@@ -273,6 +312,8 @@ def sublayer_skip_hooks(diffusion_model, family: str, layer: Layer, chunks: list
     for sublayer, skipped in by_sublayer.items():
         def zero_skipped_rows(module, inputs, output, skipped=skipped):
             def zeroed(t):
+                if not isinstance(t, torch.Tensor):  # HiDream O1's attention also returns its K/V cache (or None)
+                    return t
                 t = t.clone()
                 for j in skipped:
                     _chunk(t, batch_dim, j, n).zero_()
@@ -326,7 +367,10 @@ def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer,
     image_tokens = _image_tokens(diffusion_model, site, latent_shape) if site.text_tokens is not None else 0
 
     def mark(module, args, kwargs):
-        if record.patch_size is not None:
+        if site.queries_are_last_rows:
+            grid = patch_grid(latent_shape, record.patch_size, transformer_options[TEXT_TOKENS_KEY])
+            active = ActiveBlock(layer, chunks, grid.start, record.text_position, grid=grid, queries_are_last_rows=True)
+        elif record.patch_size is not None:
             # The reference images' token counts the host appends after the image and records in the options
             # (comfy/ldm/krea2/model.py, as flux, qwen_image, mage_flow do), in the module's options or the forward's.
             options = kwargs.get("transformer_options")
@@ -447,3 +491,8 @@ def _pixeldit_text(args, kwargs, image_tokens):  # MMDiTJointAttention.forward(x
 
 
 SITES["pixeldit"] = {"double": BlockSite(("x", "y"), AttentionSite("attn", _square_patch, _pixeldit_text))}
+
+
+# HiDream O1: its decoder layers return (x, K/V cache); their self-attention's one override-visible call has the
+# generated rows' queries alone (the record says why).
+SITES["hidream_o1"] = {"double": BlockSite(("x",), AttentionSite("self_attn", queries_are_last_rows=True))}

@@ -69,6 +69,7 @@ UNET_AND_DITS, BLOCK_DITS, SUBLAYER_DITS = UNET_AND_DITS + LTX2, BLOCK_DITS + LT
 NEW_IN_033 = ("anima", "krea2", "lens", "ideogram4", "cogvideox", "mage_flow", "joyimage", "ernie")
 NEW_IN_033 += ("boogu",)  # Boogu-Image: double-stream then single-stream layers, forward hooks
 NEW_IN_033 += ("pixeldit",)  # PixelDiT: its patch blocks, forward hooks
+NEW_IN_033 += ("hidream_o1",)  # HiDream O1: its decoder layers, forward hooks inside its forward
 NEW_IN_033_ATTENTION = NEW_IN_033
 UNET_AND_DITS += NEW_IN_033_ATTENTION
 BLOCK_DITS += NEW_IN_033_ATTENTION

@@ -39,7 +39,8 @@ def modules_return(modules_of: Callable, output_of: Callable) -> Callable:
     @contextlib.contextmanager
     def perturbed(diffusion_model, model_options):
         def replace_output(module, args, kwargs, output):
-            return output_of(module, args[0] if args else kwargs["x"], output)
+            x = args[0] if args else kwargs.get("x", next(iter(kwargs.values()), None))  # HiDream O1: hidden_states=
+            return output_of(module, x, output)
 
         handles = [module.register_forward_hook(replace_output, with_kwargs=True)
                    for module in modules_of(diffusion_model)]

@@ -1,6 +1,6 @@
 """The pack on families ComfyUI added after 0.8.0, on hosts that have them (ComfyUI 0.33.0): tiny random-weight
-Anima, Krea 2, Ernie Image, Lens, Ideogram 4, CogVideoX, MageFlow, JoyImage, Boogu-Image and PixelDiT models
-(tiny_models.make_anima / make_krea2 / make_ernie / ... / make_boogu / make_pixeldit) sampled by a real
+Anima, Krea 2, Ernie Image, Lens, Ideogram 4, CogVideoX, MageFlow, JoyImage, Boogu-Image, PixelDiT and HiDream O1
+models (tiny_models.make_anima / make_krea2 / make_ernie / ... / make_pixeldit / make_hidream_o1) sampled by a real
 KSampler. On a host without the family's comfy.supported_models class (ComfyUI 0.8.0) every test of it skips,
 naming the missing class.
 
@@ -47,12 +47,17 @@ Host behaviour these tests depend on (ComfyUI 0.33.0, comfy/ldm/...):
   Attention on the image tokens), both optimized_attention_masked with (B, heads, L, D), skip_reshape, options.
 - ``pixeldit/model.py``: ``patch_blocks[i](x, y, c, pos_img, pos_txt, None, transformer_options=)`` returns (x, y);
   ``attn`` joint attention on [text; image], optimized_attention with skip_reshape, skip_output_reshape, options.
+- ``hidream_o1/model.py``: ``language_model.layers[i](x=, attention_mask=None, freqs_cis=, optimized_attention=,
+  past_key_value=)`` returns (x, K/V); the two-pass attention gives the prompt's causal rows to SDPA and the rest's
+  queries, against every key, to optimized_attention with the forward's options; the prompt's K/V are cached
+  across steps and runs unless a dit patch is set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,6 +97,9 @@ class NewFamily:
     # "module:function" of the attention its self-attention module calls without the options (no override reaches
     # it): the references replace that function while the module runs. "": through optimized_attention_override.
     attention_function: str = ""
+    # The forward caches the prompt's K/V across steps unless a dit patch is set (HiDream O1): the references' perturbed
+    # pass sets a host dit patch entry no layer uses, and its layers return (x, K/V cache).
+    prompt_cache: bool = False
 
 
 FAMILIES = {
@@ -128,6 +136,10 @@ FAMILIES = {
     # PixelDiT: joint attention on [text; image patches] in its patch blocks, which return (image, text).
     "pixeldit": NewFamily("PixelDiT", "comfy.ldm.pixeldit.model:PixDiT_T2I", "patch_blocks", "attn", (4, 4), True,
                           streams=("x", "y"), sublayers={"attention": ["attn"], "feedforward": ["mlp_x", "mlp_y"]}),
+    # HiDream O1: [prompt; image]; its attention's override-visible call has the generated rows' queries only.
+    "hidream_o1": NewFamily("HiDream O1", "comfy.ldm.hidream_o1.model:HiDreamO1Transformer", "language_model.layers",
+                            "self_attn", (4, 4), True, sublayers={"attention": ["self_attn"], "feedforward": ["mlp"]},
+                            prompt_cache=True),
 }
 PER_FAMILY = pytest.mark.parametrize("family", NEW_IN_033_FAMILIES)
 ATTENTION_FAMILIES = [f for f in NEW_IN_033_FAMILIES if FAMILIES[f].attention]
@@ -150,6 +162,7 @@ def model_of(tiny_model) -> Callable:
 
 
 def run(model, family: str, cfg: float = CFG) -> torch.Tensor:
+    getattr(model.model.diffusion_model, "clear_kv_cache", lambda: None)()  # HiDream O1: no K/V of an earlier run
     positive, negative = make_conditioning(family, seed=1)
     return sample(model, positive, negative, make_latent(family, seed=2), cfg=cfg, steps=STEPS, seed=3)
 
@@ -171,7 +184,7 @@ def all_hooks(model) -> int:
 
 
 def block_of(dm, family: str, index: int):
-    return getattr(dm, FAMILIES[family].blocks)[index]
+    return operator.attrgetter(FAMILIES[family].blocks)(dm)[index]
 
 
 
@@ -246,6 +259,20 @@ def _values_as_output(q, v, kwargs) -> torch.Tensor:
     return v
 
 
+def without_prompt_cache(family: str, model_options: dict) -> dict:
+    """``model_options`` with, for a family whose forward caches the prompt's K/V unless a dit patch is set (HiDream O1:
+    ``can_cache = not blocks_replace``), a dit patch entry no layer looks up: the perturbed pass keeps no K/V."""
+    if not FAMILIES[family].prompt_cache:
+        return model_options
+    options = dict(model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    replace = dict(transformer_options.get("patches_replace", {}))
+    replace["dit"] = {**replace.get("dit", {}), ("reference: no prompt cache",): lambda args, extra: None}
+    transformer_options["patches_replace"] = replace
+    options["transformer_options"] = transformer_options
+    return options
+
+
 def attention_route(family: str, override: Callable) -> Callable:
     """The way ``override(func, q, k, v, ...)`` reaches the family's attention calls in a reference pass: the
     host function its attention module calls (Ernie Image's optimized_attention, called without the options),
@@ -264,9 +291,12 @@ def identity_reference(family: str, index: int, image_only: bool) -> Callable:
         if not inside["module"]:
             return out
         out = out.clone()
-        if kwargs.get("skip_output_reshape"):  # (B, heads, L, D) out, as q, k, v came (PixelDiT)
-            rows = image_rows(family, v.shape[2]) if image_only else slice(None)
-            out[:, :, rows] = v[:, :, rows]
+        if kwargs.get("skip_output_reshape"):  # (B, heads, L, D) out, as q, k, v came (PixelDiT, HiDream O1)
+            # HiDream O1 hands the sequence's last rows' queries alone: row i of the output is key position
+            # i + (keys - queries).
+            prefix = v.shape[2] - out.shape[2]
+            rows = image_rows(family, out.shape[2]) if image_only else slice(None, out.shape[2])
+            out[:, :, rows] = v[:, :, prefix:][:, :, rows]
             return out
         values = _values_as_output(q, v, kwargs)
         rows = image_rows(family, values.shape[1]) if image_only else slice(None)
@@ -292,8 +322,9 @@ def test_identity_self_attention_matches_a_reference_from_the_definition(
     per latent pixel, CogVideoX's site counting 0 text tokens, Ernie Image's with TEXT_BEFORE_IMAGE or
     module_hooks.image_grid putting its image after the text), Ernie Image's recomputed q and k without the
     rotary embedding (PAG: its text rows' attention changes), Boogu's double blocks marked on their joint
-    attention ``img_instruct_attn`` instead of ``img_self_attn``, PixelDiT's site counting 0 text tokens, the
-    wrong block (block hooks and module hooks on
+    attention ``img_instruct_attn`` instead of ``img_self_attn``, PixelDiT's site counting 0 text tokens, HiDream
+    O1's site without ``queries_are_last_rows`` (the override took its call for cross-attention) or its grid one
+    token early, the wrong block (block hooks and module hooks on
     index + 1), the wrong chunk perturbed (routing's chunk perturbations reversed)."""
     model = model_of(family)
     if node_id == "GuidersPAG":
@@ -339,7 +370,8 @@ def test_seg_blurs_the_image_queries_on_the_token_grid_as_a_reference(
 ) -> None:
     """Breaks caught: the text queries blurred instead of the image's (Lens' record with TEXT_BEFORE_IMAGE,
     Krea 2's with NO_TEXT, Ideogram 4's patch (1, 2, 2), Ernie Image's with TEXT_BEFORE_IMAGE), Boogu's joint
-    attention blurred instead of its image self-attention, PixelDiT's site counting 0 text tokens, Ernie Image's
+    attention blurred instead of its image self-attention, PixelDiT's site counting 0 text tokens, HiDream O1's
+    queries left unplaced or its grid one token early, Ernie Image's
     recomputed q and k without the rotary embedding, CogVideoX's frames not counted (routing.grid_for with
     one frame: only the first frame blurred), the wrong block, the chunks' perturbations reversed."""
     model = model_of(family)
@@ -378,12 +410,13 @@ def block_skipped(family: str, index: int) -> Callable:
 
         def identity(*args, **kwargs):
             if streams == ("x",):
-                return args[0]
+                x = args[0] if args else kwargs["x"]
+                return (x, None) if FAMILIES[family].prompt_cache else x  # HiDream O1: (x, K/V cache)
             bound = signature.bind(*args, **kwargs).arguments  # keywords (Lens, CogVideoX) or positions (Boogu)
             return tuple(bound[name] for name in streams)
 
         with _forward_replaced(block, identity):
-            yield model_options
+            yield without_prompt_cache(family, model_options)
 
     return perturbed
 
@@ -413,7 +446,12 @@ def test_slg_block_matches_the_host_skip_or_the_identity_block(model_of, plain_o
 
 
 def _zeros(output):
-    return tuple(torch.zeros_like(t) for t in output) if isinstance(output, tuple) else torch.zeros_like(output)
+    """The module's outputs as zeros; what is not a tensor (HiDream O1's attention returns its K/V cache or None)
+    as it is."""
+    def zero(t):
+        return torch.zeros_like(t) if isinstance(t, torch.Tensor) else t
+
+    return tuple(zero(t) for t in output) if isinstance(output, tuple) else zero(output)
 
 
 @pytest.mark.parametrize("mode", ["attention", "feedforward"])
@@ -431,7 +469,14 @@ def test_sublayer_skip_matches_its_definition(model_of, plain_of, family: str, m
         block = block_of(dm, family, 1)
         return [block.get_submodule(name) for name in FAMILIES[family].sublayers[mode]]
 
-    reference = perturbed_pass_reference(model, modules_return(modules_of, lambda m, x, out: _zeros(out)), 3.0)
+    zeroed = modules_return(modules_of, lambda m, x, out: _zeros(out))
+
+    @contextlib.contextmanager
+    def perturbed(dm, model_options):
+        with zeroed(dm, without_prompt_cache(family, model_options)) as options:
+            yield options
+
+    reference = perturbed_pass_reference(model, perturbed, 3.0)
 
     with ForwardCounter(model) as counter:
         result = run(ours, family)
@@ -497,24 +542,6 @@ def test_mageflow_with_a_padded_prompt_matches_its_reference(model_of, method: s
 
     assert counter.per_step() == [[3]] * STEPS
     assert_parity(result, run_masked(reference), run_masked(model))
-
-
-@pytest.mark.parametrize("node_id", ["GuidersPAG", "GuidersSEG", "GuidersSLG", "GuidersSAG"])
-def test_hidream_o1_is_refused_with_its_reason(node_id: str) -> None:
-    """HiDream O1's attention hands optimized_attention the generated tokens' queries alone (its prompt's causal
-    rows go to SDPA directly) and its forward caches the prompt's K/V across steps: refused, naming it and why.
-    Break caught: the record removed (the model was "not supported" as an unknown architecture, no reason)."""
-    import comfy.supported_models
-
-    if not hasattr(comfy.supported_models, "HiDreamO1"):
-        pytest.skip("this ComfyUI has no comfy.supported_models.HiDreamO1")
-    from tiny_models import make_hidream_o1
-
-    with pytest.raises(ValueError) as raised:
-        run_node(node_id, model=make_hidream_o1(), scale=3.0)
-    message = str(raised.value)
-    assert f"{node_id}: this model's architecture (HiDream O1) is not supported (its attention" in message, message
-    assert "caches the prompt's keys and values" in message and "supports" in message, message
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -645,3 +672,28 @@ def test_boogu_single_blocks_perturb_the_image_rows_of_their_joint_attention(mod
 
     assert counter.per_step() == [[3]] * STEPS
     assert_parity(result, run(perturbed_pass_reference(model, perturbed, 3.0), family), plain_of(family))
+
+
+def test_hidream_o1_keeps_no_perturbed_prompt_cache_between_runs(model_of) -> None:
+    """HiDream O1's forward caches the prompt's K/V across steps and runs, keyed on the prompt alone, unless a dit
+    patch is set; a skipped layer changes the perturbed branch's prompt rows. A run skipping layer 0, then one
+    skipping layer 1 on the same model, must give what the second gives alone. Break caught: the record without
+    PROMPT_CACHE_OFF (the second run took the first run's perturbed K/V: off by far more than the tolerance)."""
+    family = "hidream_o1"
+    model = model_of(family)
+
+    def slg(layers):
+        return node("GuidersSLG", model=model, scale=3.0, layers=layers, mode="block", start_percent=0.0,
+                    end_percent=1.0, rescale=0.0)
+
+    positive, negative = make_conditioning(family, seed=1)
+    latent = make_latent(family, seed=2)
+
+    def sample_keeping_the_cache(m):
+        return sample(m, positive, negative, latent, cfg=CFG, steps=STEPS, seed=3)
+
+    run(slg("0"), family)  # run() clears the cache first; this one leaves what it cached
+    after_another = sample_keeping_the_cache(slg("1"))
+    alone = run(slg("1"), family)
+
+    assert relative_error(after_another, alone) < 1e-5

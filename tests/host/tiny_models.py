@@ -651,11 +651,19 @@ def make_conditioning(family: str, batch: int = 1, seed: int = 0) -> tuple[list,
     ``attention_mask`` (the last 4 tokens padding). HunyuanVideo: context, ``pooled_output`` and
     ``guidance`` 6.0. The two differ (own draws).
     """
+    if family in CONDITIONING_BUILDERS:
+        return CONDITIONING_BUILDERS[family](batch, seed)
     spec = family_spec(family)
     generator = torch.Generator().manual_seed(seed)
     positive = _one_conditioning(spec, batch, generator)
     negative = _one_conditioning(spec, batch, generator)
     return positive, negative
+
+
+# Families whose conditioning is not a text embedding (HiDream O1: token ids), by family: (batch, seed) -> (pos, neg).
+CONDITIONING_BUILDERS: dict = {}
+# Families whose latent side differs from TINY_LATENT_SIZE (HiDream O1: pixels, in 32x32 patches).
+LATENT_SIDES: dict = {}
 
 
 def make_latent(
@@ -666,6 +674,8 @@ def make_latent(
     spec = family_spec(family)
     generator = torch.Generator().manual_seed(seed)
     frames = () if spec.latent_frames is None else (spec.latent_frames,)
+    if family in LATENT_SIDES and (h, w) == (TINY_LATENT_SIZE, TINY_LATENT_SIZE):
+        h = w = LATENT_SIDES[family]
     return torch.randn(batch, spec.latent_channels, *frames, h, w, generator=generator)
 
 
@@ -1288,13 +1298,45 @@ def make_pixeldit(seed: int = 0):
 NEW_IN_033_BUILDERS["pixeldit"] = make_pixeldit
 
 
+# HiDream O1 (ComfyUI 0.33.0): pixel space (3 channels, 32x32 patches: a 128x128 image is a 4x4 token grid); its
+# text encoder is a tokenizer, the conditioning carries the prompt's token ids (``text_input_ids``) in the chat
+# template HiDreamO1Tokenizer writes, ending with the timestep token.
+NEW_IN_033_FAMILIES += ("hidream_o1",)
+NEW_IN_033_CLASSES["hidream_o1"] = "HiDreamO1"
+SPECS["hidream_o1"] = FamilySpec(latent_channels=3, context_dim=1, context_tokens=14, pooled_dim=None,
+                                 flux_guidance=None)
+LATENT_SIDES["hidream_o1"] = 128
+
+
+def _hidream_o1_conditioning(batch: int, seed: int) -> tuple[list, list]:
+    import comfy.text_encoders.hidream_o1 as template
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def prompt():
+        words = torch.randint(1000, 100000, (4,), generator=generator).tolist()
+        ids = torch.tensor([[template.IM_START_ID, template.USER_ID, template.NEWLINE_ID, *words, template.IM_END_ID,
+                             template.NEWLINE_ID, template.IM_START_ID, template.ASSISTANT_ID, template.NEWLINE_ID,
+                             template.BOI_TOKEN_ID, template.TMS_TOKEN_ID]] * batch)
+        return [[ids.unsqueeze(-1).float(), {"text_input_ids": ids}]]  # the TE's surrogate context, as it gives
+
+    return prompt(), prompt()
+
+
+CONDITIONING_BUILDERS["hidream_o1"] = _hidream_o1_conditioning
+
+
 def make_hidream_o1(seed: int = 0):
-    """A HiDream O1 transformer (``supported_models.HiDreamO1``) shrunk to 2 decoder layers of hidden 64 and a one-block
-    vision tower, for the refusal tests only (the pack refuses the family: its sampling is never run here)."""
+    """A HiDream O1 transformer (``supported_models.HiDreamO1``: flow, shift 3): 3 Qwen3-VL decoder layers of hidden
+    64, 2 heads of 32 (interleaved MRoPE sections 6, 5, 5), the full vocabulary (its special tokens' ids are
+    Qwen's), a one-block vision tower (unused without reference images)."""
     unet_config = {"image_model": "hidream_o1",
-                   "text_config_overrides": {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128,
-                                             "num_hidden_layers": 2, "num_attention_heads": 2,
+                   "text_config_overrides": {"vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128,
+                                             "num_hidden_layers": 3, "num_attention_heads": 2,
                                              "num_key_value_heads": 2, "head_dim": 32, "rope_dims": [6, 5, 5]},
                    "vision_config_overrides": {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "depth": 1,
                                                "num_position_embeddings": 16}}
     return _to_patcher(_supported_models().HiDreamO1(unet_config), seed)
+
+
+NEW_IN_033_BUILDERS["hidream_o1"] = make_hidream_o1
