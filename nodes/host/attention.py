@@ -124,6 +124,12 @@ def make_attention_override(previous: Callable | None):
         skip_reshape = named.get("skip_reshape", False)
         skip_output_reshape = named.get("skip_output_reshape", False)
         q4, k4, v4 = (t if skip_reshape else _to_heads(t, heads) for t in (q, k, v))
+        prefix = 0
+        if active.queries_are_last_rows and q4.shape[2] < k4.shape[2]:
+            # The queries of the sequence's last rows (HiDream O1): placed at their positions, the rows before them
+            # zero (their outputs are dropped), so the perturbation sees the whole sequence's layout.
+            prefix = k4.shape[2] - q4.shape[2]
+            q4 = torch.cat([q4.new_zeros((*q4.shape[:2], prefix, q4.shape[3])), q4], dim=2)
         if q4.shape[2] != k4.shape[2]:  # cross-attention: not the image tokens' self-attention
             return call(*args, **kwargs)
 
@@ -147,7 +153,7 @@ def make_attention_override(previous: Callable | None):
 
             return perturbed_attention(perturbation, q_, k_, v_, grid, attend_these_rows, routing.scratch)
 
-        out = apply_chunked(q4, k4, v4, chunks, attend, perturb_chunk)
+        out = apply_chunked(q4, k4, v4, chunks, attend, perturb_chunk)[:, :, prefix:]
         return out if skip_output_reshape else _from_heads(out)
 
     return mark_ours(attention_override, previous)

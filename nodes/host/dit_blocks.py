@@ -76,6 +76,10 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
                 # The image right after the text; reference-image tokens after it (Qwen-Image Edit) stay as they are.
                 grid = patch_grid(image_latent_shape(transformer_options), record.patch_size, text_tokens)
                 grid = _after_reference_tokens(grid, args, transformer_options, record)
+            elif record.patch_size_attribute and text_position == families.TEXT_AFTER_IMAGE:
+                # The image first; reference-image tokens after it (JoyImage-Edit), then the text, stay as they are.
+                patch = tuple(getattr(transformer_options[STEP_KEY].diffusion_model, record.patch_size_attribute))
+                grid = patch_grid(image_latent_shape(transformer_options), patch, 0)
             marked[ACTIVE_LAYER_KEY] = ActiveBlock(layer, attention_chunks, text_tokens, text_position, grid=grid)
             call_args = dict(args)
             call_args["transformer_options"] = marked

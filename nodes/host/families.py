@@ -33,6 +33,13 @@ BLOCK_INDEX = "block_index in transformer_options"
 FORWARD_HOOKS = "forward hooks on a layer's modules, for one forward"
 BLOCK_FORWARD_HOOKS = MODULE_FORWARD_HOOKS = FORWARD_HOOKS
 
+# Forward hooks installed by a DIFFUSION_MODEL wrapper, inside the diffusion model's own forward (its options are a
+# copy of the sampler's, and the attention sees only that copy: HiDream O1's two-pass attention closes over it).
+INNER_FORWARD_HOOKS = "forward hooks installed inside the diffusion model's forward (DIFFUSION_MODEL wrapper)"
+# While a forward perturbs, a dit patch entry no block looks up: the forward's prompt K/V cache is off (HiDream O1
+# caches only when no dit patch is set), so no perturbed branch's prefix keys and values are kept for later steps.
+PROMPT_CACHE_OFF = "a dit patch entry while perturbing: the forward's prompt K/V cache off"
+
 # Methods, as node modules name them when they ask which families support them.
 PAG, SEG, SLG, SAG = "pag", "seg", "slg", "sag"
 
@@ -84,6 +91,14 @@ class ModelFamily:
     # The streams a block's ``img`` holds where it is a tuple (LTX-2: ``(video, audio)``), first the one the
     # perturbations act on; every other stream leaves a perturbed block as the unperturbed block gives it.
     block_streams: tuple[str, ...] = ()
+    # Why a record with no methods is refused, for the nodes' error message ("" = no reason given).
+    refused_because: str = ""
+    # The diffusion model's attribute holding its (frames, height, width) patch, for a family whose checkpoints set
+    # it (JoyImage: model_detection reads it from img_in): used as ``patch_size`` is, where that is None.
+    patch_size_attribute: str = ""
+    # The model input (an extra cond, by name) whose length is the number of tokens before the image in the
+    # blocks' sequence (HiDream O1: ``input_ids``, the prompt and its timestep token).
+    prompt_tokens_input: str = ""
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -566,8 +581,8 @@ FAMILIES += (
     # Krea 2 (comfy/ldm/krea2/model.py SingleStreamDiT): one stream [text, image, reference images] through
     # ``blocks``; attention (grouped-query, k and v repeated to the query heads before the call) through
     # optimized_attention_masked with the options; the only patches are attn1/attn1_output patches (no dit block
-    # patch): forward hooks on the blocks. The image is taken as the stream's last tokens (module_hooks.image_grid),
-    # right when no reference latents are given (Krea 2 edit appends them after the image: see the README).
+    # patch): forward hooks on the blocks. The image ends where Krea 2 edit's reference tokens begin (the host
+    # records their counts as ``reference_image_num_tokens``; module_hooks.image_grid): the references are left alone.
     ModelFamily(
         "krea2", "Krea 2", ("comfy.ldm.krea2.model:SingleStreamDiT",), frozenset({PAG, SEG, SLG}),
         block_lists={"double": "blocks"}, text_position=TEXT_BEFORE_IMAGE,
@@ -578,16 +593,17 @@ FAMILIES += (
     # Ernie Image (comfy/ldm/ernie/model.py): one stream [image, text] through ``layers``; the forward passes no
     # transformer_options to its blocks nor to optimized_attention and runs no DIFFUSION_MODEL wrapper, so neither
     # the override nor block hooks can reach it: module hooks (an APPLY_MODEL wrapper) skip its blocks and
-    # sublayers. Attention perturbations (PAG, SEG, SLG attention_scores) are refused: recomputing its attention
-    # needs the rotary embedding the block hands its attention module, which a module hook's recomputation does
-    # not receive.
+    # sublayers, and attention perturbations recompute the perturbed chunks' rows of ``self_attention`` from its
+    # own to_q/to_k/to_v, per-head RMS norms and the rotary embedding the block hands it as a keyword
+    # (module_hooks._ernie_qkv), then its to_out. Patch 1 (model_detection sets no patch_size): one image token per
+    # latent pixel, the image first.
     ModelFamily(
-        "ernie", "Ernie Image", ("comfy.ldm.ernie.model:ErnieImageModel",), frozenset({SLG}),
+        "ernie", "Ernie Image", ("comfy.ldm.ernie.model:ErnieImageModel",), frozenset({PAG, SEG, SLG}),
         block_lists={"double": "layers"}, text_position=TEXT_AFTER_IMAGE,
         sublayers={"double": {"attention": ("self_attention",), "feedforward": ("mlp",)}},
-        hooks=(MODULE_FORWARD_HOOKS,), recommended={SLG: Recommended((), _MIDDLE)},
-        mechanism="module hooks for block and sublayer skips; no attention perturbation (the override never sees "
-                  "its attention, and a recomputation lacks its rotary embedding)",
+        hooks=(MODULE_FORWARD_HOOKS,), recommended=_MIDDLE_OF_STACK, patch_size=(1, 1, 1),
+        mechanism="module hooks; attention perturbations recomputed from its attention module's own projections, "
+                  "norms and rotary embedding (the override never sees its attention)",
     ),
     # Microsoft Lens (comfy/ldm/lens/model.py): dual-stream MMDiT, joint attention on [image, text] (the image
     # first), through optimized_attention with the options; the forward offers dit block replace patches
@@ -639,6 +655,78 @@ FAMILIES += (
         hooks=(DIT_BLOCK_REPLACE, ATTENTION_OVERRIDE, BLOCK_INDEX), recommended=_MIDDLE_OF_STACK,
     ),
 )
+
+# Boogu-Image (ComfyUI 0.33.0, comfy/ldm/boogu/model.py BooguTransformer2DModel, an OmniGen 2 derivative): refiners
+# (not layers here), then ``double_stream_layers``, then ``single_stream_layers`` (OmniGen 2's blocks on [text;
+# reference images; image]). A double block has two attentions: ``img_instruct_attn``, a joint attention over
+# [instruction; reference images; image] with per-stream projections (the image stream's only path to the text in
+# that block), then ``img_self_attn``, OmniGen 2's Attention over the [reference images; image] tokens alone. PAG
+# and SEG act on ``img_self_attn``: it is the image tokens' self-attention the papers perturb (UNet attn1), while
+# an identity map on the joint attention's image rows would also cut the block's text conditioning, which PAG
+# leaves to cross-attention. In single blocks (one attention) the joint attention's image rows, as OmniGen 2. The
+# image is the last tokens of both sequences (the reference images before it are left alone). Attention through
+# optimized_attention_masked with the options; no dit block patch, no block_index: forward hooks. SLG
+# ``attention`` zeroes both attentions of a double block.
+FAMILIES += (
+    ModelFamily(
+        "boogu", "Boogu-Image", ("comfy.ldm.boogu.model:BooguTransformer2DModel",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "double_stream_layers", "single": "single_stream_layers"},
+        text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("img_instruct_attn", "img_self_attn"),
+                              "feedforward": ("img_feed_forward", "instruct_feed_forward")},
+                   "single": {"attention": ("attn",), "feedforward": ("feed_forward",)}},
+        hooks=(FORWARD_HOOKS, ATTENTION_OVERRIDE), recommended=_MIDDLE_OF_STACK, patch_size=(1, 2, 2),
+    ),
+)
+
+
+# PixelDiT (ComfyUI 0.33.0, comfy/ldm/pixeldit/model.py PixDiT_T2I; PiD's PidNet in pid.py subclasses it): a
+# pixel-space DiT whose ``patch_blocks`` (MMDiT blocks: joint attention on [text; image patches] with per-stream
+# qkv and projections, through optimized_attention with the options, heads-split in and out) make the patch-token
+# conditioning; the ``pixel_blocks`` after them attend within each patch's pixels and are not layers here. The
+# blocks are called by position and return (image, text); no dit block patch, no block_index: forward hooks on
+# the blocks, the joint attention marked for the override. The image grid: the model's patch (16 in the release)
+# on the pixel latent, beside the text tokens the block's ``y`` holds.
+FAMILIES += (
+    ModelFamily(
+        "pixeldit", "PixelDiT", ("comfy.ldm.pixeldit.model:PixDiT_T2I",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "patch_blocks"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("attn",), "feedforward": ("mlp_x", "mlp_y")}},
+        hooks=(FORWARD_HOOKS, ATTENTION_OVERRIDE), recommended=_MIDDLE_OF_STACK,
+    ),
+)
+
+
+# HiDream O1 (ComfyUI 0.33.0, comfy/ldm/hidream_o1/model.py HiDreamO1Transformer): a Qwen3-VL decoder
+# (``language_model.layers``, comfy/text_encoders/llama.py) on [prompt tokens ending with the timestep token;
+# image patches of 32x32 pixels; reference patches]. Its two-pass attention (hidream_o1/attention.py) computes the
+# prompt's causal rows with SDPA directly and hands optimized_attention (with the options) the other rows' queries
+# against every key: the override places those queries at their positions (ActiveBlock.queries_are_last_rows), the
+# image grid starting after the ``input_ids`` tokens (the reference patches after it are left alone). Its dit block
+# patch hands the layer ``x`` (not the ``img`` the pack's block patch reads), and its layers get no options (the
+# forward's own dict, a copy of the sampler's, reaches the attention): forward hooks installed by a DIFFUSION_MODEL
+# wrapper. Without a dit patch the forward caches the prompt's keys and values across steps and runs, keyed on the
+# prompt alone: while a forward perturbs, a dit patch entry no layer uses turns that cache off. SLG
+# ``attention_scores`` makes every row of the generated part (timestep token, image, references) its value; the
+# prompt's causal rows, which never reach the override, keep their attention (the prompt is conditioning).
+FAMILIES += (
+    ModelFamily(
+        "hidream_o1", "HiDream O1", ("comfy.ldm.hidream_o1.model:HiDreamO1Transformer",), frozenset({PAG, SEG, SLG}),
+        block_lists={"double": "language_model.layers"}, text_position=TEXT_BEFORE_IMAGE,
+        sublayers={"double": {"attention": ("self_attn",), "feedforward": ("mlp",)}},
+        hooks=(FORWARD_HOOKS, INNER_FORWARD_HOOKS, ATTENTION_OVERRIDE, PROMPT_CACHE_OFF, BLOCK_INDEX),
+        recommended=_MIDDLE_OF_STACK, patch_size=(1, 32, 32), prompt_tokens_input="input_ids",
+    ),
+)
+
+
+# JoyImage-Edit appends its reference latents' tokens after the image's, before the text ([image; references;
+# text], comfy/ldm/joyimage/model.py forward_orig): the image grid comes from the latent and the model's own patch
+# (its ``patch_size``, from the checkpoint), never from the sequence length, which a larger reference makes fit
+# another grid (a 16x16 reference beside an 8x8 image was taken as one 8x8 grid of image and reference tokens).
+FAMILIES = tuple(replace(family, patch_size_attribute="patch_size") if family.key == "joyimage" else family
+                 for family in FAMILIES)
+
 
 # Anima on NAG: a Cosmos Predict 2 MiniTrainDIT, so the same cross_attn site; its prompt reaches the blocks
 # through the LLM adapter, applied at conditioning time (comfy/model_base.py Anima.extra_conds, inference mode:

@@ -12,11 +12,12 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ...guidance_core.plan import GuidanceStack
+from . import families
 from .attention import claim_unet_attn1, text_tokens_wrapper
 from .dit_blocks import make_dit_block_patch
 from .layers import Layer, model_family, model_layers
 from .marks import SETUP_KEY, WRAPPER_KEY, is_ours
-from .module_hooks import make_module_hooks_wrapper, uses_forward_hooks
+from .module_hooks import make_inner_forward_hooks_wrapper, make_module_hooks_wrapper, uses_forward_hooks
 from .perturbations import patched_layers
 from .shared_prefix import shared_prefix_wrapper
 from .step import (
@@ -63,7 +64,11 @@ def _install_hooks(patched, setup: GuidanceSetup) -> None:
     family = model_family(patched)
     if layers and uses_forward_hooks(family):
         # No working block patch in this family's forward: hooks on its modules, registered for one forward at a time.
-        if not patched.get_wrappers(wrappers.APPLY_MODEL, WRAPPER_KEY):
+        if families.INNER_FORWARD_HOOKS in families.FAMILY_BY_KEY[family].hooks:
+            if not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):
+                patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY,
+                                             make_inner_forward_hooks_wrapper(family))
+        elif not patched.get_wrappers(wrappers.APPLY_MODEL, WRAPPER_KEY):
             patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, make_module_hooks_wrapper(family))
         return
     for layer in layers + _dit_prefix_layers(patched, layers):

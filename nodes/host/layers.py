@@ -4,6 +4,7 @@ the same way, and the model's family (from the records in ``families``).
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 
@@ -37,8 +38,10 @@ def require_family(model, node: str, supported: tuple[str, ...]) -> str:
     family = model_family(model)
     if family not in supported:
         names = ", ".join(families.display_name(f) for f in supported)
-        raise GuidanceError(f"{node}: this model's architecture ({families.display_name(family)}) is not supported; "
-                            f"{node} supports {names}.")
+        record = families.FAMILY_BY_KEY.get(family)
+        reason = f" ({record.refused_because})" if record is not None and record.refused_because else ""
+        raise GuidanceError(f"{node}: this model's architecture ({families.display_name(family)}) is not "
+                            f"supported{reason}; {node} supports {names}.")
     return family
 
 
@@ -91,7 +94,8 @@ def model_layers(model) -> list[Layer]:
                 for level, blocks in enumerate(getattr(dm, attribute))
                 for i in range(len(level_layer_blocks(record, blocks)))]
     block_lists = record.block_lists if record is not None else {}
-    return [Layer(kind, i) for kind, attribute in block_lists.items() for i in range(len(getattr(dm, attribute)))]
+    return [Layer(kind, i) for kind, attribute in block_lists.items()
+            for i in range(len(operator.attrgetter(attribute)(dm)))]  # a dotted path (HiDream O1)
 
 
 def level_layer_blocks(record: families.ModelFamily, level_blocks) -> list:

@@ -34,7 +34,7 @@ import torch
 from ...guidance_core.tokens import TokenGrid
 from . import families
 from .layers import Layer
-from .marks import ACTIVE_LAYER_KEY, STEP_KEY, GuidanceError
+from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, GuidanceError, mark_ours
 from .perturbations import AttentionPerturbation, BlockSkip, SublayerSkip, block_module, sublayer_modules
 from .routing import ActiveBlock, apply_chunked, chunk_perturbations, grid_for, patch_grid, perturbed_attention
 
@@ -57,6 +57,9 @@ class AttentionSite:
     text_tokens: Callable[..., int] | None = None
     qkv: Callable | None = None
     project: Callable | None = None
+    # The attention call gets the queries of the sequence's last rows only (HiDream O1's two-pass attention): the
+    # image grid is placed in the keys' positions, after the record's ``prompt_tokens_input`` tokens.
+    queries_are_last_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,42 @@ def make_module_hooks_wrapper(family: str):
     return module_hooks_wrapper
 
 
+def make_inner_forward_hooks_wrapper(family: str):
+    """The DIFFUSION_MODEL wrapper of a family whose attention sees only the forward's own options (its record
+    lists ``INNER_FORWARD_HOOKS``): the hooks go in inside the forward, on the options it runs with, and are
+    removed when it returns. It records the prompt's token count (the record's ``prompt_tokens_input``) and,
+    where the record lists ``PROMPT_CACHE_OFF`` and this forward perturbs, turns the forward's prompt K/V cache
+    off with a dit patch entry no block looks up (HiDream O1 caches only without dit patches)."""
+    record = families.FAMILY_BY_KEY[family]
+
+    def inner_forward_hooks_wrapper(executor, *args, **kwargs):
+        options = next((value for value in (*args, *kwargs.values())
+                        if isinstance(value, dict) and STEP_KEY in value), None)
+        if options is None:
+            return executor(*args, **kwargs)
+        prompt = kwargs.get(record.prompt_tokens_input) if record.prompt_tokens_input else None
+        if prompt is not None:
+            options[TEXT_TOKENS_KEY] = prompt.shape[1]
+        handles = []
+        try:
+            handles = install(executor.class_obj, family, options)
+            if handles and families.PROMPT_CACHE_OFF in record.hooks:
+                replace = options.get("patches_replace", {})
+                options["patches_replace"] = {**replace, "dit": {**replace.get("dit", {}), _CACHE_OFF: _cache_off}}
+            return executor(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            options.pop(ACTIVE_LAYER_KEY, None)
+
+    return inner_forward_hooks_wrapper
+
+
+# The dit patch entry that turns HiDream O1's prompt K/V cache off: its key names no block, so it never runs.
+_CACHE_OFF = ("comfyui-guiders: prompt cache off while perturbing",)
+_cache_off = mark_ours(lambda args, extra: extra["original_block"](args), None)
+
+
 def install(diffusion_model, family: str, transformer_options: dict) -> list:
     """Registers the hooks of every layer a perturbation acts on in this forward; returns their handles."""
     routing = transformer_options.get(STEP_KEY)
@@ -273,6 +312,8 @@ def sublayer_skip_hooks(diffusion_model, family: str, layer: Layer, chunks: list
     for sublayer, skipped in by_sublayer.items():
         def zero_skipped_rows(module, inputs, output, skipped=skipped):
             def zeroed(t):
+                if not isinstance(t, torch.Tensor):  # HiDream O1's attention also returns its K/V cache (or None)
+                    return t
                 t = t.clone()
                 for j in skipped:
                     _chunk(t, batch_dim, j, n).zero_()
@@ -291,17 +332,19 @@ def _image_tokens(diffusion_model, site: AttentionSite, latent_shape: tuple) -> 
     return t * math.ceil(latent_shape[-2] / height) * math.ceil(latent_shape[-1] / width)
 
 
-def image_grid(record: families.ModelFamily, diffusion_model, tokens: int, latent_shape: tuple) -> TokenGrid:
+def image_grid(record: families.ModelFamily, diffusion_model, tokens: int, latent_shape: tuple,
+               trailing_tokens: int = 0) -> TokenGrid:
     """The image tokens of a self-attention sequence of ``tokens`` tokens, from the latent and the family's
     patch (``record.patch_size``), never guessed from the token count: a NextDiT pads the image tokens to its
     ``pad_tokens_multiple`` (Z-Image: 32), and its sequence ends with the image (Z-Image Omni puts reference
-    images and their captions before it), so everything before it is text."""
+    images and their captions before it), so everything before it is text; except ``trailing_tokens``
+    reference-image tokens the host appends after the image (Krea 2 edit: ``reference_image_num_tokens``)."""
     grid = patch_grid(latent_shape, record.patch_size, 0)
-    if record.text_position == families.NO_TEXT:
+    if record.text_position in (families.NO_TEXT, families.TEXT_AFTER_IMAGE):  # the image first (Ernie Image)
         return grid
     multiple = getattr(diffusion_model, "pad_tokens_multiple", None) or 1
     padded = math.ceil(grid.frames * grid.height * grid.width / multiple) * multiple
-    return TokenGrid(tokens - padded, grid.height, grid.width, grid.frames)
+    return TokenGrid(tokens - trailing_tokens - padded, grid.height, grid.width, grid.frames)
 
 
 def _attention_hooks(diffusion_model, block, site: BlockSite, layer: Layer, chunks: list[list], record,
@@ -309,8 +352,8 @@ def _attention_hooks(diffusion_model, block, site: BlockSite, layer: Layer, chun
     attention = block.get_submodule(site.attention.module)
     if families.ATTENTION_OVERRIDE in record.hooks:
         return _marker_hooks(diffusion_model, attention, site.attention, layer, chunks, record, transformer_options)
-    return [attention.register_forward_hook(_recomputing_hook(site.attention, chunks, transformer_options),
-                                            with_kwargs=True)]
+    hook = _recomputing_hook(site.attention, chunks, transformer_options, record, diffusion_model)
+    return [attention.register_forward_hook(hook, with_kwargs=True)]
 
 
 def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer, chunks: list[list], record,
@@ -324,8 +367,16 @@ def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer,
     image_tokens = _image_tokens(diffusion_model, site, latent_shape) if site.text_tokens is not None else 0
 
     def mark(module, args, kwargs):
-        if record.patch_size is not None:
-            grid = image_grid(record, diffusion_model, args[0].shape[1], latent_shape)
+        if site.queries_are_last_rows:
+            grid = patch_grid(latent_shape, record.patch_size, transformer_options[TEXT_TOKENS_KEY])
+            active = ActiveBlock(layer, chunks, grid.start, record.text_position, grid=grid, queries_are_last_rows=True)
+        elif record.patch_size is not None:
+            # The reference images' token counts the host appends after the image and records in the options
+            # (comfy/ldm/krea2/model.py, as flux, qwen_image, mage_flow do), in the module's options or the forward's.
+            options = kwargs.get("transformer_options")
+            options = options if isinstance(options, dict) else transformer_options
+            references = sum(options.get("reference_image_num_tokens") or ())
+            grid = image_grid(record, diffusion_model, args[0].shape[1], latent_shape, references)
             active = ActiveBlock(layer, chunks, grid.start, record.text_position, grid=grid)
         else:
             text_tokens = site.text_tokens(args, kwargs, image_tokens) if site.text_tokens is not None else 0
@@ -342,11 +393,19 @@ def _marker_hooks(diffusion_model, attention, site: AttentionSite, layer: Layer,
             attention.register_forward_hook(unmark, with_kwargs=True)]
 
 
-def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_options: dict):
+def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_options: dict,
+                      record: families.ModelFamily | None = None, diffusion_model=None):
     """A self-attention module whose attention the override does not see: the perturbed chunks' output rows
     are its output projection of the perturbed attention of its own q, k, v. A module that returns a tuple
-    (HunyuanDiT's ``(out,)``) has its first element recomputed."""
+    (HunyuanDiT's ``(out,)``) has its first element recomputed. The image grid comes from the latent and the
+    record's ``patch_size`` where it has one (Ernie Image: [image; text]), else from the sequence length
+    (PixArt, HunyuanDiT, Stable Cascade: image tokens alone)."""
     routing = transformer_options[STEP_KEY]
+
+    def grid_of(tokens: int) -> TokenGrid | None:
+        if record is not None and record.patch_size is not None:
+            return image_grid(record, diffusion_model, tokens, routing.latent_shape)
+        return grid_for(tokens, routing.latent_shape)
 
     def recompute(module, args, kwargs, output):
         q, k, v = site.qkv(module, *args, **kwargs)
@@ -357,7 +416,7 @@ def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_optio
             return comfy_attention.optimized_attention(q_, k_, v_, heads, skip_reshape=True, skip_output_reshape=True,
                                                        attn_precision=getattr(module, "attn_precision", None))
 
-        grid = grid_for(q.shape[2], routing.latent_shape)
+        grid = grid_of(q.shape[2])
 
         def perturb_chunk(perturbation, q_, k_, v_, which):
             return site.project(module, perturbed_attention(perturbation, q_, k_, v_, grid, attend, routing.scratch))
@@ -373,11 +432,38 @@ def _recomputing_hook(site: AttentionSite, chunks: list[list], transformer_optio
 
 
 # Sites of families ComfyUI added after 0.8.0 (additive data; the records are in families.py).
-def _ernie_qkv(attention, *args, **kwargs):
-    """Never reached: Ernie Image's record offers no attention perturbation (its attention module applies the
-    rotary embedding the block hands it as a keyword, which a recomputation from ``x`` alone would lack)."""
-    raise GuidanceError("Ernie Image: attention perturbations (PAG, SEG, SLG attention_scores) are not supported on "
-                        "this family; use SLG mode 'block', 'attention' or 'feedforward'.")
+def _ernie_qkv(attention, x, attention_mask=None, image_rotary_emb=None):
+    """ernie/model.py ErnieImageAttention.forward up to its attention call: to_q, to_k, to_v, the per-head RMS
+    norms and the rotary embedding the block hands it as a keyword (the fused rms_rope_split_half outside
+    training, as the host), as (B, heads, L, D). ErnieImageModel.forward calls its blocks without a mask."""
+    import comfy.model_management
+    import comfy.ops
+    import comfy.quant_ops
+
+    if attention_mask is not None:
+        raise GuidanceError("Ernie Image: an attention mask reached the self-attention, which the perturbed "
+                            "attention does not apply; run without the node that adds it.")
+    b, n, _ = x.shape
+    query = attention.to_q(x).view(b, n, attention.heads, attention.head_dim)
+    key = attention.to_k(x).view(b, n, attention.heads, attention.head_dim)
+    value = attention.to_v(x).view(b, n, attention.heads, attention.head_dim)
+    if image_rotary_emb is not None and not comfy.model_management.in_training:
+        q_scale, _, q_stream = comfy.ops.cast_bias_weight(attention.norm_q, query, offloadable=True)
+        k_scale, _, k_stream = comfy.ops.cast_bias_weight(attention.norm_k, key, offloadable=True)
+        query, key = comfy.quant_ops.ck.rms_rope_split_half(query, key, image_rotary_emb, q_scale, k_scale,
+                                                             attention.norm_q.eps)
+        comfy.ops.uncast_bias_weight(attention.norm_q, q_scale, None, q_stream)
+        comfy.ops.uncast_bias_weight(attention.norm_k, k_scale, None, k_stream)
+    else:
+        query, key = attention.norm_q(query), attention.norm_k(key)
+        if image_rotary_emb is not None:
+            query, key = comfy.quant_ops.ck.apply_rope_split_half(query, key, image_rotary_emb)
+    return tuple(t.transpose(1, 2) for t in (query, key, value))
+
+
+def _ernie_project(attention, out):
+    b, heads, n, d = out.shape
+    return attention.to_out[0](out.transpose(1, 2).reshape(b, n, heads * d))
 
 
 def _cogvideox_patch(dm):  # CogVideoX 1.0: patch_size per frame (patch_size_t None)
@@ -388,7 +474,25 @@ def _cogvideox_text(args, kwargs, image_tokens):  # the block is called with key
     return kwargs["encoder_hidden_states"].shape[1]
 
 
-SITES["ernie"] = {"double": BlockSite(("x",), AttentionSite("self_attention", qkv=_ernie_qkv))}
+# Ernie Image's attention gets no options (the override never sees it): recomputed from its own projections.
+SITES["ernie"] = {"double": BlockSite(("x",), AttentionSite("self_attention", qkv=_ernie_qkv, project=_ernie_project))}
 # CogVideoX computes its joint attention inline (no attention module): the block itself is marked for the override.
 SITES["cogvideox"] = {"double": BlockSite(("hidden_states", "encoder_hidden_states"),
                                           AttentionSite("", _cogvideox_patch, _cogvideox_text))}
+
+# Boogu-Image: double blocks return (image, instruction) and are marked on their image self-attention (see the
+# record); single blocks are OmniGen 2's. The image grid comes from the record's patch_size (image last).
+SITES["boogu"] = {"double": BlockSite(("img_hidden_states", "instruct_hidden_states"), AttentionSite("img_self_attn")),
+                  "single": BlockSite(("hidden_states",), AttentionSite("attn"))}
+
+
+def _pixeldit_text(args, kwargs, image_tokens):  # MMDiTJointAttention.forward(x, y, ...): the text is y
+    return (args[1] if len(args) > 1 else kwargs["y"]).shape[1]
+
+
+SITES["pixeldit"] = {"double": BlockSite(("x", "y"), AttentionSite("attn", _square_patch, _pixeldit_text))}
+
+
+# HiDream O1: its decoder layers return (x, K/V cache); their self-attention's one override-visible call has the
+# generated rows' queries alone (the record says why).
+SITES["hidream_o1"] = {"double": BlockSite(("x",), AttentionSite("self_attn", queries_are_last_rows=True))}

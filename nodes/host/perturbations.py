@@ -4,6 +4,7 @@ attention perturbations, block skips, sublayer skips, and late branches (SAG, au
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,7 @@ def block_module(diffusion_model, record: families.ModelFamily, layer: Layer) ->
     """The layer's block: ``index`` in the record's block list of its kind (Cosmos 1 keeps its blocks in a
     ModuleDict, in forward order), or, where the list holds levels (``record.level_layers``), the ``sub``-th
     layer block of level ``index``."""
-    blocks = getattr(diffusion_model, record.block_lists[layer.kind])
+    blocks = operator.attrgetter(record.block_lists[layer.kind])(diffusion_model)  # a dotted path (HiDream O1)
     if record.level_layers:
         return level_layer_blocks(record, blocks[layer.index])[layer.sub]
     return list(blocks.values())[layer.index] if isinstance(blocks, torch.nn.ModuleDict) else blocks[layer.index]

@@ -40,6 +40,9 @@ class ActiveBlock:
     text_position: str
     attention_calls: int = 0
     grid: TokenGrid | None = None  # the image tokens' grid where the family knows it (record.patch_size)
+    # The attention call gets the queries of the sequence's last rows only, against every key (HiDream O1's
+    # two-pass attention: the prompt's causal rows are computed apart); ``grid`` is in the keys' positions.
+    queries_are_last_rows: bool = False
 
 
 def with_step_info(model_options, routing: ForwardRouting) -> dict:

@@ -64,11 +64,13 @@ UNET_AND_DITS += CASCADE_FAMILIES
 LTX2 = ("ltxav", "ltxav_2_3")
 UNET_AND_DITS, BLOCK_DITS, SUBLAYER_DITS = UNET_AND_DITS + LTX2, BLOCK_DITS + LTX2, SUBLAYER_DITS + LTX2
 # tests/host/test_family_new33.py: families ComfyUI added after 0.8.0 (Anima, Krea 2, Ernie Image, Lens, Ideogram 4,
-# CogVideoX, MageFlow, JoyImage), run on hosts that have them and skipped elsewhere. Ernie Image refuses attention
-# perturbations (PAG, SEG, SLG attention_scores): it is only in the sublayer cases (SLG attention/feedforward/negative
-# branch).
+# CogVideoX, MageFlow, JoyImage), run on hosts that have them and skipped elsewhere. Every method on each (Ernie
+# Image's attention perturbations recomputed in its attention module).
 NEW_IN_033 = ("anima", "krea2", "lens", "ideogram4", "cogvideox", "mage_flow", "joyimage", "ernie")
-NEW_IN_033_ATTENTION = ("anima", "krea2", "lens", "ideogram4", "cogvideox", "mage_flow", "joyimage")
+NEW_IN_033 += ("boogu",)  # Boogu-Image: double-stream then single-stream layers, forward hooks
+NEW_IN_033 += ("pixeldit",)  # PixelDiT: its patch blocks, forward hooks
+NEW_IN_033 += ("hidream_o1",)  # HiDream O1: its decoder layers, forward hooks inside its forward
+NEW_IN_033_ATTENTION = NEW_IN_033
 UNET_AND_DITS += NEW_IN_033_ATTENTION
 BLOCK_DITS += NEW_IN_033_ATTENTION
 SUBLAYER_DITS += NEW_IN_033

@@ -9,6 +9,7 @@ PerturbedAttentionGuidance applies PAG on UNets: an extra cond pass after CFG, a
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable
 
 import comfy.samplers
@@ -38,7 +39,8 @@ def modules_return(modules_of: Callable, output_of: Callable) -> Callable:
     @contextlib.contextmanager
     def perturbed(diffusion_model, model_options):
         def replace_output(module, args, kwargs, output):
-            return output_of(module, args[0] if args else kwargs["x"], output)
+            x = args[0] if args else kwargs.get("x", next(iter(kwargs.values()), None))  # HiDream O1: hidden_states=
+            return output_of(module, x, output)
 
         handles = [module.register_forward_hook(replace_output, with_kwargs=True)
                    for module in modules_of(diffusion_model)]
@@ -108,3 +110,22 @@ def inside_module(module_of: Callable, flag: dict, perturbed: Callable) -> Calla
             flag["module"] = False
 
     return within
+
+
+def host_function_during_pass(where: str, override: Callable) -> Callable:
+    """While the pass runs, the host module's global function ``where`` ("module:name") is replaced by
+    ``override(func, *args, **kwargs)``, ``func`` the original: for a family whose attention module calls
+    ``optimized_attention`` without the options (Ernie Image), so no override reaches it."""
+    module_name, name = where.split(":")
+
+    @contextlib.contextmanager
+    def perturbed(diffusion_model, model_options):
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+        setattr(module, name, lambda *args, **kwargs: override(original, *args, **kwargs))
+        try:
+            yield model_options
+        finally:
+            setattr(module, name, original)
+
+    return perturbed

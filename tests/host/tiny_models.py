@@ -651,11 +651,19 @@ def make_conditioning(family: str, batch: int = 1, seed: int = 0) -> tuple[list,
     ``attention_mask`` (the last 4 tokens padding). HunyuanVideo: context, ``pooled_output`` and
     ``guidance`` 6.0. The two differ (own draws).
     """
+    if family in CONDITIONING_BUILDERS:
+        return CONDITIONING_BUILDERS[family](batch, seed)
     spec = family_spec(family)
     generator = torch.Generator().manual_seed(seed)
     positive = _one_conditioning(spec, batch, generator)
     negative = _one_conditioning(spec, batch, generator)
     return positive, negative
+
+
+# Families whose conditioning is not a text embedding (HiDream O1: token ids), by family: (batch, seed) -> (pos, neg).
+CONDITIONING_BUILDERS: dict = {}
+# Families whose latent side differs from TINY_LATENT_SIZE (HiDream O1: pixels, in 32x32 patches).
+LATENT_SIDES: dict = {}
 
 
 def make_latent(
@@ -666,6 +674,8 @@ def make_latent(
     spec = family_spec(family)
     generator = torch.Generator().manual_seed(seed)
     frames = () if spec.latent_frames is None else (spec.latent_frames,)
+    if family in LATENT_SIDES and (h, w) == (TINY_LATENT_SIZE, TINY_LATENT_SIZE):
+        h = w = LATENT_SIDES[family]
     return torch.randn(batch, spec.latent_channels, *frames, h, w, generator=generator)
 
 
@@ -1148,7 +1158,12 @@ def make_ernie(seed: int = 0):
     unet_config = {"image_model": "ernie", "hidden_size": 64, "num_attention_heads": 2, "num_layers": 3,
                    "ffn_hidden_size": 128, "in_channels": 128, "out_channels": 128, "patch_size": 1,
                    "text_in_dim": SPECS["ernie"].context_dim, "rope_axes_dim": (8, 12, 12)}
-    return _to_patcher(_supported_models().ErnieImage(unet_config), seed)
+    patcher = _to_patcher(_supported_models().ErnieImage(unet_config), seed)
+    with torch.no_grad():  # peaked attention maps, as for Lens (BaseNorm moved the result 8e-3 without)
+        for layer in patcher.model.diffusion_model.layers:
+            layer.self_attention.norm_q.weight.mul_(2.0)
+            layer.self_attention.norm_k.weight.mul_(2.0)
+    return patcher
 
 
 def make_lens(seed: int = 0):
@@ -1253,3 +1268,93 @@ def make_wan_medium(seed: int = 0):
         "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
     }
     return _to_patcher(_supported_models().WAN21_T2V(unet_config), seed)
+
+
+# Boogu-Image (ComfyUI 0.33.0): OmniGen 2's conditioning (a text embedding and an all-ones attention mask, which
+# gives its ``num_tokens``) on Flux's 16-channel latent.
+NEW_IN_033_FAMILIES += ("boogu",)
+NEW_IN_033_CLASSES["boogu"] = "Boogu"
+SPECS["boogu"] = FamilySpec(latent_channels=16, context_dim=32, context_tokens=12, pooled_dim=None,
+                            flux_guidance=None, padded_text_tokens=0)
+
+
+def make_boogu(seed: int = 0):
+    """A Boogu-Image DiT (``supported_models.Boogu``: flow, shift 3.16): one refiner layer per stream, 2 double-stream
+    and 2 single-stream layers of hidden 64, 2 heads (no grouped-query attention), patch 2."""
+    unet_config = {"image_model": "boogu", "patch_size": 2, "in_channels": 16, "hidden_size": 64, "num_layers": 2,
+                   "num_double_stream_layers": 2, "num_refiner_layers": 1, "num_attention_heads": 2,
+                   "num_kv_heads": 2, "multiple_of": 16, "axes_dim_rope": (8, 12, 12), "axes_lens": (64, 64, 64),
+                   "instruction_feat_dim": SPECS["boogu"].context_dim}
+    return _to_patcher(_supported_models().Boogu(unet_config), seed)
+
+
+NEW_IN_033_BUILDERS["boogu"] = make_boogu
+
+
+# PixelDiT (ComfyUI 0.33.0): pixel space (3 channels), a Gemma-2 embedding as the text.
+NEW_IN_033_FAMILIES += ("pixeldit",)
+NEW_IN_033_CLASSES["pixeldit"] = "PixelDiTT2I"
+SPECS["pixeldit"] = FamilySpec(latent_channels=3, context_dim=32, context_tokens=16, pooled_dim=None,
+                               flux_guidance=None)
+
+
+def make_pixeldit(seed: int = 0):
+    """A PixelDiT text-to-image DiT (``supported_models.PixelDiTT2I``: flow, shift 4): 3 MMDiT patch blocks of hidden
+    64, 2 heads, patch 2 (the release: 16; an 8x8 test image gives a 4x4 token grid), one pixel block."""
+    unet_config = {"image_model": "pixeldit_t2i", "in_channels": 3, "num_groups": 2, "hidden_size": 64,
+                   "pixel_hidden_size": 8, "pixel_attn_hidden_size": 32, "pixel_num_groups": 2, "patch_depth": 3,
+                   "pixel_depth": 1, "patch_size": 2, "txt_embed_dim": SPECS["pixeldit"].context_dim,
+                   "txt_max_length": SPECS["pixeldit"].context_tokens}
+    patcher = _to_patcher(_supported_models().PixelDiTT2I(unet_config), seed)
+    with torch.no_grad():  # peaked attention maps, as for Lens (RescaleCFG moved the result 9e-3 without)
+        for block in patcher.model.diffusion_model.patch_blocks:
+            for norm in (block.attn.q_norm_x, block.attn.k_norm_x, block.attn.q_norm_y, block.attn.k_norm_y):
+                norm.weight.mul_(2.0)
+    return patcher
+
+
+NEW_IN_033_BUILDERS["pixeldit"] = make_pixeldit
+
+
+# HiDream O1 (ComfyUI 0.33.0): pixel space (3 channels, 32x32 patches: a 128x128 image is a 4x4 token grid); its
+# text encoder is a tokenizer, the conditioning carries the prompt's token ids (``text_input_ids``) in the chat
+# template HiDreamO1Tokenizer writes, ending with the timestep token.
+NEW_IN_033_FAMILIES += ("hidream_o1",)
+NEW_IN_033_CLASSES["hidream_o1"] = "HiDreamO1"
+SPECS["hidream_o1"] = FamilySpec(latent_channels=3, context_dim=1, context_tokens=14, pooled_dim=None,
+                                 flux_guidance=None)
+LATENT_SIDES["hidream_o1"] = 128
+
+
+def _hidream_o1_conditioning(batch: int, seed: int) -> tuple[list, list]:
+    import comfy.text_encoders.hidream_o1 as template
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def prompt():
+        words = torch.randint(1000, 100000, (4,), generator=generator).tolist()
+        ids = torch.tensor([[template.IM_START_ID, template.USER_ID, template.NEWLINE_ID, *words, template.IM_END_ID,
+                             template.NEWLINE_ID, template.IM_START_ID, template.ASSISTANT_ID, template.NEWLINE_ID,
+                             template.BOI_TOKEN_ID, template.TMS_TOKEN_ID]] * batch)
+        return [[ids.unsqueeze(-1).float(), {"text_input_ids": ids}]]  # the TE's surrogate context, as it gives
+
+    return prompt(), prompt()
+
+
+CONDITIONING_BUILDERS["hidream_o1"] = _hidream_o1_conditioning
+
+
+def make_hidream_o1(seed: int = 0):
+    """A HiDream O1 transformer (``supported_models.HiDreamO1``: flow, shift 3): 3 Qwen3-VL decoder layers of hidden
+    64, 2 heads of 32 (interleaved MRoPE sections 6, 5, 5), the full vocabulary (its special tokens' ids are
+    Qwen's), a one-block vision tower (unused without reference images)."""
+    unet_config = {"image_model": "hidream_o1",
+                   "text_config_overrides": {"vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128,
+                                             "num_hidden_layers": 3, "num_attention_heads": 2,
+                                             "num_key_value_heads": 2, "head_dim": 32, "rope_dims": [6, 5, 5]},
+                   "vision_config_overrides": {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "depth": 1,
+                                               "num_position_embeddings": 16}}
+    return _to_patcher(_supported_models().HiDreamO1(unet_config), seed)
+
+
+NEW_IN_033_BUILDERS["hidream_o1"] = make_hidream_o1
