@@ -84,6 +84,8 @@ class ModelFamily:
     # The streams a block's ``img`` holds where it is a tuple (LTX-2: ``(video, audio)``), first the one the
     # perturbations act on; every other stream leaves a perturbed block as the unperturbed block gives it.
     block_streams: tuple[str, ...] = ()
+    # The diffusion model's module whose output is the time-step embedding every block reads (TSG noises it).
+    time_embedding: str = ""
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -742,6 +744,30 @@ NAG_SITES["hunyuan_dit"] = NagSite(
            "(the text states), HunYuanDiTBlock.forward (attn2(norm3(x), text_states, freq_cis_img))")
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "hunyuan_dit" else family
                  for family in FAMILIES)
+
+# TPG (token perturbation guidance): the image tokens entering a block are shuffled. UNets: a forward pre-hook on
+# each BasicTransformerBlock of the layer (nodes/host/token_shuffle.py); DiTs: the ``dit`` block patch shuffles
+# the image stream it is handed (dit_blocks.py), so every family whose forward offers that patch. The families
+# with forward hooks only are not done (their block sites lay their streams out each their own way).
+TPG = "tpg"
+_TPG_UNET = Recommended(
+    ("input.7", "input.8"), "TPG authors' pipeline_sdxl_tpg.py: tpg_applied_layers_index d6-d23, on SDXL the "
+                            "down path's last transformer blocks (input_blocks 7 and 8 less block 7's first two)")
+FAMILIES = tuple(
+    replace(family, methods=family.methods | {TPG},
+            recommended={**family.recommended, TPG: _TPG_UNET} if family.key == "unet" else family.recommended)
+    if family.key == "unet" or (DIT_BLOCK_REPLACE in family.hooks and FORWARD_HOOKS not in family.hooks) else family
+    for family in FAMILIES)
+
+# TSG (time-step guidance): the module whose output is the time-step embedding, from the host's forward
+# (0.8.0 and 0.33.0): openaimodel.py UNetModel._forward ``emb = self.time_embed(t_emb)``; mmdit.py MMDiT.forward
+# ``c = self.t_embedder(t)``; flux/model.py forward_orig ``vec = self.time_in(...)``; wan/model.py forward_orig
+# ``e = self.time_embedding(...)``. HunyuanVideo's time_in also embeds the guiding frame index in the same
+# forward, with another batch: not done.
+TSG = "tsg"
+_TIME_EMBEDDINGS = {"unet": "time_embed", "sd3": "t_embedder", "flux": "time_in", "wan": "time_embedding"}
+FAMILIES = tuple(replace(family, methods=family.methods | {TSG}, time_embedding=_TIME_EMBEDDINGS[family.key])
+                 if family.key in _TIME_EMBEDDINGS else family for family in FAMILIES)
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 

@@ -413,5 +413,15 @@ NODE_TABLE += (
                                                                tau2=0.95, psi=1.0), IMAGE),)),
 )
 
+# Guidance without a trained unconditional: TPG, TSG, ICG (tests/host/test_condition_free.py).
+NODE_TABLE += (
+    NodeRow("GuidersTPG", ("sd15", "flux", "wan"), "Rajabi et al. 2025 §3 written in the test (pre-hooks on the "
+            "host's blocks shuffling their input tokens)",
+            ("test_condition_free.py::test_tpg_matches_token_shuffle_reference",
+             "test_condition_free.py::test_tpg_window_is_respected",
+             "test_condition_free.py::test_tpg_rides_in_the_one_batched_forward"),
+            effect_cases=(EffectCase("TPG", lambda m, w: node("GuidersTPG", model=m, scale=3.0), IMAGE + VIDEO),)),
+)
+
 # Every row above, in table order (rows are appended by several blocks of this file).
 NODE_IDS = [row.node_id for row in NODE_TABLE]

@@ -1,0 +1,155 @@
+"""TPG, TSG and ICG (guidance_core/condition_free.py) through real sampling on tiny UNet and DiT models, against
+references written here from the papers, each applied the way ComfyUI's PerturbedAttentionGuidance applies PAG
+(an extra cond pass after CFG, ``denoised + s·(cond − perturbed)``), never through the pack's patches.
+
+TPG (Rajabi et al. 2025, arXiv:2506.10036; the authors' pipeline_sdxl_tpg.py): the hidden states entering each
+chosen transformer block are shuffled on the token dimension, one permutation per block call, not undone.
+The reference does it with a forward pre-hook on the host's own block modules (UNet: each
+BasicTransformerBlock of the block; Flux: the DoubleStreamBlock's ``img``; Wan: the WanAttentionBlock's x),
+drawing the permutation from the core's seeded ``token_permutation`` (checked to be a fresh permutation per
+step and layer in tests/core/test_condition_free.py) at the step the reference counts itself.
+
+Host behaviour these tests depend on (ComfyUI 0.8.0 and 0.33.0):
+- comfy/ldm/modules/attention.py SpatialTransformer.forward calls ``block(x, context=..., transformer_options=...)``
+  for each BasicTransformerBlock (x positional: its (B, H·W, C) hidden states).
+- comfy/ldm/flux/model.py forward_orig calls each double block as ``block(img=..., txt=..., vec=..., pe=...)``
+  (the image stream alone; the text is ``txt``), inside the ``dit`` replace patch when one is set.
+- comfy/ldm/wan/model.py forward_orig calls ``block(x, e=..., freqs=..., context=...)``; the text enters by
+  cross-attention only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from harness import ForwardCounter, assert_window_is_partial
+from references import perturbed_pass_reference
+from support import MIN_EFFECT, STEPS, assert_parity, node, relative_error, sample_family
+
+from guidance_core.condition_free import token_permutation
+
+SCALE = 3.0
+SEED = 7
+
+
+def _blocks(diffusion_model, family: str, layer: str):
+    """(layer key for the permutation, module) of the host blocks whose input TPG shuffles."""
+    kind, _, index = layer.partition(".")
+    if family == "sd15":  # every BasicTransformerBlock of the UNet block, keyed by transformer index
+        block = (diffusion_model.middle_block if kind == "middle"
+                 else getattr(diffusion_model, f"{kind}_blocks")[int(index)])
+        transformers = [m for m in block.modules() if type(m).__name__ == "SpatialTransformer"]
+        return [((kind, int(index or 0), i), b) for t in transformers for i, b in enumerate(t.transformer_blocks)]
+    if family == "flux":
+        return [(("double", int(index), None), diffusion_model.double_blocks[int(index)])]
+    return [(("double", int(layer), None), diffusion_model.blocks[int(layer)])]  # wan: "1"
+
+
+def tokens_shuffled_reference(model, family: str, layer: str, seed: int, window=None):
+    """TPG's perturbed pass: every chosen block's input tokens permuted (all of them: a cond-only pass), the
+    output left permuted; the permutation of (seed, step, block) as the core draws it. ``window`` (σ_start,
+    σ_end): outside it the term is off, so the step is plain CFG."""
+    steps = {"count": -1}
+
+    @contextlib.contextmanager
+    def perturbed(diffusion_model, model_options):
+        def shuffle_at_input(key):
+            def pre_hook(module, args, kwargs):
+                name = "img" if family == "flux" else None
+                x = kwargs[name] if name else args[0]
+                permutation = token_permutation(x.shape[1], seed, steps["count"], *key, device=x.device)
+                x = x[:, permutation]
+                return (args, {**kwargs, name: x}) if name else ((x, *args[1:]), kwargs)
+            return pre_hook
+
+        handles = [module.register_forward_pre_hook(shuffle_at_input(key), with_kwargs=True)
+                   for key, module in _blocks(diffusion_model, family, layer)]
+        try:
+            yield model_options
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    reference = perturbed_pass_reference(model, perturbed, SCALE)
+    post_cfg = reference.model_options["sampler_post_cfg_function"][-1]
+
+    def counted(args):
+        steps["count"] += 1
+        sigma = float(args["sigma"].flatten()[0])
+        if window is not None and not window[1] <= sigma <= window[0]:
+            return args["denoised"]
+        return post_cfg(args)
+
+    reference.model_options["sampler_post_cfg_function"][-1] = counted
+    return reference
+
+
+TPG_CASES = [pytest.param("sd15", "input.3", id="unet-input.3"), pytest.param("sd15", "middle", id="unet-middle"),
+             pytest.param("flux", "double.1", id="flux-double.1"), pytest.param("wan", "1", id="wan-block1")]
+
+
+@pytest.mark.parametrize(("family", "layer"), TPG_CASES)
+def test_tpg_matches_token_shuffle_reference(guiders_pack, tiny_model, family, layer) -> None:
+    """GuidersTPG = plain CFG + s·(cond − cond with the chosen blocks' input tokens shuffled).
+
+    Breaks caught (each tried, every case fails): the shuffle applied to every row, cond and uncond too
+    (error 4e-1 .. 6e-1); a different permutation than the step's (the key's step + 1: error 4e-1 .. 6e-1)."""
+    model = tiny_model(family)
+    ours = node("GuidersTPG", model=model, scale=SCALE, layers=layer, start_percent=0.0, end_percent=1.0, seed=SEED)
+    reference = tokens_shuffled_reference(model, family, layer, SEED)
+
+    assert_parity(sample_family(ours, family), sample_family(reference, family), sample_family(model, family))
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_tpg_window_is_respected(guiders_pack, tiny_model, family) -> None:
+    """Outside start..end the TPG term is off (its branch not evaluated); inside it matches the reference.
+    Break caught (tried): the window ignored by the node (both cases fail)."""
+    model = tiny_model(family)
+    start, end = 0.3, 1.0
+    assert_window_is_partial(model, start, end, STEPS)
+    sampling = model.get_model_object("model_sampling")
+    window = (float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end)))
+    layer = "input.3" if family == "sd15" else "double.1"
+    ours = node("GuidersTPG", model=model, scale=SCALE, layers=layer, start_percent=start, end_percent=end, seed=SEED)
+    reference = tokens_shuffled_reference(model, family, layer, SEED, window=window)
+
+    with ForwardCounter(model) as counter:
+        result = sample_family(ours, family)
+    assert_parity(result, sample_family(reference, family), sample_family(model, family))
+    sizes = counter.per_step()
+    assert sorted({tuple(s) for s in sizes}) == [(2,), (3,)], sizes  # TPG's branch only inside the window
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux", "wan"])
+def test_tpg_rides_in_the_one_batched_forward(guiders_pack, tiny_model, family) -> None:
+    """One forward per step of cond, uncond and the TPG branch (batch 3); with cfg 1, cond and TPG (batch 2).
+    Break caught: the branch evaluated in a call of its own (per step [2, 1])."""
+    model = tiny_model(family)
+    layer = {"sd15": "input.3", "flux": "double.1", "wan": "1"}[family]
+    ours = node("GuidersTPG", model=model, scale=SCALE, layers=layer, start_percent=0.0, end_percent=1.0, seed=SEED)
+    with ForwardCounter(model) as counter:
+        out = sample_family(ours, family)
+    assert counter.per_step() == [[3]] * STEPS
+    with ForwardCounter(model) as counter:
+        sample_family(ours, family, cfg=1.0)
+    assert counter.per_step() == [[2]] * STEPS
+    assert relative_error(out, sample_family(model, family)) > MIN_EFFECT
+
+
+def test_tpg_seed_changes_the_permutations(guiders_pack, tiny_model) -> None:
+    """The same seed gives the same result, another seed another one (the permutations are seeded)."""
+    model = tiny_model("sd15")
+    run = [sample_family(node("GuidersTPG", model=model, scale=SCALE, layers="input.3", start_percent=0.0,
+                                   end_percent=1.0, seed=seed), "sd15") for seed in (1, 1, 2)]
+    assert torch.equal(run[0], run[1])
+    assert relative_error(run[0], run[2]) > 1e-4
+
+
+def test_tpg_refuses_a_family_without_a_block_patch(guiders_pack, tiny_model) -> None:
+    """Families reached by forward hooks only (Lumina 2 / Z-Image) are refused, naming the supported ones."""
+    with pytest.raises(Exception, match="not supported"):
+        node("GuidersTPG", model=tiny_model("lumina2"), scale=SCALE, layers="auto", start_percent=0.0,
+             end_percent=1.0)
