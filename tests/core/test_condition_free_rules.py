@@ -1,8 +1,8 @@
 """guidance_core.condition_free (TPG, TSG, ICG) against the papers' definitions written here.
 
-Breaks shown to fail on a scratch copy: the permutation's seed ignoring a key (same permutation for two
-steps), the shuffle moving the text tokens before ``start``, TSG's noise not scaled by the embedding's std,
-ICG keeping the embedding's content (y + std·n), the TPG/TSG term's sign flipped.
+Breaks shown to fail (each tried): the permutation's seed ignoring the step key, the shuffled tokens written
+from position 0 instead of ``start`` (over the text tokens), TSG's noise not scaled by the embedding's std,
+ICG keeping the embedding's content (y + std·n), the perturbation term's sign flipped.
 """
 
 from __future__ import annotations

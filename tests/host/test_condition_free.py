@@ -28,7 +28,7 @@ from harness import ForwardCounter, assert_window_is_partial
 from references import perturbed_pass_reference
 from support import MIN_EFFECT, STEPS, assert_parity, node, relative_error, sample_family
 
-from guidance_core.condition_free import token_permutation
+from guidance_core.condition_free import keyed_normal, token_permutation
 
 SCALE = 3.0
 SEED = 7
@@ -153,3 +153,151 @@ def test_tpg_refuses_a_family_without_a_block_patch(guiders_pack, tiny_model) ->
     with pytest.raises(Exception, match="not supported"):
         node("GuidersTPG", model=tiny_model("lumina2"), scale=SCALE, layers="auto", start_percent=0.0,
              end_percent=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TSG: the cond branch at a noised time-step embedding
+
+TIME_EMBEDDINGS = {"sd15": "time_embed", "sd3": "t_embedder", "flux": "time_in", "wan": "time_embedding"}
+TSG_BRANCH_TAG = 2  # the first branch after cond (0) and uncond (1) in the step's batch: its noise key
+
+
+def time_noised_reference(model, family: str, noise_scale: float, seed: int, window=None, base=None,
+                          tag: int = TSG_BRANCH_TAG):
+    """TSG's negative (arXiv:2407.02687 §4): the cond pass with t_emb ↦ t_emb + s_n·std(t_emb)·n, the std per
+    sample over the features, n ~ N(0, I) the core's keyed draw of (seed, step, branch tag), on the output of
+    the module the host's forward takes the embedding from (TIME_EMBEDDINGS, read in the host's code)."""
+    steps = {"count": -1}
+
+    @contextlib.contextmanager
+    def perturbed(diffusion_model, model_options):
+        def add_noise(module, inputs, output):
+            noise = keyed_normal(output.shape, seed, steps["count"], tag, device=output.device)
+            spread = output.float().std(dim=tuple(range(1, output.ndim)), keepdim=True)
+            return (output.float() + noise_scale * spread * noise).to(output.dtype)
+
+        handle = getattr(diffusion_model, TIME_EMBEDDINGS[family]).register_forward_hook(add_noise)
+        # The cond alone, as the host computes it: a ``base`` patched by the pack (PAG) would otherwise run its
+        # own step (cond and its PAG branch) inside this pass; its patches do nothing without the step's routing.
+        options = {key: value for key, value in model_options.items() if key != "sampler_calc_cond_batch_function"}
+        options["transformer_options"] = {key: value for key, value in
+                                          model_options.get("transformer_options", {}).items()
+                                          if key != "comfyui_guiders"}
+        try:
+            yield options
+        finally:
+            handle.remove()
+
+    reference = perturbed_pass_reference(base if base is not None else model, perturbed, SCALE)
+    post_cfg = reference.model_options["sampler_post_cfg_function"][-1]
+
+    def counted(args):
+        steps["count"] += 1
+        sigma = float(args["sigma"].flatten()[0])
+        if window is not None and not window[1] <= sigma <= window[0]:
+            return args["denoised"]
+        return post_cfg(args)
+
+    reference.model_options["sampler_post_cfg_function"][-1] = counted
+    return reference
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "wan"])
+def test_tsg_matches_time_noised_reference(guiders_pack, tiny_model, family) -> None:
+    """GuidersTSG = plain CFG + s·(cond − cond at a noised time-step embedding).
+
+    Breaks caught (each tried, every case fails): the noise added to every row, cond and uncond too; the noise
+    not scaled by the embedding's std."""
+    model = tiny_model(family)
+    ours = node("GuidersTSG", model=model, scale=SCALE, noise_scale=1.0, start_percent=0.0, end_percent=1.0,
+                seed=SEED)
+    reference = time_noised_reference(model, family, 1.0, SEED)
+
+    assert_parity(sample_family(ours, family), sample_family(reference, family), sample_family(model, family))
+
+
+def test_tsg_window_and_forward_counts(guiders_pack, tiny_model) -> None:
+    """Outside start..end the TSG term is off and its branch not evaluated; inside, one forward of batch 3.
+    Break caught (tried): the window ignored by the node."""
+    model = tiny_model("sd15")
+    start, end = 0.0, 0.5
+    assert_window_is_partial(model, start, end, STEPS)
+    sampling = model.get_model_object("model_sampling")
+    window = (float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end)))
+    ours = node("GuidersTSG", model=model, scale=SCALE, noise_scale=2.0, start_percent=start, end_percent=end,
+                seed=SEED)
+    with ForwardCounter(model) as counter:
+        result = sample_family(ours, "sd15")
+    assert_parity(result, sample_family(time_noised_reference(model, "sd15", 2.0, SEED, window=window), "sd15"),
+                  sample_family(model, "sd15"))
+    assert sorted({tuple(s) for s in counter.per_step()}) == [(2,), (3,)], counter.per_step()
+
+
+def test_tsg_with_pag_shares_no_prefix_with_the_cond(guiders_pack, tiny_model) -> None:
+    """With PAG on the middle block, the UNet's shared prefix computes equal chunks once up to it; TSG's branch
+    differs from the cond from the time embedding on, so it must not share that prefix.
+    Break caught (tried): shared_prefix.py's check for perturbations without layers removed (error 2e-1)."""
+    model = tiny_model("sd15")
+    pag = node("GuidersPAG", model=model, scale=2.0, layers="middle", start_percent=0.0, end_percent=1.0)
+    ours = node("GuidersTSG", model=pag, scale=SCALE, noise_scale=1.0, start_percent=0.0, end_percent=1.0,
+                seed=SEED)
+    reference = time_noised_reference(model, "sd15", 1.0, SEED, base=pag, tag=3)  # PAG's branch is 2
+    with ForwardCounter(model) as counter:
+        result = sample_family(ours, "sd15")
+    assert counter.per_step() == [[4]] * STEPS
+    assert_parity(result, sample_family(reference, "sd15"), sample_family(pag, "sd15"))
+
+
+def test_tsg_refuses_a_family_without_a_time_embedding_site(guiders_pack, tiny_model) -> None:
+    with pytest.raises(Exception, match="no time-step embedding module"):
+        node("GuidersTSG", model=tiny_model("hunyuan_video"), scale=SCALE, noise_scale=1.0, start_percent=0.0,
+             end_percent=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ICG: CFG at an input-independent condition
+
+
+def independent_condition_reference(model, seed: int, fixed: bool):
+    """ICG (arXiv:2407.02687 §3): the uncond chunk's text embedding y replaced by std(y)·n, n ~ N(0, I) of y's
+    shape from a generator of ``seed`` started with the run, drawn every step (or once: ``fixed``); the rest of
+    CFG as the sampler does it. A model wrapper, as a user could write it, not the pack's conditioning path."""
+    state: dict = {}
+
+    def wrapper(apply_model, args):
+        x, sigma, chunks = args["input"], args["timestep"], args["cond_or_uncond"]
+        sigma_value = float(sigma.flatten()[0])
+        if state.get("last_sigma") is None or sigma_value >= state["last_sigma"]:
+            state["generator"], state["noise"] = torch.Generator().manual_seed(seed), None  # a new run
+        state["last_sigma"] = sigma_value
+        c = dict(args["c"])
+        embeddings = c["c_crossattn"].clone()
+        rows = embeddings.shape[0] // len(chunks)
+        for j, chunk in enumerate(chunks):
+            if chunk == 1:
+                y = embeddings[j * rows:(j + 1) * rows]
+                if state["noise"] is None or not fixed:
+                    state["noise"] = torch.randn(y[:1].shape, generator=state["generator"])
+                embeddings[j * rows:(j + 1) * rows] = (y.double().std() * state["noise"].double()).to(y.dtype)
+        c["c_crossattn"] = embeddings
+        return apply_model(x, sigma, **c)
+
+    reference = model.clone()
+    reference.set_model_unet_function_wrapper(wrapper)
+    return reference
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("mode", ["per step", "fixed"])
+def test_icg_matches_independent_condition_reference(guiders_pack, tiny_model, family, mode) -> None:
+    """GuidersICG = CFG with the negative at std(y)·n. No extra branch: one forward of cond + uncond per step.
+
+    Breaks caught (each tried, every case fails): the random condition given to the cond instead of the
+    uncond; y's content kept (y + std(y)·n); the two modes swapped."""
+    model = tiny_model(family)
+    ours = node("GuidersICG", model=model, mode=mode, seed=SEED)
+    reference = independent_condition_reference(model, SEED, mode == "fixed")
+    with ForwardCounter(model) as counter:
+        result = sample_family(ours, family)
+    assert counter.per_step() == [[2]] * STEPS
+    assert_parity(result, sample_family(reference, family), sample_family(model, family))
