@@ -32,6 +32,7 @@ from guidance_core.condition_free import keyed_normal, token_permutation
 
 SCALE = 3.0
 SEED = 7
+FLUX_TEXT_TOKENS = 16  # tiny_models' Flux prompt: the text part of a single block's cat(text, image)
 
 
 def _blocks(diffusion_model, family: str, layer: str):
@@ -42,6 +43,8 @@ def _blocks(diffusion_model, family: str, layer: str):
                  else getattr(diffusion_model, f"{kind}_blocks")[int(index)])
         transformers = [m for m in block.modules() if type(m).__name__ == "SpatialTransformer"]
         return [((kind, int(index or 0), i), b) for t in transformers for i, b in enumerate(t.transformer_blocks)]
+    if family == "flux" and kind == "single":  # x = cat(text, image): the image part only
+        return [(("single", int(index), None), diffusion_model.single_blocks[int(index)])]
     if family == "flux":
         return [(("double", int(index), None), diffusion_model.double_blocks[int(index)])]
     return [(("double", int(layer), None), diffusion_model.blocks[int(layer)])]  # wan: "1"
@@ -57,10 +60,11 @@ def tokens_shuffled_reference(model, family: str, layer: str, seed: int, window=
     def perturbed(diffusion_model, model_options):
         def shuffle_at_input(key):
             def pre_hook(module, args, kwargs):
-                name = "img" if family == "flux" else None
+                name = "img" if family == "flux" and key[0] == "double" else None
                 x = kwargs[name] if name else args[0]
-                permutation = token_permutation(x.shape[1], seed, steps["count"], *key, device=x.device)
-                x = x[:, permutation]
+                text = FLUX_TEXT_TOKENS if key[0] == "single" else 0
+                permutation = token_permutation(x.shape[1] - text, seed, steps["count"], *key, device=x.device)
+                x = torch.cat([x[:, :text], x[:, text:][:, permutation]], dim=1)
                 return (args, {**kwargs, name: x}) if name else ((x, *args[1:]), kwargs)
             return pre_hook
 
@@ -87,7 +91,8 @@ def tokens_shuffled_reference(model, family: str, layer: str, seed: int, window=
 
 
 TPG_CASES = [pytest.param("sd15", "input.3", id="unet-input.3"), pytest.param("sd15", "middle", id="unet-middle"),
-             pytest.param("flux", "double.1", id="flux-double.1"), pytest.param("wan", "1", id="wan-block1")]
+             pytest.param("flux", "double.1", id="flux-double.1"), pytest.param("flux", "single.1", id="flux-single.1"),
+             pytest.param("wan", "1", id="wan-block1")]
 
 
 @pytest.mark.parametrize(("family", "layer"), TPG_CASES)
@@ -95,7 +100,8 @@ def test_tpg_matches_token_shuffle_reference(guiders_pack, tiny_model, family, l
     """GuidersTPG = plain CFG + s·(cond − cond with the chosen blocks' input tokens shuffled).
 
     Breaks caught (each tried, every case fails): the shuffle applied to every row, cond and uncond too
-    (error 4e-1 .. 6e-1); a different permutation than the step's (the key's step + 1: error 4e-1 .. 6e-1)."""
+    (error 4e-1 .. 6e-1); a different permutation than the step's (the key's step + 1: error 4e-1 .. 6e-1); on
+    Flux's single blocks, the text tokens shuffled with the image's."""
     model = tiny_model(family)
     ours = node("GuidersTPG", model=model, scale=SCALE, layers=layer, start_percent=0.0, end_percent=1.0, seed=SEED)
     reference = tokens_shuffled_reference(model, family, layer, SEED)
