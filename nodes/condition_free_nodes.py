@@ -61,7 +61,12 @@ class GuidersTPG(io.ComfyNode):
         node = public_id(cls)
         check_inputs(cls, scale=scale, layers=layers, start_percent=start_percent, end_percent=end_percent,
                      seed=seed, branch_mode=branch_mode)
-        host.require_family(model, node, TPG_FAMILIES)
+        family = host.model_family(model)
+        if family not in TPG_FAMILIES:
+            raise host.GuidanceError(
+                f"{node}: this model's architecture ({families.display_name(family)}) is not supported: its forward "
+                "offers no block replace patch whose input tokens the pack can shuffle for one branch (the pack "
+                f"reaches it by forward hooks only, or not at all). {node} supports {family_names(TPG_FAMILIES)}.")
         chosen = host.parse_layers(layers, model, f"{node}: layers", families.TPG)
         shuffle = host.TokenShuffle(chosen, seed)
         return io.NodeOutput(perturbation_node(model, node, "tpg", shuffle, scale, schedule, start_percent,

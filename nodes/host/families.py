@@ -763,9 +763,11 @@ FAMILIES = tuple(
 # (0.8.0 and 0.33.0): openaimodel.py UNetModel._forward ``emb = self.time_embed(t_emb)``; mmdit.py MMDiT.forward
 # ``c = self.t_embedder(t)``; flux/model.py forward_orig ``vec = self.time_in(...)``; wan/model.py forward_orig
 # ``e = self.time_embedding(...)``. HunyuanVideo's time_in also embeds the guiding frame index in the same
-# forward, with another batch: not done.
+# forward, with another batch: not done. Chroma has no time embedding module (its distilled guidance layer
+# makes every modulation at once): not done.
 TSG = "tsg"
-_TIME_EMBEDDINGS = {"unet": "time_embed", "sd3": "t_embedder", "flux": "time_in", "wan": "time_embedding"}
+_TIME_EMBEDDINGS = {"unet": "time_embed", "sd3": "t_embedder", "flux": "time_in", "wan": "time_embedding",
+                    "flux2": "time_in", "longcat_image": "time_in"}  # Flux.2 and LongCat-Image run Flux's forward
 FAMILIES = tuple(replace(family, methods=family.methods | {TSG}, time_embedding=_TIME_EMBEDDINGS[family.key])
                  if family.key in _TIME_EMBEDDINGS else family for family in FAMILIES)
 

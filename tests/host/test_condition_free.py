@@ -164,7 +164,8 @@ def test_tpg_refuses_a_family_without_a_block_patch(guiders_pack, tiny_model) ->
 # ---------------------------------------------------------------------------------------------------------
 # TSG: the cond branch at a noised time-step embedding
 
-TIME_EMBEDDINGS = {"sd15": "time_embed", "sd3": "t_embedder", "flux": "time_in", "wan": "time_embedding"}
+TIME_EMBEDDINGS = {"sd15": "time_embed", "sd3": "t_embedder", "flux": "time_in", "wan": "time_embedding",
+                   "flux2": "time_in", "wan22_5b": "time_embedding"}
 TSG_BRANCH_TAG = 2  # the first branch after cond (0) and uncond (1) in the step's batch: its noise key
 
 
@@ -208,7 +209,7 @@ def time_noised_reference(model, family: str, noise_scale: float, seed: int, win
     return reference
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "wan"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "wan", "flux2", "wan22_5b"])
 def test_tsg_matches_time_noised_reference(guiders_pack, tiny_model, family) -> None:
     """GuidersTSG = plain CFG + s·(cond − cond at a noised time-step embedding).
 
