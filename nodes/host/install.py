@@ -71,8 +71,8 @@ def _install_hooks(patched, setup: GuidanceSetup) -> None:
             patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, make_module_hooks_wrapper(family))
         return
     if family == "unet" and _has_token_shuffle(setup.stack) and not patched.get_wrappers(wrappers.APPLY_MODEL,
-                                                                                           WRAPPER_KEY):
-        patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, unet_token_shuffle_wrapper)
+                                                                                           TPG_WRAPPER_KEY):
+        patched.add_wrapper_with_key(wrappers.APPLY_MODEL, TPG_WRAPPER_KEY, unet_token_shuffle_wrapper)
     for layer in layers + _dit_prefix_layers(patched, layers):
         _install_layer_patch(patched, layer)
     if layers and not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):
@@ -81,7 +81,9 @@ def _install_hooks(patched, setup: GuidanceSetup) -> None:
                                      text_tokens_wrapper if dit else shared_prefix_wrapper)
 
 
-TSG_WRAPPER_KEY = WRAPPER_KEY + ".time_embedding"  # its own slot: module hooks or TPG may hold WRAPPER_KEY's
+# Their own APPLY_MODEL slots: module hooks hold WRAPPER_KEY's on the families that need them.
+TSG_WRAPPER_KEY = WRAPPER_KEY + ".time_embedding"
+TPG_WRAPPER_KEY = WRAPPER_KEY + ".token_shuffle"
 
 
 def _has_token_shuffle(stack: GuidanceStack) -> bool:
