@@ -14,10 +14,10 @@ definition. So the English always comes from the node's schema; the table gives 
 
 A ``_shared`` entry translates an input of any node whose tooltip is exactly its ``en`` (so a changed
 tooltip is reported instead of silently keeping an old translation). ``{pag_families}``, ``{seg_families}``,
-``{slg_families}``, ``{pag_auto}`` and ``{slg_auto}`` in a translation are filled from the family records
-(nodes/host/families.py), as the English is. A missing entry is an error naming the node and the input; so
-is a translation whose English changed since it was written (``_sources``: a fingerprint of the English per
-translated string, recorded by ``--accept``).
+``{slg_families}``, ``{tpg_families}``, ``{tsg_families}``, ``{pag_auto}``, ``{slg_auto}`` and ``{tpg_auto}``
+in a translation are filled from the family records (nodes/host/families.py), as the English is. A missing
+entry is an error naming the node and the input; so is a translation whose English changed since it was
+written (``_sources``: a fingerprint of the English per translated string, recorded by ``--accept``).
 
 Run with the Python of a ComfyUI (the node definitions import comfy_api):
     COMFYUI_PATH=~/ComfyUI ~/ComfyUI/.venv/bin/python docs/make_translations.py
@@ -69,6 +69,9 @@ def placeholders(node_classes: dict[str, type]) -> dict[str, str]:
         "slg_families": common.family_names(common.BLOCK_FAMILIES),
         "pag_auto": families.recommended_summary(families.PAG),
         "slg_auto": families.recommended_summary(families.SLG),
+        "tpg_families": common.family_names(common.TPG_FAMILIES),
+        "tpg_auto": families.recommended_summary(families.TPG),
+        "tsg_families": common.family_names(common.TSG_FAMILIES),
     }
 
 

@@ -39,6 +39,12 @@ BLOCK_FAMILIES = families.families_supporting(families.SLG)
 SAG_FAMILIES = families.families_supporting(families.SAG)
 
 
+TPG_FAMILIES = families.families_supporting(families.TPG)
+
+
+TSG_FAMILIES = families.families_supporting(families.TSG)
+
+
 def family_names(keys: tuple[str, ...]) -> str:
     """The families' display names, for a node's description (from the records, so it never drifts)."""
     return ", ".join(families.display_name(key) for key in keys)

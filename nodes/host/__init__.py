@@ -12,7 +12,16 @@ from . import families
 from .install import add_guidance
 from .layers import Layer, input_signature, model_family, parse_layers, require_family
 from .marks import GuidanceError
-from .perturbations import AttentionPerturbation, BlockSkip, LateBranch, LateCall, SublayerSkip, sublayer_modules
+from .perturbations import (
+    AttentionPerturbation,
+    BlockSkip,
+    LateBranch,
+    LateCall,
+    SublayerSkip,
+    TimeEmbeddingNoise,
+    TokenShuffle,
+    sublayer_modules,
+)
 from .step import get_setup
 from .windows import percent_window
 
@@ -24,6 +33,8 @@ __all__ = [
     "LateCall",
     "Layer",
     "SublayerSkip",
+    "TimeEmbeddingNoise",
+    "TokenShuffle",
     "add_guidance",
     "families",
     "get_setup",

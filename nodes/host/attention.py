@@ -12,6 +12,7 @@ import torch
 from . import families
 from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, IMAGE_LATENT_SHAPE_KEY, STEP_KEY, TEXT_TOKENS_KEY, is_ours, mark_ours
+from .perturbations import AttentionPerturbation
 from .routing import apply_chunked, chunk_perturbations, grid_for, image_latent_shape, perturbed_attention
 
 
@@ -24,7 +25,9 @@ def make_unet_attn1_patch(previous: Callable | None):
     def attn1_replace(q, k, v, extra_options):
         block = extra_options.get("block")
         layer = Layer(block[0], block[1], extra_options.get("block_index", 0))
-        chunks = chunk_perturbations(extra_options, layer)
+        # Only attention perturbations act here: TPG's token shuffle on the same layer acts at the block's input.
+        chunks = [[p for p in c if isinstance(p, AttentionPerturbation)]
+                  for c in chunk_perturbations(extra_options, layer)]
         heads = extra_options["n_heads"]
 
         theirs = previous

@@ -11,11 +11,12 @@ from collections.abc import Callable
 
 import torch
 
+from ...guidance_core.condition_free import shuffle_tokens
 from . import families
 from .layers import Layer
 from .marks import ACTIVE_LAYER_KEY, STEP_KEY, TEXT_TOKENS_KEY, mark_ours
 from .module_hooks import sublayer_skip_hooks
-from .perturbations import AttentionPerturbation, BlockSkip
+from .perturbations import AttentionPerturbation, BlockSkip, TokenShuffle
 from .routing import (
     ActiveBlock,
     chunk_perturbations,
@@ -91,6 +92,8 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         touched = [j for j, c in enumerate(chunks) if any(not isinstance(p, BlockSkip) for p in c)]
         other_streams = (_unperturbed_other_streams(original, args, transformer_options, chunks, touched)
                          if streams and touched else None)
+        if any(isinstance(p, TokenShuffle) for c in chunks for p in c):
+            call_args = {**call_args, "img": _tokens_shuffled(args, transformer_options, record, layer, chunks)}
         hooks = sublayer_skip_hooks(transformer_options[STEP_KEY].diffusion_model, family, layer, chunks)
         try:
             out = original(call_args)
@@ -110,6 +113,31 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         return out
 
     return mark_ours(block_replace, previous)
+
+
+def _tokens_shuffled(args: dict, transformer_options: dict, record: families.ModelFamily, layer: Layer,
+                     chunks: list[list]):
+    """The block's ``img`` with the image tokens of each TPG chunk's rows shuffled (TokenShuffle): the whole
+    image stream where the text comes as ``txt`` of its own (double and joint blocks, Wan, LTXV), else the
+    sequence less its text tokens (single blocks of one ``[text, image]`` sequence). Reference-image tokens in
+    the image stream (Flux Kontext, Qwen-Image Edit) are shuffled with it: TPG perturbs every token the block's
+    image stream holds, as the authors do the UNet block's hidden states."""
+    stream = _perturbed_stream(args["img"])
+    tokens = stream.shape[1]
+    start, count = 0, tokens
+    if args.get("txt") is None and record.text_position != families.NO_TEXT:
+        text = _text_tokens(args, transformer_options, record)
+        count = tokens - text
+        start = text if record.text_position == families.TEXT_BEFORE_IMAGE else 0
+    n, step = len(chunks), transformer_options[STEP_KEY].step
+    size = stream.shape[0] // n
+    shuffled = stream.clone()
+    for j, chunk in enumerate(chunks):
+        for shuffle in (p for p in chunk if isinstance(p, TokenShuffle)):
+            rows = slice(j * size, (j + 1) * size)
+            permutation = shuffle.permutation(count, step, layer, stream.device)
+            shuffled[rows] = shuffle_tokens(shuffled[rows], permutation, start)
+    return _with_perturbed_stream(args["img"], shuffled)
 
 
 def _after_reference_tokens(grid, args: dict, transformer_options: dict, record: families.ModelFamily):

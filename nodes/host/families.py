@@ -99,6 +99,8 @@ class ModelFamily:
     # The model input (an extra cond, by name) whose length is the number of tokens before the image in the
     # blocks' sequence (HiDream O1: ``input_ids``, the prompt and its timestep token).
     prompt_tokens_input: str = ""
+    # The diffusion model's module whose output is the time-step embedding every block reads (TSG noises it).
+    time_embedding: str = ""
 
     def recommended_for(self, method: str, blocks: int) -> Recommended | None:
         """The recommended layers for ``method`` on a model of this family with ``blocks`` main blocks: the
@@ -830,6 +832,32 @@ NAG_SITES["hunyuan_dit"] = NagSite(
            "(the text states), HunYuanDiTBlock.forward (attn2(norm3(x), text_states, freq_cis_img))")
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "hunyuan_dit" else family
                  for family in FAMILIES)
+
+# TPG (token perturbation guidance): the image tokens entering a block are shuffled. UNets: a forward pre-hook on
+# each BasicTransformerBlock of the layer (nodes/host/token_shuffle.py); DiTs: the ``dit`` block patch shuffles
+# the image stream it is handed (dit_blocks.py), so every family whose forward offers that patch. The families
+# with forward hooks only are not done (their block sites lay their streams out each their own way).
+TPG = "tpg"
+_TPG_UNET = Recommended(
+    ("input.7", "input.8"), "TPG authors' pipeline_sdxl_tpg.py: tpg_applied_layers_index d6-d23, on SDXL the "
+                            "down path's last transformer blocks (input_blocks 7 and 8 less block 7's first two)")
+FAMILIES = tuple(
+    replace(family, methods=family.methods | {TPG},
+            recommended={**family.recommended, TPG: _TPG_UNET} if family.key == "unet" else family.recommended)
+    if family.key == "unet" or (DIT_BLOCK_REPLACE in family.hooks and FORWARD_HOOKS not in family.hooks) else family
+    for family in FAMILIES)
+
+# TSG (time-step guidance): the module whose output is the time-step embedding, from the host's forward
+# (0.8.0 and 0.33.0): openaimodel.py UNetModel._forward ``emb = self.time_embed(t_emb)``; mmdit.py MMDiT.forward
+# ``c = self.t_embedder(t)``; flux/model.py forward_orig ``vec = self.time_in(...)``; wan/model.py forward_orig
+# ``e = self.time_embedding(...)``. HunyuanVideo's time_in also embeds the guiding frame index in the same
+# forward, with another batch: not done. Chroma has no time embedding module (its distilled guidance layer
+# makes every modulation at once): not done.
+TSG = "tsg"
+_TIME_EMBEDDINGS = {"unet": "time_embed", "sd3": "t_embedder", "flux": "time_in", "wan": "time_embedding",
+                    "flux2": "time_in", "longcat_image": "time_in"}  # Flux.2 and LongCat-Image run Flux's forward
+FAMILIES = tuple(replace(family, methods=family.methods | {TSG}, time_embedding=_TIME_EMBEDDINGS[family.key])
+                 if family.key in _TIME_EMBEDDINGS else family for family in FAMILIES)
 
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 

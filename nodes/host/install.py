@@ -18,7 +18,7 @@ from .dit_blocks import make_dit_block_patch
 from .layers import Layer, model_family, model_layers
 from .marks import SETUP_KEY, WRAPPER_KEY, is_ours
 from .module_hooks import make_inner_forward_hooks_wrapper, make_module_hooks_wrapper, uses_forward_hooks
-from .perturbations import patched_layers
+from .perturbations import TokenShuffle, patched_layers
 from .shared_prefix import shared_prefix_wrapper
 from .step import (
     GuidanceSetup,
@@ -28,6 +28,8 @@ from .step import (
     outer_sample_wrapper,
     predict_noise_wrapper,
 )
+from .time_embedding import has_time_embedding_noise, make_time_embedding_wrapper
+from .token_shuffle import unet_token_shuffle_wrapper
 
 
 def add_guidance(model, node: str, update: Callable[[GuidanceStack], GuidanceStack], extra_models=()) -> Any:
@@ -62,6 +64,8 @@ def _install_hooks(patched, setup: GuidanceSetup) -> None:
         patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
         patched.add_wrapper_with_key(wrappers.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)
     family = model_family(patched)
+    if has_time_embedding_noise(setup) and not patched.get_wrappers(wrappers.APPLY_MODEL, TSG_WRAPPER_KEY):
+        patched.add_wrapper_with_key(wrappers.APPLY_MODEL, TSG_WRAPPER_KEY, make_time_embedding_wrapper(family))
     if layers and uses_forward_hooks(family):
         # No working block patch in this family's forward: hooks on its modules, registered for one forward at a time.
         if families.INNER_FORWARD_HOOKS in families.FAMILY_BY_KEY[family].hooks:
@@ -71,12 +75,24 @@ def _install_hooks(patched, setup: GuidanceSetup) -> None:
         elif not patched.get_wrappers(wrappers.APPLY_MODEL, WRAPPER_KEY):
             patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, make_module_hooks_wrapper(family))
         return
+    if family == "unet" and _has_token_shuffle(setup.stack) and not patched.get_wrappers(wrappers.APPLY_MODEL,
+                                                                                           TPG_WRAPPER_KEY):
+        patched.add_wrapper_with_key(wrappers.APPLY_MODEL, TPG_WRAPPER_KEY, unet_token_shuffle_wrapper)
     for layer in layers + _dit_prefix_layers(patched, layers):
         _install_layer_patch(patched, layer)
     if layers and not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):
         dit = any(layer.is_dit for layer in layers)
         patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY,
                                      text_tokens_wrapper if dit else shared_prefix_wrapper)
+
+
+# Their own APPLY_MODEL slots: module hooks hold WRAPPER_KEY's on the families that need them.
+TSG_WRAPPER_KEY = WRAPPER_KEY + ".time_embedding"
+TPG_WRAPPER_KEY = WRAPPER_KEY + ".token_shuffle"
+
+
+def _has_token_shuffle(stack: GuidanceStack) -> bool:
+    return any(isinstance(branch.perturbation, TokenShuffle) for branch in stack.branches)
 
 
 def _dit_prefix_layers(model, layers: list[Layer]) -> list[Layer]:

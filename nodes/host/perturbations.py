@@ -123,3 +123,33 @@ def patched_layers(stack: GuidanceStack) -> list[Layer]:
         layers.extend(p.layers)
     return list(dict.fromkeys(layers))
 
+
+
+@dataclass(frozen=True)
+class TokenShuffle:
+    """TPG: the hidden states entering each block of ``layers`` have their image tokens shuffled, one fresh
+    permutation per block call (``condition_free.token_permutation`` of ``seed``, the step and the block), the
+    same for every row of the branch; the block's output stays shuffled (the authors' pipeline_sdxl_tpg.py).
+    UNet: the input of each BasicTransformerBlock (nodes/host/token_shuffle.py); DiT: the ``dit`` block patch
+    shuffles the image stream it is handed."""
+
+    layers: tuple[Layer, ...]
+    seed: int = 0
+    label: str = "TPG"
+
+    def permutation(self, count: int, step: int, layer: Layer, device) -> torch.Tensor:
+        from ...guidance_core.condition_free import token_permutation
+
+        return token_permutation(count, self.seed, step, layer.kind, layer.index, layer.sub, device=device)
+
+
+@dataclass(frozen=True)
+class TimeEmbeddingNoise:
+    """TSG: the branch's time-step embedding (the output of its family record's ``time_embedding`` module)
+    gets Gaussian noise, ``condition_free.noised_time_embedding``, fresh per step from ``seed``
+    (nodes/host/time_embedding.py). It acts before every block: no layers, so no shared prefix with the cond."""
+
+    noise_scale: float
+    seed: int = 0
+    label: str = "TSG"
+    layers: tuple[Layer, ...] = ()

@@ -25,6 +25,7 @@ class ForwardRouting:
     latent_shape: tuple
     scratch: dict
     diffusion_model: Any = None
+    step: int = 0  # the step's index in the run (perturbations that draw per step: TPG's permutations)
 
 
 @dataclass

@@ -105,6 +105,8 @@ def _shared_prefix(unet, x, timesteps, context, y, transformer_options) -> Share
         return None
     positions = {(name, index): position for position, (name, index, _block) in enumerate(_unet_blocks(unet))}
     grouped = [j for j in range(n) if source.count(source[j]) > 1]
+    if any(not p.layers for j in grouped for p in routing.by_index.get(tags[j], [])):
+        return None  # a perturbation of the whole forward (TSG's time embedding): nothing is shared
     split = min((positions[(layer.kind, layer.index)] for j in grouped for p in routing.by_index.get(tags[j], [])
                  for layer in p.layers), default=len(positions))
     return SharedPrefix(tuple(kept), tuple(source), split) if split > 0 else None

@@ -258,7 +258,7 @@ def _make_calc_cond_batch(previous: Callable | None):
         layout = _batch_layout(stack, needed, sources, ctx.sigma)
         run.scratch = {}
         routing = ForwardRouting(layout.perturbations, tuple(x.shape), run.scratch,
-                                 getattr(model, "diffusion_model", None))
+                                 getattr(model, "diffusion_model", None), step=ctx.step)
         outputs = _evaluate_batch(previous, model, layout.conds, x, sigma, with_step_info(model_options, routing),
                                   stack.sequential)
 

@@ -415,5 +415,27 @@ NODE_TABLE += (
                                                                tau2=0.95, psi=1.0), IMAGE),)),
 )
 
+# Guidance without a trained unconditional: TPG, TSG, ICG (tests/host/test_condition_free.py).
+NODE_TABLE += (
+    NodeRow("GuidersTPG", ("sd15", "flux", "wan"), "Rajabi et al. 2025 §3 written in the test (pre-hooks on the "
+            "host's blocks shuffling their input tokens)",
+            ("test_condition_free.py::test_tpg_matches_token_shuffle_reference",
+             "test_condition_free.py::test_tpg_window_is_respected",
+             "test_condition_free.py::test_tpg_rides_in_the_one_batched_forward"),
+            effect_cases=(EffectCase("TPG", lambda m, w: node("GuidersTPG", model=m, scale=3.0), IMAGE + VIDEO),)),
+    NodeRow("GuidersTSG", ("sd15", "sd3", "flux", "wan"), "Sadat et al. 2025 §4 written in the test (a forward "
+            "hook noising the host's time-step embedding module in a cond pass)",
+            ("test_condition_free.py::test_tsg_matches_time_noised_reference",
+             "test_condition_free.py::test_tsg_window_and_forward_counts",
+             "test_condition_free.py::test_tsg_with_pag_shares_no_prefix_with_the_cond"),
+            effect_cases=(EffectCase("TSG", lambda m, w: node("GuidersTSG", model=m, scale=3.0, noise_scale=2.0),
+                                     IMAGE + ("wan",)),)),
+    NodeRow("GuidersICG", ("sd15", "flux"), "Sadat et al. 2025 §3 written in the test (a model wrapper giving the "
+            "uncond std(y)·n)",
+            ("test_condition_free.py::test_icg_matches_independent_condition_reference",),
+            effect_cases=(EffectCase("ICG", lambda m, w: node("GuidersICG", model=m, mode="per step", seed=0),
+                                     IMAGE + VIDEO),)),
+)
+
 # Every row above, in table order (rows are appended by several blocks of this file).
 NODE_IDS = [row.node_id for row in NODE_TABLE]

@@ -164,6 +164,12 @@ CASES += [
     Case("SMCCFG", ("GuidersSMCCFG",), lambda m, f, w: node("GuidersSMCCFG", model=m), accumulates=True),
     Case("CADS", ("GuidersCADS",), lambda m, f, w: node("GuidersCADS", model=m, noise_scale=0.5), accumulates=True),
 ]
+# Guidance without a trained unconditional (nodes/condition_free_nodes.py).
+CASES += [
+    Case("TPG", ("GuidersTPG",), lambda m, f, w: node("GuidersTPG", model=m, scale=3.0)),
+    Case("TSG", ("GuidersTSG",), lambda m, f, w: node("GuidersTSG", model=m, scale=3.0, noise_scale=1.0)),
+    Case("ICG", ("GuidersICG",), lambda m, f, w: node("GuidersICG", model=m, mode="per step", seed=0)),
+]
 PARAMS = [pytest.param(case, family, id=f"{case.name}-{family}") for case in CASES for family in case.families]
 
 
