@@ -75,7 +75,8 @@ class GuidersNAG(io.ComfyNode):
         context = negative_context(node, negative)
         check_context_width(node, model, family, context)
         extras = negative[0][1] if len(negative[0]) > 1 and isinstance(negative[0][1], dict) else {}
-        missing = [key for key in families.NAG_SITES[family].required_extras if extras.get(key) is None]
+        site = families.JOINT_NAG_SITES.get(family) or families.NAG_SITES[family]
+        missing = [key for key in site.required_extras if extras.get(key) is None]
         if missing:
             raise host.GuidanceError(f"{node}: negative has no {', '.join(missing)}, which "
                                      f"{families.display_name(family)} embeds its prompt with; encode the negative "
@@ -118,6 +119,15 @@ def check_context_width(node: str, model, family: str, context) -> None:
     """The negative must come from the model's own text encoder: its feature count must be what the model's
     cross-attention (or the text embedding before it) takes."""
     diffusion_model = model.get_model_object("diffusion_model")
+    if family in families.JOINT_NAG_SITES:
+        first_name = families.JOINT_NAG_SITES[family].text_input
+        first = attribute_path(diffusion_model, first_name)
+        expected = next((m.in_features for m in first.modules() if hasattr(m, "in_features")), None)
+        if expected is not None and context.shape[-1] != expected:
+            raise host.GuidanceError(f"{node}: negative has {context.shape[-1]} features per token, this "
+                                     f"{families.display_name(family)} model's text input takes {expected}: encode "
+                                     "the negative with the text encoder loaded with this model.")
+        return
     site = families.NAG_SITES[family]
     first_name = site.text_input or site.context_embedding
     first = attribute_path(diffusion_model, first_name) if first_name else None

@@ -743,6 +743,158 @@ NAG_SITES["hunyuan_dit"] = NagSite(
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "hunyuan_dit" else family
                  for family in FAMILIES)
 
+
+# NAG on joint attention (issue #12): where the text shares the attention sequence with the image, the negative's
+# text tokens are a stream of their own, carried through every block by the block's own text-stream modules, and
+# in each block Z⁻ is the joint attention of [negative text tokens; the positive's image tokens] (the same image
+# queries, keys and values as Z⁺: arXiv:2505.21179 §3, Z⁻ = Attn(Q, K⁻, V⁻)); NAG combines the image rows of Z⁺
+# and Z⁻, the text rows are left alone (nodes/host/nag_joint.py has the mechanism and what was checked).
+@dataclass(frozen=True)
+class JointNagSite:
+    """A joint-attention family's text stream for NAG.
+
+    ``embed_text(diffusion_model, negative)``: the negative's text stream before the first block, as the forward
+    makes its prompt's. ``text_rope(diffusion_model, length, rows, device)``: the rotary embedding of ``length``
+    text tokens (None: the family ropes no text). ``apply_rope(q, k, pe)``: the family's rope on heads-split
+    q, k. ``negative_modulation(diffusion_model, block, kind, block_kwargs, rows, pooled_delta)``: what the
+    block's text modulation takes for the negative rows (the positive rows', with the pooled-text part the
+    negative's own where the family has one). ``text_qkv(block, kind, text, modulation)``: heads-split q, k, v
+    of the negative's text tokens (before rope) and what ``text_update`` needs. ``text_update(block, kind,
+    text, saved, attention)``: the negative's text tokens after the block, from the text rows of its joint
+    attention output. ``pooled``: the diffusion model's module the pooled text goes through ("" = none);
+    ``text_input``: the module the text encoder's output goes into first (the width check)."""
+
+    embed_text: Any
+    text_rope: Any
+    apply_rope: Any
+    negative_modulation: Any
+    text_qkv: Any
+    text_update: Any
+    text_input: str
+    pooled: str = ""
+    text_first: bool = True
+    required_extras: tuple[str, ...] = ()
+    # (the negative's text-encoder output) -> the context as the ComfyUI model makes it from a conditioning
+    # (comfy/model_base.py extra_conds), None: as the encoder gave it.
+    prepare_text: Any = None
+    mechanism: str = ""
+    source: str = ""
+
+
+def _flux2_context(negative):
+    """model_base.Flux2.extra_conds (0.8.0 and 0.33.0): the prompt padded with zero tokens in FRONT to 512."""
+    import torch
+
+    target = 512
+    if negative.shape[1] < target:
+        negative = torch.nn.functional.pad(negative, (0, 0, target - negative.shape[1], 0))
+    return negative
+
+
+def _flux_embed_text(dm, negative):
+    if getattr(dm, "txt_norm", None) is not None:
+        negative = dm.txt_norm(negative)
+    return dm.txt_in(negative)
+
+
+def _flux_text_rope(dm, length: int, rows: int, device):
+    """Flux._forward's txt_ids for ``length`` tokens (zeros; a linspace on params.txt_ids_dims), through
+    pe_embedder, as forward_orig does for [text; image] (the text part only)."""
+    import torch
+
+    ids = torch.zeros((rows, length, len(dm.params.axes_dim)), device=device, dtype=torch.float32)
+    for axis in getattr(dm.params, "txt_ids_dims", None) or ():
+        ids[:, :, axis] = torch.linspace(0, length - 1, steps=length, device=device, dtype=torch.float32)
+    return dm.pe_embedder(ids)
+
+
+def _flux_apply_rope(q, k, pe):
+    from comfy.ldm.flux.math import apply_rope
+
+    return apply_rope(q, k, pe)
+
+
+def _first_slot(mod):
+    """A ModulationOut whose tensors hold one modulation per token range (Flux.2's timestep-zero reference
+    images: (B, 2, D), modulation_dims) -> the first range's, which covers the text tokens."""
+    import dataclasses as dc
+
+    if mod.scale.ndim == 3 and mod.scale.shape[1] > 1:
+        return dc.replace(mod, **{f: getattr(mod, f)[:, :1] for f in ("shift", "scale", "gate")})
+    return mod
+
+
+def _flux_negative_modulation(dm, block, kind, block_kwargs, rows, pooled_delta):
+    """A block with its own modulation (Flux.1, LongCat) takes ``vec``: the positive rows' with vector_in's
+    part replaced by the negative's pooled output (as ComfyUI-NAG flux/model.py forms the negative rows' vec).
+    Global modulation (Flux.2) and Chroma hand the block its ModulationOuts: the positive rows' (no pooled text
+    in them)."""
+    from .shared_prefix import select_rows
+
+    vec = block_kwargs["vec"]
+    batch = block_kwargs["img"].shape[0] if kind == "double" else block_kwargs["x"].shape[0]
+    if hasattr(vec, "index_select"):
+        vec = vec.index_select(0, rows)
+        return vec + pooled_delta.to(vec) if pooled_delta is not None else vec
+    return select_rows(vec, rows, batch)
+
+
+def _flux_text_qkv(block, kind, text, modulation):
+    from comfy.ldm.flux.layers import apply_mod
+
+    heads = block.num_heads
+    if kind == "double":
+        first, second = block.txt_mod(modulation) if block.modulation else modulation[1]
+        first, second = _first_slot(first), _first_slot(second)
+        qkv = block.txt_attn.qkv(apply_mod(block.txt_norm1(text), 1 + first.scale, first.shift))
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = block.txt_attn.norm(q, k, v)
+        return (q, k, v), (first, second)
+    mod = _first_slot(block.modulation(modulation)[0] if block.modulation else modulation)
+    fused = block.linear1(apply_mod(block.pre_norm(text), 1 + mod.scale, mod.shift))
+    qkv, mlp = fused.split([3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = block.norm(q, k, v)
+    return (q, k, v), (mod, mlp)
+
+
+def _flux_text_update(block, kind, text, saved, attention):
+    """DoubleStreamBlock.forward's "txt blocks" / SingleStreamBlock.forward's linear2 and gate, on the negative's
+    text tokens (comfy/ldm/flux/layers.py)."""
+    import torch
+    from comfy.ldm.flux.layers import apply_mod
+
+    if kind == "double":
+        first, second = saved
+        text = text + apply_mod(block.txt_attn.proj(attention), first.gate)
+        return text + apply_mod(block.txt_mlp(apply_mod(block.txt_norm2(text), 1 + second.scale, second.shift)),
+                                second.gate)
+    mod, mlp = saved
+    if block.yak_mlp:
+        half = block.mlp_hidden_dim_first // 2
+        mlp = block.mlp_act(mlp[..., half:]) * mlp[..., :half]
+    else:
+        mlp = block.mlp_act(mlp)
+    return text + apply_mod(block.linear2(torch.cat((attention, mlp), 2)), mod.gate)
+
+
+_FLUX_JOINT_NAG = JointNagSite(
+    embed_text=_flux_embed_text, text_rope=_flux_text_rope, apply_rope=_flux_apply_rope,
+    negative_modulation=_flux_negative_modulation, text_qkv=_flux_text_qkv, text_update=_flux_text_update,
+    text_input="txt_in", pooled="vector_in",
+    mechanism="forward hooks on every double and single block for one forward (the negative's text stream) and "
+              "the attention override (Z⁻ beside the block's joint attention, NAG on its image rows)",
+    source="comfy/ldm/flux/layers.py DoubleStreamBlock.forward, SingleStreamBlock.forward; comfy/ldm/flux/model.py "
+           "Flux.forward_orig (txt_norm, txt_in, vector_in, pe_embedder of [txt_ids; img_ids]); ComfyUI-NAG "
+           "@ef8a641 flux/layers.py, flux/model.py")
+JOINT_NAG_SITES: dict[str, JointNagSite] = {
+    "flux": replace(_FLUX_JOINT_NAG, required_extras=("pooled_output",)),
+    "flux2": replace(_FLUX_JOINT_NAG, prepare_text=_flux2_context,
+                     source=_FLUX_JOINT_NAG.source + "; comfy/model_base.py Flux2.extra_conds (the 512-token padding)"),
+}
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in JOINT_NAG_SITES else family
+                 for family in FAMILIES)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 

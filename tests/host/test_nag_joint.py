@@ -1,0 +1,324 @@
+"""GuidersNAG on the joint-attention families (issue #12), through ComfyUI's real KSampler on tiny random-weight
+models: Flux (dev: pooled CLIP vector, guidance embedding) and Flux.2 (global modulation, text rope).
+
+The reference is written here from the paper's equations (arXiv:2505.21179 §3) and the host's block code
+(comfy/ldm/flux/layers.py DoubleStreamBlock.forward, SingleStreamBlock.forward), never through the pack's hooks:
+during a reference pass of the UNPATCHED model, every double and single block's ``forward`` is replaced (an
+instance attribute, removed afterwards) by one written here that computes the block as the host does, with a
+softmax attention written here (float64), and, on the cond rows (``cond_or_uncond`` tag 0), carries the
+negative's text tokens: they start as ``txt_in`` (after ``txt_norm``) of the negative, are modulated by the
+cond rows' time/guidance embedding plus ``vector_in`` of the NEGATIVE's pooled output (Flux.2: the cond rows'
+modulation), and in each block Z⁻ is the joint attention of [negative text; the cond rows' image tokens, the
+same q, k, v as Z⁺] (rope of the negative's own text ids); the image rows of Z⁺ become
+Z̃ = Z⁺ + φ(Z⁺ − Z⁻), r = ‖Z̃‖₁/‖Z⁺‖₁, Ẑ = Z̃·min(r, τ)/r, α·Ẑ + (1 − α)·Z⁺; the text rows of Z⁺ are left alone,
+and the negative text tokens leave the block as the block's text stream makes them from Z⁻'s text rows.
+
+Breaks tried (each fails ``test_joint_nag_matches_the_paper_through_sampling`` unless said otherwise):
+- NAG on the text rows too (the span of the guided rows the whole sequence in nodes/host/nag_joint.py);
+- Z⁺ and Z⁻ swapped (``nag_combine(z_neg_image, image...)``);
+- τ ignored (``ratio.clamp(max=tau)`` → ``ratio`` in guidance_core/nag.py): fails the τ 1.5 cases;
+- the negative's text stream not carried (its text tokens left as txt_in gave them, ``text_update`` returning
+  ``text``);
+- Flux: the negative's modulation without its own pooled vector (``pooled_delta`` None);
+- the window ignored (``_in_window`` always true): fails ``test_joint_nag_window_is_respected``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+from harness import ForwardCounter, assert_window_is_partial
+from support import assert_parity, node, relative_error, sample_family
+from tiny_models import make_conditioning
+
+JOINT_NAG_FAMILIES = ("flux", "flux2")
+
+
+def negative_of(family: str):
+    return make_conditioning(family, seed=11)[0]
+
+
+def nag_model(model, negative, **settings):
+    inputs = {"scale": 4.0, "tau": 2.5, "alpha": 0.5, "layers": "auto", "start_percent": 0.0, "end_percent": 1.0}
+    inputs.update(settings)
+    return node("GuidersNAG", model=model, negative=negative, **inputs)
+
+
+def attention_heads(q, k, v):
+    """Softmax attention of heads-split (B, H, L, D) q, k, v, written here, float64 -> (B, L, H·D)."""
+    logits = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    out = torch.softmax(logits, dim=-1) @ v.double()
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def paper_nag(z_pos, z_neg, phi, tau, alpha):
+    """arXiv:2505.21179 §3, per token over the features, float64."""
+    z_pos, z_neg = z_pos.double(), z_neg.double()
+    z_tilde = z_pos + phi * (z_pos - z_neg)
+    ratio = z_tilde.abs().sum(-1, keepdim=True) / z_pos.abs().sum(-1, keepdim=True)
+    z_hat = z_tilde * torch.minimum(ratio, torch.full_like(ratio, tau)) / ratio
+    return alpha * z_hat + (1 - alpha) * z_pos
+
+
+def _cond_rows(transformer_options, batch):
+    tags = transformer_options["cond_or_uncond"]
+    size = batch // len(tags)
+    return [j * size + r for j, tag in enumerate(tags) if tag == 0 for r in range(size)]
+
+
+def _heads(qkv, heads):
+    return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+
+
+def _modulated(x, mod):
+    return x * (1 + mod.scale) + mod.shift
+
+
+def _select(value, rows):
+    """The cond rows of a block's ``vec``: a tensor, or the ModulationOuts global modulation hands the blocks."""
+    import dataclasses
+
+    if isinstance(value, torch.Tensor):
+        return value[rows]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select(item, rows) for item in value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: _select(getattr(value, f.name), rows)
+                                             for f in dataclasses.fields(value)})
+    return value
+
+
+def _double_block(block, call, phi, tau, alpha):
+    from comfy.ldm.flux.math import apply_rope
+
+    heads = block.num_heads
+
+    def modulations(vec):
+        return (block.img_mod(vec), block.txt_mod(vec)) if block.modulation else vec
+
+    def forward(img, txt, vec, pe, attn_mask=None, transformer_options={}, **kwargs):  # noqa: B006
+        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = modulations(vec)
+        img_q, img_k, img_v = _heads(block.img_attn.qkv(_modulated(block.img_norm1(img), img_mod1)), heads)
+        img_q, img_k = block.img_attn.norm(img_q, img_k, img_v)
+        txt_q, txt_k, txt_v = _heads(block.txt_attn.qkv(_modulated(block.txt_norm1(txt), txt_mod1)), heads)
+        txt_q, txt_k = block.txt_attn.norm(txt_q, txt_k, txt_v)
+        q, k = apply_rope(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), pe)
+        v = torch.cat((txt_v, img_v), 2)
+        attn = attention_heads(q, k, v)
+        length = txt.shape[1]
+        call["text_length"] = length
+        rows = call["rows"]
+        if rows:
+            negative = call["text"]
+            (_m1, _m2), (neg_mod1, neg_mod2) = modulations(call["vec"]) if block.modulation else _select(vec, rows)
+            nq, nk, nv = _heads(block.txt_attn.qkv(_modulated(block.txt_norm1(negative), neg_mod1)), heads)
+            nq, nk = block.txt_attn.norm(nq, nk, nv)
+            nq, nk = apply_rope(nq, nk, call["pe"])
+            z_neg = attention_heads(torch.cat((nq, q[rows, :, length:]), 2), torch.cat((nk, k[rows, :, length:]), 2),
+                                    torch.cat((nv, v[rows, :, length:]), 2))
+            attn[rows, length:] = paper_nag(attn[rows, length:], z_neg[:, negative.shape[1]:], phi, tau, alpha)
+            neg_attn = z_neg[:, :negative.shape[1]].to(negative.dtype)
+            negative = negative + neg_mod1.gate * block.txt_attn.proj(neg_attn)
+            call["text"] = negative + neg_mod2.gate * block.txt_mlp(_modulated(block.txt_norm2(negative), neg_mod2))
+        attn = attn.to(img.dtype)
+        txt_attn, img_attn = attn[:, :length], attn[:, length:]
+        img = img + img_mod1.gate * block.img_attn.proj(img_attn)
+        img = img + img_mod2.gate * block.img_mlp(_modulated(block.img_norm2(img), img_mod2))
+        txt = txt + txt_mod1.gate * block.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod2.gate * block.txt_mlp(_modulated(block.txt_norm2(txt), txt_mod2))
+        return img, txt
+
+    return forward
+
+
+def _single_block(block, call, phi, tau, alpha):
+    from comfy.ldm.flux.math import apply_rope
+
+    heads, hidden = block.num_heads, block.hidden_size
+
+    def project(x, mod):
+        qkv, mlp = block.linear1(_modulated(block.pre_norm(x), mod)).split(
+            [3 * hidden, block.mlp_hidden_dim_first], dim=-1)
+        q, k, v = _heads(qkv, heads)
+        q, k = block.norm(q, k, v)
+        return q, k, v, block.mlp_act(mlp)
+
+    def forward(x, vec, pe, attn_mask=None, transformer_options={}, **kwargs):  # noqa: B006
+        mod = block.modulation(vec)[0] if block.modulation else vec
+        q, k, v, mlp = project(x, mod)
+        q, k = apply_rope(q, k, pe)
+        attn = attention_heads(q, k, v)
+        length, rows = call["text_length"], call["rows"]
+        if rows:
+            negative = call["text"]
+            neg_mod = block.modulation(call["vec"])[0] if block.modulation else _select(vec, rows)
+            nq, nk, nv, neg_mlp = project(negative, neg_mod)
+            nq, nk = apply_rope(nq, nk, call["pe"])
+            z_neg = attention_heads(torch.cat((nq, q[rows, :, length:]), 2), torch.cat((nk, k[rows, :, length:]), 2),
+                                    torch.cat((nv, v[rows, :, length:]), 2))
+            attn[rows, length:] = paper_nag(attn[rows, length:], z_neg[:, negative.shape[1]:], phi, tau, alpha)
+            neg_attn = z_neg[:, :negative.shape[1]].to(negative.dtype)
+            call["text"] = negative + neg_mod.gate * block.linear2(torch.cat((neg_attn, neg_mlp), 2))
+        return x + mod.gate * block.linear2(torch.cat((attn.to(x.dtype), mlp), 2))
+
+    return forward
+
+
+def _negative_text_pe(dm, length, rows, device):
+    """Flux._forward's txt_ids (zeros, a linspace on txt_ids_dims) through pe_embedder, for the negative."""
+    ids = torch.zeros((rows, length, len(dm.params.axes_dim)), device=device)
+    for axis in dm.params.txt_ids_dims:
+        ids[:, :, axis] = torch.linspace(0, length - 1, steps=length, device=device)
+    return dm.pe_embedder(ids)
+
+
+@contextlib.contextmanager
+def reference_nag(model, negative, phi, tau, alpha, sigma_window=None):
+    """The paper's NAG on ``model`` (unpatched) during the ``with`` block (module docstring)."""
+    from comfy.ldm.flux.layers import timestep_embedding
+
+    dm = model.model.diffusion_model
+    pooled = negative[0][1].get("pooled_output")
+    # The negative's context as the host's model makes a conditioning's (Flux.2: padded to 512 tokens in front).
+    extras = {"pooled_output": pooled} if pooled is not None else {}
+    raw = model.model.extra_conds(cross_attn=negative[0][0], device=negative[0][0].device, **extras)["c_crossattn"].cond
+    call = {}
+
+    def start(module, args, kwargs):
+        x, timestep = args[0], args[1]
+        options = kwargs["transformer_options"]
+        sigma = float(options["sigmas"].flatten()[0])
+        active = sigma_window is None or sigma_window[0] <= sigma <= sigma_window[1]
+        rows = _cond_rows(options, x.shape[0]) if active else []
+        call["rows"] = rows
+        if not rows:
+            return
+        text = raw.to(x).expand(len(rows), -1, -1)
+        text = dm.txt_in(dm.txt_norm(text) if dm.txt_norm is not None else text)
+        call["text"], call["pe"] = text, _negative_text_pe(dm, raw.shape[1], len(rows), x.device)
+        vec = dm.time_in(timestep_embedding(timestep[rows], 256).to(x.dtype))
+        guidance = args[4] if len(args) > 4 else kwargs.get("guidance")
+        if dm.params.guidance_embed and guidance is not None:
+            vec = vec + dm.guidance_in(timestep_embedding(guidance[rows], 256).to(x.dtype))
+        if dm.vector_in is not None:
+            vec = vec + dm.vector_in(pooled.to(x).expand(len(rows), -1)[:, :dm.params.vec_in_dim])
+        call["vec"] = vec
+
+    replaced = []
+    for block in dm.double_blocks:
+        block.forward = _double_block(block, call, phi, tau, alpha)
+        replaced.append(block)
+    for block in dm.single_blocks:
+        block.forward = _single_block(block, call, phi, tau, alpha)
+        replaced.append(block)
+    handle = dm.register_forward_pre_hook(start, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for block in replaced:
+            del block.forward
+
+
+def _plain_reference(model, family):
+    """The reference blocks with no NAG (no cond rows guided): the written-out blocks alone equal the host's."""
+    return reference_nag(model, negative_of(family), 0.0, 2.5, 0.5, sigma_window=(-1.0, -1.0))
+
+
+@pytest.mark.parametrize("family", JOINT_NAG_FAMILIES)
+def test_written_out_blocks_equal_the_hosts(guiders_pack, tiny_model, family):
+    """The reference's blocks, with NAG off, sample as the host's own blocks: the reference is the host's model."""
+    model = tiny_model(family)
+    plain = sample_family(model, family, cfg=1.0)
+    with _plain_reference(model, family):
+        written = sample_family(model, family, cfg=1.0)
+    assert relative_error(written, plain) < 1e-5
+
+
+@pytest.mark.parametrize("family", JOINT_NAG_FAMILIES)
+@pytest.mark.parametrize(("cfg", "tau"), [(1.0, 2.5), (4.0, 2.5), (1.0, 1.5), (4.0, 1.5)])
+def test_joint_nag_matches_the_paper_through_sampling(guiders_pack, tiny_model, family, cfg, tau):
+    """NAG at cfg 1 (cond only) and with CFG (the uncond untouched) equals the paper's equations in every
+    double and single block's joint attention. Catches every break in the module docstring."""
+    model = tiny_model(family)
+    negative = negative_of(family)
+    phi, alpha = 4.0, 0.5
+    ours = sample_family(nag_model(model, negative, tau=tau, alpha=alpha, scale=phi), family, cfg=cfg)
+    plain = sample_family(model, family, cfg=cfg)
+    with reference_nag(model, negative, phi, tau, alpha):
+        reference = sample_family(model, family, cfg=cfg)
+    assert_parity(ours, reference, plain)
+
+
+@pytest.mark.parametrize("family", JOINT_NAG_FAMILIES)
+def test_joint_nag_window_is_respected(guiders_pack, tiny_model, family):
+    """Outside start/end percent the step is plain: equal to the reference applying NAG only inside the σ
+    window. Catches: the window ignored."""
+    model = tiny_model(family)
+    negative = negative_of(family)
+    start, end, steps = 0.0, 0.5, 4
+    phi = 10.0  # the tiny Flux.2 moves little in the first half at φ 4
+    assert_window_is_partial(model, start, end, steps)
+    sampling = model.get_model_object("model_sampling")
+    window = (float(sampling.percent_to_sigma(end)), float(sampling.percent_to_sigma(start)))
+    ours = sample_family(nag_model(model, negative, scale=phi, start_percent=start, end_percent=end), family, cfg=1.0)
+    plain = sample_family(model, family, cfg=1.0)
+    with reference_nag(model, negative, phi, 2.5, 0.5, sigma_window=window):
+        reference = sample_family(model, family, cfg=1.0)
+    with reference_nag(model, negative, phi, 2.5, 0.5):
+        everywhere = sample_family(model, family, cfg=1.0)
+    assert relative_error(reference, everywhere) > 1e-3  # the window changes the reference
+    assert_parity(ours, reference, plain)
+
+
+@pytest.mark.parametrize("family", JOINT_NAG_FAMILIES)
+def test_joint_nag_negative_matters_and_equal_prompts_cancel(guiders_pack, tiny_model, family):
+    """A different negative changes the result; a negative equal to the sampler's positive prompt leaves it as
+    it is (Z⁻ = Z⁺ in every block: the negative's text stream is the positive's), as the formula says; φ 0 is
+    plain exactly."""
+    model = tiny_model(family)
+    plain = sample_family(model, family, cfg=1.0)
+    other = sample_family(nag_model(model, negative_of(family)), family, cfg=1.0)
+    assert relative_error(other, plain) > 1e-2
+    positive = make_conditioning(family, seed=1)[0]  # sample_family's prompt
+    same = sample_family(nag_model(model, positive), family, cfg=1.0)
+    assert relative_error(same, plain) < 1e-4
+    assert torch.equal(sample_family(nag_model(model, negative_of(family), scale=0.0), family, cfg=1.0), plain)
+
+
+@pytest.mark.parametrize("family", JOINT_NAG_FAMILIES)
+def test_joint_nag_adds_no_model_call(guiders_pack, tiny_model, family):
+    """cfg 1: one call of batch 1 per step, the cond only; cfg 4: one call of 2 (cond + uncond)."""
+    model = tiny_model(family)
+    patched = nag_model(model, negative_of(family))
+    with ForwardCounter(model) as counter:
+        sample_family(patched, family, cfg=1.0)
+    assert counter.per_step() == [[1]] * 4
+    assert {call.cond_or_uncond for call in counter.calls} == {(0,)}
+    with ForwardCounter(model) as counter:
+        sample_family(patched, family, cfg=4.0)
+    assert counter.per_step() == [[2]] * 4
+
+
+def test_joint_nag_layers_guide_only_the_chosen_blocks(guiders_pack, tiny_model):
+    """A layer list guides those blocks only (the negative's text stream still runs through every block):
+    'single.1' alone differs from 'auto' and from plain."""
+    model = tiny_model("flux")
+    negative = negative_of("flux")
+    one = sample_family(nag_model(model, negative, layers="single.1"), "flux", cfg=1.0)
+    everywhere = sample_family(nag_model(model, negative), "flux", cfg=1.0)
+    plain = sample_family(model, "flux", cfg=1.0)
+    assert relative_error(one, plain) > 1e-3 and relative_error(one, everywhere) > 1e-3
+
+
+def test_joint_nag_leaves_no_trace(guiders_pack, tiny_model):
+    """After sampling no hook is left on any module and no attention override in the options."""
+    model = tiny_model("flux")
+    patched = nag_model(model, negative_of("flux"))
+    sample_family(patched, "flux", cfg=4.0)
+    for module in model.model.diffusion_model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, type(module).__name__
+    assert "optimized_attention_override" not in patched.model_options.get("transformer_options", {})
