@@ -105,7 +105,7 @@ def run_joint_nag(executor, setup, rows: list[int], scale: float, x, t, c_concat
         pooled = pooled.to(device=x.device, dtype=dtype)
         pooled = pooled.index_select(0, torch.arange(len(rows), device=x.device) % pooled.shape[0])
     state = _JointState(site, index, x.shape[0], scale, setup.tau, setup.alpha, site.embed_text(dm, negative),
-                        site.text_rope(dm, negative.shape[1], len(rows), x.device), pooled)
+                        site.text_rope(dm, negative.shape[1], len(rows), x), pooled)
     handles = _install_hooks(dm, record, site, setup.layers, state)
     previous = transformer_options.get("optimized_attention_override")
     transformer_options["optimized_attention_override"] = _make_joint_override(state, previous)
@@ -148,20 +148,15 @@ def _hook_block(block, kind: str, guided: bool, state: _JointState) -> list:
     site = state.site
 
     def enter(module, args, kwargs):
-        named = dict(kwargs)
-        if kind == "double":
-            named.setdefault("img", args[0] if args else None)
-            named.setdefault("txt", args[1] if len(args) > 1 else None)
-            state.text_length = named["txt"].shape[1]
-            batch = named["img"].shape[0]
-        else:
-            named.setdefault("x", args[0] if args else None)
-            batch = named["x"].shape[0]
+        named = site.block_inputs(kind, args, kwargs)
+        batch, text_length = named["batch"], named.get("text_length")
+        if text_length is not None:
+            state.text_length = text_length
         if batch != state.batch:
             raise GuidanceError("GuidersNAG: a joint-attention block was run on part of the batch (another "
                                 "node's block patch computing some chunks only); NAG's negative text stream "
                                 "follows the whole call's rows, so it cannot run under that patch.")
-        modulation = site.negative_modulation(None, module, kind, named, state.rows, state.pooled_delta)
+        modulation = site.negative_modulation(module, kind, named, state.rows, state.pooled_delta)
         (q, k, v), saved = site.text_qkv(module, kind, state.text, modulation)
         if state.text_pe is not None:
             q, k = site.apply_rope(q, k, state.text_pe)
