@@ -34,7 +34,7 @@ from harness import ForwardCounter, assert_window_is_partial
 from support import assert_parity, node, relative_error, sample_family
 from tiny_models import make_conditioning
 
-JOINT_NAG_FAMILIES = ("flux", "flux2")
+JOINT_NAG_FAMILIES = ("flux", "flux2", "qwen_image")
 
 
 def negative_of(family: str):
@@ -181,6 +181,10 @@ def reference_nag(model, negative, phi, tau, alpha, sigma_window=None):
     from comfy.ldm.flux.layers import timestep_embedding
 
     dm = model.model.diffusion_model
+    if type(dm).__name__ == "QwenImageTransformer2DModel":
+        with reference_nag_qwen(model, negative, phi, tau, alpha, sigma_window):
+            yield
+        return
     pooled = negative[0][1].get("pooled_output")
     # The negative's context as the host's model makes a conditioning's (Flux.2: padded to 512 tokens in front).
     extras = {"pooled_output": pooled} if pooled is not None else {}
@@ -220,6 +224,97 @@ def reference_nag(model, negative, phi, tau, alpha, sigma_window=None):
     finally:
         handle.remove()
         for block in replaced:
+            del block.forward
+
+
+def _qwen_block(block, call, phi, tau, alpha):
+    """QwenImageTransformerBlock.forward and its Attention.forward written out (no timestep-zero rows, no text
+    mask: the tiny conditioning has none), with NAG on the cond rows' image part of the joint attention."""
+    from comfy.ldm.flux.math import apply_rope1
+
+    attn_module, heads = block.attn, block.attn.heads
+
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    def modulate(x, params):
+        shift, scale, gate = params.chunk(3, dim=-1)
+        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1), gate.unsqueeze(1)
+
+    def text_qkv(txt, temb):
+        first, second = block.txt_mod(temb).chunk(2, dim=-1)
+        modulated, gate = modulate(block.txt_norm1(txt), first)
+        q = attn_module.norm_added_q(split(attn_module.add_q_proj(modulated)))
+        k = attn_module.norm_added_k(split(attn_module.add_k_proj(modulated)))
+        return q, k, split(attn_module.add_v_proj(modulated)), gate, second
+
+    def text_after(txt, attention, gate, second):
+        txt = txt + gate * attn_module.to_add_out(attention)
+        modulated, gate2 = modulate(block.txt_norm2(txt), second)
+        return txt + gate2 * block.txt_mlp(modulated)
+
+    def forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None, temb=None,
+                image_rotary_emb=None, timestep_zero_index=None, transformer_options={}):  # noqa: B006
+        assert timestep_zero_index is None and encoder_hidden_states_mask is None
+        img_first, img_second = block.img_mod(temb).chunk(2, dim=-1)
+        img_modulated, img_gate = modulate(block.img_norm1(hidden_states), img_first)
+        img_q = attn_module.norm_q(split(attn_module.to_q(img_modulated)))
+        img_k = attn_module.norm_k(split(attn_module.to_k(img_modulated)))
+        img_v = split(attn_module.to_v(img_modulated))
+        txt_q, txt_k, txt_v, txt_gate, txt_second = text_qkv(encoder_hidden_states, temb)
+        q = apply_rope1(torch.cat((txt_q, img_q), 2), image_rotary_emb)
+        k = apply_rope1(torch.cat((txt_k, img_k), 2), image_rotary_emb)
+        v = torch.cat((txt_v, img_v), 2)
+        attn = attention_heads(q, k, v)
+        length, rows = encoder_hidden_states.shape[1], call["rows"]
+        if rows:
+            negative = call["text"]
+            nq, nk, nv, n_gate, n_second = text_qkv(negative, temb[rows])
+            nq, nk = apply_rope1(nq, call["pe"]), apply_rope1(nk, call["pe"])
+            z_neg = attention_heads(torch.cat((nq, q[rows, :, length:]), 2), torch.cat((nk, k[rows, :, length:]), 2),
+                                    torch.cat((nv, v[rows, :, length:]), 2))
+            attn[rows, length:] = paper_nag(attn[rows, length:], z_neg[:, negative.shape[1]:], phi, tau, alpha)
+            call["text"] = text_after(negative, z_neg[:, :negative.shape[1]].to(negative.dtype), n_gate, n_second)
+        attn = attn.to(hidden_states.dtype)
+        hidden_states = hidden_states + img_gate * attn_module.to_out[0](attn[:, length:])
+        img_modulated2, img_gate2 = modulate(block.img_norm2(hidden_states), img_second)
+        hidden_states = hidden_states + img_gate2 * block.img_mlp(img_modulated2)
+        return text_after(encoder_hidden_states, attn[:, :length], txt_gate, txt_second), hidden_states
+
+    return forward
+
+
+@contextlib.contextmanager
+def reference_nag_qwen(model, negative, phi, tau, alpha, sigma_window=None):
+    """The paper's NAG on a Qwen-Image ``model`` (unpatched): the negative through txt_norm and txt_in, its text
+    ids from _forward's txt_start (after the image grid's half-size) through pe_embedder."""
+    dm = model.model.diffusion_model
+    raw = negative[0][0]
+    call = {}
+
+    def start(module, args, kwargs):
+        x = args[0]
+        options = kwargs["transformer_options"]
+        sigma = float(options["sigmas"].flatten()[0])
+        active = sigma_window is None or sigma_window[0] <= sigma <= sigma_window[1]
+        rows = _cond_rows(options, x.shape[0]) if active else []
+        call["rows"] = rows
+        if not rows:
+            return
+        call["text"] = dm.txt_in(dm.txt_norm(raw.to(x).expand(len(rows), -1, -1)))
+        p = dm.patch_size
+        first = round(max(((x.shape[-1] + p // 2) // p) // 2, ((x.shape[-2] + p // 2) // p) // 2))
+        ids = torch.arange(first, first + raw.shape[1], device=x.device).reshape(1, -1, 1).repeat(len(rows), 1, 3)
+        call["pe"] = dm.pe_embedder(ids).to(x.dtype)
+
+    for block in dm.transformer_blocks:
+        block.forward = _qwen_block(block, call, phi, tau, alpha)
+    handle = dm.register_forward_pre_hook(start, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for block in dm.transformer_blocks:
             del block.forward
 
 
