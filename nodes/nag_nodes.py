@@ -24,10 +24,11 @@ TAU_TOOLTIP = ("τ: the guided attention output's L1 norm, per token, is capped 
                "higher for few-step models.")
 ALPHA_TOOLTIP = ("α: how much of the guided output is blended into the positive one (α·Ẑ + (1 − α)·Z⁺). 0.25 in the "
                  "authors' workflows; SD1.5 0.38, SDXL DMD2 0.5, Wan CausVid 0.5; 0.125 if SDXL quality degrades.")
-LAYERS_TOOLTIP = ("Which cross-attention layers: 'auto' = every layer where the text enters (as the paper). Or a "
+LAYERS_TOOLTIP = ("Which attention layers: 'auto' = every layer where the text enters (as the paper). Or a "
                   "list: UNet 'input.4', 'middle', 'output.1', 'input.4.1' (block, index, transformer); Wan, LTXV, "
                   "PixArt, Cosmos Predict 2, Anima, Kandinsky 5, HunyuanDiT '0, 1, 2' (blocks; Kandinsky 5: its "
-                  "visual blocks).")
+                  "visual blocks); Flux, Flux.2 'double.3', 'single.10'; Qwen-Image '0, 1, 2' (on these the "
+                  "negative's text tokens still run through every block).")
 WINDOW_NOTE = ("The authors turn NAG off for the last steps on flow models (nag_sigma_end 0.75, about end_percent "
                "0.25 on Flux/SD3.5-Turbo) and below σ 4 on SD1.5/SDXL.")
 
@@ -41,7 +42,9 @@ class GuidersNAG(io.ComfyNode):
             node_id="GuidersNAG",
             display_name="Normalized Attention Guidance (Guiders)",
             category=CATEGORY,
-            description="NAG (Chen et al. 2025, arXiv:2505.21179): in every cross-attention where the text enters, "
+            description="NAG (Chen et al. 2025, arXiv:2505.21179): in every attention where the text enters "
+                        "(cross-attention; on Flux, Flux.2 and Qwen-Image the image rows of every block's joint "
+                        "attention, the negative's text tokens carried through the blocks beside the prompt's), "
                         "the output for the prompt is pushed away from the output for the negative below, its norm "
                         "capped (τ) and blended (α). Runs inside the cond forward: no extra model call, and it works "
                         "at cfg 1 (the uncond is still skipped there); with cfg > 1 the uncond is left as it is. "
@@ -90,9 +93,9 @@ class GuidersNAG(io.ComfyNode):
 
 
 def refuse_joint_attention(node: str, model) -> None:
-    """Families whose text shares the self-attention sequence (SD3, Flux, Qwen-Image, ...) are refused with the
-    reason: there the negative's text tokens must run through the model's own text stream block after block
-    (the authors' Flux NAG runs extra text rows through every double block), which this node does not do yet."""
+    """Joint-attention families without a joint NAG site (SD3, HunyuanVideo, Lumina 2, HiDream, ...) are refused
+    with the reason: there the negative's text tokens must run through the model's own text stream block after
+    block (nodes/host/nag_joint.py does it for the families in families.JOINT_NAG_SITES)."""
     record = families.FAMILY_BY_KEY.get(host.model_family(model))
     if record is not None and families.NAG not in record.methods and record.text_position != families.NO_TEXT:
         raise host.GuidanceError(

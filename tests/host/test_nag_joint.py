@@ -1,5 +1,7 @@
 """GuidersNAG on the joint-attention families (issue #12), through ComfyUI's real KSampler on tiny random-weight
-models: Flux (dev: pooled CLIP vector, guidance embedding) and Flux.2 (global modulation, text rope).
+models: Flux (dev: pooled CLIP vector, guidance embedding), Flux.2 (global modulation, text rope, the prompt
+padded to 512 tokens by model_base.Flux2.extra_conds) and Qwen-Image (one stack of joint blocks, text rope from
+``txt_start``; its blocks written out in ``_qwen_block``).
 
 The reference is written here from the paper's equations (arXiv:2505.21179 §3) and the host's block code
 (comfy/ldm/flux/layers.py DoubleStreamBlock.forward, SingleStreamBlock.forward), never through the pack's hooks:
@@ -19,7 +21,8 @@ Breaks tried (each fails ``test_joint_nag_matches_the_paper_through_sampling`` u
 - τ ignored (``ratio.clamp(max=tau)`` → ``ratio`` in guidance_core/nag.py): fails the τ 1.5 cases;
 - the negative's text stream not carried (its text tokens left as txt_in gave them, ``text_update`` returning
   ``text``);
-- Flux: the negative's modulation without its own pooled vector (``pooled_delta`` None);
+- Flux: the negative's modulation without its own pooled vector (``pooled_delta`` None): fails the Flux cases;
+- Qwen-Image: the negative's text rope ids from 0 instead of ``txt_start``: fails the Qwen-Image cases;
 - the window ignored (``_in_window`` always true): fails ``test_joint_nag_window_is_respected``.
 """
 
