@@ -420,3 +420,19 @@ def test_joint_nag_leaves_no_trace(guiders_pack, tiny_model):
     for module in model.model.diffusion_model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks, type(module).__name__
     assert "optimized_attention_override" not in patched.model_options.get("transformer_options", {})
+
+
+@pytest.mark.parametrize("family", ("flux", "qwen_image"))
+def test_joint_nag_stacks_with_pag_and_slg_in_one_forward(guiders_pack, tiny_model, family):
+    """NAG under this pack's PAG (the DiT attention override wrapped by NAG's) and SLG (the dit block patch) at
+    cfg 1: one call of 2 per step (cond + the perturbed branch, which gets NAG too), finite, and NAG acts."""
+    model = tiny_model(family)
+    negative = negative_of(family)
+    every_step = {"start_percent": 0.0, "end_percent": 1.0}
+    for method, settings in (("GuidersPAG", {"scale": 2.0}), ("GuidersSLG", {"scale": 2.0, **every_step})):
+        both = node(method, model=nag_model(model, negative), **settings)
+        with ForwardCounter(model) as counter:
+            result = sample_family(both, family, cfg=1.0)
+        assert counter.per_step() == [[2]] * 4, method
+        alone = sample_family(node(method, model=model, **settings), family, cfg=1.0)
+        assert torch.isfinite(result).all() and relative_error(result, alone) > 1e-2, method
