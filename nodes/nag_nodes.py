@@ -85,6 +85,10 @@ class GuidersNAG(io.ComfyNode):
                                      f"{families.display_name(family)} embeds its prompt with; encode the negative "
                                      "with this model's own text encoder (CLIPTextEncode with its CLIP).")
         mask = extras.get("attention_mask")
+        if family in families.JOINT_NAG_SITES and mask is not None and not bool(mask.bool().all()):
+            raise host.GuidanceError(f"{node}: negative has padding tokens (an attention_mask with zeros); NAG on "
+                                     f"{families.display_name(family)}'s joint attention attends to every token of "
+                                     "the negative, so encode it without padding.")
         window = host.percent_window(start_percent, end_percent)
         patched = model.clone()
         install_nag(patched, NagSetup(context, float(scale), float(tau), float(alpha), window, family, schedule,

@@ -1,5 +1,5 @@
-"""NAG on joint attention (Flux, Flux.2): the negative prompt's text tokens carried through every block beside
-the call's own rows, and in each block's joint attention the image rows guided by ``nag_combine``.
+"""NAG on joint attention (Flux, Flux.2, Qwen-Image): the negative prompt's text tokens carried through every
+block beside the call's own rows, and in each block's joint attention the image rows guided by ``nag_combine``.
 
 What NAG is on a joint-attention block (arXiv:2505.21179 §3, with the same image queries for Z⁺ and Z⁻):
 
@@ -197,7 +197,8 @@ def _make_joint_override(state: _JointState, previous: Callable | None):
             return torch.cat((ours, image) if site.text_first else (image, ours), dim=2)
 
         rest = {key: value for key, value in kwargs.items() if key not in ("heads", "mask")}
-        # The positive's mask (its text padding) is for its own tokens; the negative's are all attended to.
+        # The positive's mask (its text padding) is for its own tokens; the negative's are all attended to (a
+        # negative with padding is refused in run_joint_nag).
         z_neg = call(negative_sequence(current["q"], q), negative_sequence(current["k"], k),
                      negative_sequence(current["v"], v), heads, **rest)
         length = current["q"].shape[2]

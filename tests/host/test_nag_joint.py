@@ -436,3 +436,13 @@ def test_joint_nag_stacks_with_pag_and_slg_in_one_forward(guiders_pack, tiny_mod
         assert counter.per_step() == [[2]] * 4, method
         alone = sample_family(node(method, model=model, **settings), family, cfg=1.0)
         assert torch.isfinite(result).all() and relative_error(result, alone) > 1e-2, method
+
+
+def test_joint_nag_refuses_a_padded_negative(guiders_pack, tiny_model):
+    """A negative whose attention_mask has padding is refused with the reason (its padding would be attended to)."""
+    model = tiny_model("qwen_image")
+    context = negative_of("qwen_image")[0][0]
+    mask = torch.ones(1, context.shape[1], dtype=torch.long)
+    mask[:, -2:] = 0
+    with pytest.raises(ValueError, match="GuidersNAG: negative has padding tokens"):
+        nag_model(model, [[context, {"attention_mask": mask}]])
