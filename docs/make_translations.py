@@ -67,6 +67,7 @@ def placeholders(node_classes: dict[str, type]) -> dict[str, str]:
         "pag_families": common.family_names(common.PAG_FAMILIES),
         "seg_families": common.family_names(common.ATTENTION_FAMILIES),
         "slg_families": common.family_names(common.BLOCK_FAMILIES),
+        "nag_families": common.family_names(families.families_supporting(families.NAG)),
         "pag_auto": families.recommended_summary(families.PAG),
         "slg_auto": families.recommended_summary(families.SLG),
         "tpg_families": common.family_names(common.TPG_FAMILIES),

@@ -24,10 +24,11 @@ TAU_TOOLTIP = ("τ: the guided attention output's L1 norm, per token, is capped 
                "higher for few-step models.")
 ALPHA_TOOLTIP = ("α: how much of the guided output is blended into the positive one (α·Ẑ + (1 − α)·Z⁺). 0.25 in the "
                  "authors' workflows; SD1.5 0.38, SDXL DMD2 0.5, Wan CausVid 0.5; 0.125 if SDXL quality degrades.")
-LAYERS_TOOLTIP = ("Which cross-attention layers: 'auto' = every layer where the text enters (as the paper). Or a "
+LAYERS_TOOLTIP = ("Which attention layers: 'auto' = every layer where the text enters (as the paper). Or a "
                   "list: UNet 'input.4', 'middle', 'output.1', 'input.4.1' (block, index, transformer); Wan, LTXV, "
                   "PixArt, Cosmos Predict 2, Anima, Kandinsky 5, HunyuanDiT '0, 1, 2' (blocks; Kandinsky 5: its "
-                  "visual blocks).")
+                  "visual blocks); Flux, Flux.2 'double.3', 'single.10'; Qwen-Image '0, 1, 2' (on these the "
+                  "negative's text tokens still run through every block).")
 WINDOW_NOTE = ("The authors turn NAG off for the last steps on flow models (nag_sigma_end 0.75, about end_percent "
                "0.25 on Flux/SD3.5-Turbo) and below σ 4 on SD1.5/SDXL.")
 
@@ -41,7 +42,9 @@ class GuidersNAG(io.ComfyNode):
             node_id="GuidersNAG",
             display_name="Normalized Attention Guidance (Guiders)",
             category=CATEGORY,
-            description="NAG (Chen et al. 2025, arXiv:2505.21179): in every cross-attention where the text enters, "
+            description="NAG (Chen et al. 2025, arXiv:2505.21179): in every attention where the text enters "
+                        "(cross-attention; on Flux, Flux.2 and Qwen-Image the image rows of every block's joint "
+                        "attention, the negative's text tokens carried through the blocks beside the prompt's), "
                         "the output for the prompt is pushed away from the output for the negative below, its norm "
                         "capped (τ) and blended (α). Runs inside the cond forward: no extra model call, and it works "
                         "at cfg 1 (the uncond is still skipped there); with cfg > 1 the uncond is left as it is. "
@@ -79,12 +82,17 @@ class GuidersNAG(io.ComfyNode):
             check_context_width(node, model, family, context)
         elif (reason := family_check(model.get_model_object("diffusion_model"), context, extras)) is not None:
             raise host.GuidanceError(f"{node}: {reason}")
-        missing = [key for key in families.NAG_SITES[family].required_extras if extras.get(key) is None]
+        site = families.JOINT_NAG_SITES.get(family) or families.NAG_SITES[family]
+        missing = [key for key in site.required_extras if extras.get(key) is None]
         if missing:
             raise host.GuidanceError(f"{node}: negative has no {', '.join(missing)}, which "
                                      f"{families.display_name(family)} embeds its prompt with; encode the negative "
                                      "with this model's own text encoder (CLIPTextEncode with its CLIP).")
         mask = extras.get("attention_mask")
+        if family in families.JOINT_NAG_SITES and mask is not None and not bool(mask.bool().all()):
+            raise host.GuidanceError(f"{node}: negative has padding tokens (an attention_mask with zeros); NAG on "
+                                     f"{families.display_name(family)}'s joint attention attends to every token of "
+                                     "the negative, so encode it without padding.")
         window = host.percent_window(start_percent, end_percent)
         patched = model.clone()
         install_nag(patched, NagSetup(context, float(scale), float(tau), float(alpha), window, family, schedule,
@@ -93,9 +101,9 @@ class GuidersNAG(io.ComfyNode):
 
 
 def refuse_joint_attention(node: str, model) -> None:
-    """Families whose text shares the self-attention sequence (SD3, Flux, Qwen-Image, ...) are refused with the
-    reason: there the negative's text tokens must run through the model's own text stream block after block
-    (the authors' Flux NAG runs extra text rows through every double block), which this node does not do yet."""
+    """Joint-attention families without a joint NAG site (SD3, HunyuanVideo, Lumina 2, HiDream, ...) are refused
+    with the reason: there the negative's text tokens must run through the model's own text stream block after
+    block (nodes/host/nag_joint.py does it for the families in families.JOINT_NAG_SITES)."""
     record = families.FAMILY_BY_KEY.get(host.model_family(model))
     if record is not None and families.NAG not in record.methods and record.text_position != families.NO_TEXT:
         raise host.GuidanceError(
@@ -122,6 +130,15 @@ def check_context_width(node: str, model, family: str, context) -> None:
     """The negative must come from the model's own text encoder: its feature count must be what the model's
     cross-attention (or the text embedding before it) takes."""
     diffusion_model = model.get_model_object("diffusion_model")
+    if family in families.JOINT_NAG_SITES:
+        first_name = families.JOINT_NAG_SITES[family].text_input
+        first = attribute_path(diffusion_model, first_name)
+        expected = next((m.in_features for m in first.modules() if hasattr(m, "in_features")), None)
+        if expected is not None and context.shape[-1] != expected:
+            raise host.GuidanceError(f"{node}: negative has {context.shape[-1]} features per token, this "
+                                     f"{families.display_name(family)} model's text input takes {expected}: encode "
+                                     "the negative with the text encoder loaded with this model.")
+        return
     site = families.NAG_SITES[family]
     first_name = site.text_input or site.context_embedding
     first = attribute_path(diffusion_model, first_name) if first_name else None

@@ -859,6 +859,246 @@ _TIME_EMBEDDINGS = {"unet": "time_embed", "sd3": "t_embedder", "flux": "time_in"
 FAMILIES = tuple(replace(family, methods=family.methods | {TSG}, time_embedding=_TIME_EMBEDDINGS[family.key])
                  if family.key in _TIME_EMBEDDINGS else family for family in FAMILIES)
 
+# NAG on joint attention (issue #12): where the text shares the attention sequence with the image, the negative's
+# text tokens are a stream of their own, carried through every block by the block's own text-stream modules, and
+# in each block Z⁻ is the joint attention of [negative text tokens; the positive's image tokens] (the same image
+# queries, keys and values as Z⁺: arXiv:2505.21179 §3, Z⁻ = Attn(Q, K⁻, V⁻)); NAG combines the image rows of Z⁺
+# and Z⁻, the text rows are left alone (nodes/host/nag_joint.py has the mechanism and what was checked).
+@dataclass(frozen=True)
+class JointNagSite:
+    """A joint-attention family's text stream for NAG.
+
+    ``embed_text(diffusion_model, negative)``: the negative's text stream before the first block, as the forward
+    makes its prompt's. ``text_rope(diffusion_model, length, rows, x)`` (x: the call's latent): the rotary
+    embedding of ``length`` text tokens (None: the family ropes no text). ``apply_rope(q, k, pe)``: the
+    family's rope on heads-split q, k. ``negative_modulation(block, kind, block_inputs, rows, pooled_delta)``: what the
+    block's text modulation takes for the negative rows (the positive rows', with the pooled-text part the
+    negative's own where the family has one). ``text_qkv(block, kind, text, modulation)``: heads-split q, k, v
+    of the negative's text tokens (before rope) and what ``text_update`` needs. ``text_update(block, kind,
+    text, saved, attention)``: the negative's text tokens after the block, from the text rows of its joint
+    attention output. ``pooled``: the diffusion model's module the pooled text goes through ("" = none);
+    ``text_input``: the module the text encoder's output goes into first (the width check)."""
+
+    embed_text: Any
+    # (kind, args, kwargs) of a block call -> {"batch", "text_length" (None: not in this block's inputs), and
+    # what ``negative_modulation`` reads}
+    block_inputs: Any
+    text_rope: Any
+    apply_rope: Any
+    negative_modulation: Any
+    text_qkv: Any
+    text_update: Any
+    text_input: str
+    pooled: str = ""
+    text_first: bool = True
+    required_extras: tuple[str, ...] = ()
+    # (the negative's text-encoder output) -> the context as the ComfyUI model makes it from a conditioning
+    # (comfy/model_base.py extra_conds), None: as the encoder gave it.
+    prepare_text: Any = None
+    mechanism: str = ""
+    source: str = ""
+
+
+def _flux2_context(negative):
+    """model_base.Flux2.extra_conds (0.8.0 and 0.33.0): the prompt padded with zero tokens in FRONT to 512."""
+    import torch
+
+    target = 512
+    if negative.shape[1] < target:
+        negative = torch.nn.functional.pad(negative, (0, 0, target - negative.shape[1], 0))
+    return negative
+
+
+def _flux_embed_text(dm, negative):
+    if getattr(dm, "txt_norm", None) is not None:
+        negative = dm.txt_norm(negative)
+    return dm.txt_in(negative)
+
+
+def _flux_block_inputs(kind, args, kwargs):
+    """DoubleStreamBlock(img, txt, vec, pe, ...) / SingleStreamBlock(x, vec, pe, ...), as Flux.forward_orig calls
+    them (keywords, x positional)."""
+    named = dict(kwargs)
+    if kind == "double":
+        img = named.get("img", args[0] if args else None)
+        txt = named.get("txt", args[1] if len(args) > 1 else None)
+        return {"batch": img.shape[0], "text_length": txt.shape[1], "vec": named["vec"]}
+    x = named.get("x", args[0] if args else None)
+    return {"batch": x.shape[0], "vec": named["vec"]}
+
+
+def _flux_text_rope(dm, length: int, rows: int, x):
+    """Flux._forward's txt_ids for ``length`` tokens (zeros; a linspace on params.txt_ids_dims), through
+    pe_embedder, as forward_orig does for [text; image] (the text part only)."""
+    import torch
+
+    device = x.device
+    ids = torch.zeros((rows, length, len(dm.params.axes_dim)), device=device, dtype=torch.float32)
+    for axis in getattr(dm.params, "txt_ids_dims", None) or ():
+        ids[:, :, axis] = torch.linspace(0, length - 1, steps=length, device=device, dtype=torch.float32)
+    return dm.pe_embedder(ids)
+
+
+def _flux_apply_rope(q, k, pe):
+    from comfy.ldm.flux.math import apply_rope
+
+    return apply_rope(q, k, pe)
+
+
+def _first_slot(mod):
+    """A ModulationOut whose tensors hold one modulation per token range (Flux.2's timestep-zero reference
+    images: (B, 2, D), modulation_dims) -> the first range's, which covers the text tokens."""
+    import dataclasses as dc
+
+    if mod.scale.ndim == 3 and mod.scale.shape[1] > 1:
+        return dc.replace(mod, **{f: getattr(mod, f)[:, :1] for f in ("shift", "scale", "gate")})
+    return mod
+
+
+def _flux_negative_modulation(block, kind, inputs, rows, pooled_delta):
+    """A block with its own modulation (Flux.1, LongCat) takes ``vec``: the positive rows' with vector_in's
+    part replaced by the negative's pooled output (as ComfyUI-NAG flux/model.py forms the negative rows' vec).
+    Global modulation (Flux.2) and Chroma hand the block its ModulationOuts: the positive rows' (no pooled text
+    in them)."""
+    from .shared_prefix import select_rows
+
+    vec, batch = inputs["vec"], inputs["batch"]
+    if hasattr(vec, "index_select"):
+        vec = vec.index_select(0, rows)
+        return vec + pooled_delta.to(vec) if pooled_delta is not None else vec
+    return select_rows(vec, rows, batch)
+
+
+def _flux_text_qkv(block, kind, text, modulation):
+    from comfy.ldm.flux.layers import apply_mod
+
+    heads = block.num_heads
+    if kind == "double":
+        first, second = block.txt_mod(modulation) if block.modulation else modulation[1]
+        first, second = _first_slot(first), _first_slot(second)
+        qkv = block.txt_attn.qkv(apply_mod(block.txt_norm1(text), 1 + first.scale, first.shift))
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = block.txt_attn.norm(q, k, v)
+        return (q, k, v), (first, second)
+    mod = _first_slot(block.modulation(modulation)[0] if block.modulation else modulation)
+    fused = block.linear1(apply_mod(block.pre_norm(text), 1 + mod.scale, mod.shift))
+    qkv, mlp = fused.split([3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = block.norm(q, k, v)
+    return (q, k, v), (mod, mlp)
+
+
+def _flux_text_update(block, kind, text, saved, attention):
+    """DoubleStreamBlock.forward's "txt blocks" / SingleStreamBlock.forward's linear2 and gate, on the negative's
+    text tokens (comfy/ldm/flux/layers.py)."""
+    import torch
+    from comfy.ldm.flux.layers import apply_mod
+
+    if kind == "double":
+        first, second = saved
+        text = text + apply_mod(block.txt_attn.proj(attention), first.gate)
+        return text + apply_mod(block.txt_mlp(apply_mod(block.txt_norm2(text), 1 + second.scale, second.shift)),
+                                second.gate)
+    mod, mlp = saved
+    if block.yak_mlp:
+        half = block.mlp_hidden_dim_first // 2
+        mlp = block.mlp_act(mlp[..., half:]) * mlp[..., :half]
+    else:
+        mlp = block.mlp_act(mlp)
+    return text + apply_mod(block.linear2(torch.cat((attention, mlp), 2)), mod.gate)
+
+
+_FLUX_JOINT_NAG = JointNagSite(
+    embed_text=_flux_embed_text, block_inputs=_flux_block_inputs, text_rope=_flux_text_rope,
+    apply_rope=_flux_apply_rope,
+    negative_modulation=_flux_negative_modulation, text_qkv=_flux_text_qkv, text_update=_flux_text_update,
+    text_input="txt_in", pooled="vector_in",
+    mechanism="forward hooks on every double and single block for one forward (the negative's text stream) and "
+              "the attention override (Z⁻ beside the block's joint attention, NAG on its image rows)",
+    source="comfy/ldm/flux/layers.py DoubleStreamBlock.forward, SingleStreamBlock.forward; comfy/ldm/flux/model.py "
+           "Flux.forward_orig (txt_norm, txt_in, vector_in, pe_embedder of [txt_ids; img_ids]); ComfyUI-NAG "
+           "@ef8a641 flux/layers.py, flux/model.py")
+JOINT_NAG_SITES: dict[str, JointNagSite] = {
+    "flux": replace(_FLUX_JOINT_NAG, required_extras=("pooled_output",)),
+    "flux2": replace(_FLUX_JOINT_NAG, prepare_text=_flux2_context,
+                     source=_FLUX_JOINT_NAG.source + "; comfy/model_base.py Flux2.extra_conds (the 512-token padding)"),
+}
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in JOINT_NAG_SITES else family
+                 for family in FAMILIES)
+
+
+# Qwen-Image (comfy/ldm/qwen_image/model.py): one stack of joint blocks, the text first; the text tokens' rope
+# positions start after the image grid's half-size (``txt_start``), so the negative's ids are built the same way.
+def _qwen_embed_text(dm, negative):
+    return dm.txt_in(dm.txt_norm(negative))
+
+
+def _qwen_block_inputs(kind, args, kwargs):
+    """QwenImageTransformerBlock(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, ...), as
+    QwenImageTransformer2DModel._forward calls it (keywords)."""
+    named = dict(zip(("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"), args,
+                     strict=False))
+    named.update(kwargs)
+    temb = named["temb"]
+    if named.get("timestep_zero_index") is not None:  # Edit 2511: [t; 0] rows, the text takes the first half
+        temb = temb.chunk(2, dim=0)[0]
+    return {"batch": named["hidden_states"].shape[0], "text_length": named["encoder_hidden_states"].shape[1],
+            "temb": temb}
+
+
+def _qwen_text_rope(dm, length: int, rows: int, x):
+    """_forward's txt_ids (arange from txt_start, on all 3 axes) through pe_embedder, in the latent's dtype."""
+    import torch
+
+    patch = dm.patch_size
+    start = round(max(((x.shape[-1] + (patch // 2)) // patch) // 2, ((x.shape[-2] + (patch // 2)) // patch) // 2))
+    ids = torch.arange(start, start + length, device=x.device).reshape(1, -1, 1).repeat(rows, 1, 3)
+    return dm.pe_embedder(ids).to(x.dtype).contiguous()
+
+
+def _qwen_apply_rope(q, k, pe):
+    from comfy.ldm.flux.math import apply_rope1
+
+    return apply_rope1(q, pe), apply_rope1(k, pe)
+
+
+def _qwen_negative_modulation(block, kind, inputs, rows, pooled_delta):
+    return inputs["temb"].index_select(0, rows)  # no pooled text in Qwen-Image's temb
+
+
+def _qwen_text_qkv(block, kind, text, temb):
+    attention, heads = block.attn, block.attn.heads
+    first, second = block.txt_mod(temb).chunk(2, dim=-1)
+    modulated, gate = block._modulate(block.txt_norm1(text), first)
+
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    q = attention.norm_added_q(split(attention.add_q_proj(modulated)))
+    k = attention.norm_added_k(split(attention.add_k_proj(modulated)))
+    return (q, k, split(attention.add_v_proj(modulated))), (gate, second)
+
+
+def _qwen_text_update(block, kind, text, saved, attention_output):
+    """QwenImageTransformerBlock.forward's text half on the negative's tokens (to_add_out, gate, txt_mlp)."""
+    import torch
+
+    gate, second = saved
+    text = text + gate * block.attn.to_add_out(attention_output)
+    modulated, gate2 = block._modulate(block.txt_norm2(text), second)
+    return torch.addcmul(text, gate2, block.txt_mlp(modulated))
+
+
+JOINT_NAG_SITES["qwen_image"] = JointNagSite(
+    embed_text=_qwen_embed_text, block_inputs=_qwen_block_inputs, text_rope=_qwen_text_rope,
+    apply_rope=_qwen_apply_rope, negative_modulation=_qwen_negative_modulation, text_qkv=_qwen_text_qkv,
+    text_update=_qwen_text_update, text_input="txt_in",
+    mechanism=_FLUX_JOINT_NAG.mechanism.replace("every double and single block", "every transformer block"),
+    source="comfy/ldm/qwen_image/model.py Attention.forward, QwenImageTransformerBlock.forward, "
+           "QwenImageTransformer2DModel._forward (txt_norm, txt_in, txt_ids from txt_start, pe_embedder)")
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in JOINT_NAG_SITES else family
+                 for family in FAMILIES)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 

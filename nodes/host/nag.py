@@ -190,6 +190,11 @@ def nag_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, con
     rows = _positive_rows(transformer_options, x.shape[0])
     if not rows or scale == 0 or not _in_window(setup, sigma, base_model.model_sampling):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if setup.family in families.JOINT_NAG_SITES:
+        from .nag_joint import run_joint_nag
+
+        return run_joint_nag(executor, setup, rows, scale, x, t, c_concat, c_crossattn, control, transformer_options,
+                             kwargs)
     site = families.NAG_SITES[setup.family]
     diffusion_model = base_model.diffusion_model
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()

@@ -298,6 +298,8 @@ def _nag(model, weak):
         first = dm.text_embeddings.in_layer
     elif hasattr(dm, "mlp_t5"):  # HunyuanDiT: the CLIP part is the context; the mT5 part and masks are extras
         first = dm.blocks[0].attn2.kv_proj
+    elif hasattr(dm, "txt_in"):  # Flux, Flux.2, Qwen-Image (joint attention): the text stream's input
+        first = dm.txt_in
     else:  # UNet
         first = next(m.to_k for name, m in dm.named_modules() if name.endswith(".attn2"))
     generator = torch.Generator().manual_seed(11)
@@ -305,6 +307,8 @@ def _nag(model, weak):
     extras = {}
     if hasattr(dm, "text_transformer_blocks"):
         extras["pooled_output"] = torch.randn(1, dm.pooled_text_embeddings.in_layer.in_features, generator=generator)
+    if getattr(dm, "vector_in", None) is not None:  # Flux.1: the negative's pooled CLIP vector
+        extras["pooled_output"] = torch.randn(1, dm.vector_in.in_layer.in_features, generator=generator)
     if hasattr(dm, "mlp_t5"):
         mask = torch.ones(1, 12, dtype=torch.long)
         mask[:, -2:] = 0
@@ -314,17 +318,20 @@ def _nag(model, weak):
 
 
 NAG_EFFECT_FAMILIES = ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2", "anima", "kandinsky5", "kandinsky5_image",
-                       "hunyuan_dit")
+                       "hunyuan_dit", "flux", "flux2", "qwen_image")
 NODE_TABLE += (
     NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2", "anima", "kandinsky5",
-                           "hunyuan_dit"),
-            "Chen et al. 2025 (arXiv:2505.21179) §3 written in the test, in the host's own cross-attention modules",
+                           "hunyuan_dit", "flux", "flux2", "qwen_image"),
+            "Chen et al. 2025 (arXiv:2505.21179) §3 written in the test, in the host's own cross-attention modules "
+            "and, on the joint-attention families, in the host's blocks written out with the negative's text stream",
             ("test_nag.py::test_nag_matches_the_paper_through_sampling",
              "test_nag.py::test_nag_window_is_respected",
              "test_nag.py::test_nag_layers_choose_the_cross_attentions",
              "test_nag.py::test_nag_on_anima_embeds_the_negative_through_its_llm_adapter",
              "test_nag.py::test_nag_on_kandinsky5_carries_the_negative_through_its_text_blocks",
-             "test_nag.py::test_nag_on_hunyuan_dit_guides_attn2_with_the_models_text_states"),
+             "test_nag.py::test_nag_on_hunyuan_dit_guides_attn2_with_the_models_text_states",
+             "test_nag_joint.py::test_joint_nag_matches_the_paper_through_sampling",
+             "test_nag_joint.py::test_joint_nag_window_is_respected"),
             effect_cases=(EffectCase("NAG", _nag, NAG_EFFECT_FAMILIES + WAN_VARIANTS + WAN_VARIANTS_0_33),
                           EffectCase("NAG-cfg1", _nag, NAG_EFFECT_FAMILIES, cfg=1.0))),
 )
