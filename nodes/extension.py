@@ -9,6 +9,7 @@ from . import (
     cfg_nodes,
     cfg_rule_nodes,
     nag_nodes,
+    pladis_nodes,
     sag_nodes,
     schedule_nodes,
     slg_nodes,
@@ -22,4 +23,4 @@ class GuidersExtension(ComfyExtension):
         web_routes.register()
         return [*schedule_nodes.NODES, *cfg_nodes.NODES, *attention_nodes.NODES, *slg_nodes.NODES, *sag_nodes.NODES,
                 *autoguidance_nodes.NODES, *cfg_rule_nodes.NODES, *nag_nodes.NODES,
-                *branch_rule_nodes.NODES]
+                *branch_rule_nodes.NODES, *pladis_nodes.NODES]

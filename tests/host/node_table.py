@@ -413,5 +413,19 @@ NODE_TABLE += (
                                                                tau2=0.95, psi=1.0), IMAGE),)),
 )
 
+# Issue #12's attention-level methods.
+NODE_TABLE += (
+    NodeRow("GuidersPLADIS", ("sd15", "sdxl", "wan", "ltxv"),
+            "Kim & Sim 2025 (arXiv:2503.07677) Eq. 7 written in the test (α-entmax by bisection), in the host's own "
+            "cross-attention modules",
+            ("test_pladis.py::test_pladis_matches_the_paper_through_sampling",
+             "test_pladis.py::test_pladis_window_is_respected",
+             "test_pladis.py::test_pladis_layers_choose_the_cross_attentions"),
+            effect_cases=(EffectCase("PLADIS", lambda m, w: node("GuidersPLADIS", model=m), ("sd15", "wan", "ltxv")),
+                          EffectCase("PLADIS-cfg1", lambda m, w: node("GuidersPLADIS", model=m), ("sd15",),
+                                     cfg=1.0))),
+)
+
 # Every row above, in table order (rows are appended by several blocks of this file).
 NODE_IDS = [row.node_id for row in NODE_TABLE]
+

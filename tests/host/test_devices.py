@@ -57,6 +57,9 @@ ALLOWED_HOST_READS = {
     # CADS: this step's diffusion time t (from σ) decides the annealing γ(t), one read per step.
     ("nodes/host/step.py", "_transformed_conditionings"),
 }
+# PLADIS: σ (and the run's sigmas, for a schedule) decide whether this call is inside its window and its λ, one
+# read per forward, as NAG's.
+ALLOWED_HOST_READS |= {("nodes/host/pladis.py", "pladis_apply_model_wrapper"), ("nodes/host/pladis.py", "scale_at")}
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,10 @@ CASES += [
     Case("SMCCFG", ("GuidersSMCCFG",), lambda m, f, w: node("GuidersSMCCFG", model=m), accumulates=True),
     Case("CADS", ("GuidersCADS",), lambda m, f, w: node("GuidersCADS", model=m, noise_scale=0.5), accumulates=True),
 ]
+# Issue #12's attention-level nodes.
+CASES += [
+    Case("PLADIS", ("GuidersPLADIS",), lambda m, f, w: node("GuidersPLADIS", model=m), families=("sd15",)),
+]
 PARAMS = [pytest.param(case, family, id=f"{case.name}-{family}") for case in CASES for family in case.families]
 
 
@@ -240,4 +247,5 @@ def test_the_pack_reads_tensors_back_only_for_its_scalar_decisions(audited, case
     reads = set(audited(case, family).audit.host_reads)
     assert reads <= ALLOWED_HOST_READS, f"host reads outside the named decisions: {sorted(reads - ALLOWED_HOST_READS)}"
     # The audit does see the pack's reads: the step driver's, or NAG's (which runs outside the step driver).
-    assert reads & {("nodes/host/step.py", "_step_context"), ("nodes/host/nag.py", "nag_apply_model_wrapper")}
+    assert reads & {("nodes/host/step.py", "_step_context"), ("nodes/host/nag.py", "nag_apply_model_wrapper"),
+                    ("nodes/host/pladis.py", "pladis_apply_model_wrapper")}
