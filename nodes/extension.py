@@ -8,6 +8,7 @@ from . import (
     branch_rule_nodes,
     cfg_nodes,
     cfg_rule_nodes,
+    modality_nodes,
     nag_nodes,
     pladis_nodes,
     sag_nodes,
@@ -23,4 +24,5 @@ class GuidersExtension(ComfyExtension):
         web_routes.register()
         return [*schedule_nodes.NODES, *cfg_nodes.NODES, *attention_nodes.NODES, *slg_nodes.NODES, *sag_nodes.NODES,
                 *autoguidance_nodes.NODES, *cfg_rule_nodes.NODES, *nag_nodes.NODES,
-                *branch_rule_nodes.NODES, *pladis_nodes.NODES]
+                *branch_rule_nodes.NODES, *pladis_nodes.NODES,
+                *modality_nodes.NODES]

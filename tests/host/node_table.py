@@ -424,6 +424,14 @@ NODE_TABLE += (
             effect_cases=(EffectCase("PLADIS", lambda m, w: node("GuidersPLADIS", model=m), ("sd15", "wan", "ltxv")),
                           EffectCase("PLADIS-cfg1", lambda m, w: node("GuidersPLADIS", model=m), ("sd15",),
                                      cfg=1.0))),
+    NodeRow("GuidersModalityGuidance", LTX2,
+            "the definitions written in the test with the host's a2v/v2a_cross_attn switches; ComfyUI 0.33.0's "
+            "LTXVModalityGuidance + LTXVDualCFGGuider",
+            ("test_modality.py::test_modality_guidance_matches_the_definitions_through_sampling",
+             "test_modality.py::test_modality_guidance_equals_the_hosts_ltxv_nodes",
+             "test_modality.py::test_modality_window_is_respected"),
+            effect_cases=(EffectCase("ModalityGuidance", lambda m, w: node("GuidersModalityGuidance", model=m),
+                                     LTX2),)),
 )
 
 # Every row above, in table order (rows are appended by several blocks of this file).

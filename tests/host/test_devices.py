@@ -34,7 +34,7 @@ from device_audit import PackAudit
 from harness import sample, sample_custom_advanced, scheduler_sigmas
 from node_table import NODE_IDS
 from support import CFG, STEPS, node, relative_error
-from tiny_models import make_conditioning, make_latent
+from tiny_models import make_conditioning, make_latent, make_ltxav_latent
 
 FAMILIES = ("sd15", "flux")
 # Of max|float64-policy result|, after 4 sampling steps; measured at most 1.3e-6.
@@ -170,6 +170,8 @@ CASES += [
 # Issue #12's attention-level nodes.
 CASES += [
     Case("PLADIS", ("GuidersPLADIS",), lambda m, f, w: node("GuidersPLADIS", model=m), families=("sd15",)),
+    Case("ModalityGuidance", ("GuidersModalityGuidance",), lambda m, f, w: node("GuidersModalityGuidance", model=m),
+         families=("ltxav",)),
 ]
 PARAMS = [pytest.param(case, family, id=f"{case.name}-{family}") for case in CASES for family in case.families]
 
@@ -211,10 +213,12 @@ def audited(guiders_pack, tiny_model, weak_model_of) -> Callable[[Case, str], Au
 
 def _sample(patched, model, family: str, case: Case) -> torch.Tensor:
     positive, negative = make_conditioning(family, seed=1)
-    latent = make_latent(family, h=16, w=16, seed=2)
+    # LTX-2 samples a (video, audio) NestedTensor latent.
+    latent = make_ltxav_latent(seed=2) if family == "ltxav" else make_latent(family, h=16, w=16, seed=2)
     if case.guider:
         return sample_custom_advanced(patched, latent, "euler", scheduler_sigmas(model, steps=STEPS), seed=3)
-    return sample(patched, positive, negative, latent, cfg=case.cfg, steps=STEPS, seed=3)
+    out = sample(patched, positive, negative, latent, cfg=case.cfg, steps=STEPS, seed=3)
+    return torch.cat([part.flatten() for part in out.unbind()]) if family == "ltxav" else out
 
 
 def test_every_node_of_the_table_is_run_here():
