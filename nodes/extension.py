@@ -14,6 +14,7 @@ from . import (
     sag_nodes,
     schedule_nodes,
     slg_nodes,
+    swg_nodes,
     web_routes,
 )
 
@@ -25,4 +26,4 @@ class GuidersExtension(ComfyExtension):
         return [*schedule_nodes.NODES, *cfg_nodes.NODES, *attention_nodes.NODES, *slg_nodes.NODES, *sag_nodes.NODES,
                 *autoguidance_nodes.NODES, *cfg_rule_nodes.NODES, *nag_nodes.NODES,
                 *branch_rule_nodes.NODES, *pladis_nodes.NODES,
-                *modality_nodes.NODES]
+                *modality_nodes.NODES, *swg_nodes.NODES]

@@ -762,6 +762,13 @@ FAMILIES = tuple(replace(family, methods=family.methods | {MODALITY}, sublayers=
     kind: {**subs, CROSS_MODAL: ("audio_to_video_attn", "video_to_audio_attn")}
     for kind, subs in family.sublayers.items()}) if family.key == "ltxav" else family for family in FAMILIES)
 
+# SWG (issue #12; nodes/host/swg.py): the model run on crops of the latent. UNets take any latent size (their
+# upsamplers follow the skip connections' shapes: comfy/ldm/modules/diffusionmodules/openaimodel.py Upsample with
+# output_shape); DiTs with patch and position embeddings tied to the latent's size are not offered yet.
+SWG = "swg"
+FAMILIES = tuple(replace(family, methods=family.methods | {SWG}) if family.key == "unet" else family
+                 for family in FAMILIES)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 

@@ -432,6 +432,13 @@ NODE_TABLE += (
              "test_modality.py::test_modality_window_is_respected"),
             effect_cases=(EffectCase("ModalityGuidance", lambda m, w: node("GuidersModalityGuidance", model=m),
                                      LTX2),)),
+    NodeRow("GuidersSWG", ("sd15", "sdxl"),
+            "Kaiser et al. 2024 (arXiv:2411.10257) and masked SWG (BMVC 2025) written in the test: one call per crop "
+            "on the authors' grid, stitched, cfg + g·M·(cond − crops)",
+            ("test_swg.py::test_swg_matches_the_paper_through_sampling",
+             "test_swg.py::test_swg_window_is_respected"),
+            effect_cases=(EffectCase("SWG", lambda m, w: node("GuidersSWG", model=m, crop_size=0, scale=2.0),
+                                     ("sd15",)),)),
 )
 
 # Every row above, in table order (rows are appended by several blocks of this file).

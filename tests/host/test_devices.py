@@ -172,6 +172,7 @@ CASES += [
     Case("PLADIS", ("GuidersPLADIS",), lambda m, f, w: node("GuidersPLADIS", model=m), families=("sd15",)),
     Case("ModalityGuidance", ("GuidersModalityGuidance",), lambda m, f, w: node("GuidersModalityGuidance", model=m),
          families=("ltxav",)),
+    Case("SWG", ("GuidersSWG",), lambda m, f, w: node("GuidersSWG", model=m, crop_size=12), families=("sd15",)),
 ]
 PARAMS = [pytest.param(case, family, id=f"{case.name}-{family}") for case in CASES for family in case.families]
 
