@@ -38,12 +38,15 @@ PRE_SPACES = ("x0", "noise")
 @dataclass(frozen=True)
 class StepContext:
     """Where sampling is: the step index in the run's schedule, the run's number of steps, the current σ,
-    and the sampler's own cfg scale (used by the CFG term unless a schedule drives it)."""
+    and the sampler's own cfg scale (used by the CFG term unless a schedule drives it). ``stream_sizes``: where
+    the sampler packed several latents into one (LTX-2's video and audio, flattened one after the other along
+    the last dimension), each one's size per sample, in order; () for one latent."""
 
     step: int
     num_steps: int
     sigma: float
     cond_scale: float = 1.0
+    stream_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,13 @@ from . import (
     cfg_nodes,
     cfg_rule_nodes,
     condition_free_nodes,
+    modality_nodes,
     nag_nodes,
+    pladis_nodes,
     sag_nodes,
     schedule_nodes,
     slg_nodes,
+    swg_nodes,
     web_routes,
 )
 
@@ -23,4 +26,5 @@ class GuidersExtension(ComfyExtension):
         web_routes.register()
         return [*schedule_nodes.NODES, *cfg_nodes.NODES, *attention_nodes.NODES, *slg_nodes.NODES, *sag_nodes.NODES,
                 *autoguidance_nodes.NODES, *cfg_rule_nodes.NODES, *nag_nodes.NODES,
-                *branch_rule_nodes.NODES, *condition_free_nodes.NODES]
+                *branch_rule_nodes.NODES, *condition_free_nodes.NODES, *pladis_nodes.NODES,
+                *modality_nodes.NODES, *swg_nodes.NODES]

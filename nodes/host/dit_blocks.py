@@ -89,7 +89,8 @@ def make_dit_block_patch(layer: Layer, previous: Callable | None, family: str):
         # Copies, taken before the call: some blocks (Flux, LTX-2) update their inputs in place.
         kept_inputs = {key: {j: _perturbed_stream(args[key]).chunk(n)[j].clone() for j in skipped}
                        for key in ("img", "txt") if args.get(key) is not None}
-        touched = [j for j, c in enumerate(chunks) if any(not isinstance(p, BlockSkip) for p in c)]
+        touched = [j for j, c in enumerate(chunks)
+                   if any(not isinstance(p, BlockSkip) and not getattr(p, "all_streams", False) for p in c)]
         other_streams = (_unperturbed_other_streams(original, args, transformer_options, chunks, touched)
                          if streams and touched else None)
         if any(isinstance(p, TokenShuffle) for c in chunks for p in c):

@@ -1099,6 +1099,32 @@ JOINT_NAG_SITES["qwen_image"] = JointNagSite(
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in JOINT_NAG_SITES else family
                  for family in FAMILIES)
 
+# PLADIS (issue #12; nodes/host/pladis.py): NAG's text cross-attention sites whose attention call goes through
+# optimized_attention with the options (no ``output`` hook): UNet, Wan, LTXV. The sparse map needs the call's q,
+# k, v before the heads are merged, which the output-projection sites (PixArt, Cosmos Predict 2, Anima,
+# Kandinsky 5, HunyuanDiT) do not give the override.
+PLADIS = "pladis"
+FAMILIES = tuple(replace(family, methods=family.methods | {PLADIS})
+                 if family.key in NAG_SITES and not NAG_SITES[family.key].output else family for family in FAMILIES)
+
+# LTX-2 modality guidance (issue #12; nodes/modality_nodes.py): the isolated branch zeroes the outputs of every
+# block's audio-to-video and video-to-audio cross-attention (comfy/ldm/lightricks/av_model.py
+# BasicAVTransformerBlock.forward adds them as ``vx.addcmul_(a2v_out, gate)``, ``ax.addcmul_(v2a_out, gate)``, so a
+# zero output is the host's own ``a2v_cross_attn``/``v2a_cross_attn`` = False, but per batch chunk); unlike the
+# other sublayers it acts on both streams (dit_blocks: ``SublayerSkip.all_streams``).
+MODALITY = "modality"
+CROSS_MODAL = "cross_modal"
+FAMILIES = tuple(replace(family, methods=family.methods | {MODALITY}, sublayers={
+    kind: {**subs, CROSS_MODAL: ("audio_to_video_attn", "video_to_audio_attn")}
+    for kind, subs in family.sublayers.items()}) if family.key == "ltxav" else family for family in FAMILIES)
+
+# SWG (issue #12; nodes/host/swg.py): the model run on crops of the latent. UNets take any latent size (their
+# upsamplers follow the skip connections' shapes: comfy/ldm/modules/diffusionmodules/openaimodel.py Upsample with
+# output_shape); DiTs with patch and position embeddings tied to the latent's size are not offered yet.
+SWG = "swg"
+FAMILIES = tuple(replace(family, methods=family.methods | {SWG}) if family.key == "unet" else family
+                 for family in FAMILIES)
+
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
 
 

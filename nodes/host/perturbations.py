@@ -46,6 +46,9 @@ class SublayerSkip:
     layers: tuple[Layer, ...]
     sublayer: str
     label: str = "sublayer skip"
+    # The skip acts on every stream of a block with several (LTX-2's audio-video cross-attention feeds both):
+    # dit_blocks then keeps the block's own output of every stream, not the unperturbed block's.
+    all_streams: bool = False
 
 
 def sublayer_modules(diffusion_model, family: str, layer: Layer, sublayer: str) -> list[torch.nn.Module]:

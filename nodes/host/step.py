@@ -233,6 +233,7 @@ def _make_calc_cond_batch(previous: Callable | None):
         ctx = _step_context(model_options, args["sigma"], cond_scale)
         if conds[1] is None:  # ComfyUI's cfg = 1 shortcut: no uncond conditioning was passed
             ctx = replace(ctx, cond_scale=1.0)
+        ctx = replace(ctx, stream_sizes=packed_stream_sizes(conds[0]))
         if run.last_sigma is not None and ctx.sigma > run.last_sigma * (1 + 1e-6):
             run.rule_state = setup.stack.new_run_state()  # σ went up: a new sampling pass, so fresh state
         run.ctx, run.last_sigma = ctx, ctx.sigma
@@ -282,6 +283,17 @@ def _make_calc_cond_batch(previous: Callable | None):
         return [outputs[0], preds[negative] if negative else torch.zeros_like(x)]
 
     return mark_ours(calc_cond_batch)
+
+
+def packed_stream_sizes(cond: list | None) -> tuple[int, ...]:
+    """The per-sample sizes of the latents the sampler packed into one (comfy/utils.py pack_latents: each
+    flattened after the batch dim, concatenated on the last), from the ``latent_shapes`` the sampler hands
+    the model's extra_conds (model_base.LTXAV.extra_conds: a CONDConstant); () where it packed nothing."""
+    for entry in cond or ():
+        shapes = getattr(entry.get("model_conds", {}).get("latent_shapes"), "cond", None)
+        if shapes is not None and len(shapes) > 1:
+            return tuple(math.prod(shape[1:]) for shape in shapes)
+    return ()
 
 
 def _own_conditionings(run: RunState, stack: GuidanceStack, needed: list[str], model, x) -> dict:

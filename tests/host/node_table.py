@@ -444,5 +444,34 @@ NODE_TABLE += (
                                      IMAGE + VIDEO),)),
 )
 
+# Issue #12's attention-level methods.
+NODE_TABLE += (
+    NodeRow("GuidersPLADIS", ("sd15", "sdxl", "wan", "ltxv"),
+            "Kim & Sim 2025 (arXiv:2503.07677) Eq. 7 written in the test (α-entmax by bisection), in the host's own "
+            "cross-attention modules",
+            ("test_pladis.py::test_pladis_matches_the_paper_through_sampling",
+             "test_pladis.py::test_pladis_window_is_respected",
+             "test_pladis.py::test_pladis_layers_choose_the_cross_attentions"),
+            effect_cases=(EffectCase("PLADIS", lambda m, w: node("GuidersPLADIS", model=m), ("sd15", "wan", "ltxv")),
+                          EffectCase("PLADIS-cfg1", lambda m, w: node("GuidersPLADIS", model=m), ("sd15",),
+                                     cfg=1.0))),
+    NodeRow("GuidersModalityGuidance", LTX2,
+            "the definitions written in the test with the host's a2v/v2a_cross_attn switches; ComfyUI 0.33.0's "
+            "LTXVModalityGuidance + LTXVDualCFGGuider",
+            ("test_modality.py::test_modality_guidance_matches_the_definitions_through_sampling",
+             "test_modality.py::test_modality_guidance_equals_the_hosts_ltxv_nodes",
+             "test_modality.py::test_modality_window_is_respected"),
+            effect_cases=(EffectCase("ModalityGuidance", lambda m, w: node("GuidersModalityGuidance", model=m),
+                                     LTX2),)),
+    NodeRow("GuidersSWG", ("sd15", "sdxl"),
+            "Kaiser et al. 2024 (arXiv:2411.10257) and masked SWG (BMVC 2025) written in the test: one call per crop "
+            "on the authors' grid, stitched, cfg + g·M·(cond − crops)",
+            ("test_swg.py::test_swg_matches_the_paper_through_sampling",
+             "test_swg.py::test_swg_window_is_respected"),
+            effect_cases=(EffectCase("SWG", lambda m, w: node("GuidersSWG", model=m, crop_size=0, scale=2.0),
+                                     ("sd15",)),)),
+)
+
 # Every row above, in table order (rows are appended by several blocks of this file).
 NODE_IDS = [row.node_id for row in NODE_TABLE]
+

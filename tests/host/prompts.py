@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from tiny_models import make_conditioning, make_latent
+from tiny_models import make_conditioning, make_latent, make_ltxav_latent
 
 MODEL_FAMILY = {"GuidersSLG": "sd3"}  # SLG needs a DiT; every other node runs on the tiny SD1.5
+MODEL_FAMILY["GuidersModalityGuidance"] = "ltxav"  # LTX-2 only: its (video, audio) latent
 LINKABLE = {"FLOAT": "GuidersTestFloat", "INT": "GuidersTestInt", "STRING": "GuidersTestString"}
 TESTED = "g"  # the node under test's id in every prompt
 SAMPLER = "k"  # the sampler's
@@ -76,10 +77,13 @@ def stand_in_nodes(tiny_model: Callable, weak_model_of: Callable, recorded: dict
                                "INPUT_TYPES": classmethod(lambda cls: {"required": inputs}),
                                "run": lambda self, **kw: run(**kw)})
 
-    families = ["sd15", "sd3"]
+    families = ["sd15", "sd3", "ltxav"]
 
     def record(samples):
-        recorded["latent"] = samples["samples"].detach().clone()
+        latent = samples["samples"]
+        if getattr(latent, "is_nested", False):  # LTX-2's (video, audio): one flat tensor to compare
+            latent = torch.cat([part.flatten() for part in latent.unbind()])
+        recorded["latent"] = latent.detach().clone()
         return {}
 
     return {
@@ -89,7 +93,8 @@ def stand_in_nodes(tiny_model: Callable, weak_model_of: Callable, recorded: dict
             "GuidersTestConditioning", "CONDITIONING", {"family": (families,), "role": (["positive", "negative"],)},
             lambda family, role: (make_conditioning(family, seed=1)[0 if role == "positive" else 1],)),
         "GuidersTestLatent": simple("GuidersTestLatent", "LATENT", {"family": (families,)},
-                                    lambda family: ({"samples": make_latent(family, h=16, w=16, seed=2)},)),
+                                    lambda family: ({"samples": make_ltxav_latent(seed=2) if family == "ltxav"
+                                                     else make_latent(family, h=16, w=16, seed=2)},)),
         # Sources with no min/max: whatever they are given reaches the linked widget unchecked.
         "GuidersTestFloat": simple("GuidersTestFloat", "FLOAT", {"value": ("FLOAT", {})}, lambda value: (value,)),
         "GuidersTestInt": simple("GuidersTestInt", "INT", {"value": ("INT", {})}, lambda value: (value,)),

@@ -34,7 +34,7 @@ from device_audit import PackAudit
 from harness import sample, sample_custom_advanced, scheduler_sigmas
 from node_table import NODE_IDS
 from support import CFG, STEPS, node, relative_error
-from tiny_models import make_conditioning, make_latent
+from tiny_models import make_conditioning, make_latent, make_ltxav_latent
 
 FAMILIES = ("sd15", "flux")
 # Of max|float64-policy result|, after 4 sampling steps; measured at most 1.3e-6.
@@ -57,6 +57,9 @@ ALLOWED_HOST_READS = {
     # CADS: this step's diffusion time t (from σ) decides the annealing γ(t), one read per step.
     ("nodes/host/step.py", "_transformed_conditionings"),
 }
+# PLADIS: σ (and the run's sigmas, for a schedule) decide whether this call is inside its window and its λ, one
+# read per forward, as NAG's.
+ALLOWED_HOST_READS |= {("nodes/host/pladis.py", "pladis_apply_model_wrapper"), ("nodes/host/pladis.py", "scale_at")}
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,14 @@ CASES += [
     Case("TSG", ("GuidersTSG",), lambda m, f, w: node("GuidersTSG", model=m, scale=3.0, noise_scale=1.0)),
     Case("ICG", ("GuidersICG",), lambda m, f, w: node("GuidersICG", model=m, mode="per step", seed=0)),
 ]
+
+# Issue #12's attention-level nodes.
+CASES += [
+    Case("PLADIS", ("GuidersPLADIS",), lambda m, f, w: node("GuidersPLADIS", model=m), families=("sd15",)),
+    Case("ModalityGuidance", ("GuidersModalityGuidance",), lambda m, f, w: node("GuidersModalityGuidance", model=m),
+         families=("ltxav",)),
+    Case("SWG", ("GuidersSWG",), lambda m, f, w: node("GuidersSWG", model=m, crop_size=12), families=("sd15",)),
+]
 PARAMS = [pytest.param(case, family, id=f"{case.name}-{family}") for case in CASES for family in case.families]
 
 
@@ -210,10 +221,12 @@ def audited(guiders_pack, tiny_model, weak_model_of) -> Callable[[Case, str], Au
 
 def _sample(patched, model, family: str, case: Case) -> torch.Tensor:
     positive, negative = make_conditioning(family, seed=1)
-    latent = make_latent(family, h=16, w=16, seed=2)
+    # LTX-2 samples a (video, audio) NestedTensor latent.
+    latent = make_ltxav_latent(seed=2) if family == "ltxav" else make_latent(family, h=16, w=16, seed=2)
     if case.guider:
         return sample_custom_advanced(patched, latent, "euler", scheduler_sigmas(model, steps=STEPS), seed=3)
-    return sample(patched, positive, negative, latent, cfg=case.cfg, steps=STEPS, seed=3)
+    out = sample(patched, positive, negative, latent, cfg=case.cfg, steps=STEPS, seed=3)
+    return torch.cat([part.flatten() for part in out.unbind()]) if family == "ltxav" else out
 
 
 def test_every_node_of_the_table_is_run_here():
@@ -246,4 +259,5 @@ def test_the_pack_reads_tensors_back_only_for_its_scalar_decisions(audited, case
     reads = set(audited(case, family).audit.host_reads)
     assert reads <= ALLOWED_HOST_READS, f"host reads outside the named decisions: {sorted(reads - ALLOWED_HOST_READS)}"
     # The audit does see the pack's reads: the step driver's, or NAG's (which runs outside the step driver).
-    assert reads & {("nodes/host/step.py", "_step_context"), ("nodes/host/nag.py", "nag_apply_model_wrapper")}
+    assert reads & {("nodes/host/step.py", "_step_context"), ("nodes/host/nag.py", "nag_apply_model_wrapper"),
+                    ("nodes/host/pladis.py", "pladis_apply_model_wrapper")}
