@@ -830,7 +830,8 @@ SCALE_CURVE_CASES = {"GuidersPAG": {}, "GuidersCFGInterval": {"mode": "percent"}
 def test_a_connected_schedule_draws_the_scale_curve_cut_by_the_window(page: Page, node_type: str) -> None:
     """The node draws its schedule's values and shades the steps its window leaves out; the curve follows the
     schedule's widgets and the window's, and goes when the schedule is disconnected. Catches: a window ignored
-    (every step drawn on), a curve not from the connected schedule, a curve left after disconnecting."""
+    (every step drawn on), a curve not from the connected schedule, a curve left after disconnecting.
+    Tried: the window fields never sent (this test and the loading test fail on both modes)."""
     frontend = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ ?? ''")
     if page.mode == "vue-nodes" and node_type == "GuidersCFGInterval" and frontend.startswith("1.35."):
         pytest.skip("known gap: with Nodes 2.0 on frontend 1.35 (ComfyUI 0.8.0) the curve widget added to a "
