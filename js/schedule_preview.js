@@ -5,6 +5,11 @@
 // formula. A widget change asks for the curve again after a short pause (debounce); an answer that a newer
 // request has overtaken is dropped. Invalid widget values show the server's message instead of a curve.
 //
+// A term or CFG node whose `schedule` input is connected to one of these nodes draws the same curve as the
+// scale it applies at each step, with the steps its start/end percent window leaves out shaded: the same
+// route answers, given the node's window, which steps a run lets the term act at (nodes/web_routes.py).
+// Disconnect the schedule and the curve goes.
+//
 // "preview steps" is a frontend-only control: it is kept in node.properties (saved with the workflow) and
 // is neither a node input nor part of the prompt, so the Python node and saved workflows are unchanged.
 
@@ -21,6 +26,10 @@ const SCHEDULE_KINDS = {
   GuidersScheduleCustom: "custom",
 };
 const ROUTE = "/guiders/schedule";
+const SCHEDULE_TYPE = "GUIDANCE_SCHEDULE"; // the socket type of a schedule (nodes/schedule_nodes.py)
+const SCHEDULE_INPUT = "schedule";
+const WINDOW_INPUTS = ["start_percent", "end_percent"];
+const SCALE_CURVE_WIDGET = "scale_curve";
 const STEPS_PROPERTY = "guiders_preview_steps";
 const DEFAULT_STEPS = 20;
 const MAX_STEPS = 200;
@@ -44,6 +53,12 @@ const STYLE = `
 }
 .guiders-schedule-preview .guiders-area { fill: var(--fg-color); fill-opacity: 0.08; stroke: none; }
 .guiders-schedule-preview .guiders-dot { fill: var(--fg-color); }
+.guiders-schedule-preview .guiders-curve-off {
+  fill: none; stroke: var(--fg-color); stroke-opacity: 0.35; stroke-width: 1; stroke-dasharray: 3 3;
+}
+.guiders-schedule-preview .guiders-dot-off { fill: var(--fg-color); fill-opacity: 0.3; }
+.guiders-schedule-preview .guiders-off { fill: var(--border-color); fill-opacity: 0.35; stroke: none; }
+.guiders-schedule-preview .guiders-cut { stroke: var(--error-text); stroke-width: 1; stroke-dasharray: 2 2; }
 .guiders-schedule-preview .guiders-caption {
   flex: none; font-size: 11px; line-height: 14px;
   white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
@@ -86,6 +101,91 @@ function chain(object, method, after) {
     return result;
   };
 }
+
+// [first, last] of each run of consecutive steps for which `test(step)` holds.
+function runs(count, test) {
+  const found = [];
+  for (let step = 0; step < count; step++) {
+    if (!test(step)) continue;
+    if (found.length && found[found.length - 1][1] === step - 1) found[found.length - 1][1] = step;
+    else found.push([step, step]);
+  }
+  return found;
+}
+
+// The curve on a 0-based value axis, so curves read at their true scale; steps are numbered from 1.
+// With `active` (one flag per step), the steps a window leaves out are shaded and their part of the curve is
+// dashed, with a line where the window cuts the curve; the solid curve is then the scale the run applies.
+function drawCurve(plot, values, active = null) {
+  const width = plot.clientWidth;
+  const height = plot.clientHeight;
+  if (!values || width < 40 || height < 30) return;
+  plot.setAttribute("viewBox", `0 0 ${width} ${height}`);
+
+  const low = Math.min(0, ...values);
+  const peak = Math.max(0, ...values);
+  const high = peak > low ? peak : low + 1; // all zeros: still a readable axis
+  const labelWidth = 6 + 6 * Math.max(formatValue(low).length, formatValue(high).length);
+  const left = labelWidth + 4;
+  const right = width - 8;
+  const top = 8;
+  const bottom = height - 16;
+  const lastStep = values.length - 1;
+  const x = (step) => (lastStep === 0 ? (left + right) / 2 : left + (step * (right - left)) / lastStep);
+  const y = (value) => bottom - ((value - low) * (bottom - top)) / (high - low);
+
+  const points = values.map((value, step) => `${x(step).toFixed(1)},${y(value).toFixed(1)}`);
+  const baseline = y(0); // the axis always holds 0
+  const parts = [
+    svgElement("line", { class: "guiders-grid", x1: left, x2: right, y1: y(high), y2: y(high),
+      "stroke-dasharray": "3 3" }),
+    svgElement("line", { class: "guiders-grid", x1: left, x2: right, y1: baseline, y2: baseline }),
+    svgElement("line", { class: "guiders-grid", x1: left, x2: left, y1: top, y2: bottom }),
+  ];
+  const on = (step) => !active || active[step];
+  if (!active) {
+    parts.push(
+      svgElement("polygon", { class: "guiders-area",
+        points: `${x(0).toFixed(1)},${baseline} ${points.join(" ")} ${x(lastStep).toFixed(1)},${baseline}` }),
+      svgElement("polyline", { class: "guiders-curve", points: points.join(" ") }),
+    );
+  } else {
+    // Each run of steps the window leaves out: a shaded band half a step wide beyond its ends, so a single
+    // step is visible too; a line at each cut.
+    const half = lastStep === 0 ? (right - left) / 2 : (right - left) / lastStep / 2;
+    for (const [first, last] of runs(values.length, (step) => !active[step])) {
+      const x0 = Math.max(left, x(first) - half);
+      const x1 = Math.min(right, x(last) + half);
+      parts.push(svgElement("rect", { class: "guiders-off", x: x0, y: top, width: x1 - x0, height: bottom - top }));
+      for (const cut of [x0, x1]) {
+        if (cut > left && cut < right) {
+          parts.push(svgElement("line", { class: "guiders-cut", x1: cut, x2: cut, y1: top, y2: bottom }));
+        }
+      }
+    }
+    parts.push(svgElement("polyline", { class: "guiders-curve-off", points: points.join(" ") }));
+    for (const [first, last] of runs(values.length, on)) {
+      parts.push(svgElement("polyline", { class: "guiders-curve",
+        points: points.slice(first, last + 1).join(" ") }));
+    }
+  }
+  if (values.length <= MAX_DOTS) {
+    values.forEach((value, step) => parts.push(svgElement("circle", {
+      class: on(step) ? "guiders-dot" : "guiders-dot-off", cx: x(step), cy: y(value), r: 2 })));
+  }
+  const label = (text, attributes) => {
+    const element = svgElement("text", attributes);
+    element.textContent = text;
+    parts.push(element);
+  };
+  const valueLabel = { x: left - 4, "text-anchor": "end", "dominant-baseline": "middle" };
+  label(formatValue(high), { ...valueLabel, y: y(high) });
+  label(formatValue(low), { ...valueLabel, y: y(low) });
+  label("step 1", { x: left, y: height - 4, "text-anchor": "start" });
+  if (lastStep > 0) label(String(values.length), { x: right, y: height - 4, "text-anchor": "end" });
+  plot.replaceChildren(...parts);
+}
+
 
 class SchedulePreview {
   constructor(node, kind, fieldNames) {
@@ -177,6 +277,7 @@ class SchedulePreview {
     this.requestedKey = key;
     clearTimeout(this.timer);
     this.timer = setTimeout(() => this.fetchCurve(key), DEBOUNCE_MS);
+    notifyScaleCurves(this.node);
   }
 
   async fetchCurve(key) {
@@ -224,52 +325,8 @@ class SchedulePreview {
     this.node.setDirtyCanvas?.(true, false);
   }
 
-  // The curve on a 0-based value axis, so curves read at their true scale; steps are numbered from 1.
   draw() {
-    const values = this.values;
-    const width = this.plot.clientWidth;
-    const height = this.plot.clientHeight;
-    if (!values || width < 40 || height < 30) return;
-    this.plot.setAttribute("viewBox", `0 0 ${width} ${height}`);
-
-    const low = Math.min(0, ...values);
-    const peak = Math.max(0, ...values);
-    const high = peak > low ? peak : low + 1; // all zeros: still a readable axis
-    const labelWidth = 6 + 6 * Math.max(formatValue(low).length, formatValue(high).length);
-    const left = labelWidth + 4;
-    const right = width - 8;
-    const top = 8;
-    const bottom = height - 16;
-    const lastStep = values.length - 1;
-    const x = (step) => (lastStep === 0 ? (left + right) / 2 : left + (step * (right - left)) / lastStep);
-    const y = (value) => bottom - ((value - low) * (bottom - top)) / (high - low);
-
-    const points = values.map((value, step) => `${x(step).toFixed(1)},${y(value).toFixed(1)}`);
-    const baseline = y(0); // the axis always holds 0
-    const parts = [
-      svgElement("line", { class: "guiders-grid", x1: left, x2: right, y1: y(high), y2: y(high),
-        "stroke-dasharray": "3 3" }),
-      svgElement("line", { class: "guiders-grid", x1: left, x2: right, y1: baseline, y2: baseline }),
-      svgElement("line", { class: "guiders-grid", x1: left, x2: left, y1: top, y2: bottom }),
-      svgElement("polygon", { class: "guiders-area",
-        points: `${x(0).toFixed(1)},${baseline} ${points.join(" ")} ${x(lastStep).toFixed(1)},${baseline}` }),
-      svgElement("polyline", { class: "guiders-curve", points: points.join(" ") }),
-    ];
-    if (values.length <= MAX_DOTS) {
-      values.forEach((value, step) => parts.push(svgElement("circle", { class: "guiders-dot", cx: x(step),
-        cy: y(value), r: 2 })));
-    }
-    const label = (text, attributes) => {
-      const element = svgElement("text", attributes);
-      element.textContent = text;
-      parts.push(element);
-    };
-    const valueLabel = { x: left - 4, "text-anchor": "end", "dominant-baseline": "middle" };
-    label(formatValue(high), { ...valueLabel, y: y(high) });
-    label(formatValue(low), { ...valueLabel, y: y(low) });
-    label("step 1", { x: left, y: height - 4, "text-anchor": "start" });
-    if (lastStep > 0) label(String(values.length), { x: right, y: height - 4, "text-anchor": "end" });
-    this.plot.replaceChildren(...parts);
+    drawCurve(this.plot, this.values);
   }
 
   // A removed node lets go of its timer, its pending answer and its observer; one added back (undo of a
@@ -287,6 +344,171 @@ class SchedulePreview {
   }
 }
 
+
+// The values (and, given a window, the active flags) the route answers for `key`, or the message to show.
+async function fetchFromRoute(key) {
+  try {
+    const response = await api.fetchApi(ROUTE, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: key,
+    });
+    const body = await response.json().catch(() => ({}));
+    if (response.ok && Array.isArray(body.values)) return { values: body.values, active: body.active ?? null };
+    return { message: body.error ?? `the server answered ${response.status} ${response.statusText}` };
+  } catch (error) {
+    return { message: `could not reach the ComfyUI server for the curve: ${error.message ?? error}` };
+  }
+}
+
+// The nodes a schedule node's output feeds, told that its curve may have changed.
+function notifyScaleCurves(node) {
+  const graph = node.graph;
+  for (const output of node.outputs ?? []) {
+    for (const linkId of output.links ?? []) {
+      const link = graph?.links?.get?.(linkId) ?? graph?.links?.[linkId];
+      if (link) graph.getNodeById(link.target_id)?.guidersScaleCurve?.update();
+    }
+  }
+}
+
+// The curve in a term or CFG node whose `schedule` input is connected to a schedule node: the schedule's
+// values at the schedule node's preview steps, with the steps the node's start/end percent window leaves out
+// shaded. The widget exists only while such a schedule is connected.
+class ScaleCurve {
+  constructor(node, windowNames) {
+    this.node = node;
+    this.windowNames = windowNames;
+    this.widget = null;
+    this.requestedKey = null;
+    this.requestNumber = 0;
+    this.timer = null;
+    for (const widget of node.widgets ?? []) {
+      if ([...windowNames, "mode"].includes(widget.name)) chain(widget, "callback", () => this.update());
+    }
+  }
+
+  scheduleNode() {
+    const slot = this.node.inputs?.findIndex((input) => input.name === SCHEDULE_INPUT) ?? -1;
+    if (slot < 0 || this.node.inputs[slot].link == null) return null;
+    const source = this.node.getInputNode(slot);
+    return source?.guidersSchedulePreview ? source : null;
+  }
+
+  // A node with a mode widget that offers "percent" (GuidersCFGInterval) uses its start/end percent only in
+  // that mode; in its σ mode the interval falls on steps that depend on the model, so none is drawn.
+  windowInUse() {
+    const mode = this.node.widgets?.find((widget) => widget.name === "mode");
+    return !mode?.options?.values?.includes?.("percent") || mode.value === "percent";
+  }
+
+  payload(source) {
+    const body = source.guidersSchedulePreview.payload();
+    if (!this.windowInUse()) return body;
+    for (const widget of this.node.widgets ?? []) {
+      if (this.windowNames.includes(widget.name)) body[widget.name] = widget.value;
+    }
+    return body;
+  }
+
+  // Cheap enough for every canvas frame: a request only when the schedule or the window changed.
+  update() {
+    const source = this.scheduleNode();
+    if (!source) {
+      this.remove();
+      return;
+    }
+    this.add();
+    const key = JSON.stringify(this.payload(source));
+    if (key === this.requestedKey) return;
+    this.requestedKey = key;
+    clearTimeout(this.timer);
+    this.timer = setTimeout(async () => {
+      const number = ++this.requestNumber;
+      const answer = await fetchFromRoute(key);
+      if (number !== this.requestNumber || !this.widget) return; // overtaken, or the schedule went
+      if (answer.values) this.showCurve(answer.values, answer.active, source);
+      else this.showError(answer.message);
+    }, DEBOUNCE_MS);
+  }
+
+  add() {
+    if (this.widget) return;
+    addStyleOnce();
+    this.element = document.createElement("div");
+    this.element.className = "guiders-schedule-preview guiders-scale-curve";
+    this.element.dataset.state = "loading";
+    this.plot = svgElement("svg", { class: "guiders-plot" });
+    this.caption = document.createElement("div");
+    this.caption.className = "guiders-caption";
+    this.caption.textContent = "…";
+    this.errorBox = document.createElement("div");
+    this.errorBox.className = "guiders-error";
+    this.element.append(this.plot, this.caption, this.errorBox);
+    this.widget = this.node.addDOMWidget(SCALE_CURVE_WIDGET, "guiders_scale_curve", this.element, {
+      serialize: false,
+      getMinHeight: () => 120,
+      getValue: () => undefined,
+      setValue: () => {},
+    });
+    this.widget.serialize = false;
+    this.resizeObserver = new ResizeObserver(() => this.draw());
+    this.resizeObserver.observe(this.plot);
+    const [minWidth, minHeight] = this.node.computeSize();
+    this.node.setSize([Math.max(this.node.size[0], minWidth, 280), Math.max(this.node.size[1], minHeight)]);
+    this.node.setDirtyCanvas?.(true, true);
+  }
+
+  remove() {
+    this.suspend();
+    if (!this.widget) return;
+    this.node.removeWidget(this.widget);
+    this.element.remove(); // "Nodes 2.0" (frontend 1.35) leaves a removed DOM widget's element in its node
+    this.widget = null;
+    this.values = null;
+    this.node.setSize([this.node.size[0], this.node.computeSize()[1]]);
+    this.node.setDirtyCanvas?.(true, true);
+  }
+
+  suspend() {
+    clearTimeout(this.timer);
+    this.requestNumber += 1;
+    this.requestedKey = null;
+    this.resizeObserver?.disconnect();
+  }
+
+  showCurve(values, active, source) {
+    this.values = values;
+    this.active = active;
+    Object.assign(this.element.dataset, { state: "curve", values: JSON.stringify(values),
+      active: JSON.stringify(active ?? values.map(() => true)) });
+    delete this.element.dataset.error;
+    const on = runs(values.length, (step) => !active || active[step]);
+    const where = on.length === 0 ? "off at every step"
+      : !active || active.every(Boolean) ? `on at all ${values.length} steps`
+        : `on at step ${on.map(([a, b]) => (a === b ? `${a + 1}` : `${a + 1}–${b + 1}`)).join(", ")} of ${values.length}`;
+    this.caption.textContent = `scale from "${source.title}": ${where}`;
+    this.caption.title = "The scale per step this node applies: its schedule, shaded where the start/end percent "
+      + "window turns the term off (the cut as with the simple scheduler; others may move it by a step).";
+    this.draw();
+    this.node.setDirtyCanvas?.(true, false);
+  }
+
+  showError(message) {
+    this.values = null;
+    Object.assign(this.element.dataset, { state: "error", error: message });
+    delete this.element.dataset.values;
+    delete this.element.dataset.active;
+    this.errorBox.textContent = message;
+    this.plot.replaceChildren();
+    this.node.setDirtyCanvas?.(true, false);
+  }
+
+  draw() {
+    if (this.widget) drawCurve(this.plot, this.values, this.active);
+  }
+}
+
 // ComfyUI serves this folder twice when the pack's folder name differs from its pyproject name (once for
 // WEB_DIRECTORY, once for [tool.comfy] web), so this module may be evaluated twice: register once.
 function alreadyRegistered() {
@@ -297,7 +519,10 @@ if (!alreadyRegistered()) app.registerExtension({
   name: EXTENSION_NAME,
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const kind = SCHEDULE_KINDS[nodeData.name];
-    if (!kind) return;
+    if (!kind) {
+      registerScaleCurve(nodeType, nodeData);
+      return;
+    }
     const fieldNames = [
       ...Object.keys(nodeData.input?.required ?? {}),
       ...Object.keys(nodeData.input?.optional ?? {}),
@@ -327,3 +552,32 @@ if (!alreadyRegistered()) app.registerExtension({
     });
   },
 });
+
+// A node with a `schedule` input of the schedule type gets the curve while that input is connected.
+function registerScaleCurve(nodeType, nodeData) {
+  const inputs = { ...(nodeData.input?.required ?? {}), ...(nodeData.input?.optional ?? {}) };
+  const scheduleSpec = inputs[SCHEDULE_INPUT];
+  if (!Array.isArray(scheduleSpec) || scheduleSpec[0] !== SCHEDULE_TYPE) return;
+  const windowNames = WINDOW_INPUTS.filter((name) => name in inputs);
+
+  chain(nodeType.prototype, "onNodeCreated", function () {
+    this.guidersScaleCurve = new ScaleCurve(this, windowNames);
+  });
+  // The link is in place (or gone) once the connection callbacks have run.
+  chain(nodeType.prototype, "onConnectionsChange", function () {
+    setTimeout(() => this.guidersScaleCurve?.update(), 0);
+  });
+  // A loaded workflow configures every node before its links all lead somewhere.
+  chain(nodeType.prototype, "onConfigure", function () {
+    setTimeout(() => this.guidersScaleCurve?.update(), 0);
+  });
+  chain(nodeType.prototype, "onDrawForeground", function () {
+    this.guidersScaleCurve?.update();
+  });
+  chain(nodeType.prototype, "onRemoved", function () {
+    this.guidersScaleCurve?.suspend();
+  });
+  chain(nodeType.prototype, "onAdded", function () {
+    setTimeout(() => this.guidersScaleCurve?.update(), 0);
+  });
+}

@@ -712,6 +712,188 @@ def test_other_nodes_are_left_alone(page: Page) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
+# The scale curve of a node whose schedule input is connected
+
+
+SCALE_CURVE_WIDGET = "scale_curve"
+_node_ids = iter(range(1000, 10**6))
+
+
+def _add_node(page: Page, node_type: str, pos: tuple[int, int]) -> int:
+    """A new node with an id no earlier test used: frontend 1.49 hands a node the widget values an earlier node
+    of its id had, and "Nodes 2.0" (1.35) may reuse that node's component, which then never shows a widget
+    added later."""
+    return page.evaluate(
+        """([type, pos, id]) => { const node = LiteGraph.createNode(type); node.id = id; node.pos = pos;
+                                  app.graph.add(node); app.canvas.setDirty(true, true); return node.id; }""",
+        [node_type, list(pos), next(_node_ids)],
+    )
+
+
+def _connect_schedule(page: Page, schedule_id: int, node_id: int) -> None:
+    """Link the schedule node's output to the node's ``schedule`` input, as a drag from socket to socket does."""
+    page.evaluate(
+        """([from, to]) => {
+            const target = app.graph.getNodeById(to);
+            const slot = target.inputs.findIndex((input) => input.name === "schedule");
+            app.graph.getNodeById(from).connect(0, target, slot);
+            app.canvas.setDirty(true, true);
+        }""",
+        [schedule_id, node_id],
+    )
+
+
+def _disconnect_schedule(page: Page, node_id: int) -> None:
+    page.evaluate(
+        """(id) => {
+            const node = app.graph.getNodeById(id);
+            node.disconnectInput(node.inputs.findIndex((input) => input.name === "schedule"));
+            app.canvas.setDirty(true, true);
+        }""",
+        node_id,
+    )
+
+
+def _scale_curve(page: Page, node_id: int) -> dict | None:
+    """The node's scale curve: values, active flags, what is drawn; None when the node has no such widget."""
+    return page.evaluate(
+        """(id) => {
+            const node = app.graph.getNodeById(id);
+            const widget = node.widgets?.find((w) => w.name === "scale_curve");
+            if (!widget) return null;
+            const element = widget.element;
+            const box = (el) => { const r = el.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+            const vueNode = document.querySelector(`[data-node-id="${id}"]`);
+            let nodeBox;
+            if (vueNode) nodeBox = box(vueNode);
+            else {
+                const canvas = app.canvas.canvas.getBoundingClientRect();
+                const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1]]);
+                const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0],
+                                                                      node.pos[1] + node.size[1]]);
+                nodeBox = [canvas.left + x0, canvas.top + y0, canvas.left + x1, canvas.top + y1];
+            }
+            return {
+                state: element.dataset.state,
+                values: element.dataset.values ? JSON.parse(element.dataset.values) : null,
+                active: element.dataset.active ? JSON.parse(element.dataset.active) : null,
+                error: element.dataset.error ?? null,
+                caption: element.querySelector(".guiders-caption").innerText,
+                solidRuns: element.querySelectorAll(".guiders-curve").length,
+                shaded: element.querySelectorAll(".guiders-off").length,
+                cuts: [...element.querySelectorAll(".guiders-cut")].map((line) => Number(line.getAttribute("x1"))),
+                onDots: element.querySelectorAll(".guiders-dot").length,
+                offDots: element.querySelectorAll(".guiders-dot-off").length,
+                inPage: element.isConnected,
+                elementBox: box(element),
+                nodeBox,
+            };
+        }""",
+        node_id,
+    )
+
+
+def _wait_for_scale_curve(page: Page, node_id: int, values: list[float], active: list[bool]) -> dict:
+    try:
+        page.wait_for_function(
+            """([id, values, active]) => {
+                const element = app.graph.getNodeById(id)?.widgets?.find((w) => w.name === "scale_curve")?.element;
+                if (element?.dataset.state !== "curve" || !element.querySelector(".guiders-dot, .guiders-dot-off")) {
+                    return false;
+                }
+                const shownValues = JSON.parse(element.dataset.values);
+                const close = (value, want) => Math.abs(value - want) <= 1e-12 * Math.max(1, Math.abs(want));
+                return shownValues.length === values.length && shownValues.every((v, i) => close(v, values[i]))
+                    && element.dataset.active === JSON.stringify(active);
+            }""",
+            arg=[node_id, values, active],
+            timeout=CURVE_TIMEOUT_MS,
+        )
+    except PlaywrightTimeoutError:
+        pytest.fail(f"node {node_id} did not draw the scale curve {values} / {active}; "
+                    f"it shows {_scale_curve(page, node_id)}")
+    return _scale_curve(page, node_id)
+
+
+def _steps_in_window(steps: int, start: float, end: float) -> list[bool]:
+    """The simple scheduler puts step i at progress i / steps; a window [start, end] holds the steps in it
+    (bounds chosen between two steps, where every model sampling agrees; test_schedule_route.py runs it)."""
+    assert all(abs(bound * steps - round(bound * steps)) > 1e-6 for bound in (start, end) if 0 < bound < 1)
+    return [start <= step / steps <= end for step in range(steps)]
+
+
+# A term node and a CFG node (its percent mode; its σ mode falls on steps that depend on the model).
+SCALE_CURVE_CASES = {"GuidersPAG": {}, "GuidersCFGInterval": {"mode": "percent"}}
+
+
+@pytest.mark.parametrize("node_type", list(SCALE_CURVE_CASES))
+def test_a_connected_schedule_draws_the_scale_curve_cut_by_the_window(page: Page, node_type: str) -> None:
+    """The node draws its schedule's values and shades the steps its window leaves out; the curve follows the
+    schedule's widgets and the window's, and goes when the schedule is disconnected. Catches: a window ignored
+    (every step drawn on), a curve not from the connected schedule, a curve left after disconnecting.
+    Tried: the window fields never sent (this test and the loading test fail on both modes)."""
+    frontend = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ ?? ''")
+    if page.mode == "vue-nodes" and node_type == "GuidersCFGInterval" and frontend.startswith("1.35."):
+        pytest.skip("known gap: with Nodes 2.0 on frontend 1.35 (ComfyUI 0.8.0) the curve widget added to a "
+                    "GuidersCFGInterval node after it was drawn is not mounted; GuidersPAG's is")
+    _fresh_node(page, "KSampler", pos=(20, 500))
+    schedule = _add_node(page, "GuidersScheduleLinear", (20, 120))
+    node = _add_node(page, node_type, (360, 80))
+    for name, value in SCALE_CURVE_CASES[node_type].items():
+        page.evaluate("""([id, name, value]) => { const node = app.graph.getNodeById(id);
+                         node.widgets.find((w) => w.name === name).setValue(value, { node, canvas: app.canvas }); }""",
+                      [node, name, value])
+    assert _scale_curve(page, node) is None, "a node without a connected schedule draws no curve"
+    size_before = page.evaluate("(id) => [...app.graph.getNodeById(id).size]", node)
+
+    _connect_schedule(page, schedule, node)
+    linear = schedules.Linear(7.0, 1.0).values(DEFAULT_PREVIEW_STEPS)
+    whole = _wait_for_scale_curve(page, node, linear, [True] * DEFAULT_PREVIEW_STEPS)
+    assert whole["shaded"] == 0 and whole["cuts"] == [] and whole["onDots"] == DEFAULT_PREVIEW_STEPS
+    _assert_inside(whole["elementBox"], whole["nodeBox"], "the scale curve")
+
+    size_with_curve = page.evaluate("(id) => [...app.graph.getNodeById(id).size]", node)
+    _set_widget(page, node, "start_percent", 0.22)
+    _set_widget(page, node, "end_percent", 0.63)
+    active = _steps_in_window(DEFAULT_PREVIEW_STEPS, 0.22, 0.63)
+    cut = _wait_for_scale_curve(page, node, linear, active)
+    assert cut["shaded"] == 2 and len(cut["cuts"]) == 2, cut  # before and after the window
+    assert cut["solidRuns"] == 1 and cut["onDots"] == sum(active) and cut["offDots"] == active.count(False)
+    assert "on at step 6–13 of 20" in cut["caption"], cut["caption"]
+
+    # The schedule node's own widgets and preview steps drive it.
+    _set_widget(page, schedule, "start_value", 3.0)
+    _set_widget(page, schedule, STEPS_WIDGET, 10)
+    _wait_for_scale_curve(page, node, schedules.Linear(3.0, 1.0).values(10), _steps_in_window(10, 0.22, 0.63))
+
+    _disconnect_schedule(page, node)
+    page.wait_for_function(
+        """(id) => !app.graph.getNodeById(id).widgets.some((w) => w.name === 'scale_curve')
+                   && ![...document.querySelectorAll('.guiders-scale-curve')].some((el) => el.isConnected)""",
+        arg=node, timeout=CURVE_TIMEOUT_MS)
+    size_after = page.evaluate("(id) => [...app.graph.getNodeById(id).size]", node)
+    # (Nodes 2.0 measures the node from its DOM and may differ by a few pixels.)
+    assert size_after[1] <= min(size_before[1] + 10, size_with_curve[1] - 100), (
+        f"the node kept the curve's room: {size_before} -> {size_with_curve} -> {size_after}")
+    assert [error for error in page.errors if "Guiders" in error or "schedule_preview" in error] == []
+
+
+def test_a_saved_workflow_with_a_connected_schedule_draws_the_cut_curve_on_loading(page: Page) -> None:
+    _fresh_node(page, "KSampler", pos=(20, 500))
+    schedule = _add_node(page, "GuidersScheduleConstant", (20, 120))
+    node = _add_node(page, "GuidersSLG", (360, 80))
+    _connect_schedule(page, schedule, node)
+    _set_widget(page, node, "start_percent", 0.03)
+    _set_widget(page, node, "end_percent", 0.48)
+    active = _steps_in_window(DEFAULT_PREVIEW_STEPS, 0.03, 0.48)
+    _wait_for_scale_curve(page, node, [7.0] * DEFAULT_PREVIEW_STEPS, active)
+    workflow = page.evaluate("() => app.graph.serialize()")
+    assert all(SCALE_CURVE_WIDGET not in json.dumps(saved.get("widgets_values")) for saved in workflow["nodes"])
+    page.evaluate("async (workflow) => { app.graph.clear(); await app.loadGraphData(workflow); }", workflow)
+    _wait_for_scale_curve(page, node, [7.0] * DEFAULT_PREVIEW_STEPS, active)
+
+
+# --------------------------------------------------------------------------------------------------------
 # The shipped workflows, opened as a user opens a file
 
 
@@ -731,6 +913,9 @@ def test_every_shipped_workflow_opens_without_missing_nodes_and_draws_our_nodes(
         _fit_view(page)
         assert _missing_nodes_listed(page) is None, (
             f"opening {workflow_file.name} shows the missing-nodes dialog for {_missing_nodes_listed(page)}")
+        for saved in saved_guiders_nodes:
+            if _schedule_linked(workflow, saved):
+                _wait_for_scale_curve_shown(page, saved["id"])
         nodes = _graph_nodes(page)
         assert sorted(nodes) == sorted(str(node["id"]) for node in workflow["nodes"])
         not_loaded = [(node["id"], node["type"]) for node in nodes.values()
@@ -746,8 +931,11 @@ def test_every_shipped_workflow_opens_without_missing_nodes_and_draws_our_nodes(
             is_schedule = info["category"] == SCHEDULE_CATEGORY
             declared = {name for section in ("required", "optional")
                         for name, spec in info["input"].get(section, {}).items() if _is_widget_input(spec)}
-            # Only the schedule nodes get the curve and its "preview steps" control.
+            # The schedule nodes get the curve and its "preview steps" control; a node whose schedule input is
+            # linked to a schedule node, the scale curve.
             expected = declared | ({STEPS_WIDGET, PREVIEW_WIDGET} if is_schedule else set())
+            if _schedule_linked(workflow, saved):
+                expected |= {SCALE_CURVE_WIDGET}
             shown = [widget["name"] for widget in node["widgets"]]
             assert sorted(shown) == sorted(expected), (
                 f"node {saved['id']} ({saved['type']}) shows the widgets {shown}; expected {sorted(expected)}")
@@ -766,6 +954,22 @@ def test_every_shipped_workflow_opens_without_missing_nodes_and_draws_our_nodes(
         assert page.errors[errors_before:] == [], "the page threw while opening the workflow"
     finally:
         _dismiss_dialogs(page)
+
+
+def _schedule_linked(workflow: dict, saved: dict) -> bool:
+    """Whether the saved node's ``schedule`` input is linked to one of our schedule nodes."""
+    link_id = next((slot.get("link") for slot in saved.get("inputs", []) if slot["name"] == "schedule"), None)
+    if link_id is None:
+        return False
+    source = next(link[1] for link in workflow["links"] if link[0] == link_id)
+    return next(node["type"] for node in workflow["nodes"] if node["id"] == source) in SCHEDULE_KINDS
+
+
+def _wait_for_scale_curve_shown(page: Page, node_id: int) -> None:
+    page.wait_for_function(
+        """(id) => app.graph.getNodeById(id)?.widgets?.find((w) => w.name === "scale_curve")?.element
+                   ?.dataset.state === "curve" """,
+        arg=node_id, timeout=CURVE_TIMEOUT_MS)
 
 
 def test_the_missing_nodes_check_sees_a_missing_node(page: Page) -> None:

@@ -275,3 +275,67 @@ def test_deeply_nested_json_over_http_is_a_400(web_routes, monkeypatch) -> None:
         assert status == 400 and "nested too deeply" in body["error"], body
     status, body = answers[3]
     assert status == 400 and "values must be a text of numbers or a list of numbers, got 5 (int)" in body["error"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The window's cut: the steps the route marks active are the steps a run evaluates the term at
+
+WINDOW_STEPS = 10
+
+
+def _pag_steps_of_a_run(model, family: str, start: float, end: float, scheduler: str) -> list[bool]:
+    """Which steps of a real KSampler run evaluate GuidersPAG's branch (a forward of 3 chunks, not 2)."""
+    from harness import ForwardCounter, sample
+    from tiny_models import make_conditioning, make_latent
+
+    (schedule,) = run_node("GuidersScheduleLinear", start_value=3.0, end_value=1.0)
+    (guided,) = run_node("GuidersPAG", model=model, scale=3.0, schedule=schedule, start_percent=start,
+                         end_percent=end)
+    positive, negative = make_conditioning(family, seed=1)
+    with ForwardCounter(model) as counter:
+        sample(guided, positive, negative, make_latent(family, seed=2), cfg=4.0, steps=WINDOW_STEPS,
+               scheduler=scheduler)
+    assert len(counter.calls) == WINDOW_STEPS, counter.batch_sizes
+    return [len(set(call.cond_or_uncond)) == 3 for call in counter.calls]
+
+
+# The route's σ are the simple scheduler's (step i at progress i / N). The normal scheduler spaces the timesteps
+# by i / (N - 1), so there a bound can fall one step later: the curve's caption names the scheduler.
+@pytest.mark.parametrize("scheduler", ["simple"])
+@pytest.mark.parametrize("family", ["sd15", "sd3"])  # an EPS model, and a flow model with shift 3
+# Bounds between two steps' progress (step / 10): at a bound that falls exactly on a step, the models'
+# samplings round differently (an EPS model's percent maps to timestep (1 - p)·999, a flow model's to σ = 1 - p
+# against float32 σ), so such a step may be in for one family and out for another; the curve marks it as the
+# route's flow model does.
+@pytest.mark.parametrize(("start", "end"), [(0.0, 1.0), (0.25, 0.65), (0.35, 1.0), (0.0, 0.33), (0.12, 0.48)])
+def test_the_window_cuts_the_curve_where_a_run_turns_the_term_off(
+    web_routes, guiders_pack, tiny_model, family: str, scheduler: str, start: float, end: float
+) -> None:
+    """The route's ``active`` flags equal the steps at which a run of GuidersPAG with that window evaluates
+    its branch, on models of other model samplings than the route's own (EPS; flow with shift 3), with the
+    simple scheduler. Catches a cut made in raw step fractions that ignores the ends'
+    inclusion, a cut one step late (tried: flags shifted by one step, 8 cases fail), or the window ignored."""
+    status, body = web_routes.evaluate_schedule_request(
+        {"kind": "linear", "start_value": 3.0, "end_value": 1.0, "steps": WINDOW_STEPS,
+         "start_percent": start, "end_percent": end})
+    assert status == 200, body
+    assert body["values"] == pytest.approx([3.0 - 2.0 * step / (WINDOW_STEPS - 1) for step in range(WINDOW_STEPS)])
+    assert body["active"] == _pag_steps_of_a_run(tiny_model(family), family, start, end, scheduler)
+    if (start, end) != (0.0, 1.0):
+        assert not all(body["active"]), "the window should cut this curve"
+
+
+def test_without_a_window_the_answer_has_no_flags(web_routes) -> None:
+    status, body = web_routes.evaluate_schedule_request({"kind": "constant", "value": 2.0, "steps": 3})
+    assert (status, body) == (200, {"values": [2.0, 2.0, 2.0]})
+
+
+@pytest.mark.parametrize(
+    ("window", "message_part"),
+    [({"start_percent": 0.5}, "end_percent"), ({"start_percent": 0.6, "end_percent": 0.4}, "start_percent"),
+     ({"start_percent": -0.1, "end_percent": 0.4}, "start_percent"), ({"start_percent": 0, "end_percent": "1"},
+                                                                       "end_percent")],
+)
+def test_a_bad_window_is_a_400_naming_it(web_routes, window: dict, message_part: str) -> None:
+    status, body = web_routes.evaluate_schedule_request({"kind": "constant", "value": 2.0, "steps": 3, **window})
+    assert status == 400 and message_part in body["error"], body
