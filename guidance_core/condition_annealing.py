@@ -17,7 +17,17 @@ __all__ = ["ConditionNoiseState", "cads_condition", "cads_gamma"]
 
 def cads_gamma(t: float, tau1: float = 0.6, tau2: float = 0.9) -> float:
     """The paper's annealing schedule γ(t): 1 for t ≤ τ1, 0 for t ≥ τ2, linear in between; t ∈ [0, 1] is the
-    diffusion time (1 = pure noise), so the noise is full at the start and gone after t falls below τ1."""
+    diffusion time (1 = pure noise), so the noise is full at the start and gone after t falls below τ1.
+
+    What was checked against the paper (arXiv:2310.17347): only its abstract and introduction (the stored arXiv
+    v3 / ar5iv pages reach no further): "scheduled, monotonically decreasing Gaussian noise" on the conditioning
+    vector, any pretrained model and sampler. §3's schedule, its t convention, the τ1/τ2 defaults, the rescale
+    and ψ, whether the uncond is noised, and Algorithm 1 (appendix) could not be read here, and the authors
+    published no code (their lab's page lists none). This schedule, τ1 = 0.6, τ2 = 0.9, s = 0.25, ψ = 1 and the
+    formulas of ``cads_condition`` agree with a third-party implementation (v0xie/sd-webui-cads
+    ``scripts/cads.py``), not with a confirmed reading of the paper. That one differs from ours in noising the
+    cond and the uncond (ours: ``apply_to``), taking the rescale's mean and std over the whole batch tensor
+    (ours: per sample) and reading t as 1 − step/steps (ours: timestep(σ)/timestep(σ_max), nodes/host/step.py)."""
     if t <= tau1:
         return 1.0
     if t >= tau2:

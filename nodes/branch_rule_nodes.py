@@ -239,6 +239,11 @@ class GuidersMomentumGuidance(io.ComfyNode):
         return io.NodeOutput(host.add_guidance(model, node, update))
 
 
+# The switching term's form: the authors' code takes sign(s) per element; pamparamm's node s/‖s‖ per image.
+SMC_SWITCHING = {"sign (the authors' code)": "sign", "unit vector (sd-perturbed-attention)": "unit"}
+SMC_SWITCHING_DEFAULT = "sign (the authors' code)"
+
+
 class GuidersSMCCFG(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -251,11 +256,18 @@ class GuidersSMCCFG(io.ComfyNode):
                         "s = (e − e_prev) + λ·e_prev), then u + w·ê. Steadier at high cfg. Sets the CFG rule.",
             inputs=[
                 model_input(),
-                io.Float.Input("sliding_lambda", default=6.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="λ, the sliding surface's shape. The paper uses 2-8 (SD3.5, Flux, Qwen-Image)."),
-                io.Float.Input("k", default=0.1, min=0.0, max=2.0, step=0.01,
-                               tooltip="Switching gain toward the surface; 0 = plain CFG. The paper uses 0.01-0.8; "
-                                       "lower keeps more realism, higher more prompt alignment."),
+                io.Float.Input("sliding_lambda", default=5.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="λ, the sliding surface's shape. The authors' code recommends 5 (SD3.5, Flux, "
+                                       "Qwen-Image, Wan)."),
+                io.Float.Input("k", default=0.2, min=0.0, max=2.0, step=0.01,
+                               tooltip="Switching gain toward the surface; 0 = plain CFG. The authors' code recommends "
+                                       "0.2 with the sign; with the unit vector about 0.1 (sd-perturbed-attention). "
+                                       "Lower keeps more realism, higher more prompt alignment."),
+                io.Combo.Input("switching", options=list(SMC_SWITCHING), default=SMC_SWITCHING_DEFAULT,
+                               optional=True,
+                               tooltip="sign: k·sign(s) per element, as the authors' code (hanyang-21/CFG-Ctrl). "
+                                       "unit vector: k·s/‖s‖ per image, as pamparamm/sd-perturbed-attention's "
+                                       "node (a much smaller correction for the same k)."),
                 trajectory_space_input("the error and its correction"),
                 cfg_schedule_input(),
             ],
@@ -263,12 +275,14 @@ class GuidersSMCCFG(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, sliding_lambda, k, space="velocity (the paper)", schedule=None) -> io.NodeOutput:
+    def execute(cls, model, sliding_lambda, k, space="velocity (the paper)", schedule=None,
+                switching=SMC_SWITCHING_DEFAULT) -> io.NodeOutput:
         node = public_id(cls)
-        check_inputs(cls, sliding_lambda=sliding_lambda, k=k, space=space)
+        check_inputs(cls, sliding_lambda=sliding_lambda, k=k, space=space, switching=switching)
+        form = SMC_SWITCHING[switching]
 
         def sliding_mode_rule(cond, uncond, scale, state):
-            return trajectory_rules.smc_cfg(cond, uncond, scale, state, sliding_lambda, k)
+            return trajectory_rules.smc_cfg(cond, uncond, scale, state, sliding_lambda, k, form)
 
         rule = CFGRule(node, sliding_mode_rule, space=TRAJECTORY_SPACES[space],
                        make_state=trajectory_rules.SlidingModeState)

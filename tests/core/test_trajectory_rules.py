@@ -4,7 +4,8 @@ stateful post transforms.
 
 Breaks shown to fail on a scratch copy: the running average updated before the extrapolation (instead of
 after) fails the momentum reference and the plan test; SMC's e_prev kept as the raw error instead of the
-corrected one fails the SMC reference.
+corrected one fails the SMC reference; SMC's elementwise sign replaced by the per-sample unit vector (or the
+reverse: the two switching forms swapped) fails the SMC reference for both forms.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ def reference_momentum(velocities, alpha, beta):
     return out
 
 
-def reference_smc(steps, scale, lam, k):
-    """Wang et al. 2026 §3.4, per sample: e = c − u; s = (e − e_prev) + λ e_prev; ê = e − k s/||s||;
-    e_prev ← ê (e_prev = e on the first step); result u + w ê."""
+def reference_smc(steps, scale, lam, k, switching="sign"):
+    """Wang et al. 2026 §3.4, per sample: e = c − u; s = (e − e_prev) + λ e_prev; ê = e − k·sign(s);
+    e_prev ← ê (e_prev = e on the first step); result u + w ê. sign per element (the authors' code,
+    hanyang-21/CFG-Ctrl pipeline/common_cfg_ctrl.py), or ``switching="unit"``: s/||s|| (sd-perturbed-attention)."""
     out, previous = [], None
     for cond, uncond in steps:
         c, u = cond.double(), uncond.double()
@@ -50,7 +52,8 @@ def reference_smc(steps, scale, lam, k):
             e = c[i] - u[i]
             e_prev = e if previous is None else previous[i]
             s = (e - e_prev) + lam * e_prev
-            corrected = e - k * s / s.norm()
+            direction = torch.sign(s) if switching == "sign" else s / s.norm()
+            corrected = e - k * direction
             corrected_all.append(corrected)
             results.append(u[i] + scale * corrected)
         previous = corrected_all
@@ -69,12 +72,13 @@ def test_momentum_guidance_matches_algorithm_1(shape):
     assert relative_difference(got[-1], velocities[-1]) > 0.05  # not a no-op
 
 
-def test_smc_cfg_matches_the_paper(shape):
+@pytest.mark.parametrize("switching", ["sign", "unit"])
+def test_smc_cfg_matches_the_paper(shape, switching):
     steps = trajectory(shape, seed=2)
     state = SlidingModeState()
-    expected = reference_smc(steps, 5.0, 6.0, 0.3)
+    expected = reference_smc(steps, 5.0, 6.0, 0.3, switching)
     for (cond, uncond), want in zip(steps, expected, strict=True):
-        got = smc_cfg(cond, uncond, 5.0, state, 6.0, 0.3)
+        got = smc_cfg(cond, uncond, 5.0, state, 6.0, 0.3, switching)
         assert relative_difference(got, want) < 1e-6
         assert relative_difference(got, uncond + 5.0 * (cond - uncond)) > 1e-3  # not plain CFG
 
@@ -107,6 +111,19 @@ def test_zero_or_identical_predictions_are_finite(shape, dtype, kind):
     for _ in range(3):
         assert torch.isfinite(smc_cfg(cond, cond.clone(), 7.0, smc_state)).all()
         assert torch.isfinite(momentum_guidance(cond, mg_state)).all()
+
+
+def test_smc_cfg_defaults_are_the_authors_recommendation():
+    """λ = 5, k = 0.2, elementwise sign (hanyang-21/CFG-Ctrl README, recommended settings)."""
+    steps = trajectory((2, 4, 3, 3), seed=7)
+    state = SlidingModeState()
+    for (cond, uncond), want in zip(steps, reference_smc(steps, 4.0, 5.0, 0.2, "sign"), strict=True):
+        assert relative_difference(smc_cfg(cond, uncond, 4.0, state), want) < 1e-6
+
+
+def test_smc_cfg_rejects_an_unknown_switching_form():
+    with pytest.raises(ValueError, match="switching must be one of"):
+        smc_cfg(torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), 5.0, SlidingModeState(), switching="tanh")
 
 
 def test_the_states_reject_another_shape():

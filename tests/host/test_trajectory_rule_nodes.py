@@ -9,9 +9,9 @@ PerturbedAttentionGuidance is such a post-CFG function (s·(cond − perturbed) 
 
 Breaks each test was shown to catch on a scratch copy: momentum's state kept between runs (the parity tests'
 second run then differs); momentum's average updated before the extrapolation; SMC's e_prev kept as the raw
-error; the velocity space replaced by the noise space (x − x0, no division by σ) for rules and for post
-transforms; either schedule ignored; the PAG term dropped from the stack (by the CFG rule, or by a post
-transform).
+error; SMC's switching forms swapped (elementwise sign ↔ per-image unit vector); the velocity space
+replaced by the noise space (x − x0, no division by σ) for rules and for post transforms; either schedule
+ignored; the PAG term dropped from the stack (by the CFG rule, or by a post transform).
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def momentum_reference(model, momentum: float, ema: float, space: str, schedule=
     return reference
 
 
-def smc_reference(model, sliding_lambda: float, k: float, space: str, schedule=None):
-    """§3.4 per sample: e = c − u, s = (e − e_prev) + λe_prev, ê = e − k·s/||s||, e_prev ← ê; u + w·ê."""
+def smc_reference(model, sliding_lambda: float, k: float, space: str, schedule=None, switching: str = "sign"):
+    """§3.4 per sample: e = c − u, s = (e − e_prev) + λe_prev, ê = e − k·sign(s), e_prev ← ê; u + w·ê. sign per
+    element as the authors' code (hanyang-21/CFG-Ctrl), or ``switching="unit"``: s/||s|| (sd-perturbed-attention)."""
     previous: dict = {}
 
     def smc_cfg(args):
@@ -73,7 +74,7 @@ def smc_reference(model, sliding_lambda: float, k: float, space: str, schedule=N
             e = cond[i] - uncond[i]
             e_prev = previous.get(i, e)
             s = (e - e_prev) + sliding_lambda * e_prev
-            corrected = e - k * s / s.norm()
+            corrected = e - k * (torch.sign(s) if switching == "sign" else s / s.norm())
             previous[i] = corrected
             out.append(uncond[i] + scale * corrected)
         result = torch.stack(out)
@@ -94,16 +95,21 @@ def test_momentum_guidance_matches_the_paper(tiny_model, family: str, space: str
     assert torch.equal(run(ours, family), first)  # a second run starts from a fresh average
 
 
+SWITCHING = {"sign": "sign (the authors' code)", "unit": "unit vector (sd-perturbed-attention)"}
+
+
 @FAMILIES
 @SPACES
-def test_smc_cfg_matches_the_paper(tiny_model, family: str, space: str) -> None:
-    # k relative to the error's size: the x0 and velocity errors differ in scale (x0 = x − σ·v).
-    k = {"velocity (the paper)": 1.0, "x0 (sd-perturbed-attention)": 2.0}[space]
+@pytest.mark.parametrize("switching", list(SWITCHING))
+def test_smc_cfg_matches_the_paper(tiny_model, family: str, space: str, switching: str) -> None:
+    # k relative to the error's size: the x0 and velocity errors differ in scale (x0 = x − σ·v), and the unit
+    # vector's correction has norm k per image where the sign's has k per element.
+    k = {"velocity (the paper)": 1.0, "x0 (sd-perturbed-attention)": 2.0}[space] if switching == "unit" else 0.2
     model = tiny_model(family)
-    ours = node("GuidersSMCCFG", model=model, sliding_lambda=6.0, k=k, space=space)
+    ours = node("GuidersSMCCFG", model=model, sliding_lambda=6.0, k=k, space=space, switching=SWITCHING[switching])
     first = run(ours, family)
 
-    assert_parity(first, run(smc_reference(model, 6.0, k, space), family), run(model, family))
+    assert_parity(first, run(smc_reference(model, 6.0, k, space, switching=switching), family), run(model, family))
     assert torch.equal(run(ours, family), first)
 
 
