@@ -1154,6 +1154,18 @@ JOINT_NAG_SITES["sd3"] = JointNagSite(
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in JOINT_NAG_SITES else family
                  for family in FAMILIES)
 
+# Chroma (comfy/ldm/chroma/model.py): Flux's double and single blocks without modulation layers, their
+# ModulationOuts from the distilled approximator (timestep, guidance, block index: no text in them), no pooled
+# input, no txt_norm, txt_ids zeros. The negative's text stream takes the positive rows' ModulationOuts, as the
+# authors' chroma/model.py (ComfyUI-NAG) gives the negative's rows the positive rows' mod_vectors.
+JOINT_NAG_SITES["chroma"] = replace(
+    _FLUX_JOINT_NAG, pooled="",
+    source="comfy/ldm/chroma/model.py Chroma.forward_orig (txt_in, get_modulations, pe_embedder of [txt_ids; "
+           "img_ids]), Chroma._forward (txt_ids zeros); comfy/ldm/flux/layers.py DoubleStreamBlock.forward, "
+           "SingleStreamBlock.forward (modulation=False); ComfyUI-NAG chroma/model.py")
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in JOINT_NAG_SITES else family
+                 for family in FAMILIES)
+
 # PLADIS (issue #12; nodes/host/pladis.py): NAG's text cross-attention sites whose attention call goes through
 # optimized_attention with the options (no ``output`` hook): UNet, Wan, LTXV. The sparse map needs the call's q,
 # k, v before the heads are merged, which the output-projection sites (PixArt, Cosmos Predict 2, Anima,

@@ -1,5 +1,6 @@
-"""NAG on joint attention (Flux, Flux.2, Qwen-Image, SD3/SD3.5): the negative prompt's text tokens carried through every
-block beside the call's own rows, and in each block's joint attention the image rows guided by ``nag_combine``.
+"""NAG on joint attention (Flux, Flux.2, Chroma, Qwen-Image, SD3/SD3.5): the negative prompt's text tokens carried
+through every block beside the call's own rows, and in each block's joint attention the image rows guided by
+``nag_combine``.
 
 What NAG is on a joint-attention block (arXiv:2505.21179 §3, with the same image queries for Z⁺ and Z⁻):
 
@@ -40,6 +41,10 @@ src/transformer_flux.py, src/normalization.py; read, not copied):
   tokens of Z⁻ are the positive's in every block (the paper's same Q, and the authors' own double-block rule),
   so NAG costs one extra attention per block and the negative's text tokens, not a second pass of the image
   tokens through the single blocks' projections and MLPs.
+
+Chroma (ComfyUI-NAG chroma/model.py checked): Flux's blocks with the distilled approximator's ModulationOuts;
+the authors give the negative rows the positive rows' ``mod_vectors`` (``mod_vectors[-origin_bsz:]``), and so
+here (``_flux_negative_modulation``: the positive rows' ModulationOuts); no pooled input.
 
 SD3 / SD3.5 (no authors' code for it read here): the same rule as Flux.1's double block, on the joint blocks'
 context_block (the text stream) and x_block: the negative's text rows take the positive rows' c with

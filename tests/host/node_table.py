@@ -322,10 +322,10 @@ def _nag(model, weak):
 
 
 NAG_EFFECT_FAMILIES = ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2", "anima", "kandinsky5", "kandinsky5_image",
-                       "hunyuan_dit", "flux", "flux2", "qwen_image", "sd3")
+                       "hunyuan_dit", "flux", "flux2", "qwen_image", "sd3", "chroma")
 NODE_TABLE += (
     NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2", "anima", "kandinsky5",
-                           "hunyuan_dit", "flux", "flux2", "qwen_image", "sd3"),
+                           "hunyuan_dit", "flux", "flux2", "qwen_image", "sd3", "chroma"),
             "Chen et al. 2025 (arXiv:2505.21179) §3 written in the test, in the host's own cross-attention modules "
             "and, on the joint-attention families, in the host's blocks written out with the negative's text stream",
             ("test_nag.py::test_nag_matches_the_paper_through_sampling",

@@ -2,7 +2,9 @@
 models: Flux (dev: pooled CLIP vector, guidance embedding), Flux.2 (global modulation, text rope, the prompt
 padded to 512 tokens by model_base.Flux2.extra_conds), Qwen-Image (one stack of joint blocks, text rope from
 ``txt_start``; its blocks written out in ``_qwen_block``) and SD3 (mmdit.py joint blocks, heads merged, no rope,
-the last block's context_block pre_only; written out in ``_sd3_block``).
+the last block's context_block pre_only; written out in ``_sd3_block``) and Chroma (Flux's blocks without
+modulation layers: the negative's text stream takes the cond rows' ModulationOuts, as the authors' chroma/model.py
+gives the negative rows ``mod_vectors[-origin_bsz:]``).
 
 The reference is written here from the paper's equations (arXiv:2505.21179 §3) and the host's block code
 (comfy/ldm/flux/layers.py DoubleStreamBlock.forward, SingleStreamBlock.forward), never through the pack's hooks:
@@ -27,6 +29,9 @@ Breaks tried (each fails ``test_joint_nag_matches_the_paper_through_sampling`` u
 - SD3: the negative's modulation without its own pooled vector (``_sd3_negative_modulation`` returning the
   positive rows' c): fails the SD3 cases;
 - SD3: the negative's text stream not carried (``_sd3_text_update`` returning ``text``): fails the SD3 cases;
+- Chroma: the negative's double-block text modulation taken from the image stream's ModulationOuts
+  (``modulation[0]`` for ``modulation[1]`` in ``_flux_text_qkv``): fails the Chroma cases. Not a break there:
+  the negative's text rope left out (Chroma's txt_ids are all zero, its rope on the text is the identity).
 - the window ignored (``_in_window`` always true): fails ``test_joint_nag_window_is_respected``.
 """
 
@@ -41,7 +46,7 @@ from harness import ForwardCounter, assert_window_is_partial
 from support import assert_parity, node, relative_error, sample_family
 from tiny_models import make_conditioning
 
-JOINT_NAG_FAMILIES = ("flux", "flux2", "qwen_image", "sd3")
+JOINT_NAG_FAMILIES = ("flux", "flux2", "qwen_image", "sd3", "chroma")
 
 
 def negative_of(family: str):
@@ -177,7 +182,7 @@ def _single_block(block, call, phi, tau, alpha):
 def _negative_text_pe(dm, length, rows, device):
     """Flux._forward's txt_ids (zeros, a linspace on txt_ids_dims) through pe_embedder, for the negative."""
     ids = torch.zeros((rows, length, len(dm.params.axes_dim)), device=device)
-    for axis in dm.params.txt_ids_dims:
+    for axis in getattr(dm.params, "txt_ids_dims", None) or ():
         ids[:, :, axis] = torch.linspace(0, length - 1, steps=length, device=device)
     return dm.pe_embedder(ids)
 
@@ -212,8 +217,11 @@ def reference_nag(model, negative, phi, tau, alpha, sigma_window=None):
         if not rows:
             return
         text = raw.to(x).expand(len(rows), -1, -1)
-        text = dm.txt_in(dm.txt_norm(text) if dm.txt_norm is not None else text)
+        text = dm.txt_in(dm.txt_norm(text) if getattr(dm, "txt_norm", None) is not None else text)
         call["text"], call["pe"] = text, _negative_text_pe(dm, raw.shape[1], len(rows), x.device)
+        if hasattr(dm, "distilled_guidance_layer"):  # Chroma: the blocks' ModulationOuts, the cond rows' taken
+            call["vec"] = None
+            return
         vec = dm.time_in(timestep_embedding(timestep[rows], 256).to(x.dtype))
         guidance = args[4] if len(args) > 4 else kwargs.get("guidance")
         if dm.params.guidance_embed and guidance is not None:
