@@ -1099,6 +1099,73 @@ JOINT_NAG_SITES["qwen_image"] = JointNagSite(
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in JOINT_NAG_SITES else family
                  for family in FAMILIES)
 
+
+# SD3 / SD3.5 (comfy/ldm/modules/diffusionmodules/mmdit.py): joint blocks of a context_block (the text stream) and
+# an x_block, no rope, the attention called heads merged (B, L, H·D); the last block's context_block is pre_only
+# (q, k, v of the text, no text output). The modulation c = t_embedder(t) + y_embedder(pooled): the negative's
+# text stream takes the positive rows' c with y_embedder of the negative's pooled output, as Flux.1's vec.
+def _sd3_embed_text(dm, negative):
+    """MMDiT.forward (context_processor, context_embedder) and forward_core_with_concat (register tokens first)."""
+    import torch
+
+    if dm.context_processor is not None:
+        negative = dm.context_processor(negative)
+    text = dm.context_embedder(negative)
+    if dm.register_length > 0:
+        text = torch.cat((dm.register.to(text).expand(text.shape[0], -1, -1), text), 1)
+    return text
+
+
+def _sd3_block_inputs(kind, args, kwargs):
+    """JointBlock(context, x, c=..., use_checkpoint=..., transformer_options=...), as forward_core_with_concat
+    calls it (and its block_wrap under a dit patch)."""
+    named = dict(zip(("context", "x"), args, strict=False))
+    named.update(kwargs)
+    return {"batch": named["x"].shape[0], "text_length": named["context"].shape[1], "c": named["c"]}
+
+
+def _sd3_negative_modulation(block, kind, inputs, rows, pooled_delta):
+    c = inputs["c"].index_select(0, rows)
+    return c + pooled_delta.to(c) if pooled_delta is not None else c
+
+
+def _sd3_text_qkv(block, kind, text, c):
+    """DismantledBlock.pre_attention of the context_block (adaLN, norm1, qkv, ln_q/ln_k): q, k, v heads merged."""
+    qkv, intermediates = block.context_block.pre_attention(text, c)
+    return tuple(qkv), intermediates
+
+
+def _sd3_text_update(block, kind, text, saved, attention):
+    """DismantledBlock.post_attention of the context_block (proj, gate, mlp); a pre_only block's text stream ends
+    there (_block_mixing returns no context), the negative's is left as it is (no block reads it after)."""
+    if block.context_block.pre_only:
+        return text
+    return block.context_block.post_attention(attention, *saved)
+
+
+JOINT_NAG_SITES["sd3"] = JointNagSite(
+    embed_text=_sd3_embed_text, block_inputs=_sd3_block_inputs, text_rope=lambda dm, length, rows, x: None,
+    apply_rope=None, negative_modulation=_sd3_negative_modulation, text_qkv=_sd3_text_qkv,
+    text_update=_sd3_text_update, text_input="context_embedder", pooled="y_embedder",
+    required_extras=("pooled_output",),
+    mechanism=_FLUX_JOINT_NAG.mechanism.replace("every double and single block", "every joint block"),
+    source="comfy/ldm/modules/diffusionmodules/mmdit.py _block_mixing, DismantledBlock.pre_attention, "
+           "post_attention, MMDiT.forward (context_embedder, t_embedder + y_embedder), forward_core_with_concat")
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in JOINT_NAG_SITES else family
+                 for family in FAMILIES)
+
+# Chroma (comfy/ldm/chroma/model.py): Flux's double and single blocks without modulation layers, their
+# ModulationOuts from the distilled approximator (timestep, guidance, block index: no text in them), no pooled
+# input, no txt_norm, txt_ids zeros. The negative's text stream takes the positive rows' ModulationOuts, as the
+# authors' chroma/model.py (ComfyUI-NAG) gives the negative's rows the positive rows' mod_vectors.
+JOINT_NAG_SITES["chroma"] = replace(
+    _FLUX_JOINT_NAG, pooled="",
+    source="comfy/ldm/chroma/model.py Chroma.forward_orig (txt_in, get_modulations, pe_embedder of [txt_ids; "
+           "img_ids]), Chroma._forward (txt_ids zeros); comfy/ldm/flux/layers.py DoubleStreamBlock.forward, "
+           "SingleStreamBlock.forward (modulation=False); ComfyUI-NAG chroma/model.py")
+FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key in JOINT_NAG_SITES else family
+                 for family in FAMILIES)
+
 # PLADIS (issue #12; nodes/host/pladis.py): NAG's text cross-attention sites whose attention call goes through
 # optimized_attention with the options (no ``output`` hook): UNet, Wan, LTXV. The sparse map needs the call's q,
 # k, v before the heads are merged, which the output-projection sites (PixArt, Cosmos Predict 2, Anima,

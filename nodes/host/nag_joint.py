@@ -1,5 +1,6 @@
-"""NAG on joint attention (Flux, Flux.2, Qwen-Image): the negative prompt's text tokens carried through every
-block beside the call's own rows, and in each block's joint attention the image rows guided by ``nag_combine``.
+"""NAG on joint attention (Flux, Flux.2, Chroma, Qwen-Image, SD3/SD3.5): the negative prompt's text tokens carried
+through every block beside the call's own rows, and in each block's joint attention the image rows guided by
+``nag_combine``.
 
 What NAG is on a joint-attention block (arXiv:2505.21179 §3, with the same image queries for Z⁺ and Z⁻):
 
@@ -40,6 +41,17 @@ src/transformer_flux.py, src/normalization.py; read, not copied):
   tokens of Z⁻ are the positive's in every block (the paper's same Q, and the authors' own double-block rule),
   so NAG costs one extra attention per block and the negative's text tokens, not a second pass of the image
   tokens through the single blocks' projections and MLPs.
+
+Chroma (ComfyUI-NAG chroma/model.py checked): Flux's blocks with the distilled approximator's ModulationOuts;
+the authors give the negative rows the positive rows' ``mod_vectors`` (``mod_vectors[-origin_bsz:]``), and so
+here (``_flux_negative_modulation``: the positive rows' ModulationOuts); no pooled input.
+
+SD3 / SD3.5 (no authors' code for it read here): the same rule as Flux.1's double block, on the joint blocks'
+context_block (the text stream) and x_block: the negative's text rows take the positive rows' c with
+y_embedder of the negative's pooled output in place of the positive's; the attention is called heads merged
+(B, L, H·D), no rope. The last block's context_block is pre_only (no text output): the negative's text gives
+its q, k, v there and its stream ends. SD3.5 Medium's x_block self-attention (attn2, the block's second
+attention call, image only) is left as it is.
 
 The host mechanism, for one diffusion-model call (an APPLY_MODEL wrapper, only inside NAG's window and when the
 call has positive rows): forward pre-hooks on every double and single block compute the negative text tokens'
@@ -184,7 +196,10 @@ def _make_joint_override(state: _JointState, previous: Callable | None):
         current["calls"] += 1
         q, k, v = args[:3]
         heads = args[3] if len(args) > 3 else kwargs["heads"]
-        if not kwargs.get("skip_reshape") or kwargs.get("skip_output_reshape") or q.ndim != 4:
+        # Heads split (B, H, L, D) with skip_reshape (Flux, Qwen-Image), or merged (B, L, H·D) (SD3's
+        # _block_mixing); the output is (B, L, H·D) either way.
+        seq = 2 if kwargs.get("skip_reshape") else 1
+        if kwargs.get("skip_output_reshape") or q.ndim != seq + 2:
             raise GuidanceError("GuidersNAG: the joint attention was called in a layout NAG does not handle; this "
                                 "ComfyUI version's model code differs from the one NAG was written for.")
         z_pos = call(*args, **kwargs)
@@ -193,15 +208,16 @@ def _make_joint_override(state: _JointState, previous: Callable | None):
 
         def negative_sequence(ours, theirs):  # [negative text; the positive rows' image tokens]
             image = theirs.index_select(0, rows)
-            image = image[:, :, text:] if site.text_first else image[:, :, :theirs.shape[2] - text]
-            return torch.cat((ours, image) if site.text_first else (image, ours), dim=2)
+            image = image.narrow(seq, text, theirs.shape[seq] - text) if site.text_first \
+                else image.narrow(seq, 0, theirs.shape[seq] - text)
+            return torch.cat((ours, image) if site.text_first else (image, ours), dim=seq)
 
         rest = {key: value for key, value in kwargs.items() if key not in ("heads", "mask")}
         # The positive's mask (its text padding) is for its own tokens; the negative's are all attended to (a
         # negative with padding is refused in run_joint_nag).
         z_neg = call(negative_sequence(current["q"], q), negative_sequence(current["k"], k),
                      negative_sequence(current["v"], v), heads, **rest)
-        length = current["q"].shape[2]
+        length = current["q"].shape[seq]
         if site.text_first:
             current["attention"], z_neg_image = z_neg[:, :length], z_neg[:, length:]
         else:

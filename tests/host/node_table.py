@@ -290,6 +290,8 @@ def _nag(model, weak):
         first = dm.text_embedding[0]
     elif getattr(dm, "caption_projection", None) is not None:  # LTXV
         first = dm.caption_projection.linear_1
+    elif hasattr(dm, "joint_blocks"):  # SD3 (joint attention): its context_embedder
+        first = dm.context_embedder
     elif hasattr(dm, "y_embedder"):  # PixArt
         first = dm.y_embedder.y_proj.fc1
     elif type(dm).__name__ in ("MiniTrainDIT", "Anima"):  # Cosmos Predict 2, Anima
@@ -309,6 +311,8 @@ def _nag(model, weak):
         extras["pooled_output"] = torch.randn(1, dm.pooled_text_embeddings.in_layer.in_features, generator=generator)
     if getattr(dm, "vector_in", None) is not None:  # Flux.1: the negative's pooled CLIP vector
         extras["pooled_output"] = torch.randn(1, dm.vector_in.in_layer.in_features, generator=generator)
+    if hasattr(dm, "joint_blocks"):  # SD3: the negative's pooled vector (y_embedder)
+        extras["pooled_output"] = torch.randn(1, dm.y_embedder.mlp[0].in_features, generator=generator)
     if hasattr(dm, "mlp_t5"):
         mask = torch.ones(1, 12, dtype=torch.long)
         mask[:, -2:] = 0
@@ -318,10 +322,10 @@ def _nag(model, weak):
 
 
 NAG_EFFECT_FAMILIES = ("sd15", "wan", "ltxv", "pixart", "cosmos_predict2", "anima", "kandinsky5", "kandinsky5_image",
-                       "hunyuan_dit", "flux", "flux2", "qwen_image")
+                       "hunyuan_dit", "flux", "flux2", "qwen_image", "sd3", "chroma")
 NODE_TABLE += (
     NodeRow("GuidersNAG", ("sd15", "sdxl", "wan", "ltxv", "pixart", "cosmos_predict2", "anima", "kandinsky5",
-                           "hunyuan_dit", "flux", "flux2", "qwen_image"),
+                           "hunyuan_dit", "flux", "flux2", "qwen_image", "sd3", "chroma"),
             "Chen et al. 2025 (arXiv:2505.21179) §3 written in the test, in the host's own cross-attention modules "
             "and, on the joint-attention families, in the host's blocks written out with the negative's text stream",
             ("test_nag.py::test_nag_matches_the_paper_through_sampling",

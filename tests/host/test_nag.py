@@ -478,10 +478,10 @@ def test_nag_leaves_no_trace(guiders_pack, tiny_model):
 
 
 def test_nag_refuses_bad_inputs(guiders_pack, tiny_model):
-    sd15, sd3 = tiny_model("sd15"), tiny_model("sd3")
+    sd15 = tiny_model("sd15")
     negative = negative_of("sd15")
-    with pytest.raises(GuidanceError, match=r"GuidersNAG: SD3/SD3.5 \(MMDiT\) has joint attention .* not implemented"):
-        nag_model(sd3, negative_of("sd3"))
+    with pytest.raises(GuidanceError, match=r"GuidersNAG: HiDream has joint attention .* not implemented"):
+        nag_model(tiny_model("hidream"), negative_of("hidream"))
     with pytest.raises(GuidanceError, match=r"GuidersNAG: this model's architecture \(HunyuanVideo\)|HunyuanVideo has "
                                             "joint attention"):
         nag_model(tiny_model("hunyuan_video"), negative_of("hunyuan_video"))

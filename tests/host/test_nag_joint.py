@@ -1,7 +1,10 @@
 """GuidersNAG on the joint-attention families (issue #12), through ComfyUI's real KSampler on tiny random-weight
 models: Flux (dev: pooled CLIP vector, guidance embedding), Flux.2 (global modulation, text rope, the prompt
-padded to 512 tokens by model_base.Flux2.extra_conds) and Qwen-Image (one stack of joint blocks, text rope from
-``txt_start``; its blocks written out in ``_qwen_block``).
+padded to 512 tokens by model_base.Flux2.extra_conds), Qwen-Image (one stack of joint blocks, text rope from
+``txt_start``; its blocks written out in ``_qwen_block``) and SD3 (mmdit.py joint blocks, heads merged, no rope,
+the last block's context_block pre_only; written out in ``_sd3_block``) and Chroma (Flux's blocks without
+modulation layers: the negative's text stream takes the cond rows' ModulationOuts, as the authors' chroma/model.py
+gives the negative rows ``mod_vectors[-origin_bsz:]``).
 
 The reference is written here from the paper's equations (arXiv:2505.21179 §3) and the host's block code
 (comfy/ldm/flux/layers.py DoubleStreamBlock.forward, SingleStreamBlock.forward), never through the pack's hooks:
@@ -23,6 +26,12 @@ Breaks tried (each fails ``test_joint_nag_matches_the_paper_through_sampling`` u
   ``text``);
 - Flux: the negative's modulation without its own pooled vector (``pooled_delta`` None): fails the Flux cases;
 - Qwen-Image: the negative's text rope ids from 0 instead of ``txt_start``: fails the Qwen-Image cases;
+- SD3: the negative's modulation without its own pooled vector (``_sd3_negative_modulation`` returning the
+  positive rows' c): fails the SD3 cases;
+- SD3: the negative's text stream not carried (``_sd3_text_update`` returning ``text``): fails the SD3 cases;
+- Chroma: the negative's double-block text modulation taken from the image stream's ModulationOuts
+  (``modulation[0]`` for ``modulation[1]`` in ``_flux_text_qkv``): fails the Chroma cases. Not a break there:
+  the negative's text rope left out (Chroma's txt_ids are all zero, its rope on the text is the identity).
 - the window ignored (``_in_window`` always true): fails ``test_joint_nag_window_is_respected``.
 """
 
@@ -37,7 +46,7 @@ from harness import ForwardCounter, assert_window_is_partial
 from support import assert_parity, node, relative_error, sample_family
 from tiny_models import make_conditioning
 
-JOINT_NAG_FAMILIES = ("flux", "flux2", "qwen_image")
+JOINT_NAG_FAMILIES = ("flux", "flux2", "qwen_image", "sd3", "chroma")
 
 
 def negative_of(family: str):
@@ -173,7 +182,7 @@ def _single_block(block, call, phi, tau, alpha):
 def _negative_text_pe(dm, length, rows, device):
     """Flux._forward's txt_ids (zeros, a linspace on txt_ids_dims) through pe_embedder, for the negative."""
     ids = torch.zeros((rows, length, len(dm.params.axes_dim)), device=device)
-    for axis in dm.params.txt_ids_dims:
+    for axis in getattr(dm.params, "txt_ids_dims", None) or ():
         ids[:, :, axis] = torch.linspace(0, length - 1, steps=length, device=device)
     return dm.pe_embedder(ids)
 
@@ -186,6 +195,10 @@ def reference_nag(model, negative, phi, tau, alpha, sigma_window=None):
     dm = model.model.diffusion_model
     if type(dm).__name__ == "QwenImageTransformer2DModel":
         with reference_nag_qwen(model, negative, phi, tau, alpha, sigma_window):
+            yield
+        return
+    if type(dm).__name__ == "OpenAISignatureMMDITWrapper":
+        with reference_nag_sd3(model, negative, phi, tau, alpha, sigma_window):
             yield
         return
     pooled = negative[0][1].get("pooled_output")
@@ -204,8 +217,11 @@ def reference_nag(model, negative, phi, tau, alpha, sigma_window=None):
         if not rows:
             return
         text = raw.to(x).expand(len(rows), -1, -1)
-        text = dm.txt_in(dm.txt_norm(text) if dm.txt_norm is not None else text)
+        text = dm.txt_in(dm.txt_norm(text) if getattr(dm, "txt_norm", None) is not None else text)
         call["text"], call["pe"] = text, _negative_text_pe(dm, raw.shape[1], len(rows), x.device)
+        if hasattr(dm, "distilled_guidance_layer"):  # Chroma: the blocks' ModulationOuts, the cond rows' taken
+            call["vec"] = None
+            return
         vec = dm.time_in(timestep_embedding(timestep[rows], 256).to(x.dtype))
         guidance = args[4] if len(args) > 4 else kwargs.get("guidance")
         if dm.params.guidance_embed and guidance is not None:
@@ -318,6 +334,87 @@ def reference_nag_qwen(model, negative, phi, tau, alpha, sigma_window=None):
     finally:
         handle.remove()
         for block in dm.transformer_blocks:
+            del block.forward
+
+
+def _sd3_block(block, call, phi, tau, alpha):
+    """mmdit.py _block_mixing with DismantledBlock.pre_attention / post_attention written out (no x_block
+    self-attention, no scale_mod_only: the tiny SD3 has neither), with NAG on the cond rows' image part of the
+    joint attention; the last block's context_block is pre_only (shift and scale only, no text output)."""
+    context_part, image_part = block.context_block, block.x_block
+    heads = image_part.attn.num_heads
+    assert not image_part.x_block_self_attn and not image_part.scale_mod_only
+
+    def modulation(part, c):
+        return part.adaLN_modulation(c).chunk(2 if part.pre_only else 6, dim=1)
+
+    def modulate(x, shift, scale):
+        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    def project(part, x, mods):  # -> heads split (B, H, L, D)
+        qkv = part.attn.qkv(modulate(part.norm1(x), mods[0], mods[1]))
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).unbind(2)
+        return part.attn.ln_q(q).transpose(1, 2), part.attn.ln_k(k).transpose(1, 2), v.transpose(1, 2)
+
+    def finish(part, x, attention, mods):
+        _, _, gate, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate.unsqueeze(1) * part.attn.proj(attention)
+        return x + gate_mlp.unsqueeze(1) * part.mlp(modulate(part.norm2(x), shift_mlp, scale_mlp))
+
+    def forward(context, x, c=None, use_checkpoint=False, transformer_options={}):  # noqa: B006
+        context_mods, image_mods = modulation(context_part, c), modulation(image_part, c)
+        cq, ck, cv = project(context_part, context, context_mods)
+        xq, xk, xv = project(image_part, x, image_mods)
+        q, k, v = torch.cat((cq, xq), 2), torch.cat((ck, xk), 2), torch.cat((cv, xv), 2)
+        attn = attention_heads(q, k, v)
+        length, rows = context.shape[1], call["rows"]
+        if rows:
+            negative = call["text"]
+            negative_mods = modulation(context_part, call["c"])
+            nq, nk, nv = project(context_part, negative, negative_mods)
+            z_neg = attention_heads(torch.cat((nq, q[rows, :, length:]), 2), torch.cat((nk, k[rows, :, length:]), 2),
+                                    torch.cat((nv, v[rows, :, length:]), 2))
+            attn[rows, length:] = paper_nag(attn[rows, length:], z_neg[:, negative.shape[1]:], phi, tau, alpha)
+            if not context_part.pre_only:
+                neg_attn = z_neg[:, :negative.shape[1]].to(negative.dtype)
+                call["text"] = finish(context_part, negative, neg_attn, negative_mods)
+        attn = attn.to(x.dtype)
+        context = None if context_part.pre_only else finish(context_part, context, attn[:, :length], context_mods)
+        return context, finish(image_part, x, attn[:, length:], image_mods)
+
+    return forward
+
+
+@contextlib.contextmanager
+def reference_nag_sd3(model, negative, phi, tau, alpha, sigma_window=None):
+    """The paper's NAG on an SD3 ``model`` (unpatched): the negative through context_embedder (the tiny SD3 has
+    no context_processor and no register tokens), its modulation t_embedder(t) + y_embedder of the NEGATIVE's
+    pooled output (MMDiT.forward's c with the negative's y)."""
+    dm = model.model.diffusion_model
+    assert dm.context_processor is None and dm.register_length == 0
+    raw, pooled = negative[0][0], negative[0][1]["pooled_output"]
+    call = {}
+
+    def start(module, args, kwargs):
+        x, timesteps = args[0], args[1]
+        options = kwargs["transformer_options"]
+        sigma = float(options["sigmas"].flatten()[0])
+        active = sigma_window is None or sigma_window[0] <= sigma <= sigma_window[1]
+        rows = _cond_rows(options, x.shape[0]) if active else []
+        call["rows"] = rows
+        if not rows:
+            return
+        call["text"] = dm.context_embedder(raw.to(x).expand(len(rows), -1, -1))
+        call["c"] = dm.t_embedder(timesteps[rows], dtype=x.dtype) + dm.y_embedder(pooled.to(x).expand(len(rows), -1))
+
+    for block in dm.joint_blocks:
+        block.forward = _sd3_block(block, call, phi, tau, alpha)
+    handle = dm.register_forward_pre_hook(start, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for block in dm.joint_blocks:
             del block.forward
 
 
