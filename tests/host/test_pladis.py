@@ -199,3 +199,79 @@ def test_pladis_layers_choose_the_cross_attentions(guiders_pack, tiny_model):
 def test_pladis_refuses_families_whose_attention_map_it_cannot_see(guiders_pack, tiny_model, family):
     with pytest.raises(ValueError, match=r"GuidersPLADIS: .*is not supported; GuidersPLADIS supports UNet"):
         pladis_model(tiny_model(family))
+
+
+def _unet_pladis_nag(module, negative_raw, scale, alpha, nag):
+    """UNet attn2 with PLADIS as its attention function and NAG on the cond rows: Z⁺ = PLADIS(q, k⁺, v⁺) on
+    every row, Z⁻ = PLADIS(q_cond, k⁻, v⁻), the cond rows NAG(Z⁺, Z⁻) (test_nag.paper_nag)."""
+    from test_nag import _cond_rows, paper_nag
+
+    def forward(x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006
+        q, k, v = module.to_q(x), module.to_k(context), module.to_v(context)
+        z = pladis_attention(q, k, v, module.heads, scale, alpha)
+        rows = _cond_rows(transformer_options, x.shape[0])
+        if rows:
+            negative = negative_raw.to(x).expand(len(rows), -1, -1)
+            z_neg = pladis_attention(q[rows], module.to_k(negative), module.to_v(negative), module.heads, scale, alpha)
+            z[rows] = paper_nag(z[rows], z_neg, *nag)
+        return module.to_out(z.to(x.dtype))
+
+    return forward
+
+
+def _wan_pladis_nag(module, embed, negative_raw, scale, alpha, nag):
+    from test_nag import _cond_rows, paper_nag
+
+    def forward(x, context, transformer_options={}, **kwargs):  # noqa: B006
+        q, k, v = module.norm_q(module.q(x)), module.norm_k(module.k(context)), module.v(context)
+        z = pladis_attention(q, k, v, module.num_heads, scale, alpha)
+        rows = _cond_rows(transformer_options, x.shape[0])
+        if rows:
+            negative = embed(negative_raw.to(x).expand(len(rows), -1, -1))
+            z_neg = pladis_attention(q[rows], module.norm_k(module.k(negative)), module.v(negative), module.num_heads,
+                                     scale, alpha)
+            z[rows] = paper_nag(z[rows], z_neg, *nag)
+        return module.o(z.to(x.dtype))
+
+    return forward
+
+
+@pytest.mark.parametrize(("family", "cfg", "pladis_first"), [("sd15", 5.0, True), ("sd15", 5.0, False),
+                                                              ("wan", 1.0, False)])
+def test_pladis_and_nag_compose_as_one_attention_function(guiders_pack, tiny_model, family, cfg, pladis_first):
+    """PLADIS with GuidersNAG on the same model, in either node order: PLADIS changes the attention function, so
+    NAG's Z⁺ (every row) and Z⁻ (the cond rows, the negative's keys and values) are both PLADIS attentions, then
+    NAG combines them. Breaks tried: the repeat mark dropped in nodes/host/nag.py (Z⁻ dense when NAG's override
+    wraps PLADIS's: fails PLADIS-first); ``previous`` handed ``func`` instead of the PLADIS function (Z⁺ − Z⁻
+    computed densely, PLADIS only around NAG's result: fails NAG-first)."""
+    from test_nag import nag_model, negative_of
+
+    model = tiny_model(family)
+    negative = negative_of(family)
+    phi, tau, nag_alpha, scale, alpha = 4.0, 2.5, 0.5, 2.0, 1.5
+    if pladis_first:
+        patched = nag_model(pladis_model(model, scale=scale, alpha=alpha), negative, scale=phi, tau=tau,
+                            alpha=nag_alpha)
+    else:
+        patched = pladis_model(nag_model(model, negative, scale=phi, tau=tau, alpha=nag_alpha), scale=scale,
+                               alpha=alpha)
+    ours = sample_family(patched, family, cfg=cfg)
+    plain = sample_family(model, family, cfg=cfg)
+    dm = model.model.diffusion_model
+    suffix = ".attn2" if family == "sd15" else ".cross_attn"
+    replaced = [module for name, module in dm.named_modules() if name.endswith(suffix)]
+    for module in replaced:
+        if family == "sd15":
+            module.forward = _unet_pladis_nag(module, negative[0][0], scale, alpha, (phi, tau, nag_alpha))
+        else:
+            module.forward = _wan_pladis_nag(module, dm.text_embedding, negative[0][0], scale, alpha,
+                                             (phi, tau, nag_alpha))
+    try:
+        reference = sample_family(model, family, cfg=cfg)
+    finally:
+        for module in replaced:
+            del module.forward
+    with reference_pladis(model, family, scale, alpha):
+        pladis_alone = sample_family(model, family, cfg=cfg)
+    assert relative_error(reference, pladis_alone) > 1e-3  # NAG changes the reference
+    assert_parity(ours, reference, plain)
