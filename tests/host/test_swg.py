@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import ForwardCounter, assert_window_is_partial, scheduler_sigmas
-from support import STEPS, assert_parity, node, relative_error, sample_family
+from harness import ForwardCounter, assert_window_is_partial
+from support import STEPS, assert_parity, linear_scale_per_step, node, relative_error, sample_family
 
 
 def paper_crops(x, crop: int, n: int):
@@ -104,20 +104,6 @@ def test_swg_refuses_dits_and_too_large_crops(guiders_pack, tiny_model):
         swg_model(tiny_model("flux"))
     with pytest.raises(ValueError, match=r"GuidersSWG: crop_size 20 is larger than this latent \(16 × 16"):
         sample_family(swg_model(tiny_model("sd15"), crop_size=20), "sd15")
-
-
-def linear_scale_per_step(model, start: float, end: float, steps: int = STEPS):
-    """GuidersScheduleLinear's value at each step, written here from its definition (start at step 0, end at the
-    last, straight between), as a function of the step's σ (the KSampler's own sigmas, an exact match)."""
-    sigmas = [float(s) for s in scheduler_sigmas(model, steps)[:-1]]
-    values = [start + (end - start) * i / (steps - 1) for i in range(steps)]
-
-    def at(sigma: float) -> float:
-        step = min(range(steps), key=lambda i: abs(sigmas[i] - sigma))
-        assert abs(sigmas[step] - sigma) <= 1e-5 * max(1.0, sigma), "a call between the steps' sigmas"
-        return values[step]
-
-    return at
 
 
 def test_swg_schedule_drives_the_scale_per_step(guiders_pack, tiny_model):
