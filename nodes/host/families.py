@@ -1311,3 +1311,12 @@ NAG_NEGATIVE_CHECKS = {"ltxav": _ltx_2_refusal}
 FAMILIES = tuple(replace(family, methods=family.methods | {NAG}) if family.key == "ltxav" else family
                  for family in FAMILIES)
 FAMILY_BY_KEY = {family.key: family for family in FAMILIES}
+
+# PLADIS on LTX-2 (issue #12): its video text cross-attention is NAG's "ltxav" site, the LTXV CrossAttention class
+# called through optimized_attention with the options (comfy/ldm/lightricks/av_model.py
+# BasicAVTransformerBlock._apply_text_cross_attention: attn2 on the video; audio_attn2, the audio's text attention,
+# is another attribute and stays dense, as NAG leaves it). LTX-2.3's cross-attention AdaLN modulates the module's
+# inputs and its per-head gates its output, both outside the attention call PLADIS changes.
+FAMILIES = tuple(replace(family, methods=family.methods | {PLADIS}) if family.key == "ltxav" else family
+                 for family in FAMILIES)
+FAMILY_BY_KEY = {family.key: family for family in FAMILIES}

@@ -4,6 +4,8 @@ own functions (so a slot it filled is told from one another node filled, and wha
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 SETUP_KEY = "comfyui_guiders"  # model_options["transformer_options"][SETUP_KEY] -> GuidanceSetup
@@ -44,3 +46,24 @@ def is_ours(fn) -> bool:
 def is_ours_alone(fn) -> bool:
     return is_ours(fn) and fn.__comfyui_guiders_wraps__ is None
 
+
+
+# An attention override that calls the attention of one site a second time (NAG's Z⁻: the same text
+# cross-attention with the negative's keys and values) marks that call as a repeat, so an override inside it that
+# counts a module's attention calls to find the text call (PLADIS) sees the same call index again instead of the
+# next one, and changes the attention function of Z⁻ as it did Z⁺'s.
+_repeated_attention_call: contextvars.ContextVar[bool] = contextvars.ContextVar("comfyui_guiders_repeated_attention",
+                                                                                default=False)
+
+
+@contextlib.contextmanager
+def repeated_attention_call():
+    token = _repeated_attention_call.set(True)
+    try:
+        yield
+    finally:
+        _repeated_attention_call.reset(token)
+
+
+def is_repeated_attention_call() -> bool:
+    return _repeated_attention_call.get()

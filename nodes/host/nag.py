@@ -56,7 +56,7 @@ from ...guidance_core.plan import COND
 from ...guidance_core.schedules import step_of_sigma
 from . import families
 from .layers import Layer
-from .marks import SETUP_KEY, GuidanceError
+from .marks import SETUP_KEY, GuidanceError, repeated_attention_call
 from .windows import PercentWindow
 
 NAG_KEY = "comfyui_guiders_nag"  # model_options["transformer_options"][NAG_KEY] -> NagSetup
@@ -413,7 +413,8 @@ def _make_override(state: _ForwardState, previous: Callable | None):
         # The negative's keys have their own length: the positive's text mask does not apply to them (its own does).
         if state.negative_bias is not None:
             rest["mask"] = state.negative_bias
-        z_neg = call(q.index_select(0, state.rows), negative_keys, negative_values, heads, **rest)
+        with repeated_attention_call():  # the same site's attention again: an inner PLADIS changes it too
+            z_neg = call(q.index_select(0, state.rows), negative_keys, negative_values, heads, **rest)
         guided = nag_combine(z_pos.index_select(0, state.rows), z_neg, state.scale, state.tau, state.alpha)
         state.used += 1
         return z_pos.index_copy(0, state.rows, guided)

@@ -27,7 +27,7 @@ from ...guidance_core.pladis import pladis_combine, sparse_attention
 from ...guidance_core.schedules import step_of_sigma
 from . import families
 from .layers import Layer
-from .marks import GuidanceError
+from .marks import GuidanceError, is_repeated_attention_call
 from .nag import nag_modules
 from .windows import PercentWindow
 
@@ -142,26 +142,49 @@ _AFTER_HEADS = ("mask", "attn_precision", "skip_reshape", "skip_output_reshape")
 
 
 def _make_override(state: _ForwardState, previous):
+    """PLADIS changes the attention function of the marked module's text call, whoever else overrides it: when
+    an override installed earlier (``previous``, e.g. NAG's) wraps that call, it is handed the PLADIS attention
+    as its ``func``, so every attention it computes there (NAG's Z⁺ and Z⁻) is PLADIS's; when an override
+    installed later wraps this one and calls the site again (NAG's Z⁻, marked ``repeated_attention_call``), the
+    repeat is the same text call, changed the same way."""
     def pladis_attention_override(func, *args, **kwargs):
         call = (lambda *a, **kw: previous(func, *a, **kw)) if previous is not None else func
         if state.module is None:
             return call(*args, **kwargs)
-        index = state.calls
-        state.calls += 1
+        if is_repeated_attention_call():
+            index = state.calls - 1
+        else:
+            index = state.calls
+            state.calls += 1
         if index != state.text_call:
             return call(*args, **kwargs)
-        dense = call(*args, **kwargs)
-        q, k, v, heads = args[:4] if len(args) >= 4 else (*args[:3], kwargs["heads"])
-        named = {**dict(zip(_AFTER_HEADS, args[4:], strict=False)), **kwargs}
-        sparse = sparse_attention(*_to_heads(q, k, v, heads, named.get("skip_reshape", False)), state.alpha,
-                                  _score_bias(named.get("mask"), q.shape[0]))
-        if not named.get("skip_output_reshape", False):
-            b, _heads, length, dim = sparse.shape
-            sparse = sparse.transpose(1, 2).reshape(b, length, heads * dim)
-        state.used += 1
-        return pladis_combine(dense, sparse.to(dense.dtype), state.scale)
+
+        def pladis_function(*a, **kw):
+            return _with_sparse(state, func(*a, **kw), a, kw)
+
+        if previous is None:
+            return pladis_function(*args, **kwargs)
+        used = state.used
+        result = previous(pladis_function, *args, **kwargs)
+        if state.used == used:  # ``previous`` ignores func (a backend replacement): PLADIS around its result
+            result = _with_sparse(state, result, args, kwargs)
+        return result
 
     return pladis_attention_override
+
+
+def _with_sparse(state: _ForwardState, dense, args, kwargs):
+    """Z + λ(Z_sparse − Z): Z the dense attention of the call ``args``/``kwargs``, Z_sparse α-entmax(QKᵀ/√d +
+    mask)·V of the same q, k, v and mask (PLADIS Eq. 7 applied to the map, which is linear in it)."""
+    q, k, v, heads = args[:4] if len(args) >= 4 else (*args[:3], kwargs["heads"])
+    named = {**dict(zip(_AFTER_HEADS, args[4:], strict=False)), **kwargs}
+    sparse = sparse_attention(*_to_heads(q, k, v, heads, named.get("skip_reshape", False)), state.alpha,
+                              _score_bias(named.get("mask"), q.shape[0]))
+    if not named.get("skip_output_reshape", False):
+        b, _heads, length, dim = sparse.shape
+        sparse = sparse.transpose(1, 2).reshape(b, length, heads * dim)
+    state.used += 1
+    return pladis_combine(dense, sparse.to(dense.dtype), state.scale)
 
 
 def _to_heads(q, k, v, heads: int, skip_reshape: bool):

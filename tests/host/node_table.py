@@ -432,13 +432,15 @@ NODE_TABLE += (
             "host's blocks shuffling their input tokens)",
             ("test_condition_free.py::test_tpg_matches_token_shuffle_reference",
              "test_condition_free.py::test_tpg_window_is_respected",
-             "test_condition_free.py::test_tpg_rides_in_the_one_batched_forward"),
+             "test_condition_free.py::test_tpg_rides_in_the_one_batched_forward",
+             "test_condition_free.py::test_schedule_drives_the_scale_per_step"),
             effect_cases=(EffectCase("TPG", lambda m, w: node("GuidersTPG", model=m, scale=3.0), IMAGE + VIDEO),)),
     NodeRow("GuidersTSG", ("sd15", "sd3", "flux", "wan"), "Sadat et al. 2025 §4 written in the test (a forward "
             "hook noising the host's time-step embedding module in a cond pass)",
             ("test_condition_free.py::test_tsg_matches_time_noised_reference",
              "test_condition_free.py::test_tsg_window_and_forward_counts",
-             "test_condition_free.py::test_tsg_with_pag_shares_no_prefix_with_the_cond"),
+             "test_condition_free.py::test_tsg_with_pag_shares_no_prefix_with_the_cond",
+             "test_condition_free.py::test_schedule_drives_the_scale_per_step"),
             effect_cases=(EffectCase("TSG", lambda m, w: node("GuidersTSG", model=m, scale=3.0, noise_scale=2.0),
                                      IMAGE + ("wan",)),)),
     NodeRow("GuidersICG", ("sd15", "flux"), "Sadat et al. 2025 §3 written in the test (a model wrapper giving the "
@@ -450,13 +452,17 @@ NODE_TABLE += (
 
 # Issue #12's attention-level methods.
 NODE_TABLE += (
-    NodeRow("GuidersPLADIS", ("sd15", "sdxl", "wan", "ltxv"),
+    NodeRow("GuidersPLADIS", ("sd15", "sdxl", "wan", "ltxv", "wan_i2v", *LTX2),
             "Kim & Sim 2025 (arXiv:2503.07677) Eq. 7 written in the test (α-entmax by bisection), in the host's own "
             "cross-attention modules",
             ("test_pladis.py::test_pladis_matches_the_paper_through_sampling",
              "test_pladis.py::test_pladis_window_is_respected",
-             "test_pladis.py::test_pladis_layers_choose_the_cross_attentions"),
-            effect_cases=(EffectCase("PLADIS", lambda m, w: node("GuidersPLADIS", model=m), ("sd15", "wan", "ltxv")),
+             "test_pladis.py::test_pladis_layers_choose_the_cross_attentions",
+             "test_pladis.py::test_pladis_and_nag_compose_as_one_attention_function",
+             "test_pladis.py::test_pladis_on_ltx_2_changes_the_video_text_attention_only",
+             "test_pladis.py::test_pladis_on_wan_i2v_changes_the_text_attention_only"),
+            effect_cases=(EffectCase("PLADIS", lambda m, w: node("GuidersPLADIS", model=m),
+                                     ("sd15", "wan", "ltxv", *LTX2, *WAN_VARIANTS, *WAN_VARIANTS_0_33)),
                           EffectCase("PLADIS-cfg1", lambda m, w: node("GuidersPLADIS", model=m), ("sd15",),
                                      cfg=1.0))),
     NodeRow("GuidersModalityGuidance", LTX2,
@@ -464,14 +470,16 @@ NODE_TABLE += (
             "LTXVModalityGuidance + LTXVDualCFGGuider",
             ("test_modality.py::test_modality_guidance_matches_the_definitions_through_sampling",
              "test_modality.py::test_modality_guidance_equals_the_hosts_ltxv_nodes",
-             "test_modality.py::test_modality_window_is_respected"),
+             "test_modality.py::test_modality_window_is_respected",
+             "test_modality.py::test_modality_schedule_drives_s_per_step"),
             effect_cases=(EffectCase("ModalityGuidance", lambda m, w: node("GuidersModalityGuidance", model=m),
                                      LTX2),)),
     NodeRow("GuidersSWG", ("sd15", "sdxl"),
             "Kaiser et al. 2024 (arXiv:2411.10257) and masked SWG (BMVC 2025) written in the test: one call per crop "
             "on the authors' grid, stitched, cfg + g·M·(cond − crops)",
             ("test_swg.py::test_swg_matches_the_paper_through_sampling",
-             "test_swg.py::test_swg_window_is_respected"),
+             "test_swg.py::test_swg_window_is_respected",
+             "test_swg.py::test_swg_schedule_drives_the_scale_per_step"),
             effect_cases=(EffectCase("SWG", lambda m, w: node("GuidersSWG", model=m, crop_size=0, scale=2.0),
                                      ("sd15",)),)),
 )

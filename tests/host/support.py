@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from harness import run_node, sample
+from harness import run_node, sample, scheduler_sigmas
 from tiny_models import make_conditioning, make_latent
 
 STEPS = 4
@@ -63,3 +63,17 @@ def pack_module(guiders_pack, name: str):
     GuidersPAG node came from, whatever name the loader gave it."""
     package = guiders_pack["GuidersPAG"].__module__.rsplit(".", 1)[0]
     return sys.modules[f"{package}.{name}"]
+
+
+def linear_scale_per_step(model, start: float, end: float, steps: int = STEPS):
+    """GuidersScheduleLinear's value at each step, written here from its definition (start at step 0, end at the
+    last, straight between), as a function of the step's σ (the KSampler's own sigmas, an exact match)."""
+    sigmas = [float(s) for s in scheduler_sigmas(model, steps)[:-1]]
+    values = [start + (end - start) * i / (steps - 1) for i in range(steps)]
+
+    def at(sigma: float) -> float:
+        step = min(range(steps), key=lambda i: abs(sigmas[i] - sigma))
+        assert abs(sigmas[step] - sigma) <= 1e-5 * max(1.0, sigma), "a call between the steps' sigmas"
+        return values[step]
+
+    return at

@@ -26,7 +26,7 @@ import pytest
 import torch
 from harness import ForwardCounter, assert_window_is_partial
 from references import perturbed_pass_reference
-from support import MIN_EFFECT, STEPS, assert_parity, node, relative_error, sample_family
+from support import MIN_EFFECT, STEPS, assert_parity, linear_scale_per_step, node, relative_error, sample_family
 
 from guidance_core.condition_free import keyed_normal, token_permutation
 
@@ -50,7 +50,15 @@ def _blocks(diffusion_model, family: str, layer: str):
     return [(("double", int(layer), None), diffusion_model.blocks[int(layer)])]  # wan: "1"
 
 
-def tokens_shuffled_reference(model, family: str, layer: str, seed: int, window=None):
+def _at_scale(guided, denoised, scale_of_sigma, sigma: float):
+    """The term s·(cond − perturbed) at the step's scale from ``scale_of_sigma`` (None: SCALE): the term is
+    linear in s, so denoised + (s/SCALE)·(guided − denoised) from the reference's output at SCALE."""
+    if scale_of_sigma is None:
+        return guided
+    return denoised + scale_of_sigma(sigma) / SCALE * (guided - denoised)
+
+
+def tokens_shuffled_reference(model, family: str, layer: str, seed: int, window=None, scale_of_sigma=None):
     """TPG's perturbed pass: every chosen block's input tokens permuted (all of them: a cond-only pass), the
     output left permuted; the permutation of (seed, step, block) as the core draws it. ``window`` (σ_start,
     σ_end): outside it the term is off, so the step is plain CFG."""
@@ -84,7 +92,7 @@ def tokens_shuffled_reference(model, family: str, layer: str, seed: int, window=
         sigma = float(args["sigma"].flatten()[0])
         if window is not None and not window[1] <= sigma <= window[0]:
             return args["denoised"]
-        return post_cfg(args)
+        return _at_scale(post_cfg(args), args["denoised"], scale_of_sigma, sigma)
 
     reference.model_options["sampler_post_cfg_function"][-1] = counted
     return reference
@@ -170,7 +178,7 @@ TSG_BRANCH_TAG = 2  # the first branch after cond (0) and uncond (1) in the step
 
 
 def time_noised_reference(model, family: str, noise_scale: float, seed: int, window=None, base=None,
-                          tag: int = TSG_BRANCH_TAG):
+                          tag: int = TSG_BRANCH_TAG, scale_of_sigma=None):
     """TSG's negative (arXiv:2407.02687 §4): the cond pass with t_emb ↦ t_emb + s_n·std(t_emb)·n, the std per
     sample over the features, n ~ N(0, I) the core's keyed draw of (seed, step, branch tag), on the output of
     the module the host's forward takes the embedding from (TIME_EMBEDDINGS, read in the host's code)."""
@@ -203,7 +211,7 @@ def time_noised_reference(model, family: str, noise_scale: float, seed: int, win
         sigma = float(args["sigma"].flatten()[0])
         if window is not None and not window[1] <= sigma <= window[0]:
             return args["denoised"]
-        return post_cfg(args)
+        return _at_scale(post_cfg(args), args["denoised"], scale_of_sigma, sigma)
 
     reference.model_options["sampler_post_cfg_function"][-1] = counted
     return reference
@@ -308,3 +316,26 @@ def test_icg_matches_independent_condition_reference(guiders_pack, tiny_model, f
         result = sample_family(ours, family)
     assert counter.per_step() == [[2]] * STEPS
     assert_parity(result, sample_family(reference, family), sample_family(model, family))
+
+
+@pytest.mark.parametrize("node_id", ["GuidersTPG", "GuidersTSG"])
+def test_schedule_drives_the_scale_per_step(guiders_pack, tiny_model, node_id) -> None:
+    """With a GuidersScheduleLinear 5 → 1 the scale widget (9) is ignored and step i uses the schedule's s_i:
+    equal to the reference at those scales. Break caught (tried): the schedule ignored (``perturbation_node``
+    handed None for it in nodes/condition_free_nodes.py: the widget's 9 everywhere; both cases fail)."""
+    model = tiny_model("sd15")
+    schedule = node("GuidersScheduleLinear", start_value=5.0, end_value=1.0)
+    per_step = linear_scale_per_step(model, 5.0, 1.0)
+    inputs = {"model": model, "scale": 9.0, "start_percent": 0.0, "end_percent": 1.0, "seed": SEED,
+              "schedule": schedule}
+    if node_id == "GuidersTPG":
+        ours = node(node_id, layers="input.3", **inputs)
+        reference = tokens_shuffled_reference(model, "sd15", "input.3", SEED, scale_of_sigma=per_step)
+        constant = tokens_shuffled_reference(model, "sd15", "input.3", SEED)
+    else:
+        ours = node(node_id, noise_scale=1.0, **inputs)
+        reference = time_noised_reference(model, "sd15", 1.0, SEED, scale_of_sigma=per_step)
+        constant = time_noised_reference(model, "sd15", 1.0, SEED)
+    expected = sample_family(reference, "sd15")
+    assert relative_error(expected, sample_family(constant, "sd15")) > 1e-3  # the schedule changes the reference
+    assert_parity(sample_family(ours, "sd15"), expected, sample_family(model, "sd15"))

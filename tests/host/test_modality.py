@@ -15,6 +15,8 @@ Breaks tried:
 - the two scales swapped in nodes/modality_nodes.py (``(audio_cfg, video_cfg)``): the parity tests fail;
 - ``s`` instead of ``s − 1`` in guidance_core/modality.py: the parity tests fail;
 - the window ignored (term window None): ``test_modality_window_is_respected`` fails;
+- the schedule ignored (``scale_schedule(scale, None)`` in nodes/modality_nodes.py):
+  ``test_modality_schedule_drives_s_per_step`` fails;
 - only ``audio_to_video_attn`` cut (the record's cross_modal sublayer without ``video_to_audio_attn``): the
   parity tests fail.
 """
@@ -26,7 +28,7 @@ import math
 import pytest
 import torch
 from harness import ForwardCounter, assert_window_is_partial, run_node, sample, sample_custom_advanced, scheduler_sigmas
-from support import MIN_EFFECT, STEPS, node
+from support import MIN_EFFECT, STEPS, linear_scale_per_step, node
 from test_family_ltx2 import PER_CONFIG, assert_parity, relative_error
 from tiny_models import make_conditioning, make_ltxav_latent
 
@@ -42,8 +44,9 @@ def video_size() -> int:
     return math.prod(make_ltxav_latent(seed=2).unbind()[0].shape[1:])
 
 
-def reference_model(model, scale: float, video_cfg: float, audio_cfg: float, sigma_window=None):
-    """The definitions on a clone of the unpatched ``model`` (module docstring); ``sigma_window`` (σ_end, σ_start)."""
+def reference_model(model, scale, video_cfg: float, audio_cfg: float, sigma_window=None):
+    """The definitions on a clone of the unpatched ``model`` (module docstring); ``sigma_window`` (σ_end, σ_start);
+    ``scale``: s, or a function of the step's σ giving s (a schedule)."""
     import comfy.samplers
 
     split = video_size()
@@ -63,7 +66,8 @@ def reference_model(model, scale: float, video_cfg: float, audio_cfg: float, sig
                                           "v2a_cross_attn": False}
         (isolated,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"],
                                                     options)
-        return args["denoised"] + (scale - 1.0) * (args["cond_denoised"] - isolated)
+        s = scale(sigma) if callable(scale) else scale
+        return args["denoised"] + (s - 1.0) * (args["cond_denoised"] - isolated)
 
     reference = model.clone()
     reference.set_model_sampler_cfg_function(dual_cfg, disable_cfg1_optimization=True)
@@ -152,3 +156,16 @@ def test_the_isolated_branch_rides_in_the_one_forward_and_scale_1_needs_none(tin
 def test_modality_guidance_refuses_other_families(tiny_model):
     with pytest.raises(ValueError, match=r"GuidersModalityGuidance: .*\(LTXV.*is not supported.*LTX-2"):
         ours(tiny_model("ltxv"))
+
+
+def test_modality_schedule_drives_s_per_step(tiny_model):
+    """With a GuidersScheduleLinear 4 → 1.5 the scale widget (9) is ignored and step i uses the schedule's s_i in
+    (s_i − 1)(cond − isolated), the dual CFG unchanged: equal to the reference at those scales. Catches: the
+    schedule ignored (the widget's 9 everywhere)."""
+    model = tiny_model("ltxav")
+    schedule = node("GuidersScheduleLinear", start_value=4.0, end_value=1.5)
+    result = run(ours(model, scale=9.0, schedule=schedule), "ltxav")
+    reference = run(reference_model(model, linear_scale_per_step(model, 4.0, 1.5), 3.0, 7.0), "ltxav")
+    constant = run(reference_model(model, 4.0, 3.0, 7.0), "ltxav")
+    assert relative_error(reference, constant) > 1e-3  # the schedule changes the reference
+    assert_parity(result, reference, run(model, "ltxav"))

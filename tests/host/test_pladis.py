@@ -199,3 +199,172 @@ def test_pladis_layers_choose_the_cross_attentions(guiders_pack, tiny_model):
 def test_pladis_refuses_families_whose_attention_map_it_cannot_see(guiders_pack, tiny_model, family):
     with pytest.raises(ValueError, match=r"GuidersPLADIS: .*is not supported; GuidersPLADIS supports UNet"):
         pladis_model(tiny_model(family))
+
+
+def _unet_pladis_nag(module, negative_raw, scale, alpha, nag):
+    """UNet attn2 with PLADIS as its attention function and NAG on the cond rows: Z⁺ = PLADIS(q, k⁺, v⁺) on
+    every row, Z⁻ = PLADIS(q_cond, k⁻, v⁻), the cond rows NAG(Z⁺, Z⁻) (test_nag.paper_nag)."""
+    from test_nag import _cond_rows, paper_nag
+
+    def forward(x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006
+        q, k, v = module.to_q(x), module.to_k(context), module.to_v(context)
+        z = pladis_attention(q, k, v, module.heads, scale, alpha)
+        rows = _cond_rows(transformer_options, x.shape[0])
+        if rows:
+            negative = negative_raw.to(x).expand(len(rows), -1, -1)
+            z_neg = pladis_attention(q[rows], module.to_k(negative), module.to_v(negative), module.heads, scale, alpha)
+            z[rows] = paper_nag(z[rows], z_neg, *nag)
+        return module.to_out(z.to(x.dtype))
+
+    return forward
+
+
+def _wan_pladis_nag(module, embed, negative_raw, scale, alpha, nag):
+    from test_nag import _cond_rows, paper_nag
+
+    def forward(x, context, transformer_options={}, **kwargs):  # noqa: B006
+        q, k, v = module.norm_q(module.q(x)), module.norm_k(module.k(context)), module.v(context)
+        z = pladis_attention(q, k, v, module.num_heads, scale, alpha)
+        rows = _cond_rows(transformer_options, x.shape[0])
+        if rows:
+            negative = embed(negative_raw.to(x).expand(len(rows), -1, -1))
+            z_neg = pladis_attention(q[rows], module.norm_k(module.k(negative)), module.v(negative), module.num_heads,
+                                     scale, alpha)
+            z[rows] = paper_nag(z[rows], z_neg, *nag)
+        return module.o(z.to(x.dtype))
+
+    return forward
+
+
+@pytest.mark.parametrize(("family", "cfg", "pladis_first"), [("sd15", 5.0, True), ("sd15", 5.0, False),
+                                                              ("wan", 1.0, False)])
+def test_pladis_and_nag_compose_as_one_attention_function(guiders_pack, tiny_model, family, cfg, pladis_first):
+    """PLADIS with GuidersNAG on the same model, in either node order: PLADIS changes the attention function, so
+    NAG's Z⁺ (every row) and Z⁻ (the cond rows, the negative's keys and values) are both PLADIS attentions, then
+    NAG combines them. Breaks tried: the repeat mark dropped in nodes/host/nag.py (Z⁻ dense when NAG's override
+    wraps PLADIS's: fails PLADIS-first); ``previous`` handed ``func`` instead of the PLADIS function (Z⁺ − Z⁻
+    computed densely, PLADIS only around NAG's result: fails NAG-first)."""
+    from test_nag import nag_model, negative_of
+
+    model = tiny_model(family)
+    negative = negative_of(family)
+    phi, tau, nag_alpha, scale, alpha = 4.0, 2.5, 0.5, 2.0, 1.5
+    if pladis_first:
+        patched = nag_model(pladis_model(model, scale=scale, alpha=alpha), negative, scale=phi, tau=tau,
+                            alpha=nag_alpha)
+    else:
+        patched = pladis_model(nag_model(model, negative, scale=phi, tau=tau, alpha=nag_alpha), scale=scale,
+                               alpha=alpha)
+    ours = sample_family(patched, family, cfg=cfg)
+    plain = sample_family(model, family, cfg=cfg)
+    dm = model.model.diffusion_model
+    suffix = ".attn2" if family == "sd15" else ".cross_attn"
+    replaced = [module for name, module in dm.named_modules() if name.endswith(suffix)]
+    for module in replaced:
+        if family == "sd15":
+            module.forward = _unet_pladis_nag(module, negative[0][0], scale, alpha, (phi, tau, nag_alpha))
+        else:
+            module.forward = _wan_pladis_nag(module, dm.text_embedding, negative[0][0], scale, alpha,
+                                             (phi, tau, nag_alpha))
+    try:
+        reference = sample_family(model, family, cfg=cfg)
+    finally:
+        for module in replaced:
+            del module.forward
+    with reference_pladis(model, family, scale, alpha):
+        pladis_alone = sample_family(model, family, cfg=cfg)
+    assert relative_error(reference, pladis_alone) > 1e-3  # NAG changes the reference
+    assert_parity(ours, reference, plain)
+
+
+def _ltx_2_video_text_attention(module, scale, alpha):
+    """LTX-2's video attn2 (comfy/ldm/lightricks/model.py CrossAttention.forward, called by av_model.py
+    _apply_text_cross_attention on inputs already modulated on LTX-2.3): q_norm(to_q(x)), k_norm(to_k(c)),
+    to_v(c), PLADIS with the text mask, LTX-2.3's per-head gates 2σ(to_gate_logits(x)) on the result, to_out."""
+    def forward(x, context=None, mask=None, pe=None, k_pe=None, transformer_options={}):  # noqa: B006
+        assert pe is None and context is not None  # the text cross-attention: no rope
+        q = module.q_norm(module.to_q(x))
+        k, v = module.k_norm(module.to_k(context)), module.to_v(context)
+        z = pladis_attention(q, k, v, module.heads, scale, alpha, mask).to(x.dtype)
+        if getattr(module, "to_gate_logits", None) is not None:
+            gates = 2.0 * torch.sigmoid(module.to_gate_logits(x))
+            z = (z.view(*z.shape[:2], module.heads, -1) * gates.unsqueeze(-1)).flatten(2)
+        return module.to_out(z)
+
+    return forward
+
+
+def _ltx_2_configs():
+    from test_family_ltx2 import PER_CONFIG
+
+    return PER_CONFIG
+
+
+@_ltx_2_configs()
+def test_pladis_on_ltx_2_changes_the_video_text_attention_only(guiders_pack, tiny_model, family):
+    """LTX-2 (and its 2.3 config: cross-attention AdaLN, gated attention): PLADIS in every block's video ``attn2``
+    equals the paper's equations there, ``audio_attn2`` (the audio's text attention) and the audio↔video
+    attentions left dense. Break tried: the site's attribute ``audio_attn2`` instead of ``attn2`` (nodes/host/
+    families.py NAG_SITES["ltxav"]): both configs fail. (The text mask dropped from the sparse scores does not
+    fail here: the tiny LTX-2's prompt masks no token; the LTXV case of the parity test catches it.)"""
+    from test_family_ltx2 import assert_parity as assert_ltx_2_parity
+    from test_modality import run
+
+    model = tiny_model(family)
+    ours = run(pladis_model(model, scale=2.0, alpha=1.5), family, cfg=5.0)
+    plain = run(model, family, cfg=5.0)
+    dm = model.model.diffusion_model
+    replaced = [module for name, module in dm.named_modules() if name.endswith(".attn2")]
+    assert replaced and any(name.endswith(".audio_attn2") for name, _module in dm.named_modules())
+    for module in replaced:
+        module.forward = _ltx_2_video_text_attention(module, 2.0, 1.5)
+    try:
+        reference = run(model, family, cfg=5.0)
+    finally:
+        for module in replaced:
+            del module.forward
+    assert_ltx_2_parity(ours, reference, plain)
+
+
+def _wan_i2v_text_attention(module, scale, alpha):
+    """Wan I2V's cross_attn (comfy/ldm/wan/model.py WanI2VCrossAttention.forward): the CLIP image tokens' attention
+    dense, the text's PLADIS, summed, then o."""
+    from test_nag import softmax_attention
+
+    def forward(x, context, context_img_len, transformer_options={}):  # noqa: B006
+        image, text = context[:, :context_img_len], context[:, context_img_len:]
+        q = module.norm_q(module.q(x))
+        z_image = softmax_attention(q, module.norm_k_img(module.k_img(image)), module.v_img(image), module.num_heads)
+        z_text = pladis_attention(q, module.norm_k(module.k(text)), module.v(text), module.num_heads, scale, alpha)
+        return module.o((z_text + z_image).to(x.dtype))
+
+    return forward
+
+
+def test_pladis_on_wan_i2v_changes_the_text_attention_only(guiders_pack, comfy_host):
+    """Wan 2.1 I2V: the module's second attention call (the text; the first attends to the CLIP image tokens) is
+    PLADIS's, the image tokens' stays dense. Break tried: the text call index 0 (PLADIS on the image tokens'
+    attention, nodes/host/families.py NAG_SITES["wan"])."""
+    from harness import sample
+    from tiny_models import make_latent, make_wan_i2v, wan_i2v_conditioning
+
+    model = make_wan_i2v(seed=0)
+    positive, negative = wan_i2v_conditioning(seed=1), wan_i2v_conditioning(seed=2)
+    latent = make_latent("wan", h=16, w=16, seed=2)
+
+    def run(m):
+        return sample(m, positive, negative, latent, cfg=5.0, steps=4, seed=3)
+
+    ours = run(pladis_model(model))
+    plain = run(model)
+    dm = model.model.diffusion_model
+    replaced = [m for n, m in dm.named_modules() if n.endswith(".cross_attn")]
+    assert replaced and all(type(m).__name__ == "WanI2VCrossAttention" for m in replaced)
+    for module in replaced:
+        module.forward = _wan_i2v_text_attention(module, 2.0, 1.5)
+    try:
+        reference = run(model)
+    finally:
+        for module in replaced:
+            del module.forward
+    assert_parity(ours, reference, plain)

@@ -9,7 +9,9 @@ cfg_result + g·M·(cond − crops) with M = (coverage > 1) (masked) or (coverag
 Breaks tried, each fails ``test_swg_matches_the_paper_through_sampling``:
 - the stride (side − k)//n instead of //(n − 1) (guidance_core/swg.py ``crop_origins``);
 - the mask dropped (``masked_crops_prediction`` always ``coverage > 0``): fails the masked cases;
-- the window ignored: fails ``test_swg_window_is_respected``.
+- the window ignored: fails ``test_swg_window_is_respected``;
+- the schedule ignored (``scale_schedule`` returning the widget's scale): fails
+  ``test_swg_schedule_drives_the_scale_per_step``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import ForwardCounter, assert_window_is_partial
-from support import STEPS, assert_parity, node, relative_error, sample_family
+from support import STEPS, assert_parity, linear_scale_per_step, node, relative_error, sample_family
 
 
 def paper_crops(x, crop: int, n: int):
@@ -29,13 +31,15 @@ def paper_crops(x, crop: int, n: int):
     return [(top, left) for top in origins(x.shape[-2]) for left in origins(x.shape[-1])]
 
 
-def reference_model(model, scale: float, crop: int, n: int, masked: bool, sigma_window=None):
+def reference_model(model, scale, crop: int, n: int, masked: bool, sigma_window=None):
+    """``scale``: g, or a function of the step's σ giving g (a schedule)."""
     import comfy.samplers
 
     def swg(args):
         sigma = float(args["sigma"].flatten()[0])
         if sigma_window is not None and not sigma_window[0] <= sigma <= sigma_window[1]:
             return args["denoised"]
+        g = scale(sigma) if callable(scale) else scale
         x, cond = args["input"], args["cond_denoised"]
         total, count = torch.zeros_like(x), torch.zeros_like(x)
         for top, left in paper_crops(x, crop, n):
@@ -46,7 +50,7 @@ def reference_model(model, scale: float, crop: int, n: int, masked: bool, sigma_
             count[..., top:top + crop, left:left + crop] += 1
         crops = total / count.clamp_min(1)
         mask = (count > (1 if masked else 0)).to(x.dtype)
-        return args["denoised"] + scale * mask * (cond - crops)
+        return args["denoised"] + g * mask * (cond - crops)
 
     reference = model.clone()
     reference.set_model_sampler_post_cfg_function(swg)
@@ -100,3 +104,15 @@ def test_swg_refuses_dits_and_too_large_crops(guiders_pack, tiny_model):
         swg_model(tiny_model("flux"))
     with pytest.raises(ValueError, match=r"GuidersSWG: crop_size 20 is larger than this latent \(16 × 16"):
         sample_family(swg_model(tiny_model("sd15"), crop_size=20), "sd15")
+
+
+def test_swg_schedule_drives_the_scale_per_step(guiders_pack, tiny_model):
+    """With a GuidersScheduleLinear 3 → 0.5 the scale widget (9) is ignored and step i uses the schedule's g_i:
+    equal to the reference at those scales. Catches: the schedule ignored (the widget's 9 everywhere)."""
+    model = tiny_model("sd15")
+    schedule = node("GuidersScheduleLinear", start_value=3.0, end_value=0.5)
+    ours = sample_family(swg_model(model, scale=9.0, schedule=schedule), "sd15")
+    reference = sample_family(reference_model(model, linear_scale_per_step(model, 3.0, 0.5), 12, 2, True), "sd15")
+    constant = sample_family(reference_model(model, 3.0, 12, 2, True), "sd15")
+    assert relative_error(reference, constant) > 1e-3  # the schedule changes the reference
+    assert_parity(ours, reference, sample_family(model, "sd15"))
