@@ -27,8 +27,8 @@ ALPHA_TOOLTIP = ("α: how much of the guided output is blended into the positive
 LAYERS_TOOLTIP = ("Which attention layers: 'auto' = every layer where the text enters (as the paper). Or a "
                   "list: UNet 'input.4', 'middle', 'output.1', 'input.4.1' (block, index, transformer); Wan, LTXV, "
                   "PixArt, Cosmos Predict 2, Anima, Kandinsky 5, HunyuanDiT '0, 1, 2' (blocks; Kandinsky 5: its "
-                  "visual blocks); Flux, Flux.2 'double.3', 'single.10'; Qwen-Image '0, 1, 2' (on these the "
-                  "negative's text tokens still run through every block).")
+                  "visual blocks); Flux, Flux.2, Chroma 'double.3', 'single.10'; Qwen-Image, SD3 '0, 1, 2' "
+                  "(on these the negative's text tokens still run through every block).")
 WINDOW_NOTE = ("The authors turn NAG off for the last steps on flow models (nag_sigma_end 0.75, about end_percent "
                "0.25 on Flux/SD3.5-Turbo) and below σ 4 on SD1.5/SDXL.")
 
@@ -43,8 +43,9 @@ class GuidersNAG(io.ComfyNode):
             display_name="Normalized Attention Guidance (Guiders)",
             category=CATEGORY,
             description="NAG (Chen et al. 2025, arXiv:2505.21179): in every attention where the text enters "
-                        "(cross-attention; on Flux, Flux.2 and Qwen-Image the image rows of every block's joint "
-                        "attention, the negative's text tokens carried through the blocks beside the prompt's), "
+                        "(cross-attention; on Flux, Flux.2, Chroma, Qwen-Image and SD3 the image rows of every "
+                        "block's joint attention, the negative's text tokens carried through the blocks beside the "
+                        "prompt's), "
                         "the output for the prompt is pushed away from the output for the negative below, its norm "
                         "capped (τ) and blended (α). Runs inside the cond forward: no extra model call, and it works "
                         "at cfg 1 (the uncond is still skipped there); with cfg > 1 the uncond is left as it is. "
