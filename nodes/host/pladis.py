@@ -3,13 +3,17 @@ family, with no extra branch and no extra model call.
 
 The sites are NAG's (``families.NAG_SITES``: the module class and the index of its text attention call, found
 by ``nag.nag_modules``), on the families whose text attention goes through ``optimized_attention`` with the
-options (UNet, Wan, LTXV: a site without ``output``). Per diffusion-model call, while the step is inside the
+options (UNet, Wan and its variants, LTXV, LTX-2's video ``attn2``: a site without ``output``).
+Per diffusion-model call, while the step is inside the
 window and λ ≠ 0, an ``APPLY_MODEL`` wrapper registers forward hooks on those modules (marking which one runs)
 and puts an ``optimized_attention_override`` in the call's transformer_options, wrapping whatever was there;
 both are removed when the call returns or raises. In the marked module's text attention call the override
 computes the host's dense output Z (softmax), the sparse output α-entmax(QKᵀ/√d)·V from the same q, k, v and
 mask, and returns ``Z + λ(Z_sparse − Z)`` for every row (cond and uncond alike, as the paper: it changes the
 model, not a branch).
+
+With GuidersNAG on the same model, PLADIS is the attention function NAG's Z⁺ and Z⁻ are computed with, in either
+node order (``_make_override``).
 
 Read, not copied: pamparamm's sd-perturbed-attention ``pladis_nodes.py`` (UNet attn2 replace on input and
 output blocks, every row); the paper's Algorithm 1 (every cross-attention). Here ``auto`` is every

@@ -1,6 +1,7 @@
 """GuidersPLADIS (Kim & Sim, ICCV 2025, arXiv:2503.07677) on the cross-attention families, through ComfyUI's real
 KSampler on tiny random-weight models: SD1.5 and SDXL (UNet ``attn2``), Wan 2.1 (every block's ``cross_attn``),
-LTXV (every block's ``attn2``, with its text mask).
+LTXV (every block's ``attn2``, with its text mask); in their own tests LTX-2 (the video ``attn2``), Wan I2V (the
+text call after the CLIP image tokens' one) and PLADIS with GuidersNAG (both node orders).
 
 The reference is written here from the paper's equations and the host's own modules, never through the pack's
 hooks: during a reference pass of the UNPATCHED model, each text cross-attention module's ``forward`` is replaced
