@@ -67,3 +67,18 @@ def repeated_attention_call():
 
 def is_repeated_attention_call() -> bool:
     return _repeated_attention_call.get()
+
+
+@contextlib.contextmanager
+def attention_override_installed(transformer_options: dict, override: Callable):
+    """``override`` as this forward's ``optimized_attention_override`` (wrapping whatever was there: the caller
+    built it around ``previous``), and the previous one back afterwards, also when the forward raises."""
+    previous = transformer_options.get("optimized_attention_override")
+    transformer_options["optimized_attention_override"] = override
+    try:
+        yield
+    finally:
+        if previous is None:
+            transformer_options.pop("optimized_attention_override", None)
+        else:
+            transformer_options["optimized_attention_override"] = previous

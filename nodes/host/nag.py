@@ -53,11 +53,10 @@ import torch
 
 from ...guidance_core.nag import nag_combine
 from ...guidance_core.plan import COND
-from ...guidance_core.schedules import step_of_sigma
 from . import families
 from .layers import Layer
 from .marks import SETUP_KEY, GuidanceError, repeated_attention_call
-from .windows import PercentWindow
+from .windows import PercentWindow, scale_at_sigma
 
 NAG_KEY = "comfyui_guiders_nag"  # model_options["transformer_options"][NAG_KEY] -> NagSetup
 NAG_WRAPPER_KEY = "comfyui_guiders_nag"
@@ -87,12 +86,7 @@ class NagSetup:
         return self
 
     def scale_at(self, sigma: float, sample_sigmas) -> float:
-        if self.schedule is None:
-            return self.scale
-        if sample_sigmas is None or len(sample_sigmas) < 2:
-            return float(self.schedule(0, 1))
-        sigmas = sample_sigmas.tolist()
-        return float(self.schedule(step_of_sigma(sigma, sigmas), len(sigmas) - 1))
+        return scale_at_sigma(self.scale, self.schedule, sigma, sample_sigmas)
 
 
 # The uuids of the sampler's positive conditioning entries during one predict_noise (None: not known, e.g. a

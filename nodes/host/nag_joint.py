@@ -72,7 +72,7 @@ import torch
 from ...guidance_core.nag import nag_combine
 from . import families
 from .layers import Layer
-from .marks import GuidanceError
+from .marks import GuidanceError, attention_override_installed
 
 
 @dataclass
@@ -119,17 +119,13 @@ def run_joint_nag(executor, setup, rows: list[int], scale: float, x, t, c_concat
     state = _JointState(site, index, x.shape[0], scale, setup.tau, setup.alpha, site.embed_text(dm, negative),
                         site.text_rope(dm, negative.shape[1], len(rows), x), pooled)
     handles = _install_hooks(dm, record, site, setup.layers, state)
-    previous = transformer_options.get("optimized_attention_override")
-    transformer_options["optimized_attention_override"] = _make_joint_override(state, previous)
+    override = _make_joint_override(state, transformer_options.get("optimized_attention_override"))
     try:
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        with attention_override_installed(transformer_options, override):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-        if previous is None:
-            transformer_options.pop("optimized_attention_override", None)
-        else:
-            transformer_options["optimized_attention_override"] = previous
 
 
 def _install_hooks(dm, record: families.ModelFamily, site: families.JointNagSite, chosen, state: _JointState):

@@ -28,12 +28,11 @@ from typing import Any
 import torch
 
 from ...guidance_core.pladis import pladis_combine, sparse_attention
-from ...guidance_core.schedules import step_of_sigma
 from . import families
 from .layers import Layer
-from .marks import GuidanceError, is_repeated_attention_call
+from .marks import GuidanceError, attention_override_installed, is_repeated_attention_call
 from .nag import nag_modules
-from .windows import PercentWindow
+from .windows import PercentWindow, scale_at_sigma
 
 PLADIS_KEY = "comfyui_guiders_pladis"  # model_options["transformer_options"][PLADIS_KEY] -> PladisSetup
 PLADIS_WRAPPER_KEY = "comfyui_guiders_pladis"
@@ -64,12 +63,7 @@ class PladisSetup:
         return self
 
     def scale_at(self, sigma: float, sample_sigmas) -> float:
-        if self.schedule is None:
-            return self.scale
-        if sample_sigmas is None or len(sample_sigmas) < 2:
-            return float(self.schedule(0, 1))
-        sigmas = sample_sigmas.tolist()
-        return float(self.schedule(step_of_sigma(sigma, sigmas), len(sigmas) - 1))
+        return scale_at_sigma(self.scale, self.schedule, sigma, sample_sigmas)
 
 
 def install_pladis(patched, setup: PladisSetup) -> None:
@@ -128,17 +122,13 @@ def pladis_apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, 
             state.module = None
 
         handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    previous = transformer_options.get("optimized_attention_override")
-    transformer_options["optimized_attention_override"] = _make_override(state, previous)
+    override = _make_override(state, transformer_options.get("optimized_attention_override"))
     try:
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        with attention_override_installed(transformer_options, override):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-        if previous is None:
-            transformer_options.pop("optimized_attention_override", None)
-        else:
-            transformer_options["optimized_attention_override"] = previous
 
 
 # optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import comfy.model_sampling
 
 from ...guidance_core.branch_rules import GuidanceInterval
-from ...guidance_core.schedules import SigmaWindow
+from ...guidance_core.schedules import SigmaWindow, step_of_sigma
 from .marks import GuidanceError
 
 
@@ -75,3 +75,14 @@ class NoiseRatioInterval:
 def _flow_time(noise_ratio: float) -> float:
     """The flow time t whose noise-to-signal ratio t / (1 − t) is ``noise_ratio`` (an infinite ratio is t = 1)."""
     return 1.0 if math.isinf(noise_ratio) else noise_ratio / (1.0 + noise_ratio)
+
+
+def scale_at_sigma(scale: float, schedule, sigma: float, sample_sigmas) -> float:
+    """The scale of a node that acts inside the forward (NAG, PLADIS) at ``sigma``: ``schedule(step, steps)``
+    at the step of the run's ``sample_sigmas`` that ``sigma`` belongs to, or ``scale`` without a schedule."""
+    if schedule is None:
+        return scale
+    if sample_sigmas is None or len(sample_sigmas) < 2:
+        return float(schedule(0, 1))
+    sigmas = sample_sigmas.tolist()
+    return float(schedule(step_of_sigma(sigma, sigmas), len(sigmas) - 1))
